@@ -1,0 +1,3 @@
+#include "controller/daemon.h"
+
+int main(int argc, char** argv) { return kiln::RunDaemon(argc, argv); }

@@ -1,0 +1,733 @@
+#include "controller/manifest.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <map>
+#include <set>
+
+#include "common/duration.h"
+#include "common/sha256.h"
+#include "common/unique_fd.h"
+
+namespace kiln {
+namespace fs = std::filesystem;
+
+namespace {
+
+// Keys each block accepts, for unknown-key errors and suggestions.
+const std::vector<std::string> kServiceKeys = {"name",    "version", "replicas",     "artifact",
+                                               "image",   "command", "env",          "port",
+                                               "health",  "update",  "history_limit"};
+const std::vector<std::string> kArtifactKeys = {"path", "sha256"};
+const std::vector<std::string> kHealthKeys = {"http",     "tcp",     "exec",
+                                              "interval", "timeout", "failure_threshold"};
+const std::vector<std::string> kHttpKeys = {"path", "port"};
+const std::vector<std::string> kTcpKeys = {"port"};
+const std::vector<std::string> kUpdateKeys = {
+    "strategy",         "max_surge",         "max_unavailable", "min_healthy_time",
+    "healthy_deadline", "progress_deadline", "auto_rollback",   "canary",
+    "auto_promote"};
+
+size_t EditDistance(std::string_view a, std::string_view b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1])});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string Quote(std::string_view s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out.push_back('\\');
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out.push_back(c);
+  }
+  return out + "\"";
+}
+
+// How a node reads in an error: "a mapping", "a list", "nothing", or its quoted text.
+std::string Describe(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Map: return "a mapping";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Null: return "nothing";
+    case YAML::NodeType::Scalar: return Quote(n.Scalar());
+    default: return "nothing";
+  }
+}
+
+// A quoted scalar ('3', "true") is a string: yaml-cpp tags non-plain scalars "!".
+bool IsPlainScalar(const YAML::Node& n) { return n.IsScalar() && n.Tag() != "!"; }
+
+std::optional<int64_t> ParseInteger(std::string_view s) {
+  if (s.empty() || s.size() > 12) return std::nullopt;
+  size_t i = (s[0] == '-' || s[0] == '+') ? 1 : 0;
+  if (i == s.size()) return std::nullopt;
+  int64_t v = 0;
+  for (; i < s.size(); ++i) {
+    if (s[i] < '0' || s[i] > '9') return std::nullopt;
+    v = v * 10 + (s[i] - '0');
+  }
+  return s[0] == '-' ? -v : v;
+}
+
+bool IsValidServiceName(std::string_view s) {
+  if (s.empty() || s.size() > 63) return false;
+  for (char c : s) {
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) return false;
+  }
+  return s.front() != '-' && s.back() != '-';
+}
+
+bool IsValidEnvName(std::string_view s) {
+  if (s.empty() || (s[0] >= '0' && s[0] <= '9')) return false;
+  for (char c : s) {
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'))
+      return false;
+  }
+  return true;
+}
+
+std::string Join(const std::string& prefix, std::string_view key) {
+  return prefix.empty() ? std::string(key) : prefix + "." + std::string(key);
+}
+
+// One entry of a mapping, with the key's node kept for its position.
+struct Entry {
+  std::string key;
+  YAML::Node key_node;
+  YAML::Node value;
+};
+
+// Parses the documents of one file, collecting every error.
+class FileParser {
+ public:
+  FileParser(ManifestFile& file, const ArtifactHasher& hasher) : file_(file), hasher_(hasher) {}
+
+  void ParseText(const std::string& text) {
+    std::vector<YAML::Node> docs;
+    try {
+      docs = YAML::LoadAll(text);
+    } catch (const YAML::ParserException& e) {
+      AddAt(e.mark, "", "invalid YAML: " + e.msg);
+      return;
+    } catch (const YAML::Exception& e) {
+      AddAt(e.mark, "", "invalid YAML: " + e.msg);
+      return;
+    }
+    for (const YAML::Node& doc : docs) {
+      if (doc.IsNull()) continue;  // an empty document between `---` separators
+      ParseService(doc);
+    }
+  }
+
+ private:
+  void AddAt(const YAML::Mark& m, std::string key_path, std::string message) {
+    ManifestError e;
+    e.file = file_.path;
+    if (m.line >= 0) {
+      e.line = m.line + 1;
+      e.column = m.column + 1;
+    }
+    e.key_path = std::move(key_path);
+    e.message = std::move(message);
+    file_.errors.push_back(std::move(e));
+  }
+  // Errors point at the value; a null value has no position, so they point at its key.
+  void Add(const YAML::Node& at, const YAML::Node& fallback, std::string key_path, std::string m) {
+    YAML::Mark mark = at.Mark();
+    if (mark.line < 0) mark = fallback.Mark();
+    AddAt(mark, std::move(key_path), std::move(m));
+  }
+
+  // Returns the entries of a mapping, reporting duplicate and unknown keys.
+  std::vector<Entry> Entries(const YAML::Node& map, const std::string& path,
+                             const std::vector<std::string>& allowed) {
+    std::vector<Entry> out;
+    std::set<std::string> seen;
+    for (auto it = map.begin(); it != map.end(); ++it) {
+      const YAML::Node& k = it->first;
+      if (!k.IsScalar()) {
+        Add(k, map, path, "keys must be plain names, got " + Describe(k));
+        continue;
+      }
+      std::string key = k.Scalar();
+      std::string key_path = Join(path, key);
+      if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
+        std::string msg = "unknown key";
+        std::string best;
+        size_t best_d = 3;
+        for (const auto& a : allowed) {
+          size_t d = EditDistance(key, a);
+          if (d < best_d) {
+            best_d = d;
+            best = a;
+          }
+        }
+        if (!best.empty()) msg += " (did you mean \"" + best + "\"?)";
+        Add(k, map, key_path, msg);
+        continue;
+      }
+      if (!seen.insert(key).second) {
+        Add(k, map, key_path, "duplicate key");
+        continue;
+      }
+      out.push_back({key, k, it->second});
+    }
+    return out;
+  }
+
+  bool ExpectMap(const Entry& e, const std::string& path) {
+    if (e.value.IsMap()) return true;
+    Add(e.value, e.key_node, path, "expected a mapping, got " + Describe(e.value));
+    return false;
+  }
+
+  bool GetString(const Entry& e, const std::string& path, std::string* out) {
+    if (!e.value.IsScalar()) {
+      Add(e.value, e.key_node, path, "expected a string, got " + Describe(e.value));
+      return false;
+    }
+    *out = e.value.Scalar();
+    return true;
+  }
+
+  bool GetInt(const Entry& e, const std::string& path, int64_t min, int64_t max, int* out) {
+    std::optional<int64_t> v;
+    if (IsPlainScalar(e.value)) v = ParseInteger(e.value.Scalar());
+    if (!v) {
+      Add(e.value, e.key_node, path, "expected an integer, got " + Describe(e.value));
+      return false;
+    }
+    if (*v < min || *v > max) {
+      std::string range = max >= (1LL << 30) ? std::to_string(min) + " or more"
+                                              : "from " + std::to_string(min) + " to " + std::to_string(max);
+      Add(e.value, e.key_node, path, "must be " + range + ", got " + std::to_string(*v));
+      return false;
+    }
+    *out = static_cast<int>(*v);
+    return true;
+  }
+
+  bool GetBool(const Entry& e, const std::string& path, bool* out) {
+    if (IsPlainScalar(e.value)) {
+      const std::string& s = e.value.Scalar();
+      if (s == "true") {
+        *out = true;
+        return true;
+      }
+      if (s == "false") {
+        *out = false;
+        return true;
+      }
+    }
+    Add(e.value, e.key_node, path, "expected true or false, got " + Describe(e.value));
+    return false;
+  }
+
+  bool GetDuration(const Entry& e, const std::string& path, bool allow_zero, Duration* out) {
+    if (!e.value.IsScalar()) {
+      Add(e.value, e.key_node, path,
+          "expected a duration like 500ms, 2s or 10m, got " + Describe(e.value));
+      return false;
+    }
+    StatusOr<Duration> d = ParseDuration(e.value.Scalar());
+    if (!d.ok()) {
+      Add(e.value, e.key_node, path, d.status().message());
+      return false;
+    }
+    if (!allow_zero && d->count() == 0) {
+      Add(e.value, e.key_node, path, "must be more than 0s");
+      return false;
+    }
+    *out = *d;
+    return true;
+  }
+
+  bool GetCountOrPercent(const Entry& e, const std::string& path, CountOrPercent* out) {
+    std::string s = e.value.IsScalar() ? e.value.Scalar() : "";
+    bool percent = !s.empty() && s.back() == '%';
+    if (percent) s.pop_back();
+    std::optional<int64_t> v = e.value.IsScalar() ? ParseInteger(s) : std::nullopt;
+    if (!v) {
+      Add(e.value, e.key_node, path,
+          "expected a count or a percentage, got " + Describe(e.value));
+      return false;
+    }
+    if (*v < 0 || (percent && *v > 100) || *v > 1'000'000) {
+      Add(e.value, e.key_node, path,
+          std::string(percent ? "a percentage must be from 0% to 100%" : "a count must be 0 or more") +
+              ", got " + Describe(e.value));
+      return false;
+    }
+    *out = {static_cast<int>(*v), percent};
+    return true;
+  }
+
+  bool GetStringList(const Entry& e, const std::string& path, bool allow_empty,
+                     std::vector<std::string>* out) {
+    if (!e.value.IsSequence()) {
+      Add(e.value, e.key_node, path, "expected a list of strings, got " + Describe(e.value));
+      return false;
+    }
+    bool ok = true;
+    std::vector<std::string> v;
+    for (size_t i = 0; i < e.value.size(); ++i) {
+      const YAML::Node& item = e.value[i];
+      if (!item.IsScalar()) {
+        Add(item, e.value, path + "[" + std::to_string(i) + "]",
+            "expected a string, got " + Describe(item));
+        ok = false;
+        continue;
+      }
+      v.push_back(item.Scalar());
+    }
+    if (ok && v.empty() && !allow_empty) {
+      Add(e.value, e.key_node, path, "must not be empty");
+      return false;
+    }
+    if (ok) *out = std::move(v);
+    return ok;
+  }
+
+  void ParseEnv(const Entry& e, std::map<std::string, std::string>* out) {
+    if (!ExpectMap(e, "env")) return;
+    std::set<std::string> seen;
+    for (auto it = e.value.begin(); it != e.value.end(); ++it) {
+      const YAML::Node& k = it->first;
+      const YAML::Node& v = it->second;
+      std::string name = k.IsScalar() ? k.Scalar() : "";
+      std::string path = "env." + name;
+      if (!IsValidEnvName(name)) {
+        Add(k, e.value, path, "environment variable names are letters, digits and '_', got " +
+                                  Describe(k));
+        continue;
+      }
+      if (name == "PORT" || name.rfind("KILN_", 0) == 0) {
+        Add(k, e.value, path, "is set by kiln for every instance and cannot be overridden");
+        continue;
+      }
+      if (!seen.insert(name).second) {
+        Add(k, e.value, path, "duplicate key");
+        continue;
+      }
+      if (!v.IsScalar()) {
+        Add(v, k, path, "expected a string, got " + Describe(v));
+        continue;
+      }
+      (*out)[name] = v.Scalar();
+    }
+  }
+
+  void ParseHealth(const Entry& e, HealthCheck* h) {
+    if (!ExpectMap(e, "health")) return;
+    int probes = 0;
+    for (const Entry& he : Entries(e.value, "health", kHealthKeys)) {
+      std::string path = "health." + he.key;
+      if (he.key == "http" || he.key == "tcp" || he.key == "exec") {
+        if (++probes > 1) {
+          Add(he.key_node, e.value, path, "a health check has one probe: http, tcp or exec");
+          continue;
+        }
+      }
+      if (he.key == "http") {
+        h->kind = ProbeKind::kHttp;
+        h->http_path = "/";
+        if (he.value.IsNull()) continue;  // `http:` alone probes GET / on the instance's port
+        if (!ExpectMap(he, path)) continue;
+        for (const Entry& pe : Entries(he.value, path, kHttpKeys)) {
+          std::string p2 = path + "." + pe.key;
+          if (pe.key == "path") {
+            if (GetString(pe, p2, &h->http_path) && h->http_path.rfind('/', 0) != 0) {
+              Add(pe.value, pe.key_node, p2, "must start with '/', got " + Quote(h->http_path));
+            }
+          } else {
+            GetInt(pe, p2, 1, 65535, &h->port);
+          }
+        }
+      } else if (he.key == "tcp") {
+        h->kind = ProbeKind::kTcp;
+        if (he.value.IsNull()) continue;
+        if (!ExpectMap(he, path)) continue;
+        for (const Entry& pe : Entries(he.value, path, kTcpKeys)) {
+          GetInt(pe, path + "." + pe.key, 1, 65535, &h->port);
+        }
+      } else if (he.key == "exec") {
+        h->kind = ProbeKind::kExec;
+        GetStringList(he, path, /*allow_empty=*/false, &h->exec);
+      } else if (he.key == "interval") {
+        GetDuration(he, path, false, &h->interval);
+      } else if (he.key == "timeout") {
+        GetDuration(he, path, false, &h->timeout);
+      } else if (he.key == "failure_threshold") {
+        GetInt(he, path, 1, 1000, &h->failure_threshold);
+      }
+    }
+    if (probes == 0) {
+      Add(e.value, e.key_node, "health", "needs a probe: http, tcp or exec");
+    }
+  }
+
+  void ParseUpdate(const Entry& e, UpdatePolicy* u) {
+    if (!ExpectMap(e, "update")) return;
+    std::map<std::string, YAML::Node> given;
+    for (const Entry& ue : Entries(e.value, "update", kUpdateKeys)) {
+      std::string path = "update." + ue.key;
+      given[ue.key] = ue.key_node;
+      if (ue.key == "strategy") {
+        std::string s;
+        if (!GetString(ue, path, &s)) continue;
+        if (s == "rolling") u->strategy = Strategy::kRolling;
+        else if (s == "recreate") u->strategy = Strategy::kRecreate;
+        else if (s == "blue-green") u->strategy = Strategy::kBlueGreen;
+        else if (s == "canary") u->strategy = Strategy::kCanary;
+        else
+          Add(ue.value, ue.key_node, path,
+              "expected rolling, recreate, blue-green or canary, got " + Quote(s));
+      } else if (ue.key == "max_surge") {
+        GetCountOrPercent(ue, path, &u->max_surge);
+      } else if (ue.key == "max_unavailable") {
+        GetCountOrPercent(ue, path, &u->max_unavailable);
+      } else if (ue.key == "min_healthy_time") {
+        GetDuration(ue, path, true, &u->min_healthy_time);
+      } else if (ue.key == "healthy_deadline") {
+        GetDuration(ue, path, false, &u->healthy_deadline);
+      } else if (ue.key == "progress_deadline") {
+        GetDuration(ue, path, false, &u->progress_deadline);
+      } else if (ue.key == "auto_rollback") {
+        GetBool(ue, path, &u->auto_rollback);
+      } else if (ue.key == "canary") {
+        GetInt(ue, path, 1, 1'000'000, &u->canary);
+      } else if (ue.key == "auto_promote") {
+        GetBool(ue, path, &u->auto_promote);
+      }
+    }
+    // Fields that mean nothing under the chosen strategy are mistakes, not silently ignored.
+    const bool canary = u->strategy == Strategy::kCanary;
+    const bool surges = u->strategy == Strategy::kRolling || canary;
+    for (const char* k : {"canary", "auto_promote"}) {
+      if (!canary && given.count(k)) {
+        Add(given[k], e.value, std::string("update.") + k, "only applies to strategy canary");
+      }
+    }
+    for (const char* k : {"max_surge", "max_unavailable"}) {
+      if (!surges && given.count(k)) {
+        Add(given[k], e.value, std::string("update.") + k,
+            "only applies to strategies rolling and canary");
+      }
+    }
+    if (surges && u->max_surge.value == 0 && u->max_unavailable.value == 0) {
+      Add(given.count("max_surge") ? given["max_surge"] : e.value, e.value, "update.max_surge",
+          "max_surge and max_unavailable cannot both be 0: the rollout could never progress");
+    }
+  }
+
+  void ParseService(const YAML::Node& doc) {
+    if (!doc.IsMap()) {
+      Add(doc, doc, "", "expected a service document (a mapping), got " + Describe(doc));
+      return;
+    }
+    const size_t errors_before = file_.errors.size();
+    ServiceSpec s;
+    s.file = file_.path;
+    std::optional<Entry> artifact, image, port, command;
+    bool has_name = false, name_given = false, version_given = false;
+    for (const Entry& e : Entries(doc, "", kServiceKeys)) {
+      if (e.key == "name") {
+        name_given = true;
+        if (!GetString(e, "name", &s.name)) continue;
+        if (!IsValidServiceName(s.name)) {
+          Add(e.value, e.key_node, "name",
+              "must be 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-', "
+              "got " + Quote(s.name));
+          continue;
+        }
+        has_name = true;
+        s.line = e.value.Mark().line + 1;
+        s.column = e.value.Mark().column + 1;
+      } else if (e.key == "version") {
+        version_given = true;
+        if (GetString(e, "version", &s.tmpl.version) && s.tmpl.version.empty()) {
+          Add(e.value, e.key_node, "version", "must not be empty");
+        }
+      } else if (e.key == "replicas") {
+        GetInt(e, "replicas", 0, 100'000, &s.replicas);
+      } else if (e.key == "artifact") {
+        artifact = e;
+      } else if (e.key == "image") {
+        image = e;
+      } else if (e.key == "command") {
+        command = e;
+        GetStringList(e, "command", /*allow_empty=*/false, &s.tmpl.command);
+      } else if (e.key == "env") {
+        if (!e.value.IsNull()) ParseEnv(e, &s.tmpl.env);
+      } else if (e.key == "port") {
+        port = e;
+        GetInt(e, "port", 1, 65535, &s.tmpl.port);
+      } else if (e.key == "health") {
+        ParseHealth(e, &s.tmpl.health);
+      } else if (e.key == "update") {
+        if (!e.value.IsNull()) ParseUpdate(e, &s.update);
+      } else if (e.key == "history_limit") {
+        GetInt(e, "history_limit", 1, 1000, &s.history_limit);
+      }
+    }
+    if (has_name) file_.declared.push_back({s.name, s.line, s.column});
+    if (!name_given) Add(doc, doc, "name", "is required");
+    if (!version_given) Add(doc, doc, "version", "is required");
+
+    if (artifact && image) {
+      Add(image->key_node, doc, "image",
+          "a service runs an artifact (process driver) or an image (container driver), not both");
+    } else if (!artifact && !image) {
+      Add(doc, doc, "", "a service needs an artifact (process driver) or an image (container driver)");
+    } else if (image) {
+      if (GetString(*image, "image", &s.tmpl.image)) {
+        size_t at = s.tmpl.image.find("@sha256:");
+        if (at == std::string::npos || at == 0 || !IsSha256Hex(s.tmpl.image.substr(at + 8))) {
+          Add(image->value, image->key_node, "image",
+              "must be pinned by digest, name@sha256:<64 hex digits>, got " + Quote(s.tmpl.image));
+        }
+      }
+    } else {
+      if (port) {
+        Add(port->key_node, doc, "port",
+            "only applies to image services; process instances get {port} from kiln's port range");
+      }
+      if (!command) s.tmpl.command = {"{artifact}"};
+      ParseArtifact(*artifact, &s);
+    }
+    if (file_.errors.size() == errors_before) file_.services.push_back(std::move(s));
+  }
+
+  void ParseArtifact(const Entry& e, ServiceSpec* s) {
+    if (!ExpectMap(e, "artifact")) return;
+    std::optional<Entry> path_entry, pin_entry;
+    for (const Entry& ae : Entries(e.value, "artifact", kArtifactKeys)) {
+      if (ae.key == "path") path_entry = ae;
+      if (ae.key == "sha256") pin_entry = ae;
+    }
+    if (pin_entry && GetString(*pin_entry, "artifact.sha256", &s->artifact_pin)) {
+      if (!IsSha256Hex(s->artifact_pin)) {
+        Add(pin_entry->value, pin_entry->key_node, "artifact.sha256",
+            "expected 64 hex digits, got " + Quote(s->artifact_pin));
+        return;
+      }
+      std::transform(s->artifact_pin.begin(), s->artifact_pin.end(), s->artifact_pin.begin(),
+                     [](unsigned char c) { return std::tolower(c); });
+    }
+    if (!path_entry) {
+      Add(e.value, e.key_node, "artifact.path", "is required");
+      return;
+    }
+    std::string raw;
+    if (!GetString(*path_entry, "artifact.path", &raw)) return;
+    if (raw.empty()) {
+      Add(path_entry->value, path_entry->key_node, "artifact.path", "must not be empty");
+      return;
+    }
+    fs::path p(raw);
+    if (p.is_relative()) p = fs::path(file_.path).parent_path() / p;
+    s->artifact_path = p.lexically_normal().string();
+    StatusOr<std::string> digest =
+        hasher_ ? hasher_(s->artifact_path) : Sha256File(s->artifact_path);
+    if (!digest.ok()) {
+      Add(path_entry->value, path_entry->key_node, "artifact.path", digest.status().message());
+      return;
+    }
+    if (!s->artifact_pin.empty() && *digest != s->artifact_pin) {
+      Add(pin_entry->value, pin_entry->key_node, "artifact.sha256",
+          "artifact " + s->artifact_path + " has sha256 " + *digest + ", the manifest pins " +
+              s->artifact_pin);
+      return;
+    }
+    s->tmpl.artifact_sha256 = *digest;
+  }
+
+  ManifestFile& file_;
+  const ArtifactHasher& hasher_;
+};
+
+void ParseInto(ManifestFile& file, const std::string& text, const ArtifactHasher& hasher) {
+  file.sha256 = Sha256Hex(text);
+  FileParser(file, hasher).ParseText(text);
+}
+
+StatusOr<std::string> ReadWholeFile(const fs::path& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return ErrnoError(errno, "cannot read");
+  std::string out;
+  char buf[1 << 16];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError(errno, "cannot read");
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+    if (out.size() > (16u << 20)) return InvalidArgumentError("larger than 16 MiB; not a manifest");
+  }
+  return out;
+}
+
+}  // namespace
+
+int CountOrPercent::Resolve(int replicas, bool round_up) const {
+  if (!percent) return value;
+  const int64_t scaled = static_cast<int64_t>(value) * replicas;
+  return static_cast<int>(round_up ? (scaled + 99) / 100 : scaled / 100);
+}
+
+std::string CountOrPercent::ToString() const {
+  return std::to_string(value) + (percent ? "%" : "");
+}
+
+std::string_view StrategyName(Strategy s) {
+  switch (s) {
+    case Strategy::kRolling: return "rolling";
+    case Strategy::kRecreate: return "recreate";
+    case Strategy::kBlueGreen: return "blue-green";
+    case Strategy::kCanary: return "canary";
+  }
+  return "rolling";
+}
+
+std::string ManifestError::ToString() const {
+  std::string out = file;
+  if (line > 0) out += ":" + std::to_string(line) + ":" + std::to_string(column);
+  out += ": ";
+  if (!key_path.empty()) out += key_path + ": ";
+  out += message;
+  return out;
+}
+
+bool ManifestSet::ok() const {
+  if (!dir_errors.empty()) return false;
+  return std::all_of(files.begin(), files.end(), [](const ManifestFile& f) { return f.ok(); });
+}
+
+std::vector<ManifestError> ManifestSet::AllErrors() const {
+  std::vector<ManifestError> out = dir_errors;
+  for (const ManifestFile& f : files) out.insert(out.end(), f.errors.begin(), f.errors.end());
+  return out;
+}
+
+std::vector<const ServiceSpec*> ManifestSet::Services() const {
+  std::vector<const ServiceSpec*> out;
+  for (const ManifestFile& f : files) {
+    for (const ServiceSpec& s : f.services) out.push_back(&s);
+  }
+  std::sort(out.begin(), out.end(),
+            [](const ServiceSpec* a, const ServiceSpec* b) { return a->name < b->name; });
+  return out;
+}
+
+bool IsManifestFileName(std::string_view name) {
+  if (name.empty() || name.front() == '.' || name.front() == '#') return false;
+  auto ends_with = [&](std::string_view suffix) {
+    return name.size() > suffix.size() && name.substr(name.size() - suffix.size()) == suffix;
+  };
+  return ends_with(".yaml") || ends_with(".yml");
+}
+
+ManifestFile ParseManifest(const std::string& path, const std::string& text,
+                           const ArtifactHasher& hasher) {
+  ManifestFile file;
+  file.path = path;
+  ParseInto(file, text, hasher);
+  if (!file.ok()) file.services.clear();
+  return file;
+}
+
+ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
+  ManifestSet set;
+  set.dir = dir.string();
+  auto dir_error = [&](std::string message) {
+    set.dir_errors.push_back({set.dir, 0, 0, "", std::move(message)});
+  };
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) {
+    dir_error(ec ? "cannot read manifest directory: " + ec.message()
+                 : "manifest directory does not exist");
+    return set;
+  }
+  if (!fs::is_directory(dir, ec)) {
+    dir_error("is not a directory");
+    return set;
+  }
+  std::vector<fs::path> paths;
+  fs::directory_iterator it(dir, ec), end;
+  if (ec) {
+    dir_error("cannot read manifest directory: " + ec.message());
+    return set;
+  }
+  for (; it != end; it.increment(ec)) {
+    if (ec) break;
+    if (IsManifestFileName(it->path().filename().string())) paths.push_back(it->path());
+  }
+  if (ec) {
+    dir_error("cannot read manifest directory: " + ec.message());
+    return set;
+  }
+  std::sort(paths.begin(), paths.end());
+
+  for (const fs::path& p : paths) {
+    ManifestFile file;
+    file.path = p.string();
+    StatusOr<std::string> text = ReadWholeFile(p);
+    if (!text.ok()) {
+      file.errors.push_back({file.path, 0, 0, "", text.status().message()});
+    } else {
+      ParseInto(file, *text, hasher);
+    }
+    set.files.push_back(std::move(file));
+  }
+
+  // A name declared twice is an error at every place it is declared.
+  struct Place {
+    size_t file;
+    ManifestFile::Declared decl;
+  };
+  std::map<std::string, std::vector<Place>> places;
+  for (size_t i = 0; i < set.files.size(); ++i) {
+    for (const auto& d : set.files[i].declared) places[d.name].push_back({i, d});
+  }
+  for (const auto& [name, where] : places) {
+    if (where.size() < 2) continue;
+    for (const Place& here : where) {
+      std::string others;
+      for (const Place& other : where) {
+        if (&other == &here) continue;
+        if (!others.empty()) others += ", ";
+        others += set.files[other.file].path + ":" + std::to_string(other.decl.line) + ":" +
+                  std::to_string(other.decl.column);
+      }
+      set.files[here.file].errors.push_back({set.files[here.file].path, here.decl.line,
+                                             here.decl.column, "name",
+                                             "service " + Quote(name) + " is also declared at " + others});
+    }
+  }
+  for (ManifestFile& f : set.files) {
+    if (!f.ok()) f.services.clear();
+    std::sort(f.errors.begin(), f.errors.end(), [](const ManifestError& a, const ManifestError& b) {
+      return std::tie(a.line, a.column) < std::tie(b.line, b.column);
+    });
+  }
+  return set;
+}
+
+}  // namespace kiln

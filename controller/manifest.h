@@ -1,0 +1,116 @@
+#pragma once
+
+// Manifests (DESIGN.md "Manifests", "Update policy"): a directory of YAML files, each holding one
+// or more service documents, loaded into validated ServiceSpecs with defaults applied. Every
+// error names file, line, column and key path; all errors of a directory are reported.
+
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "common/clock.h"
+#include "common/status.h"
+#include "controller/template.h"
+
+namespace kiln {
+
+// A count ("1") or a percentage of replicas ("25%").
+struct CountOrPercent {
+  int value = 0;
+  bool percent = false;
+
+  // Percentages of `replicas` round up (surge) or down (unavailable), as Kubernetes does.
+  int Resolve(int replicas, bool round_up) const;
+  std::string ToString() const;
+  friend bool operator==(const CountOrPercent&, const CountOrPercent&) = default;
+};
+
+enum class Strategy { kRolling, kRecreate, kBlueGreen, kCanary };
+std::string_view StrategyName(Strategy s);  // "rolling", "recreate", "blue-green", "canary"
+
+struct UpdatePolicy {
+  Strategy strategy = Strategy::kRolling;
+  CountOrPercent max_surge{25, true};
+  CountOrPercent max_unavailable{0, false};
+  Duration min_healthy_time{0};
+  Duration healthy_deadline{60'000};
+  Duration progress_deadline{600'000};
+  bool auto_rollback = true;
+  int canary = 1;
+  bool auto_promote = false;
+  friend bool operator==(const UpdatePolicy&, const UpdatePolicy&) = default;
+};
+
+struct ServiceSpec {
+  std::string name;
+  int replicas = 1;
+  std::string artifact_path;  // resolved against the manifest's folder; "" for image services
+  std::string artifact_pin;   // the manifest's artifact.sha256, "" when not pinned
+  Template tmpl;
+  UpdatePolicy update;
+  int history_limit = 10;
+
+  // Where it was declared: the document's `name:` value.
+  std::string file;
+  int line = 0;
+  int column = 0;
+};
+
+struct ManifestError {
+  std::string file;
+  int line = 0;    // 1-based; 0 when the error is about the whole file
+  int column = 0;  // 1-based
+  std::string key_path;  // "update.max_surge", "command[1]"; "" when about the document or file
+  std::string message;
+
+  // "web.yaml:12:5: update.max_surge: expected a count or a percentage, got \"lots\""
+  std::string ToString() const;
+};
+
+struct ManifestFile {
+  std::string path;
+  std::string sha256;  // of the file's bytes, "" when unreadable
+  std::vector<ServiceSpec> services;  // empty when the file has errors: it is all or nothing
+  std::vector<ManifestError> errors;
+  // Every service name the file declares, with where, even when the file has errors: the
+  // services whose last good desired state must be kept while the file is broken.
+  struct Declared {
+    std::string name;
+    int line = 0;
+    int column = 0;
+  };
+  std::vector<Declared> declared;
+  bool ok() const { return errors.empty(); }
+};
+
+struct ManifestSet {
+  std::string dir;
+  // Errors about the directory itself (missing, unreadable). Such a set must not be taken to
+  // mean "no services".
+  std::vector<ManifestError> dir_errors;
+  std::vector<ManifestFile> files;  // sorted by path
+
+  bool ok() const;
+  std::vector<ManifestError> AllErrors() const;
+  // Services of the files without errors, sorted by name.
+  std::vector<const ServiceSpec*> Services() const;
+};
+
+// Returns the hex SHA-256 of an artifact file; errors name the path. The daemon passes a caching
+// one; the default reads the file.
+using ArtifactHasher = std::function<StatusOr<std::string>(const std::filesystem::path&)>;
+
+// Parses one manifest file's text. `path` is used for resolving artifacts and in errors.
+ManifestFile ParseManifest(const std::string& path, const std::string& text,
+                           const ArtifactHasher& hasher);
+
+// Loads every *.yaml / *.yml file directly in `dir` (not recursive; hidden files and editor
+// temporaries are skipped), then reports duplicate service names at each place they occur.
+ManifestSet LoadManifestDir(const std::filesystem::path& dir, const ArtifactHasher& hasher = {});
+
+// True for the names LoadManifestDir reads: "*.yaml" or "*.yml", not hidden, not an editor's
+// temporary ("#web.yaml#", ".web.yaml.swp", "web.yaml~").
+bool IsManifestFileName(std::string_view file_name);
+
+}  // namespace kiln

@@ -1,0 +1,701 @@
+#include "storage/sqlite_state_store.h"
+
+#include <array>
+#include <charconv>
+
+namespace kiln {
+namespace {
+
+// Each entry moves the schema from version i to i+1; never edit one that has shipped, add one.
+constexpr std::array<const char*, 2> kMigrations = {
+    // 1: services, immutable revisions, instances, events.
+    R"sql(
+CREATE TABLE services (
+  name TEXT PRIMARY KEY CHECK (name <> ''),
+  manifest_file TEXT NOT NULL DEFAULT '',
+  spec TEXT NOT NULL DEFAULT '',
+  desired_revision INTEGER NOT NULL DEFAULT 0,
+  pinned_revision INTEGER NOT NULL DEFAULT 0,
+  pin_reason TEXT NOT NULL DEFAULT '',
+  paused INTEGER NOT NULL DEFAULT 0,
+  retired INTEGER NOT NULL DEFAULT 0,
+  manifest_error TEXT NOT NULL DEFAULT '',
+  created_ms INTEGER NOT NULL,
+  updated_ms INTEGER NOT NULL
+);
+CREATE TABLE revisions (
+  service TEXT NOT NULL REFERENCES services(name),
+  number INTEGER NOT NULL CHECK (number >= 1),
+  template_hash TEXT NOT NULL,
+  template TEXT NOT NULL,
+  source TEXT NOT NULL CHECK (source IN ('manifest', 'rollback')),
+  manifest_file TEXT NOT NULL DEFAULT '',
+  manifest_sha256 TEXT NOT NULL DEFAULT '',
+  actor TEXT NOT NULL DEFAULT '',
+  reason TEXT NOT NULL DEFAULT '',
+  rolled_back_from INTEGER NOT NULL DEFAULT 0,
+  created_ms INTEGER NOT NULL,
+  available_ms INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (service, number)
+) WITHOUT ROWID;
+-- A revision is never edited once written; only its first-available time is recorded later, once.
+CREATE TRIGGER revisions_immutable BEFORE UPDATE OF service, number, template_hash, template,
+    source, manifest_file, manifest_sha256, actor, reason, rolled_back_from, created_ms ON revisions
+BEGIN
+  SELECT RAISE(ABORT, 'revisions are immutable');
+END;
+CREATE TRIGGER revisions_available_once BEFORE UPDATE OF available_ms ON revisions
+WHEN OLD.available_ms <> 0
+BEGIN
+  SELECT RAISE(ABORT, 'revision availability is recorded once');
+END;
+CREATE TABLE instances (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  service TEXT NOT NULL,
+  revision INTEGER NOT NULL,
+  state TEXT NOT NULL CHECK (state IN ('pending', 'starting', 'healthy', 'unhealthy', 'draining',
+                                       'terminated', 'failed', 'lost')),
+  reason TEXT NOT NULL DEFAULT '',
+  handle TEXT NOT NULL DEFAULT '',
+  host TEXT NOT NULL DEFAULT '',
+  port INTEGER NOT NULL DEFAULT 0,
+  created_ms INTEGER NOT NULL,
+  started_ms INTEGER NOT NULL DEFAULT 0,
+  healthy_since_ms INTEGER NOT NULL DEFAULT 0,
+  state_changed_ms INTEGER NOT NULL,
+  finished_ms INTEGER NOT NULL DEFAULT 0,
+  exit_code INTEGER,
+  exit_signal TEXT NOT NULL DEFAULT '',
+  FOREIGN KEY (service, revision) REFERENCES revisions(service, number)
+);
+CREATE INDEX instances_by_service ON instances(service, id);
+CREATE INDEX instances_live ON instances(id) WHERE state NOT IN ('terminated', 'failed', 'lost');
+CREATE TABLE events (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  time_ms INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  service TEXT NOT NULL DEFAULT '',
+  revision INTEGER NOT NULL DEFAULT 0,
+  instance TEXT NOT NULL DEFAULT '',
+  actor TEXT NOT NULL DEFAULT '',
+  message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX events_by_service ON events(service, seq);
+)sql",
+    // 2: rollouts with their deadlines' bookkeeping, and per-service conditions.
+    R"sql(
+CREATE TABLE rollouts (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  service TEXT NOT NULL REFERENCES services(name),
+  from_revision INTEGER NOT NULL DEFAULT 0,
+  to_revision INTEGER NOT NULL,
+  strategy TEXT NOT NULL CHECK (strategy IN ('rolling', 'recreate', 'blue-green', 'canary')),
+  state TEXT NOT NULL CHECK (state IN ('progressing', 'paused', 'waiting_promotion', 'completed',
+                                       'failed', 'superseded')),
+  reason TEXT NOT NULL DEFAULT '',
+  started_ms INTEGER NOT NULL,
+  last_progress_ms INTEGER NOT NULL,
+  paused_ms INTEGER NOT NULL DEFAULT 0,
+  paused_at_ms INTEGER NOT NULL DEFAULT 0,
+  finished_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX rollouts_by_service ON rollouts(service, id);
+ALTER TABLE services ADD COLUMN conditions TEXT NOT NULL DEFAULT '[]';
+)sql",
+};
+
+constexpr const char* kInstanceColumns =
+    "id, service, revision, state, reason, handle, host, port, created_ms, started_ms, "
+    "healthy_since_ms, state_changed_ms, finished_ms, exit_code, exit_signal";
+
+InstanceRecord ReadInstance(const sqlite::Statement& s) {
+  InstanceRecord r;
+  r.id = s.Int(0);
+  r.service = s.Text(1);
+  r.name = r.service + "-" + std::to_string(r.id);
+  r.revision = s.Int(2);
+  // The CHECK constraint admits only known names.
+  r.state = ParseInstanceState(s.Text(3)).value_or(InstanceState::kLost);
+  r.reason = s.Text(4);
+  r.handle = s.Text(5);
+  r.host = s.Text(6);
+  r.port = static_cast<int>(s.Int(7));
+  r.created_ms = s.Int(8);
+  r.started_ms = s.Int(9);
+  r.healthy_since_ms = s.Int(10);
+  r.state_changed_ms = s.Int(11);
+  r.finished_ms = s.Int(12);
+  if (!s.IsNull(13)) r.exit_code = static_cast<int>(s.Int(13));
+  r.exit_signal = s.Text(14);
+  return r;
+}
+
+constexpr const char* kServiceColumns =
+    "name, manifest_file, spec, desired_revision, pinned_revision, pin_reason, paused, retired, "
+    "manifest_error, conditions, created_ms, updated_ms";
+
+ServiceRecord ReadService(const sqlite::Statement& s) {
+  ServiceRecord r;
+  r.name = s.Text(0);
+  r.manifest_file = s.Text(1);
+  r.spec = s.Text(2);
+  r.desired_revision = s.Int(3);
+  r.pinned_revision = s.Int(4);
+  r.pin_reason = s.Text(5);
+  r.paused = s.Int(6) != 0;
+  r.retired = s.Int(7) != 0;
+  r.manifest_error = s.Text(8);
+  r.conditions = s.Text(9);
+  r.created_ms = s.Int(10);
+  r.updated_ms = s.Int(11);
+  return r;
+}
+
+constexpr const char* kRevisionColumns =
+    "service, number, template_hash, template, source, manifest_file, manifest_sha256, actor, "
+    "reason, rolled_back_from, created_ms, available_ms";
+
+RevisionRecord ReadRevision(const sqlite::Statement& s) {
+  RevisionRecord r;
+  r.service = s.Text(0);
+  r.number = s.Int(1);
+  r.template_hash = s.Text(2);
+  r.template_json = s.Text(3);
+  r.source = s.Text(4);
+  r.manifest_file = s.Text(5);
+  r.manifest_sha256 = s.Text(6);
+  r.actor = s.Text(7);
+  r.reason = s.Text(8);
+  r.rolled_back_from = s.Int(9);
+  r.created_ms = s.Int(10);
+  r.available_ms = s.Int(11);
+  return r;
+}
+
+constexpr const char* kRolloutColumns =
+    "id, service, from_revision, to_revision, strategy, state, reason, started_ms, "
+    "last_progress_ms, paused_ms, paused_at_ms, finished_ms";
+
+RolloutRecord ReadRollout(const sqlite::Statement& s) {
+  RolloutRecord r;
+  r.id = s.Int(0);
+  r.service = s.Text(1);
+  r.from_revision = s.Int(2);
+  r.to_revision = s.Int(3);
+  r.strategy = s.Text(4);
+  r.state = s.Text(5);
+  r.reason = s.Text(6);
+  r.started_ms = s.Int(7);
+  r.last_progress_ms = s.Int(8);
+  r.paused_ms = s.Int(9);
+  r.paused_at_ms = s.Int(10);
+  r.finished_ms = s.Int(11);
+  return r;
+}
+
+// "web-42" -> ("web", 42). Service names are [a-z0-9-], so the id follows the last '-'.
+bool SplitInstanceName(std::string_view name, std::string_view* service, int64_t* id) {
+  size_t dash = name.rfind('-');
+  if (dash == std::string_view::npos || dash == 0 || dash + 1 >= name.size()) return false;
+  std::string_view digits = name.substr(dash + 1);
+  auto [p, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), *id);
+  if (ec != std::errc() || p != digits.data() + digits.size()) return false;
+  *service = name.substr(0, dash);
+  return true;
+}
+
+// Runs the statement to completion, appending each row read by `read`.
+template <typename T, typename ReadFn>
+StatusOr<std::vector<T>> CollectRows(sqlite::Database& db, sqlite::Statement& s,
+                                     std::string_view what, ReadFn read) {
+  std::vector<T> out;
+  for (;;) {
+    ASSIGN_OR_RETURN(bool row, db.Step(s, what));
+    if (!row) break;
+    out.push_back(read(s));
+  }
+  return out;
+}
+
+Status ApplyMigrations(sqlite::Database& db, int from, int to) {
+  for (int v = from; v < to; ++v) {
+    RETURN_IF_ERROR(db.Exec("BEGIN IMMEDIATE"));
+    Status s = db.Exec(kMigrations[static_cast<size_t>(v)]);
+    if (s.ok()) s = db.Exec("PRAGMA user_version = " + std::to_string(v + 1));
+    if (s.ok()) s = db.Exec("COMMIT");
+    if (!s.ok()) {
+      (void)db.Exec("ROLLBACK");
+      return s.WithContext("migrating schema to version " + std::to_string(v + 1));
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string_view InstanceStateName(InstanceState s) {
+  switch (s) {
+    case InstanceState::kPending: return "pending";
+    case InstanceState::kStarting: return "starting";
+    case InstanceState::kHealthy: return "healthy";
+    case InstanceState::kUnhealthy: return "unhealthy";
+    case InstanceState::kDraining: return "draining";
+    case InstanceState::kTerminated: return "terminated";
+    case InstanceState::kFailed: return "failed";
+    case InstanceState::kLost: return "lost";
+  }
+  return "unknown";
+}
+
+std::optional<InstanceState> ParseInstanceState(std::string_view s) {
+  for (auto st : {InstanceState::kPending, InstanceState::kStarting, InstanceState::kHealthy,
+                  InstanceState::kUnhealthy, InstanceState::kDraining, InstanceState::kTerminated,
+                  InstanceState::kFailed, InstanceState::kLost}) {
+    if (InstanceStateName(st) == s) return st;
+  }
+  return std::nullopt;
+}
+
+bool IsFinal(InstanceState s) {
+  return s == InstanceState::kTerminated || s == InstanceState::kFailed || s == InstanceState::kLost;
+}
+
+bool IsLegalTransition(InstanceState from, InstanceState to) {
+  using S = InstanceState;
+  switch (from) {
+    case S::kPending:
+      return to == S::kStarting || to == S::kDraining || to == S::kFailed || to == S::kLost;
+    case S::kStarting:
+      return to == S::kHealthy || to == S::kDraining || to == S::kFailed || to == S::kLost;
+    case S::kHealthy:
+      return to == S::kUnhealthy || to == S::kDraining || to == S::kFailed || to == S::kLost;
+    case S::kUnhealthy:
+      return to == S::kHealthy || to == S::kDraining || to == S::kFailed || to == S::kLost;
+    case S::kDraining:
+      // Stopped as intended; or found gone after a restart of kilnd.
+      return to == S::kTerminated || to == S::kLost;
+    case S::kTerminated:
+    case S::kFailed:
+    case S::kLost:
+      return false;
+  }
+  return false;
+}
+
+int SqliteStateStore::CurrentSchemaVersion() { return static_cast<int>(kMigrations.size()); }
+
+StatusOr<std::unique_ptr<SqliteStateStore>> SqliteStateStore::Open(const Options& options) {
+  if (options.clock == nullptr) return InvalidArgumentError("state store: a clock is required");
+  ASSIGN_OR_RETURN(sqlite::Database db,
+                   sqlite::Database::Open(options.path, options.read_only, /*create=*/true));
+  std::unique_ptr<SqliteStateStore> store(new SqliteStateStore(std::move(db), options));
+  RETURN_IF_ERROR(store->Configure());
+  if (!options.read_only) RETURN_IF_ERROR(store->Migrate());
+  ASSIGN_OR_RETURN(auto version, store->db_.QueryInt("read schema version", "PRAGMA user_version"));
+  if (version.value_or(0) != CurrentSchemaVersion()) {
+    return FailedPreconditionError(options.path + ": schema version " +
+                                   std::to_string(version.value_or(0)) + ", this kiln needs " +
+                                   std::to_string(CurrentSchemaVersion()));
+  }
+  return store;
+}
+
+Status SqliteStateStore::Configure() {
+  sqlite3_busy_timeout(db_.raw(), options_.busy_timeout_ms);
+  // The first read of the file: a file that is not a database fails here, before any write.
+  RETURN_IF_ERROR(db_.QueryInt("read database", "SELECT count(*) FROM sqlite_master").status());
+  if (!options_.read_only) RETURN_IF_ERROR(db_.Exec("PRAGMA journal_mode = WAL"));
+  RETURN_IF_ERROR(db_.Exec("PRAGMA synchronous = FULL"));
+  RETURN_IF_ERROR(db_.Exec("PRAGMA foreign_keys = ON"));
+  return Status::Ok();
+}
+
+Status SqliteStateStore::Migrate() {
+  ASSIGN_OR_RETURN(auto version, db_.QueryInt("read schema version", "PRAGMA user_version"));
+  int v = static_cast<int>(version.value_or(0));
+  if (v > CurrentSchemaVersion()) {
+    return FailedPreconditionError(db_.path() + ": schema version " + std::to_string(v) +
+                                   " was written by a newer kiln; this build knows up to " +
+                                   std::to_string(CurrentSchemaVersion()));
+  }
+  return ApplyMigrations(db_, v, CurrentSchemaVersion());
+}
+
+Status CreateDatabaseAtSchemaVersionForTest(const std::string& path, int version) {
+  ASSIGN_OR_RETURN(sqlite::Database db, sqlite::Database::Open(path, false, true));
+  return ApplyMigrations(db, 0, version);
+}
+
+StatusOr<std::unique_ptr<StateReader>> SqliteStateStore::OpenReader() const {
+  Options o = options_;
+  o.read_only = true;
+  ASSIGN_OR_RETURN(auto reader, Open(o));
+  return std::unique_ptr<StateReader>(std::move(reader));
+}
+
+Status SqliteStateStore::ExecForTest(std::string_view sql) {
+  std::lock_guard lock(mu_);
+  return db_.Exec(sql);
+}
+
+int64_t SqliteStateStore::NowMs() const { return ToUnixMillis(options_.clock->SystemNow()); }
+
+// ---------------------------------------------------------------------------------------------
+// Transactions
+
+Status SqliteStateStore::Snapshot(const std::function<Status()>& fn) {
+  std::lock_guard lock(mu_);
+  if (tx_depth_ > 0) return fn();
+  RETURN_IF_ERROR(db_.Exec("BEGIN"));
+  ++tx_depth_;
+  Status s = fn();
+  --tx_depth_;
+  Status end = db_.Exec("COMMIT");  // a read transaction: COMMIT only ends it
+  return s.ok() ? end : s;
+}
+
+Status SqliteStateStore::Transaction(const std::function<Status()>& fn) {
+  std::lock_guard lock(mu_);
+  if (tx_depth_ > 0) return fn();
+  RETURN_IF_ERROR(db_.Exec("BEGIN IMMEDIATE"));
+  ++tx_depth_;
+  Status s = fn();
+  --tx_depth_;
+  if (s.ok()) s = db_.Exec("COMMIT");
+  if (!s.ok() && !sqlite3_get_autocommit(db_.raw())) (void)db_.Exec("ROLLBACK");
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+StatusOr<std::vector<ServiceRecord>> SqliteStateStore::ListServices() {
+  std::lock_guard lock(mu_);
+  static const std::string kSql =
+      std::string("SELECT ") + kServiceColumns + " FROM services ORDER BY name";
+  ASSIGN_OR_RETURN(auto* s, db_.Prepare(kSql, "list services"));
+  return CollectRows<ServiceRecord>(db_, *s, "list services", ReadService);
+}
+
+StatusOr<ServiceRecord> SqliteStateStore::GetService(std::string_view name) {
+  std::lock_guard lock(mu_);
+  static const std::string kSql =
+      std::string("SELECT ") + kServiceColumns + " FROM services WHERE name = ?";
+  ASSIGN_OR_RETURN(auto* s, db_.Prepare(kSql, "get service"));
+  s->BindAll(name);
+  ASSIGN_OR_RETURN(auto rows, CollectRows<ServiceRecord>(db_, *s, "get service", ReadService));
+  if (rows.empty()) return NotFoundError("service \"" + std::string(name) + "\" is not known");
+  return std::move(rows.front());
+}
+
+StatusOr<std::vector<RevisionRecord>> SqliteStateStore::ListRevisions(std::string_view service) {
+  std::lock_guard lock(mu_);
+  static const std::string kSql = std::string("SELECT ") + kRevisionColumns +
+                                  " FROM revisions WHERE service = ? ORDER BY number DESC";
+  ASSIGN_OR_RETURN(auto* s, db_.Prepare(kSql, "list revisions"));
+  s->BindAll(service);
+  return CollectRows<RevisionRecord>(db_, *s, "list revisions", ReadRevision);
+}
+
+StatusOr<RevisionRecord> SqliteStateStore::GetRevision(std::string_view service, int64_t number) {
+  std::lock_guard lock(mu_);
+  static const std::string kSql = std::string("SELECT ") + kRevisionColumns +
+                                  " FROM revisions WHERE service = ? AND number = ?";
+  ASSIGN_OR_RETURN(auto* s, db_.Prepare(kSql, "get revision"));
+  s->BindAll(service, number);
+  ASSIGN_OR_RETURN(auto rows, CollectRows<RevisionRecord>(db_, *s, "get revision", ReadRevision));
+  if (rows.empty()) {
+    return NotFoundError("service \"" + std::string(service) + "\" has no revision " +
+                         std::to_string(number));
+  }
+  return std::move(rows.front());
+}
+
+StatusOr<std::vector<InstanceRecord>> SqliteStateStore::QueryInstances(const std::string& sql,
+                                                                       std::string_view what,
+                                                                       std::string_view service) {
+  ASSIGN_OR_RETURN(auto* s, db_.Prepare(sql, what));
+  if (!service.empty()) s->BindAll(service);
+  return CollectRows<InstanceRecord>(db_, *s, what, ReadInstance);
+}
+
+StatusOr<std::vector<InstanceRecord>> SqliteStateStore::ListInstances(std::string_view service,
+                                                                      bool include_final) {
+  std::lock_guard lock(mu_);
+  static const std::string kAll = std::string("SELECT ") + kInstanceColumns +
+                                  " FROM instances WHERE service = ? ORDER BY id";
+  static const std::string kLive = std::string("SELECT ") + kInstanceColumns +
+                                   " FROM instances WHERE service = ? AND state NOT IN "
+                                   "('terminated', 'failed', 'lost') ORDER BY id";
+  return QueryInstances(include_final ? kAll : kLive, "list instances", service);
+}
+
+StatusOr<std::vector<InstanceRecord>> SqliteStateStore::ListLiveInstances() {
+  std::lock_guard lock(mu_);
+  static const std::string kSql =
+      std::string("SELECT ") + kInstanceColumns +
+      " FROM instances WHERE state NOT IN ('terminated', 'failed', 'lost') ORDER BY id";
+  return QueryInstances(kSql, "list live instances", "");
+}
+
+StatusOr<InstanceRecord> SqliteStateStore::GetInstance(std::string_view name) {
+  std::string_view service;
+  int64_t id = 0;
+  auto not_found = [&] { return NotFoundError("instance \"" + std::string(name) + "\" is not known"); };
+  if (!SplitInstanceName(name, &service, &id)) return not_found();
+  std::lock_guard lock(mu_);
+  static const std::string kSql = std::string("SELECT ") + kInstanceColumns +
+                                  " FROM instances WHERE id = ? AND service = ?";
+  ASSIGN_OR_RETURN(auto* s, db_.Prepare(kSql, "get instance"));
+  s->BindAll(id, service);
+  ASSIGN_OR_RETURN(auto rows, CollectRows<InstanceRecord>(db_, *s, "get instance", ReadInstance));
+  if (rows.empty()) return not_found();
+  return std::move(rows.front());
+}
+
+StatusOr<RolloutRecord> SqliteStateStore::GetLatestRollout(std::string_view service) {
+  std::lock_guard lock(mu_);
+  static const std::string kSql = std::string("SELECT ") + kRolloutColumns +
+                                  " FROM rollouts WHERE service = ? ORDER BY id DESC LIMIT 1";
+  ASSIGN_OR_RETURN(auto* s, db_.Prepare(kSql, "get rollout"));
+  s->BindAll(service);
+  ASSIGN_OR_RETURN(auto rows, CollectRows<RolloutRecord>(db_, *s, "get rollout", ReadRollout));
+  if (rows.empty()) return NotFoundError("service \"" + std::string(service) + "\" has no rollout");
+  return std::move(rows.front());
+}
+
+StatusOr<std::vector<EventRecord>> SqliteStateStore::ReadEvents(const EventQuery& q) {
+  std::lock_guard lock(mu_);
+  auto read = [](const sqlite::Statement& s) {
+    EventRecord e;
+    e.seq = s.Int(0);
+    e.time_ms = s.Int(1);
+    e.kind = s.Text(2);
+    e.service = s.Text(3);
+    e.revision = s.Int(4);
+    e.instance = s.Text(5);
+    e.actor = s.Text(6);
+    e.message = s.Text(7);
+    return e;
+  };
+  constexpr const char* kCols =
+      "SELECT seq, time_ms, kind, service, revision, instance, actor, message FROM events ";
+  sqlite::Statement* s;
+  if (q.service.empty()) {
+    static const std::string kSql = std::string(kCols) + "WHERE seq > ? ORDER BY seq LIMIT ?";
+    ASSIGN_OR_RETURN(s, db_.Prepare(kSql, "read events"));
+    s->BindAll(q.after_seq, q.limit);
+  } else {
+    static const std::string kSql =
+        std::string(kCols) + "WHERE service = ? AND seq > ? ORDER BY seq LIMIT ?";
+    ASSIGN_OR_RETURN(s, db_.Prepare(kSql, "read events"));
+    s->BindAll(q.service, q.after_seq, q.limit);
+  }
+  return CollectRows<EventRecord>(db_, *s, "read events", read);
+}
+
+StatusOr<int64_t> SqliteStateStore::OldestEventSeq() {
+  std::lock_guard lock(mu_);
+  ASSIGN_OR_RETURN(auto v, db_.QueryInt("read events", "SELECT min(seq) FROM events"));
+  return v.value_or(0);
+}
+
+StatusOr<int64_t> SqliteStateStore::LatestEventSeq() {
+  std::lock_guard lock(mu_);
+  // sqlite_sequence remembers the highest seq ever assigned, even after pruning.
+  ASSIGN_OR_RETURN(auto v, db_.QueryInt("read events",
+                                        "SELECT seq FROM sqlite_sequence WHERE name = 'events'"));
+  return v.value_or(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes
+
+Status SqliteStateStore::PutService(const ServiceRecord& r) {
+  std::lock_guard lock(mu_);
+  const int64_t now = NowMs();
+  return db_.Run("put service " + r.name,
+                 "INSERT INTO services (name, manifest_file, spec, desired_revision, "
+                 "pinned_revision, pin_reason, paused, retired, manifest_error, conditions, "
+                 "created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                 "ON CONFLICT (name) DO UPDATE SET manifest_file = excluded.manifest_file, "
+                 "spec = excluded.spec, desired_revision = excluded.desired_revision, "
+                 "pinned_revision = excluded.pinned_revision, pin_reason = excluded.pin_reason, "
+                 "paused = excluded.paused, retired = excluded.retired, "
+                 "manifest_error = excluded.manifest_error, conditions = excluded.conditions, "
+                 "updated_ms = excluded.updated_ms",
+                 r.name, r.manifest_file, r.spec, r.desired_revision, r.pinned_revision,
+                 r.pin_reason, r.paused, r.retired, r.manifest_error,
+                 r.conditions.empty() ? std::string("[]") : r.conditions, now, now);
+}
+
+Status SqliteStateStore::WriteRevision(const RevisionRecord& r) {
+  std::lock_guard lock(mu_);
+  const std::string label = r.service + " revision " + std::to_string(r.number);
+  ASSIGN_OR_RETURN(auto existing,
+                   db_.QueryInt("write " + label,
+                                "SELECT 1 FROM revisions WHERE service = ? AND number = ?",
+                                r.service, r.number));
+  if (existing) {
+    return FailedPreconditionError(label + " is already written; revisions are immutable");
+  }
+  if (r.template_hash.empty() || r.template_json.empty()) {
+    return InvalidArgumentError(label + ": a revision needs a template and its hash");
+  }
+  return db_.Run("write " + label,
+                 std::string("INSERT INTO revisions (") + kRevisionColumns +
+                     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 r.service, r.number, r.template_hash, r.template_json, r.source, r.manifest_file,
+                 r.manifest_sha256, r.actor, r.reason, r.rolled_back_from,
+                 r.created_ms ? r.created_ms : NowMs(), r.available_ms);
+}
+
+StatusOr<int64_t> SqliteStateStore::NextRevisionNumber(std::string_view service) {
+  std::lock_guard lock(mu_);
+  ASSIGN_OR_RETURN(auto v, db_.QueryInt("next revision number",
+                                        "SELECT max(number) FROM revisions WHERE service = ?",
+                                        service));
+  return v.value_or(0) + 1;
+}
+
+Status SqliteStateStore::MarkRevisionAvailable(std::string_view service, int64_t number,
+                                               int64_t time_ms) {
+  std::lock_guard lock(mu_);
+  std::string label = std::string(service) + " revision " + std::to_string(number);
+  RETURN_IF_ERROR(db_.Run("mark " + label + " available",
+                          "UPDATE revisions SET available_ms = ? WHERE service = ? AND number = ? "
+                          "AND available_ms = 0",
+                          time_ms, service, number));
+  if (db_.Changes() == 0) {
+    ASSIGN_OR_RETURN(auto exists, db_.QueryInt("mark " + label + " available",
+                                               "SELECT 1 FROM revisions WHERE service = ? AND number = ?",
+                                               service, number));
+    if (!exists) return NotFoundError(label + " does not exist");
+  }
+  return Status::Ok();
+}
+
+Status SqliteStateStore::DeleteRevision(std::string_view service, int64_t number) {
+  std::lock_guard lock(mu_);
+  std::string label = std::string(service) + " revision " + std::to_string(number);
+  ASSIGN_OR_RETURN(auto used, db_.QueryInt("delete " + label,
+                                           "SELECT count(*) FROM instances WHERE service = ? AND revision = ?",
+                                           service, number));
+  if (used.value_or(0) > 0) {
+    return FailedPreconditionError(label + " is still referenced by " +
+                                   std::to_string(*used) + " instance(s)");
+  }
+  return db_.Run("delete " + label, "DELETE FROM revisions WHERE service = ? AND number = ?",
+                 service, number);
+}
+
+StatusOr<InstanceRecord> SqliteStateStore::CreateInstance(std::string_view service,
+                                                          int64_t revision) {
+  std::lock_guard lock(mu_);
+  const int64_t now = NowMs();
+  std::string label = std::string(service) + " revision " + std::to_string(revision);
+  ASSIGN_OR_RETURN(auto exists, db_.QueryInt("create instance of " + label,
+                                             "SELECT 1 FROM revisions WHERE service = ? AND number = ?",
+                                             service, revision));
+  if (!exists) return NotFoundError("cannot create an instance of " + label + ": no such revision");
+  RETURN_IF_ERROR(db_.Run("create instance of " + label,
+                          "INSERT INTO instances (service, revision, state, created_ms, "
+                          "state_changed_ms) VALUES (?, ?, 'pending', ?, ?)",
+                          service, revision, now, now));
+  InstanceRecord r;
+  r.id = db_.LastInsertRowid();
+  r.service = std::string(service);
+  r.name = r.service + "-" + std::to_string(r.id);
+  r.revision = revision;
+  r.state = InstanceState::kPending;
+  r.created_ms = now;
+  r.state_changed_ms = now;
+  return r;
+}
+
+StatusOr<InstanceRecord> SqliteStateStore::TransitionInstance(std::string_view name,
+                                                              InstanceState to,
+                                                              const InstanceUpdate& u) {
+  std::lock_guard lock(mu_);
+  ASSIGN_OR_RETURN(InstanceRecord r, GetInstance(name));
+  if (!IsLegalTransition(r.state, to)) {
+    return FailedPreconditionError("instance " + r.name + ": illegal transition " +
+                                   std::string(InstanceStateName(r.state)) + " -> " +
+                                   std::string(InstanceStateName(to)));
+  }
+  const int64_t now = NowMs();
+  if (to == InstanceState::kStarting) r.started_ms = now;
+  if (to == InstanceState::kHealthy) r.healthy_since_ms = now;
+  if (to == InstanceState::kUnhealthy) r.healthy_since_ms = 0;
+  if (IsFinal(to)) r.finished_ms = now;
+  r.state = to;
+  r.state_changed_ms = now;
+  r.reason = u.reason;
+  if (u.handle) r.handle = *u.handle;
+  if (u.host) r.host = *u.host;
+  if (u.port) r.port = *u.port;
+  if (u.exit_code) r.exit_code = *u.exit_code;
+  if (u.exit_signal) r.exit_signal = *u.exit_signal;
+  RETURN_IF_ERROR(db_.Run("move instance " + r.name + " to " + std::string(InstanceStateName(to)),
+                          "UPDATE instances SET state = ?, reason = ?, handle = ?, host = ?, "
+                          "port = ?, started_ms = ?, healthy_since_ms = ?, state_changed_ms = ?, "
+                          "finished_ms = ?, exit_code = ?, exit_signal = ? WHERE id = ?",
+                          InstanceStateName(to), r.reason, r.handle, r.host, r.port, r.started_ms,
+                          r.healthy_since_ms, r.state_changed_ms, r.finished_ms, r.exit_code,
+                          r.exit_signal, r.id));
+  return r;
+}
+
+StatusOr<int64_t> SqliteStateStore::PruneFinalInstances(std::string_view service, int keep) {
+  std::lock_guard lock(mu_);
+  RETURN_IF_ERROR(db_.Run("prune instances of " + std::string(service),
+                          "DELETE FROM instances WHERE service = ?1 AND state IN ('terminated', "
+                          "'failed', 'lost') AND id NOT IN (SELECT id FROM instances WHERE "
+                          "service = ?1 AND state IN ('terminated', 'failed', 'lost') "
+                          "ORDER BY id DESC LIMIT ?2)",
+                          service, keep));
+  return db_.Changes();
+}
+
+StatusOr<int64_t> SqliteStateStore::PutRollout(const RolloutRecord& r) {
+  std::lock_guard lock(mu_);
+  std::string what = "record rollout of " + r.service;
+  if (r.id == 0) {
+    RETURN_IF_ERROR(db_.Run(what,
+                            "INSERT INTO rollouts (service, from_revision, to_revision, strategy, "
+                            "state, reason, started_ms, last_progress_ms, paused_ms, paused_at_ms, "
+                            "finished_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            r.service, r.from_revision, r.to_revision, r.strategy, r.state, r.reason,
+                            r.started_ms, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
+                            r.finished_ms));
+    return db_.LastInsertRowid();
+  }
+  RETURN_IF_ERROR(db_.Run(what,
+                          "UPDATE rollouts SET state = ?, reason = ?, last_progress_ms = ?, "
+                          "paused_ms = ?, paused_at_ms = ?, finished_ms = ? WHERE id = ?",
+                          r.state, r.reason, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
+                          r.finished_ms, r.id));
+  if (db_.Changes() == 0) return NotFoundError("rollout " + std::to_string(r.id) + " does not exist");
+  return r.id;
+}
+
+StatusOr<int64_t> SqliteStateStore::AppendEvent(const EventRecord& e) {
+  std::lock_guard lock(mu_);
+  RETURN_IF_ERROR(db_.Run("append event " + e.kind,
+                          "INSERT INTO events (time_ms, kind, service, revision, instance, actor, "
+                          "message) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          e.time_ms ? e.time_ms : NowMs(), e.kind, e.service, e.revision,
+                          e.instance, e.actor, e.message));
+  return db_.LastInsertRowid();
+}
+
+StatusOr<int64_t> SqliteStateStore::PruneEvents(int64_t keep) {
+  std::lock_guard lock(mu_);
+  RETURN_IF_ERROR(db_.Run("prune events",
+                          "DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq "
+                          "DESC LIMIT 1 OFFSET ?)",
+                          keep));
+  return db_.Changes();
+}
+
+}  // namespace kiln

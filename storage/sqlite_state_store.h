@@ -1,0 +1,92 @@
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common/clock.h"
+#include "storage/sqlite.h"
+#include "storage/state_store.h"
+
+namespace kiln {
+
+// StateStore on one SQLite file (DESIGN.md "State"): WAL, synchronous=FULL, foreign keys,
+// a busy timeout, migrations by PRAGMA user_version.
+class SqliteStateStore final : public StateStore {
+ public:
+  struct Options {
+    std::string path;                // e.g. STATE/kiln.db
+    const Clock* clock = nullptr;    // required; timestamps of rows and events
+    int busy_timeout_ms = 5000;
+    bool read_only = false;          // a reader: no migrations, every write refused by SQLite
+  };
+
+  // Opens or creates the database and migrates it to the current schema. A file that is not a
+  // database, or a schema newer than this build knows, fails with a message naming the path;
+  // the file is left as it was.
+  static StatusOr<std::unique_ptr<SqliteStateStore>> Open(const Options& options);
+
+  // A reader on its own connection to the same file, for the API and HTTP servers.
+  StatusOr<std::unique_ptr<StateReader>> OpenReader() const;
+
+  const std::string& path() const { return db_.path(); }
+
+  // The schema version this build writes.
+  static int CurrentSchemaVersion();
+
+  // Runs raw SQL on this connection (PRAGMA max_page_count to simulate a full disk, ...).
+  Status ExecForTest(std::string_view sql);
+
+  // StateReader
+  Status Snapshot(const std::function<Status()>& fn) override;
+  StatusOr<std::vector<ServiceRecord>> ListServices() override;
+  StatusOr<ServiceRecord> GetService(std::string_view name) override;
+  StatusOr<std::vector<RevisionRecord>> ListRevisions(std::string_view service) override;
+  StatusOr<RevisionRecord> GetRevision(std::string_view service, int64_t number) override;
+  StatusOr<std::vector<InstanceRecord>> ListInstances(std::string_view service,
+                                                      bool include_final) override;
+  StatusOr<std::vector<InstanceRecord>> ListLiveInstances() override;
+  StatusOr<InstanceRecord> GetInstance(std::string_view name) override;
+  StatusOr<RolloutRecord> GetLatestRollout(std::string_view service) override;
+  StatusOr<std::vector<EventRecord>> ReadEvents(const EventQuery& q) override;
+  StatusOr<int64_t> OldestEventSeq() override;
+  StatusOr<int64_t> LatestEventSeq() override;
+
+  // StateStore
+  Status Transaction(const std::function<Status()>& fn) override;
+  Status PutService(const ServiceRecord& s) override;
+  Status WriteRevision(const RevisionRecord& r) override;
+  StatusOr<int64_t> NextRevisionNumber(std::string_view service) override;
+  Status MarkRevisionAvailable(std::string_view service, int64_t number, int64_t time_ms) override;
+  Status DeleteRevision(std::string_view service, int64_t number) override;
+  StatusOr<InstanceRecord> CreateInstance(std::string_view service, int64_t revision) override;
+  StatusOr<InstanceRecord> TransitionInstance(std::string_view name, InstanceState to,
+                                              const InstanceUpdate& update) override;
+  StatusOr<int64_t> PruneFinalInstances(std::string_view service, int keep) override;
+  StatusOr<int64_t> PutRollout(const RolloutRecord& r) override;
+  StatusOr<int64_t> AppendEvent(const EventRecord& e) override;
+  StatusOr<int64_t> PruneEvents(int64_t keep) override;
+
+ private:
+  SqliteStateStore(sqlite::Database db, Options options)
+      : db_(std::move(db)), options_(std::move(options)) {}
+
+  Status Configure();
+  Status Migrate();
+  int64_t NowMs() const;
+  StatusOr<std::vector<InstanceRecord>> QueryInstances(const std::string& sql, std::string_view what,
+                                                       std::string_view service);
+
+  // Guards db_ and tx_depth_. Recursive because Snapshot/Transaction callbacks call the other
+  // methods on the same thread.
+  mutable std::recursive_mutex mu_;
+  sqlite::Database db_;
+  Options options_;
+  int tx_depth_ = 0;
+};
+
+// Creates a database at `path` with the schema as migrations 1..version made it (no later
+// ones), to test that Open migrates old databases.
+Status CreateDatabaseAtSchemaVersionForTest(const std::string& path, int version);
+
+}  // namespace kiln

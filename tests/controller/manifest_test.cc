@@ -1,0 +1,344 @@
+#include "controller/manifest.h"
+
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+
+#include "common/sha256.h"
+#include "tests/test_util.h"
+
+namespace kiln {
+namespace {
+
+using testing::TempDir;
+using testing::WriteFile;
+
+// A manifest directory with one artifact, "app", beside it in artifacts/.
+struct Fixture {
+  Fixture() {
+    WriteFile(tmp / "artifacts/app", "#!/bin/sh\necho app\n");
+    artifact_digest = Sha256Hex("#!/bin/sh\necho app\n");
+  }
+  std::filesystem::path dir() const { return tmp / "manifests"; }
+  void Write(const std::string& name, const std::string& text) const {
+    WriteFile(dir() / name, text);
+  }
+  ManifestSet Load() const { return LoadManifestDir(dir()); }
+  // Errors as "file:line:col: key: message" with the directory prefix removed.
+  std::vector<std::string> Errors() const {
+    std::vector<std::string> out;
+    for (const ManifestError& e : Load().AllErrors()) {
+      std::string s = e.ToString();
+      std::string prefix = dir().string() + "/";
+      if (s.rfind(prefix, 0) == 0) s = s.substr(prefix.size());
+      out.push_back(s);
+    }
+    return out;
+  }
+
+  TempDir tmp;
+  std::string artifact_digest;
+};
+
+const char* kMinimal = R"(name: web
+version: "1.0"
+artifact: {path: ../artifacts/app}
+)";
+
+TEST_CASE("a minimal service gets every default", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", kMinimal);
+  ManifestSet set = f.Load();
+  REQUIRE(set.ok());
+  auto services = set.Services();
+  REQUIRE(services.size() == 1);
+  const ServiceSpec& s = *services[0];
+  CHECK(s.name == "web");
+  CHECK(s.tmpl.version == "1.0");
+  CHECK(s.replicas == 1);
+  CHECK(s.history_limit == 10);
+  CHECK(s.artifact_path == (f.tmp / "artifacts/app").string());
+  CHECK(s.tmpl.artifact_sha256 == f.artifact_digest);
+  CHECK(s.tmpl.command == std::vector<std::string>{"{artifact}"});
+  CHECK(s.tmpl.health.kind == ProbeKind::kNone);
+  CHECK(s.update.strategy == Strategy::kRolling);
+  CHECK(s.update.max_surge == CountOrPercent{25, true});
+  CHECK(s.update.max_unavailable == CountOrPercent{0, false});
+  CHECK(s.update.min_healthy_time.count() == 0);
+  CHECK(s.update.healthy_deadline.count() == 60'000);
+  CHECK(s.update.progress_deadline.count() == 600'000);
+  CHECK(s.update.auto_rollback);
+  CHECK(s.update.canary == 1);
+  CHECK_FALSE(s.update.auto_promote);
+  CHECK(s.line == 1);
+  CHECK(s.column == 7);
+}
+
+TEST_CASE("the DESIGN.md example manifest loads as written", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", R"(name: web                       # unique across the directory
+version: "1.4.2"
+replicas: 3
+artifact:
+  path: ../artifacts/app
+  sha256: )" + f.artifact_digest + R"(
+command: ["{artifact}", "--port", "{port}"]
+env: {LOG_LEVEL: info}
+health:
+  http: {path: /healthz}
+  interval: 1s
+  timeout: 500ms
+  failure_threshold: 3
+update: {strategy: rolling, max_surge: 1, max_unavailable: 0, min_healthy_time: 2s}
+history_limit: 10
+)");
+  ManifestSet set = f.Load();
+  INFO((set.AllErrors().empty() ? "" : set.AllErrors()[0].ToString()));
+  REQUIRE(set.ok());
+  const ServiceSpec& s = *set.Services().at(0);
+  CHECK(s.replicas == 3);
+  CHECK(s.artifact_pin == f.artifact_digest);
+  CHECK(s.tmpl.command == std::vector<std::string>{"{artifact}", "--port", "{port}"});
+  CHECK(s.tmpl.env.at("LOG_LEVEL") == "info");
+  CHECK(s.tmpl.health.kind == ProbeKind::kHttp);
+  CHECK(s.tmpl.health.http_path == "/healthz");
+  CHECK(s.tmpl.health.interval.count() == 1000);
+  CHECK(s.tmpl.health.timeout.count() == 500);
+  CHECK(s.update.max_surge == CountOrPercent{1, false});
+  CHECK(s.update.min_healthy_time.count() == 2000);
+}
+
+TEST_CASE("several documents per file, and image services", "[manifest]") {
+  Fixture f;
+  f.Write("all.yml", std::string(kMinimal) + "---\n" + R"(name: api
+version: v2
+replicas: 2
+image: registry.local/api@sha256:)" + std::string(64, 'a') + R"(
+port: 8080
+health: {tcp: {}}
+update: {strategy: canary, canary: 1, auto_promote: true}
+---
+)");
+  ManifestSet set = f.Load();
+  REQUIRE(set.ok());
+  auto services = set.Services();
+  REQUIRE(services.size() == 2);
+  CHECK(services[0]->name == "api");
+  CHECK(services[0]->tmpl.image == "registry.local/api@sha256:" + std::string(64, 'a'));
+  CHECK(services[0]->tmpl.port == 8080);
+  CHECK(services[0]->tmpl.command.empty());
+  CHECK(services[0]->tmpl.health.kind == ProbeKind::kTcp);
+  CHECK(services[0]->update.strategy == Strategy::kCanary);
+  CHECK(services[0]->update.auto_promote);
+  CHECK(services[1]->name == "web");
+}
+
+TEST_CASE("percentages resolve like Kubernetes", "[manifest]") {
+  CHECK(CountOrPercent{25, true}.Resolve(10, /*round_up=*/true) == 3);
+  CHECK(CountOrPercent{25, true}.Resolve(10, /*round_up=*/false) == 2);
+  CHECK(CountOrPercent{25, true}.Resolve(1, true) == 1);
+  CHECK(CountOrPercent{25, true}.Resolve(1, false) == 0);
+  CHECK(CountOrPercent{2, false}.Resolve(10, true) == 2);
+  CHECK(CountOrPercent{100, true}.Resolve(7, false) == 7);
+}
+
+// One row per error kind: the document's lines after a valid header of three lines (so the
+// body starts at line 4), or a whole document; then the one error it must produce.
+TEST_CASE("every error names file, line, column and key", "[manifest]") {
+  struct Case {
+    bool whole;
+    const char* doc;
+    const char* error;
+  };
+  const std::string header = "name: web\nversion: \"1\"\nartifact: {path: ../artifacts/app}\n";
+  const std::string rest = "version: \"1\"\nartifact: {path: ../artifacts/app}\n";
+  const Case cases[] = {
+      {false, "replicass: 3\n", "w.yaml:4:1: replicass: unknown key (did you mean \"replicas\"?)"},
+      {false, "replicas: three\n", "w.yaml:4:11: replicas: expected an integer, got \"three\""},
+      {false, "replicas: \"3\"\n", "w.yaml:4:11: replicas: expected an integer, got \"3\""},
+      {false, "replicas: -1\n", "w.yaml:4:11: replicas: must be from 0 to 100000, got -1"},
+      {false, "update:\n  max_surge: lots\n",
+       "w.yaml:5:14: update.max_surge: expected a count or a percentage, got \"lots\""},
+      {false, "update: {max_unavailable: 150%}\n",
+       "w.yaml:4:27: update.max_unavailable: a percentage must be from 0% to 100%, got \"150%\""},
+      {false, "update: {max_surge: -2}\n",
+       "w.yaml:4:21: update.max_surge: a count must be 0 or more, got \"-2\""},
+      {false, "update: {strategy: yolo}\n",
+       "w.yaml:4:20: update.strategy: expected rolling, recreate, blue-green or canary, got \"yolo\""},
+      {false, "update: {min_healthy_time: 2 seconds}\n",
+       "w.yaml:4:28: update.min_healthy_time: expected a duration like 500ms, 2s or 10m, got \"2 "
+       "seconds\""},
+      {false, "update: {healthy_deadline: 0s}\n",
+       "w.yaml:4:28: update.healthy_deadline: must be more than 0s"},
+      {false, "update: {auto_rollback: maybe}\n",
+       "w.yaml:4:25: update.auto_rollback: expected true or false, got \"maybe\""},
+      {false, "update: {canary: 2}\n", "w.yaml:4:10: update.canary: only applies to strategy canary"},
+      {false, "update: {strategy: recreate, max_surge: 1}\n",
+       "w.yaml:4:30: update.max_surge: only applies to strategies rolling and canary"},
+      {false, "update: {max_surge: 0, max_unavailable: 0}\n",
+       "w.yaml:4:10: update.max_surge: max_surge and max_unavailable cannot both be 0: the rollout "
+       "could never progress"},
+      {false, "update: [rolling]\n", "w.yaml:4:9: update: expected a mapping, got a list"},
+      {false, "health: {interval: 1s}\n", "w.yaml:4:9: health: needs a probe: http, tcp or exec"},
+      {false, "health: {http: {path: healthz}}\n",
+       "w.yaml:4:23: health.http.path: must start with '/', got \"healthz\""},
+      {false, "health: {tcp: {}, exec: [true]}\n",
+       "w.yaml:4:19: health.exec: a health check has one probe: http, tcp or exec"},
+      {false, "health: {exec: []}\n", "w.yaml:4:16: health.exec: must not be empty"},
+      {false, "health: {tcp: {port: 70000}}\n",
+       "w.yaml:4:22: health.tcp.port: must be from 1 to 65535, got 70000"},
+      {false, "health: {http: {}, failure_threshold: 0}\n",
+       "w.yaml:4:39: health.failure_threshold: must be from 1 to 1000, got 0"},
+      {false, "health: {http: {}, timeout: fast}\n",
+       "w.yaml:4:29: health.timeout: expected a duration like 500ms, 2s or 10m, got \"fast\""},
+      {false, "command: [\"{artifact}\", {a: b}]\n",
+       "w.yaml:4:25: command[1]: expected a string, got a mapping"},
+      {false, "command: run\n", "w.yaml:4:10: command: expected a list of strings, got \"run\""},
+      {false, "env: {PORT: \"80\"}\n",
+       "w.yaml:4:7: env.PORT: is set by kiln for every instance and cannot be overridden"},
+      {false, "env: {\"bad name\": x}\n",
+       "w.yaml:4:7: env.bad name: environment variable names are letters, digits and '_', got "
+       "\"bad name\""},
+      {false, "env: {A: [1]}\n", "w.yaml:4:10: env.A: expected a string, got a list"},
+      {false, "port: 8080\n",
+       "w.yaml:4:1: port: only applies to image services; process instances get {port} from "
+       "kiln's port range"},
+      {false, "history_limit: 0\n", "w.yaml:4:16: history_limit: must be from 1 to 1000, got 0"},
+      {false, "image: nginx:latest\n",
+       "w.yaml:4:1: image: a service runs an artifact (process driver) or an image (container "
+       "driver), not both"},
+      {true, "name: Web_1\n", "w.yaml:1:7: name: must be 1 to 63 characters of a-z, 0-9 and '-', "
+                              "not starting or ending with '-', got \"Web_1\""},
+      {true, "name: -web\n", "w.yaml:1:7: name: must be 1 to 63 characters of a-z, 0-9 and '-', "
+                             "not starting or ending with '-', got \"-web\""},
+      {true, "name: [web]\n", "w.yaml:1:7: name: expected a string, got a list"},
+      {true, "name: web\nname: web2\n", "w.yaml:2:1: name: duplicate key"},
+  };
+  for (const Case& c : cases) {
+    Fixture f;
+    std::string doc = c.whole ? c.doc + rest : header + c.doc;
+    f.Write("w.yaml", doc);
+    INFO(doc);
+    auto errors = f.Errors();
+    REQUIRE(errors.size() == 1);
+    CHECK(errors[0] == c.error);
+  }
+}
+
+TEST_CASE("required keys and the artifact/image choice", "[manifest]") {
+  Fixture f;
+  f.Write("a.yaml", "replicas: 1\n");
+  f.Write("b.yaml", "name: b\nversion: \"1\"\n");
+  f.Write("c.yaml", "- just\n- a list\n");
+  f.Write("d.yaml", "name: d\nversion: \"1\"\nimage: nginx:latest\n");
+  f.Write("e.yaml", "name: e\nversion: \"1\"\nartifact: {}\n");
+  auto errors = f.Errors();
+  CHECK(errors == std::vector<std::string>{
+                      "a.yaml:1:1: name: is required",
+                      "a.yaml:1:1: version: is required",
+                      "a.yaml:1:1: a service needs an artifact (process driver) or an image "
+                      "(container driver)",
+                      "b.yaml:1:1: a service needs an artifact (process driver) or an image "
+                      "(container driver)",
+                      "c.yaml:1:1: expected a service document (a mapping), got a list",
+                      "d.yaml:3:8: image: must be pinned by digest, name@sha256:<64 hex digits>, "
+                      "got \"nginx:latest\"",
+                      "e.yaml:3:11: artifact.path: is required",
+                  });
+}
+
+TEST_CASE("artifacts: missing files and pinned digests", "[manifest]") {
+  Fixture f;
+  f.Write("missing.yaml", "name: m\nversion: \"1\"\nartifact: {path: ../artifacts/nope}\n");
+  f.Write("pinned.yaml", "name: p\nversion: \"1\"\nartifact:\n  path: ../artifacts/app\n  sha256: " +
+                             std::string(64, 'b') + "\n");
+  f.Write("badpin.yaml", "name: q\nversion: \"1\"\nartifact: {path: ../artifacts/app, sha256: xyz}\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 3);
+  CHECK(errors[0] == "badpin.yaml:3:44: artifact.sha256: expected 64 hex digits, got \"xyz\"");
+  CHECK(errors[1] == "missing.yaml:3:18: artifact.path: cannot read " +
+                         (f.tmp / "artifacts/nope").string() + ": No such file or directory");
+  CHECK(errors[2] == "pinned.yaml:5:11: artifact.sha256: artifact " +
+                         (f.tmp / "artifacts/app").string() + " has sha256 " + f.artifact_digest +
+                         ", the manifest pins " + std::string(64, 'b'));
+}
+
+TEST_CASE("invalid YAML is an error with its position", "[manifest]") {
+  Fixture f;
+  f.Write("broken.yaml", "name: web\nversion: [1, 2\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 1);
+  CHECK(errors[0].rfind("broken.yaml:", 0) == 0);
+  CHECK(errors[0].find("invalid YAML: ") != std::string::npos);
+}
+
+TEST_CASE("duplicate service names are reported at both places", "[manifest]") {
+  Fixture f;
+  f.Write("a.yaml", kMinimal);
+  f.Write("b.yaml", std::string("# another copy\n") + kMinimal);
+  f.Write("c.yaml", std::string(kMinimal).replace(6, 3, "api"));
+  ManifestSet set = f.Load();
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 2);
+  CHECK(errors[0] == "a.yaml:1:7: name: service \"web\" is also declared at " +
+                         (f.dir() / "b.yaml").string() + ":2:7");
+  CHECK(errors[1] == "b.yaml:2:7: name: service \"web\" is also declared at " +
+                         (f.dir() / "a.yaml").string() + ":1:7");
+  // The files in error contribute no services; the good file does.
+  REQUIRE(set.Services().size() == 1);
+  CHECK(set.Services()[0]->name == "api");
+  CHECK(set.files[0].declared.at(0).name == "web");
+}
+
+TEST_CASE("all errors of a directory are reported, not only the first", "[manifest]") {
+  Fixture f;
+  f.Write("a.yaml", "name: a\nversion: \"1\"\nreplicas: x\nartifact: {path: ../artifacts/app}\nbogus: 1\n");
+  f.Write("b.yaml", "name: b\nversion: \"1\"\nartifact: {path: ../artifacts/app}\nupdate: {strategy: x}\n");
+  CHECK(f.Errors().size() == 3);
+}
+
+TEST_CASE("only *.yaml and *.yml files are read; hidden and temp files are skipped", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", kMinimal);
+  f.Write("README.md", "not yaml: [");
+  f.Write(".hidden.yaml", "garbage: [");
+  f.Write(".web.yaml.swp", "garbage: [");
+  f.Write("web.yaml~", "garbage: [");
+  f.Write("#web.yaml#", "garbage: [");
+  f.Write("sub/other.yaml", "garbage: [");
+  ManifestSet set = f.Load();
+  CHECK(set.ok());
+  CHECK(set.files.size() == 1);
+  CHECK(IsManifestFileName("a.yml"));
+  CHECK_FALSE(IsManifestFileName(".yaml"));
+  CHECK_FALSE(IsManifestFileName("a.yaml.bak"));
+}
+
+TEST_CASE("unreadable files and directories are errors", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", kMinimal);
+  std::filesystem::create_symlink(f.tmp / "nowhere.yaml", f.dir() / "dangling.yaml");
+  std::filesystem::create_directories(f.dir() / "dir.yaml");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 2);
+  CHECK(errors[0] == "dangling.yaml: cannot read: No such file or directory");
+  CHECK(errors[1] == "dir.yaml: cannot read: Is a directory");
+
+  ManifestSet missing = LoadManifestDir(f.tmp / "absent");
+  CHECK_FALSE(missing.ok());
+  REQUIRE(missing.dir_errors.size() == 1);
+  CHECK(missing.dir_errors[0].ToString() ==
+        (f.tmp / "absent").string() + ": manifest directory does not exist");
+}
+
+TEST_CASE("an empty file and empty documents declare nothing", "[manifest]") {
+  Fixture f;
+  f.Write("empty.yaml", "");
+  f.Write("comments.yaml", "# nothing here yet\n---\n---\n");
+  ManifestSet set = f.Load();
+  CHECK(set.ok());
+  CHECK(set.Services().empty());
+}
+
+}  // namespace
+}  // namespace kiln
