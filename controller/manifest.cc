@@ -159,7 +159,7 @@ class FileParser {
     std::vector<Entry> out;
     std::set<std::string> seen;
     for (auto it = map.begin(); it != map.end(); ++it) {
-      const YAML::Node& k = it->first;
+      const YAML::Node k = it->first;  // a copy: the iterator yields temporaries
       if (!k.IsScalar()) {
         Add(k, map, path, "keys must be plain names, got " + Describe(k));
         continue;
@@ -307,8 +307,8 @@ class FileParser {
     if (!ExpectMap(e, "env")) return;
     std::set<std::string> seen;
     for (auto it = e.value.begin(); it != e.value.end(); ++it) {
-      const YAML::Node& k = it->first;
-      const YAML::Node& v = it->second;
+      const YAML::Node k = it->first;  // a copy: the iterator yields temporaries
+      const YAML::Node v = it->second;
       std::string name = k.IsScalar() ? k.Scalar() : "";
       std::string path = "env." + name;
       if (!IsValidEnvName(name)) {
