@@ -6,30 +6,25 @@
 
 #include <cerrno>
 #include <cstring>
-#include <memory>
 
 #include "common/unique_fd.h"
 
 namespace kiln {
-namespace {
 
-struct MdCtxDeleter {
-  void operator()(EVP_MD_CTX* ctx) const { EVP_MD_CTX_free(ctx); }
-};
-using MdCtx = std::unique_ptr<EVP_MD_CTX, MdCtxDeleter>;
-
-MdCtx NewSha256() {
-  MdCtx ctx(EVP_MD_CTX_new());
-  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) {
+Sha256Hasher::Sha256Hasher() : ctx_(EVP_MD_CTX_new()) {
+  if (ctx_ == nullptr || EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr) != 1) {
     std::abort();  // allocation failure inside libcrypto: nothing sensible to do
   }
-  return ctx;
 }
 
-std::string Finish(EVP_MD_CTX* ctx) {
+Sha256Hasher::~Sha256Hasher() { EVP_MD_CTX_free(ctx_); }
+
+void Sha256Hasher::Update(const void* data, size_t size) { EVP_DigestUpdate(ctx_, data, size); }
+
+std::string Sha256Hasher::HexDigest() {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx, digest, &len);
+  EVP_DigestFinal_ex(ctx_, digest, &len);
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
   out.reserve(len * 2);
@@ -40,18 +35,16 @@ std::string Finish(EVP_MD_CTX* ctx) {
   return out;
 }
 
-}  // namespace
-
 std::string Sha256Hex(std::string_view data) {
-  MdCtx ctx = NewSha256();
-  EVP_DigestUpdate(ctx.get(), data.data(), data.size());
-  return Finish(ctx.get());
+  Sha256Hasher h;
+  h.Update(data.data(), data.size());
+  return h.HexDigest();
 }
 
 StatusOr<std::string> Sha256File(const std::filesystem::path& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return ErrnoError(errno, "cannot read " + path.string());
-  MdCtx ctx = NewSha256();
+  Sha256Hasher h;
   char buf[1 << 16];
   for (;;) {
     ssize_t n = ::read(fd.get(), buf, sizeof buf);
@@ -60,9 +53,9 @@ StatusOr<std::string> Sha256File(const std::filesystem::path& path) {
       return ErrnoError(errno, "cannot read " + path.string());
     }
     if (n == 0) break;
-    EVP_DigestUpdate(ctx.get(), buf, static_cast<size_t>(n));
+    h.Update(buf, static_cast<size_t>(n));
   }
-  return Finish(ctx.get());
+  return h.HexDigest();
 }
 
 bool IsSha256Hex(std::string_view s) {

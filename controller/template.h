@@ -10,22 +10,9 @@
 
 #include "common/clock.h"
 #include "common/status.h"
+#include "deploy/health_check.h"
 
 namespace kiln {
-
-enum class ProbeKind { kNone, kHttp, kTcp, kExec };
-
-struct HealthCheck {
-  ProbeKind kind = ProbeKind::kNone;  // kNone: healthy as soon as it runs
-  std::string http_path;              // kHttp
-  int port = 0;                       // kHttp, kTcp: 0 = the instance's own port
-  std::vector<std::string> exec;      // kExec
-  Duration interval{1000};
-  Duration timeout{1000};
-  int failure_threshold = 3;
-
-  friend bool operator==(const HealthCheck&, const HealthCheck&) = default;
-};
 
 struct Template {
   std::string version;

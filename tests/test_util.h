@@ -2,7 +2,10 @@
 
 // Small helpers shared by tests: temporary directories and files.
 
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -41,6 +44,23 @@ inline void WriteFile(const std::filesystem::path& p, const std::string& content
 inline std::string ReadFile(const std::filesystem::path& p) {
   std::ifstream f(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+// The first port of a window of kPortWindowSize ports that no other test process on this machine
+// uses while this one runs (tests run in parallel under ctest -j). The window is held by a lock
+// file for the life of the process.
+inline constexpr int kPortWindowSize = 400;
+inline int PortWindow() {
+  static const int first = [] {
+    for (int i = 0; i < 60; ++i) {
+      std::string lock = "/tmp/kiln-test-ports-" + std::to_string(i) + ".lock";
+      int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+      if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) == 0) return 30000 + i * kPortWindowSize;
+      if (fd >= 0) ::close(fd);
+    }
+    std::abort();  // sixty test processes at once: something is wrong
+  }();
+  return first;
 }
 
 }  // namespace kiln::testing

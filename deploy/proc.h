@@ -1,0 +1,37 @@
+#pragma once
+
+// Reading /proc: what the process driver needs to recognise a process again.
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace kiln::proc {
+
+struct Stat {
+  char state = '?';          // R, S, D, Z, ...
+  pid_t session = 0;
+  uint64_t start_time = 0;   // clock ticks after boot: with the pid, identifies a process
+};
+
+// Parses /proc/PID/stat. NOT_FOUND when there is no such process.
+StatusOr<Stat> ReadStat(pid_t pid);
+
+// The initial environment of a process (/proc/PID/environ). Empty when unreadable.
+std::map<std::string, std::string> ReadEnviron(pid_t pid);
+
+// Every pid in /proc.
+std::vector<pid_t> ListPids();
+
+// pidfd_open(2): a file descriptor that refers to this very process (not to whatever reuses its
+// pid later), readable once it exits. -1 with errno set on failure. (glibc 2.36's <sys/pidfd.h>
+// lacks C linkage for C++, hence the syscall.)
+int PidfdOpen(pid_t pid);
+
+}  // namespace kiln::proc
