@@ -21,7 +21,7 @@ run: build
 	build/bin/kilnd --manifests $(MANIFESTS) --state $(STATE)
 
 bench: build
-	@echo "no benchmarks yet"
+	@cmake --build --preset default --target bench
 
 # Unit and integration tests again under AddressSanitizer + UBSan (CI runs this after `make test`).
 asan: deps
