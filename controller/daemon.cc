@@ -3,12 +3,25 @@
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <sys/stat.h>
+
+#include <cstdio>
 #include <filesystem>
+#include <map>
+#include <tuple>
 #include <iostream>
 
 #include "common/clock.h"
+#include "common/duration.h"
 #include "common/logging.h"
+#include "common/sha256.h"
 #include "controller/manifest.h"
+#include "controller/manifest_watcher.h"
+#include "controller/reconciler.h"
+#include "controller/work_queue.h"
+#include "deploy/artifact_store.h"
+#include "deploy/process_driver.h"
+#include "deploy/prober.h"
 #include "kiln/version.h"
 #include "storage/sqlite_state_store.h"
 
@@ -20,11 +33,36 @@ namespace {
 struct DaemonFlags {
   std::string manifests;
   std::string state;
+  std::string driver = "process";
+  std::string port_range = "20000-29999";
+  std::string resync = "30s";
+  std::string stop_grace = "10s";
   std::string log_format = "text";
   std::string log_level = "info";
 };
 
-// Logs what a manifest load found: each service with its template hash, each error.
+// Hashes artifacts once per (path, size, mtime, inode): manifest reloads do not re-read
+// unchanged binaries.
+class CachingHasher {
+ public:
+  StatusOr<std::string> operator()(const fs::path& p) {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) != 0) return Sha256File(p);  // its error names the path
+    Key key{p.string(), st.st_size, st.st_mtim.tv_sec * 1'000'000'000LL + st.st_mtim.tv_nsec,
+            st.st_ino};
+    auto it = cache_.find(key);
+    if (it != cache_.end()) return it->second;
+    ASSIGN_OR_RETURN(std::string digest, Sha256File(p));
+    cache_[key] = digest;
+    return digest;
+  }
+
+ private:
+  using Key = std::tuple<std::string, off_t, int64_t, ino_t>;
+  std::map<Key, std::string> cache_;
+};
+
+// Logs what a manifest load found: each service with its template hash.
 void LogManifestSet(const ManifestSet& set) {
   for (const ServiceSpec* s : set.Services()) {
     LogInfo("service loaded", {{"service", s->name},
@@ -34,13 +72,14 @@ void LogManifestSet(const ManifestSet& set) {
                                {"template_hash", s->tmpl.Hash()},
                                {"file", s->file}});
   }
-  for (const ManifestError& e : set.AllErrors()) {
-    LogError("manifest error", {{"file", e.file},
-                                {"line", e.line},
-                                {"column", e.column},
-                                {"key", e.key_path},
-                                {"error", e.ToString()}});
-  }
+  LogInfo("manifests loaded", {{"dir", set.dir},
+                               {"services", static_cast<int64_t>(set.Services().size())},
+                               {"errors", static_cast<int64_t>(set.AllErrors().size())}});
+}
+
+bool ParsePortRange(const std::string& s, int* first, int* last) {
+  return std::sscanf(s.c_str(), "%d-%d", first, last) == 2 && *first > 0 && *first <= *last &&
+         *last <= 65535;
 }
 
 }  // namespace
@@ -52,6 +91,10 @@ int RunDaemon(int argc, char** argv) {
   app.add_option("--manifests", flags.manifests, "directory of *.yaml service manifests")
       ->required();
   app.add_option("--state", flags.state, "state directory (kiln.db, artifacts, logs)")->required();
+  app.add_option("--driver", flags.driver, "instance driver")->check(CLI::IsMember({"process"}));
+  app.add_option("--port-range", flags.port_range, "ports for instances, FIRST-LAST");
+  app.add_option("--resync", flags.resync, "period of the full resync, e.g. 30s");
+  app.add_option("--stop-grace", flags.stop_grace, "SIGTERM to SIGKILL when stopping an instance");
   app.add_option("--log-format", flags.log_format, "text or json")
       ->check(CLI::IsMember({"text", "json"}));
   app.add_option("--log-level", flags.log_level, "trace, debug, info, warn, error or off")
@@ -64,6 +107,20 @@ int RunDaemon(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::cerr << "kilnd: " << e.what() << "\n\n" << app.help();
+    return 2;
+  }
+  int port_first = 0, port_last = 0;
+  if (!ParsePortRange(flags.port_range, &port_first, &port_last)) {
+    std::cerr << "kilnd: --port-range: expected FIRST-LAST within 1-65535, got \"" << flags.port_range
+              << "\"\n";
+    return 2;
+  }
+  StatusOr<Duration> resync = ParseDuration(flags.resync);
+  StatusOr<Duration> stop_grace = ParseDuration(flags.stop_grace);
+  if (!resync.ok() || !stop_grace.ok()) {
+    std::cerr << "kilnd: " << (!resync.ok() ? "--resync: " + resync.status().message()
+                                            : "--stop-grace: " + stop_grace.status().message())
+              << "\n";
     return 2;
   }
 
@@ -87,17 +144,54 @@ int RunDaemon(int argc, char** argv) {
   }
   LogInfo("state store open", {{"path", store_options.path},
                                {"schema_version", SqliteStateStore::CurrentSchemaVersion()}});
-
-  ManifestSet set = LoadManifestDir(flags.manifests);
-  LogManifestSet(set);
-  LogInfo("manifests loaded", {{"dir", flags.manifests},
-                               {"services", static_cast<int64_t>(set.Services().size())},
-                               {"errors", static_cast<int64_t>(set.AllErrors().size())}});
+  auto artifacts = ArtifactStore::Open(fs::path(flags.state) / "artifacts");
+  if (!artifacts.ok()) {
+    LogError("cannot open artifact store", {{"error", artifacts.status().message()}});
+    return 1;
+  }
 
   boost::asio::io_context io;
+  ProcessDriver::Options driver_options;
+  driver_options.log_dir = fs::path(flags.state) / "logs";
+  driver_options.artifacts = &*artifacts;
+  driver_options.port_first = port_first;
+  driver_options.port_last = port_last;
+  driver_options.controller_id = ControllerIdForStateDir(flags.state);
+  ProcessDriver driver(io, driver_options);
+  Prober prober(io);
+
+  Reconciler* reconciler_ptr = nullptr;
+  WorkQueue::Options queue_options;
+  queue_options.resync = *resync;
+  WorkQueue queue(
+      io, queue_options, [&](const std::string& name) { return reconciler_ptr->Reconcile(name); },
+      [&] { return reconciler_ptr->ServiceNames(); });
+  Reconciler::Options rec_options;
+  rec_options.stop_grace = *stop_grace;
+  Reconciler reconciler(**store, driver, prober, *artifacts, clock, queue, rec_options);
+  reconciler_ptr = &reconciler;
+
+  if (Status s = reconciler.Recover(); !s.ok()) {
+    LogError("cannot recover instances at start-up", {{"error", s.ToString()}});
+    return 1;
+  }
+
+  CachingHasher hasher;
+  ArtifactHasher hash_fn = [&hasher](const fs::path& p) { return hasher(p); };
+  auto load = [&] {
+    ManifestSet set = LoadManifestDir(flags.manifests, hash_fn);
+    LogManifestSet(set);
+    reconciler.ApplyManifests(set);
+  };
+  load();
+  ManifestWatcher watcher(io, flags.manifests, Duration(50), load);
+  watcher.Start();
+  queue.Start();
+
   boost::asio::signal_set signals(io, SIGTERM, SIGINT);
   signals.async_wait([&](const boost::system::error_code& err, int signo) {
     if (err) return;
+    // Finish nothing new: the current step has already run (one thread); instances keep running.
     LogInfo("shutting down; instances keep running", {{"signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"}});
     io.stop();
   });

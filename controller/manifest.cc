@@ -4,6 +4,8 @@
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cerrno>
 #include <map>
@@ -604,6 +606,69 @@ std::string_view StrategyName(Strategy s) {
     case Strategy::kCanary: return "canary";
   }
   return "rolling";
+}
+
+std::string ServiceSpecToJson(const ServiceSpec& s) {
+  const UpdatePolicy& u = s.update;
+  nlohmann::json j = {
+      {"name", s.name},
+      {"replicas", s.replicas},
+      {"artifact_path", s.artifact_path},
+      {"artifact_pin", s.artifact_pin},
+      {"template", nlohmann::json::parse(s.tmpl.Canonical())},
+      {"update",
+       {{"strategy", StrategyName(u.strategy)},
+        {"max_surge", u.max_surge.ToString()},
+        {"max_unavailable", u.max_unavailable.ToString()},
+        {"min_healthy_time_ms", u.min_healthy_time.count()},
+        {"healthy_deadline_ms", u.healthy_deadline.count()},
+        {"progress_deadline_ms", u.progress_deadline.count()},
+        {"auto_rollback", u.auto_rollback},
+        {"canary", u.canary},
+        {"auto_promote", u.auto_promote}}},
+      {"history_limit", s.history_limit},
+      {"file", s.file},
+      {"line", s.line},
+      {"column", s.column},
+  };
+  return j.dump();
+}
+
+StatusOr<ServiceSpec> ServiceSpecFromJson(std::string_view text) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return DataLossError("stored spec is not valid JSON");
+  try {
+    ServiceSpec s;
+    s.name = j.at("name").get<std::string>();
+    s.replicas = j.at("replicas").get<int>();
+    s.artifact_path = j.at("artifact_path").get<std::string>();
+    s.artifact_pin = j.at("artifact_pin").get<std::string>();
+    ASSIGN_OR_RETURN(s.tmpl, Template::FromCanonical(j.at("template").dump()));
+    const auto& u = j.at("update");
+    std::string strategy = u.at("strategy").get<std::string>();
+    for (Strategy st : {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
+      if (StrategyName(st) == strategy) s.update.strategy = st;
+    }
+    auto count = [](const std::string& t) {
+      bool pct = !t.empty() && t.back() == '%';
+      return CountOrPercent{std::atoi(t.c_str()), pct};
+    };
+    s.update.max_surge = count(u.at("max_surge").get<std::string>());
+    s.update.max_unavailable = count(u.at("max_unavailable").get<std::string>());
+    s.update.min_healthy_time = Duration(u.at("min_healthy_time_ms").get<int64_t>());
+    s.update.healthy_deadline = Duration(u.at("healthy_deadline_ms").get<int64_t>());
+    s.update.progress_deadline = Duration(u.at("progress_deadline_ms").get<int64_t>());
+    s.update.auto_rollback = u.at("auto_rollback").get<bool>();
+    s.update.canary = u.at("canary").get<int>();
+    s.update.auto_promote = u.at("auto_promote").get<bool>();
+    s.history_limit = j.at("history_limit").get<int>();
+    s.file = j.at("file").get<std::string>();
+    s.line = j.at("line").get<int>();
+    s.column = j.at("column").get<int>();
+    return s;
+  } catch (const nlohmann::json::exception& e) {
+    return DataLossError(std::string("stored spec is malformed: ") + e.what());
+  }
 }
 
 std::string ManifestError::ToString() const {

@@ -57,6 +57,10 @@ struct ServiceSpec {
   int column = 0;
 };
 
+// The whole spec as JSON, to keep the last good desired state in the store across restarts.
+std::string ServiceSpecToJson(const ServiceSpec& s);
+StatusOr<ServiceSpec> ServiceSpecFromJson(std::string_view json);
+
 struct ManifestError {
   std::string file;
   int line = 0;    // 1-based; 0 when the error is about the whole file

@@ -7,7 +7,7 @@ namespace kiln {
 namespace {
 
 // Each entry moves the schema from version i to i+1; never edit one that has shipped, add one.
-constexpr std::array<const char*, 2> kMigrations = {
+constexpr std::array<const char*, 3> kMigrations = {
     // 1: services, immutable revisions, instances, events.
     R"sql(
 CREATE TABLE services (
@@ -102,11 +102,16 @@ CREATE TABLE rollouts (
 CREATE INDEX rollouts_by_service ON rollouts(service, id);
 ALTER TABLE services ADD COLUMN conditions TEXT NOT NULL DEFAULT '[]';
 )sql",
+    // 3: operator-requested replacement of an instance, and canary promotion, survive restarts.
+    R"sql(
+ALTER TABLE instances ADD COLUMN replace_reason TEXT NOT NULL DEFAULT '';
+ALTER TABLE rollouts ADD COLUMN promoted INTEGER NOT NULL DEFAULT 0;
+)sql",
 };
 
 constexpr const char* kInstanceColumns =
     "id, service, revision, state, reason, handle, host, port, created_ms, started_ms, "
-    "healthy_since_ms, state_changed_ms, finished_ms, exit_code, exit_signal";
+    "healthy_since_ms, state_changed_ms, finished_ms, exit_code, exit_signal, replace_reason";
 
 InstanceRecord ReadInstance(const sqlite::Statement& s) {
   InstanceRecord r;
@@ -127,6 +132,7 @@ InstanceRecord ReadInstance(const sqlite::Statement& s) {
   r.finished_ms = s.Int(12);
   if (!s.IsNull(13)) r.exit_code = static_cast<int>(s.Int(13));
   r.exit_signal = s.Text(14);
+  r.replace_reason = s.Text(15);
   return r;
 }
 
@@ -174,7 +180,7 @@ RevisionRecord ReadRevision(const sqlite::Statement& s) {
 
 constexpr const char* kRolloutColumns =
     "id, service, from_revision, to_revision, strategy, state, reason, started_ms, "
-    "last_progress_ms, paused_ms, paused_at_ms, finished_ms";
+    "last_progress_ms, paused_ms, paused_at_ms, finished_ms, promoted";
 
 RolloutRecord ReadRollout(const sqlite::Statement& s) {
   RolloutRecord r;
@@ -190,6 +196,7 @@ RolloutRecord ReadRollout(const sqlite::Statement& s) {
   r.paused_ms = s.Int(9);
   r.paused_at_ms = s.Int(10);
   r.finished_ms = s.Int(11);
+  r.promoted = s.Int(12) != 0;
   return r;
 }
 
@@ -646,6 +653,17 @@ StatusOr<InstanceRecord> SqliteStateStore::TransitionInstance(std::string_view n
   return r;
 }
 
+Status SqliteStateStore::RequestReplacement(std::string_view name, std::string_view reason) {
+  std::lock_guard lock(mu_);
+  ASSIGN_OR_RETURN(InstanceRecord r, GetInstance(name));
+  if (!IsLive(r.state)) {
+    return FailedPreconditionError("instance " + r.name + " is " +
+                                   std::string(InstanceStateName(r.state)) + ", not running");
+  }
+  return db_.Run("request replacement of " + r.name,
+                 "UPDATE instances SET replace_reason = ? WHERE id = ?", reason, r.id);
+}
+
 StatusOr<int64_t> SqliteStateStore::PruneFinalInstances(std::string_view service, int keep) {
   std::lock_guard lock(mu_);
   RETURN_IF_ERROR(db_.Run("prune instances of " + std::string(service),
@@ -664,17 +682,17 @@ StatusOr<int64_t> SqliteStateStore::PutRollout(const RolloutRecord& r) {
     RETURN_IF_ERROR(db_.Run(what,
                             "INSERT INTO rollouts (service, from_revision, to_revision, strategy, "
                             "state, reason, started_ms, last_progress_ms, paused_ms, paused_at_ms, "
-                            "finished_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "finished_ms, promoted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             r.service, r.from_revision, r.to_revision, r.strategy, r.state, r.reason,
                             r.started_ms, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
-                            r.finished_ms));
+                            r.finished_ms, r.promoted));
     return db_.LastInsertRowid();
   }
   RETURN_IF_ERROR(db_.Run(what,
                           "UPDATE rollouts SET state = ?, reason = ?, last_progress_ms = ?, "
-                          "paused_ms = ?, paused_at_ms = ?, finished_ms = ? WHERE id = ?",
+                          "paused_ms = ?, paused_at_ms = ?, finished_ms = ?, promoted = ? WHERE id = ?",
                           r.state, r.reason, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
-                          r.finished_ms, r.id));
+                          r.finished_ms, r.promoted, r.id));
   if (db_.Changes() == 0) return NotFoundError("rollout " + std::to_string(r.id) + " does not exist");
   return r.id;
 }

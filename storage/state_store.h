@@ -73,6 +73,7 @@ struct InstanceRecord {
   int64_t finished_ms = 0;
   std::optional<int> exit_code;
   std::string exit_signal;
+  std::string replace_reason;  // set when it must be replaced (operator request, drift)
 };
 
 // Fields that a transition may set alongside the new state; unset ones are kept.
@@ -98,6 +99,7 @@ struct RolloutRecord {
   int64_t paused_ms = 0;     // total time paused so far
   int64_t paused_at_ms = 0;  // when the current pause began; 0 when not paused
   int64_t finished_ms = 0;
+  bool promoted = false;  // canary: the rest of the rollout may proceed
 };
 
 struct EventRecord {
@@ -176,6 +178,9 @@ class StateStore : public StateReader {
   // FAILED_PRECONDITION naming the instance and both states.
   virtual StatusOr<InstanceRecord> TransitionInstance(std::string_view name, InstanceState to,
                                                       const InstanceUpdate& update) = 0;
+  // Marks a live instance to be replaced by a new one of the same revision (never restarted in
+  // place). FAILED_PRECONDITION when it is no longer live.
+  virtual Status RequestReplacement(std::string_view name, std::string_view reason) = 0;
   // Deletes final instances of a service beyond the newest `keep`. Returns how many.
   virtual StatusOr<int64_t> PruneFinalInstances(std::string_view service, int keep) = 0;
 

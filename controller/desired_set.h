@@ -1,0 +1,41 @@
+#pragma once
+
+// The desired state as the manifests declare it, with DESIGN.md's error rules: a broken file
+// keeps its services' last good desired state; an empty, missing or unreadable directory never
+// retires every service; a service whose document is removed from a readable directory goes.
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "controller/manifest.h"
+
+namespace kiln {
+
+struct DesiredService {
+  ServiceSpec spec;             // the last good spec
+  std::string manifest_sha256;  // of its file when that spec was read
+  std::string error;            // the current error that keeps it at its last good spec, or ""
+};
+
+class DesiredSet {
+ public:
+  struct Update {
+    std::vector<std::string> changed;  // added, changed, removed, or whose error changed
+    std::vector<std::string> errors;   // every manifest error of this load, as text
+  };
+
+  // Starts from what the store remembers, so a file that is broken when kilnd starts keeps the
+  // services it declared before.
+  void Seed(std::vector<DesiredService> services);
+
+  Update Apply(const ManifestSet& set);
+
+  const DesiredService* Find(const std::string& name) const;
+  const std::map<std::string, DesiredService>& services() const { return services_; }
+
+ private:
+  std::map<std::string, DesiredService> services_;
+};
+
+}  // namespace kiln

@@ -1,0 +1,103 @@
+#include "controller/manifest_watcher.h"
+
+#include <sys/inotify.h>
+#include <unistd.h>
+
+#include <array>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "common/logging.h"
+
+namespace kiln {
+namespace asio = boost::asio;
+
+struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
+  Impl(asio::io_context& io_in, std::filesystem::path d, Duration deb, std::function<void()> cb)
+      : io(io_in), dir(std::move(d)), debounce(deb), on_change(std::move(cb)), stream(io_in),
+        debounce_timer(io_in), retry_timer(io_in) {}
+
+  void Watch() {
+    boost::system::error_code ignored;
+    stream.close(ignored);
+    int fd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd < 0) return Retry("inotify_init1 failed");
+    constexpr uint32_t kMask = IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM |
+                               IN_MOVED_TO | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF;
+    if (::inotify_add_watch(fd, dir.c_str(), kMask) < 0) {
+      ::close(fd);
+      return Retry("cannot watch " + dir.string());
+    }
+    stream.assign(fd);
+    Read();
+  }
+
+  void Retry(const std::string& why) {
+    if (!retrying) LogWarn("manifest directory not watched; retrying every second", {{"reason", why}});
+    retrying = true;
+    retry_timer.expires_after(std::chrono::seconds(1));
+    std::weak_ptr<Impl> weak = weak_from_this();
+    retry_timer.async_wait([weak](const boost::system::error_code& ec) {
+      auto self = weak.lock();
+      if (ec || !self) return;
+      self->Changed();  // it may have come back with files in it
+      self->Watch();
+    });
+  }
+
+  void Read() {
+    std::weak_ptr<Impl> weak = weak_from_this();
+    stream.async_read_some(asio::buffer(buf), [weak](const boost::system::error_code& ec, size_t n) {
+      auto self = weak.lock();
+      if (!self || ec == asio::error::operation_aborted) return;
+      if (ec) return self->Retry(ec.message());
+      bool gone = false;
+      for (size_t off = 0; off < n;) {
+        auto* e = reinterpret_cast<const inotify_event*>(self->buf.data() + off);
+        gone |= (e->mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED)) != 0;
+        off += sizeof(inotify_event) + e->len;
+      }
+      self->retrying = false;
+      self->Changed();
+      if (gone) return self->Retry("manifest directory was removed or moved");
+      self->Read();
+    });
+  }
+
+  // Debounce: one reload once changes have been quiet for `debounce`.
+  void Changed() {
+    debounce_timer.expires_after(debounce);
+    std::weak_ptr<Impl> weak = weak_from_this();
+    debounce_timer.async_wait([weak](const boost::system::error_code& ec) {
+      auto self = weak.lock();
+      if (ec || !self) return;
+      self->on_change();
+    });
+  }
+
+  asio::io_context& io;
+  std::filesystem::path dir;
+  Duration debounce;
+  std::function<void()> on_change;
+  asio::posix::stream_descriptor stream;
+  asio::steady_timer debounce_timer;
+  asio::steady_timer retry_timer;
+  alignas(inotify_event) std::array<char, 16 * 1024> buf{};
+  bool retrying = false;
+};
+
+ManifestWatcher::ManifestWatcher(asio::io_context& io, std::filesystem::path dir, Duration debounce,
+                                 std::function<void()> on_change)
+    : impl_(std::make_shared<Impl>(io, std::move(dir), debounce, std::move(on_change))) {}
+
+ManifestWatcher::~ManifestWatcher() {
+  boost::system::error_code ignored;
+  impl_->stream.close(ignored);
+  impl_->debounce_timer.cancel();
+  impl_->retry_timer.cancel();
+}
+
+void ManifestWatcher::Start() { impl_->Watch(); }
+
+}  // namespace kiln

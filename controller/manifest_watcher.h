@@ -1,0 +1,33 @@
+#pragma once
+
+// Watches the manifest directory with inotify on Asio and calls back, debounced, once a burst of
+// changes has settled: create, modify, delete, rename (editors' save-by-rename, `git checkout`).
+// A directory that is missing or replaced is watched again once it is back.
+
+#include <filesystem>
+#include <functional>
+#include <memory>
+
+#include "common/clock.h"
+
+namespace boost::asio {
+class io_context;
+}
+
+namespace kiln {
+
+class ManifestWatcher {
+ public:
+  ManifestWatcher(boost::asio::io_context& io, std::filesystem::path dir, Duration debounce,
+                  std::function<void()> on_change);
+  ~ManifestWatcher();
+
+  // Starts watching. Without inotify (or the directory), retries every second.
+  void Start();
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace kiln

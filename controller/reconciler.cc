@@ -1,0 +1,842 @@
+#include "controller/reconciler.h"
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "common/duration.h"
+#include "common/logging.h"
+#include "controller/rollout_plan.h"
+
+namespace kiln {
+namespace {
+
+bool RolloutActive(const RolloutRecord& r) {
+  return r.state == "progressing" || r.state == "paused" || r.state == "waiting_promotion";
+}
+
+InstanceSpec SpecFor(const InstanceRecord& inst, const Template& t) {
+  InstanceSpec s;
+  s.instance = inst.name;
+  s.service = inst.service;
+  s.revision = inst.revision;
+  s.artifact_sha256 = t.artifact_sha256;
+  s.image = t.image;
+  s.command = t.command;
+  s.env = t.env;
+  s.container_port = t.port;
+  return s;
+}
+
+struct Condition {
+  std::string type;
+  bool status = false;
+  std::string reason;
+  std::string message;
+};
+
+// Conditions as JSON, keeping each one's last transition time while its status holds.
+std::string ConditionsJson(const std::string& previous, const std::vector<Condition>& now,
+                           int64_t now_ms) {
+  nlohmann::json prev = nlohmann::json::parse(previous, nullptr, false);
+  nlohmann::json out = nlohmann::json::array();
+  for (const Condition& c : now) {
+    int64_t since = now_ms;
+    if (prev.is_array()) {
+      for (const auto& p : prev) {
+        if (p.value("type", "") == c.type && p.value("status", !c.status) == c.status) {
+          since = p.value("last_transition_ms", now_ms);
+        }
+      }
+    }
+    out.push_back({{"type", c.type},
+                   {"status", c.status},
+                   {"reason", c.reason},
+                   {"message", c.message},
+                   {"last_transition_ms", since}});
+  }
+  return out.dump();
+}
+
+}  // namespace
+
+Reconciler::Reconciler(StateStore& store, Driver& driver, Prober& prober, ArtifactStore& artifacts,
+                       const Clock& clock, PassScheduler& scheduler, Options options)
+    : store_(store),
+      driver_(driver),
+      prober_(prober),
+      artifacts_(artifacts),
+      clock_(clock),
+      scheduler_(scheduler),
+      options_(options) {
+  driver_.SetExitCallback([this](const ExitInfo& e) { OnExit(e); });
+}
+
+std::string Reconciler::ServiceOf(const std::string& instance) {
+  size_t dash = instance.rfind('-');
+  return dash == std::string::npos ? instance : instance.substr(0, dash);
+}
+
+Status Reconciler::Event(const std::string& kind, const std::string& service, int64_t revision,
+                         const std::string& instance, const std::string& actor,
+                         const std::string& message) {
+  EventRecord e;
+  e.kind = kind;
+  e.service = service;
+  e.revision = revision;
+  e.instance = instance;
+  e.actor = actor;
+  e.message = message;
+  LogInfo(message, {{"event", kind}, {"service", service}, {"revision", revision},
+                    {"instance", instance}, {"actor", actor}});
+  return store_.AppendEvent(e).status();
+}
+
+StatusOr<std::string> Reconciler::HashOf(const std::string& service, int64_t revision) {
+  ASSIGN_OR_RETURN(RevisionRecord r, store_.GetRevision(service, revision));
+  return r.template_hash;
+}
+
+std::vector<std::string> Reconciler::ServiceNames() const {
+  std::set<std::string> names;
+  for (const auto& [name, d] : desired_.services()) names.insert(name);
+  auto services = store_.ListServices();
+  if (services.ok()) {
+    for (const auto& s : *services) {
+      if (!s.retired) names.insert(s.name);
+    }
+  }
+  return {names.begin(), names.end()};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up
+
+Status Reconciler::Recover() {
+  // The last good desired state, for services whose file is broken or gone at start-up.
+  ASSIGN_OR_RETURN(auto services, store_.ListServices());
+  std::vector<DesiredService> seed;
+  for (const ServiceRecord& s : services) {
+    if (s.retired || s.spec.empty()) continue;
+    StatusOr<ServiceSpec> spec = ServiceSpecFromJson(s.spec);
+    if (spec.ok()) seed.push_back({*spec, "", ""});
+  }
+  desired_.Seed(std::move(seed));
+
+  ASSIGN_OR_RETURN(auto running, driver_.List());
+  std::map<std::string, RunningInstance> by_name;
+  for (auto& r : running) by_name[r.handle.instance] = r;
+
+  ASSIGN_OR_RETURN(auto live, store_.ListLiveInstances());
+  std::set<std::string> known;
+  for (const InstanceRecord& inst : live) {
+    known.insert(inst.name);
+    auto found = by_name.find(inst.name);
+    InstanceHandle handle{inst.name, inst.handle, inst.host, inst.port};
+    if (found != by_name.end() && (inst.handle.empty() || inst.handle != found->second.handle.id)) {
+      handle = found->second.handle;  // started, but kilnd stopped before recording its handle
+    }
+    const bool adopted = !handle.id.empty() && driver_.Adopt(handle).ok();
+    Status s;
+    if (inst.state == InstanceState::kPending) {
+      if (adopted) {
+        InstanceUpdate u;
+        u.reason = "adopted after a restart of kilnd";
+        u.handle = handle.id;
+        u.host = handle.host;
+        u.port = handle.port;
+        s = store_.Transaction([&]() -> Status {
+          RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kStarting, u).status());
+          return Event("instance_adopted", inst.service, inst.revision, inst.name, "kilnd",
+                       "instance " + inst.name + " was started before kilnd stopped; adopted");
+        });
+      } else {
+        s = store_.Transaction([&]() -> Status {
+          RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kFailed,
+                                                    {.reason = "never started: kilnd stopped first"})
+                              .status());
+          return Event("instance_failed", inst.service, inst.revision, inst.name, "kilnd",
+                       "instance " + inst.name + " was never started (kilnd stopped first)");
+        });
+      }
+    } else if (inst.state == InstanceState::kDraining) {
+      if (adopted) {
+        StopInstance(inst, /*mark_terminated=*/true);
+      } else {
+        s = store_.Transaction([&]() -> Status {
+          RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kTerminated,
+                                                    {.reason = "stopped while kilnd was down"})
+                              .status());
+          return Event("instance_terminated", inst.service, inst.revision, inst.name, "kilnd",
+                       "instance " + inst.name + " stopped");
+        });
+      }
+    } else if (!adopted) {
+      s = store_.Transaction([&]() -> Status {
+        RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kLost,
+                                                  {.reason = "gone while kilnd was down"})
+                            .status());
+        return Event("instance_lost", inst.service, inst.revision, inst.name, "kilnd",
+                     "instance " + inst.name + " was gone after kilnd restarted");
+      });
+    }
+    RETURN_IF_ERROR(s);
+    if (adopted && inst.state != InstanceState::kDraining) {
+      auto rev = store_.GetRevision(inst.service, inst.revision);
+      auto tmpl = rev.ok() ? Template::FromCanonical(rev->template_json) : StatusOr<Template>(rev.status());
+      if (tmpl.ok()) {
+        InstanceRecord watched = inst;
+        watched.host = handle.host;
+        watched.port = handle.port;
+        WatchHealth(watched, *tmpl);
+      }
+    }
+    scheduler_.Add(inst.service);
+  }
+  // Running with our identity but unknown to the store (or already final there): stop it.
+  for (const auto& [name, r] : by_name) {
+    if (known.count(name)) continue;
+    LogWarn("stopping an instance unknown to the store",
+            {{"instance", name}, {"service", r.service}, {"revision", r.revision}});
+    driver_.Stop(r.handle, options_.stop_grace, [](StatusOr<ExitInfo>) {});
+    (void)Event("unknown_instance_stopped", r.service, r.revision, name, "kilnd",
+                "instance " + name + " ran with kiln's identity but was not in the store; stopped");
+  }
+  for (const auto& name : ServiceNames()) scheduler_.Add(name);
+  return Status::Ok();
+}
+
+void Reconciler::ApplyManifests(const ManifestSet& set) {
+  DesiredSet::Update update = desired_.Apply(set);
+  manifests_loaded_ = true;
+  for (const std::string& e : update.errors) LogError("manifest error", {{"error", e}});
+  for (const std::string& name : update.changed) scheduler_.Add(name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver and prober callbacks: record, then enqueue.
+
+void Reconciler::OnExit(const ExitInfo& info) {
+  const std::string service = ServiceOf(info.instance);
+  prober_.Unwatch(info.instance);
+  Status s = store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(InstanceRecord inst, store_.GetInstance(info.instance));
+    if (!IsLive(inst.state)) return Status::Ok();
+    InstanceUpdate u;
+    u.reason = info.Describe();
+    u.exit_code = info.exit_code;
+    if (info.signal) u.exit_signal = "signal " + std::to_string(*info.signal);
+    InstanceState to = inst.state == InstanceState::kDraining ? InstanceState::kTerminated
+                                                               : InstanceState::kFailed;
+    RETURN_IF_ERROR(store_.TransitionInstance(inst.name, to, u).status());
+    return Event(to == InstanceState::kFailed ? "instance_exited" : "instance_terminated", service,
+                 inst.revision, inst.name, "kilnd", "instance " + inst.name + " " + u.reason);
+  });
+  if (!s.ok()) LogError("cannot record an exit", {{"instance", info.instance}, {"error", s.ToString()}});
+  scheduler_.Add(service);
+}
+
+void Reconciler::OnProbe(const ProbeResult& r) {
+  const std::string service = ServiceOf(r.instance);
+  Status s = store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(InstanceRecord inst, store_.GetInstance(r.instance));
+    if (r.healthy && (inst.state == InstanceState::kStarting || inst.state == InstanceState::kUnhealthy)) {
+      RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kHealthy, {.reason = r.reason}).status());
+      return Event("instance_healthy", service, inst.revision, inst.name, "kilnd",
+                   "instance " + inst.name + " is healthy: " + r.reason);
+    }
+    if (!r.healthy && inst.state == InstanceState::kHealthy) {
+      RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kUnhealthy, {.reason = r.reason}).status());
+      // Failing health past its threshold is drift: the instance is replaced, never restarted.
+      RETURN_IF_ERROR(store_.RequestReplacement(inst.name, "health failing: " + r.reason));
+      return Event("instance_unhealthy", service, inst.revision, inst.name, "kilnd",
+                   "instance " + inst.name + " is unhealthy: " + r.reason + "; replacing it");
+    }
+    return Status::Ok();
+  });
+  if (!s.ok()) LogError("cannot record a probe result", {{"instance", r.instance}, {"error", s.ToString()}});
+  scheduler_.Add(service);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Acting on the driver, after the intent is committed.
+
+void Reconciler::WatchHealth(const InstanceRecord& inst, const Template& tmpl) {
+  ProbeTarget t;
+  t.instance = inst.name;
+  t.check = tmpl.health;
+  t.host = inst.host.empty() ? "127.0.0.1" : inst.host;
+  t.port = inst.port;
+  t.env = tmpl.env;
+  t.env["PORT"] = std::to_string(inst.port);
+  t.env["KILN_INSTANCE"] = inst.name;
+  t.env["KILN_SERVICE"] = inst.service;
+  prober_.Watch(t, [this](const ProbeResult& r) { OnProbe(r); });
+}
+
+void Reconciler::StartInstance(const InstanceRecord& inst) {
+  StatusOr<RevisionRecord> rev = store_.GetRevision(inst.service, inst.revision);
+  StatusOr<Template> tmpl = rev.ok() ? Template::FromCanonical(rev->template_json)
+                                     : StatusOr<Template>(rev.status());
+  if (!tmpl.ok()) {
+    LogError("cannot start: template unreadable", {{"instance", inst.name}, {"error", tmpl.status().ToString()}});
+    return;
+  }
+  driver_.Start(SpecFor(inst, *tmpl), [this, inst, t = *tmpl](StatusOr<InstanceHandle> h) {
+    Status s;
+    if (!h.ok()) {
+      s = store_.Transaction([&]() -> Status {
+        RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kFailed,
+                                                  {.reason = h.status().message()})
+                            .status());
+        return Event("instance_failed", inst.service, inst.revision, inst.name, "kilnd",
+                     h.status().message());
+      });
+    } else {
+      InstanceUpdate u;
+      u.reason = "started";
+      u.handle = h->id;
+      u.host = h->host;
+      u.port = h->port;
+      s = store_.Transaction([&]() -> Status {
+        RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kStarting, u).status());
+        return Event("instance_started", inst.service, inst.revision, inst.name, "kilnd",
+                     "instance " + inst.name + " started on port " + std::to_string(h->port));
+      });
+      if (!s.ok()) unrecorded_starts_[inst.name] = *h;
+      InstanceRecord started = inst;
+      started.host = h->host;
+      started.port = h->port;
+      WatchHealth(started, t);
+    }
+    if (!s.ok()) LogError("cannot record a start", {{"instance", inst.name}, {"error", s.ToString()}});
+    scheduler_.Add(inst.service);
+  });
+}
+
+void Reconciler::StopInstance(const InstanceRecord& inst, bool mark_terminated) {
+  prober_.Unwatch(inst.name);
+  InstanceHandle handle{inst.name, inst.handle, inst.host, inst.port};
+  if (handle.id.empty()) {
+    auto it = unrecorded_starts_.find(inst.name);
+    if (it != unrecorded_starts_.end()) handle = it->second;
+  }
+  auto finish = [this, inst, mark_terminated](StatusOr<ExitInfo> r) {
+    unrecorded_starts_.erase(inst.name);
+    if (!mark_terminated) return;
+    Status s = store_.Transaction([&]() -> Status {
+      ASSIGN_OR_RETURN(InstanceRecord now, store_.GetInstance(inst.name));
+      if (now.state != InstanceState::kDraining) return Status::Ok();
+      InstanceUpdate u;
+      u.reason = r.ok() ? "stopped: " + r->Describe() : r.status().message();
+      RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kTerminated, u).status());
+      return Event("instance_terminated", inst.service, inst.revision, inst.name, "kilnd",
+                   "instance " + inst.name + " " + u.reason);
+    });
+    if (!s.ok()) LogError("cannot record a stop", {{"instance", inst.name}, {"error", s.ToString()}});
+    scheduler_.Add(inst.service);
+  };
+  if (handle.id.empty()) {
+    finish(ExitInfo{inst.name, std::nullopt, std::nullopt, false});  // never ran
+    return;
+  }
+  driver_.Stop(handle, options_.stop_grace, finish);
+}
+
+void Reconciler::RetryUnrecordedStarts(const std::string& service) {
+  for (auto it = unrecorded_starts_.begin(); it != unrecorded_starts_.end();) {
+    if (ServiceOf(it->first) != service) {
+      ++it;
+      continue;
+    }
+    InstanceUpdate u;
+    u.reason = "started";
+    u.handle = it->second.id;
+    u.host = it->second.host;
+    u.port = it->second.port;
+    auto cur = store_.GetInstance(it->first);
+    if (cur.ok() && cur->state == InstanceState::kPending &&
+        store_.TransitionInstance(it->first, InstanceState::kStarting, u).ok()) {
+      it = unrecorded_starts_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pass
+
+StatusOr<int64_t> Reconciler::EnsureDesiredRevision(const DesiredService& d, ServiceRecord& svc) {
+  const std::string hash = d.spec.tmpl.Hash();
+  if (svc.desired_revision > 0) {
+    ASSIGN_OR_RETURN(std::string current, HashOf(svc.name, svc.desired_revision));
+    if (current == hash) return svc.desired_revision;
+  }
+  // A new template: its artifact goes into the store before its revision is written.
+  if (!d.spec.artifact_path.empty()) {
+    StatusOr<std::string> digest = artifacts_.Put(d.spec.artifact_path, d.spec.tmpl.artifact_sha256);
+    if (!digest.ok()) {
+      return digest.status().WithContext("revision of " + svc.name + " refused");
+    }
+  }
+  RevisionRecord r;
+  r.service = svc.name;
+  ASSIGN_OR_RETURN(r.number, store_.NextRevisionNumber(svc.name));
+  r.template_hash = hash;
+  r.template_json = d.spec.tmpl.Canonical();
+  r.source = "manifest";
+  r.manifest_file = d.spec.file;
+  r.manifest_sha256 = d.manifest_sha256;
+  RETURN_IF_ERROR(store_.WriteRevision(r));
+  RETURN_IF_ERROR(Event("revision_created", svc.name, r.number, "", "kilnd",
+                        "revision " + std::to_string(r.number) + " of " + svc.name + " (version " +
+                            d.spec.tmpl.version + ") from " + d.spec.file));
+  if (svc.pinned_revision > 0 && svc.desired_revision > 0) {
+    // The manifest declares a template other than the one rolled away from: the fix. The pin lifts.
+    RETURN_IF_ERROR(Event("pin_lifted", svc.name, r.number, "", "kilnd",
+                          svc.name + " no longer pinned to revision " +
+                              std::to_string(svc.pinned_revision) +
+                              ": the manifest declares a new template"));
+    svc.pinned_revision = 0;
+    svc.pin_reason.clear();
+  }
+  svc.desired_revision = r.number;
+  return r.number;
+}
+
+Status Reconciler::RetireStep(const std::string& name) {
+  StatusOr<ServiceRecord> svc = store_.GetService(name);
+  if (!svc.ok()) return svc.status().code() == StatusCode::kNotFound ? Status::Ok() : svc.status();
+  ASSIGN_OR_RETURN(auto live, store_.ListInstances(name, false));
+  std::vector<InstanceRecord> to_stop;
+  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+    ServiceRecord s = *svc;
+    if (!s.retired) {
+      s.retired = true;
+      RETURN_IF_ERROR(store_.PutService(s));
+      RETURN_IF_ERROR(Event("service_retired", name, 0, "", "kilnd",
+                            name + " is no longer declared in the manifests; scaling to zero"));
+    }
+    for (const InstanceRecord& inst : live) {
+      if (inst.state == InstanceState::kDraining) continue;
+      ASSIGN_OR_RETURN(InstanceRecord d, store_.TransitionInstance(inst.name, InstanceState::kDraining,
+                                                                   {.reason = "service retired"}));
+      RETURN_IF_ERROR(Event("instance_draining", name, inst.revision, inst.name, "kilnd",
+                            "stopping " + inst.name + ": service retired"));
+      to_stop.push_back(d);
+    }
+    return Status::Ok();
+  }));
+  for (const auto& inst : to_stop) StopInstance(inst, true);
+  return Status::Ok();
+}
+
+StatusOr<int64_t> Reconciler::LastAvailableRevision(const std::string& service,
+                                                    const std::string& except_hash) {
+  ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(service));
+  for (const RevisionRecord& r : revisions) {  // newest first
+    if (r.available_ms > 0 && r.template_hash != except_hash) return r.number;
+  }
+  return FailedPreconditionError("no earlier revision of " + service + " was ever fully available");
+}
+
+Status Reconciler::WriteRollbackRevision(ServiceRecord& svc, const RevisionRecord& from,
+                                         const std::string& reason, const std::string& actor,
+                                         RevisionRecord* written) {
+  RevisionRecord r;
+  r.service = svc.name;
+  ASSIGN_OR_RETURN(r.number, store_.NextRevisionNumber(svc.name));
+  r.template_hash = from.template_hash;
+  r.template_json = from.template_json;
+  r.source = "rollback";
+  r.actor = actor;
+  r.reason = reason;
+  r.rolled_back_from = from.number;
+  RETURN_IF_ERROR(store_.WriteRevision(r));
+  svc.pinned_revision = r.number;
+  svc.pin_reason = (actor == "auto" ? "automatic rollback" : "rollback by " + actor) +
+                   (reason.empty() ? "" : ": " + reason);
+  RETURN_IF_ERROR(Event("rolled_back", svc.name, r.number, "", actor,
+                        svc.name + " rolled back to the template of revision " +
+                            std::to_string(from.number) + " as revision " +
+                            std::to_string(r.number) + "; pinned (" + svc.pin_reason + ")"));
+  if (written) *written = r;
+  return Status::Ok();
+}
+
+Status Reconciler::Reconcile(const std::string& name) {
+  RetryUnrecordedStarts(name);
+  const DesiredService* desired = desired_.Find(name);
+  if (desired == nullptr) return RetireStep(name);
+  const ServiceSpec& spec = desired->spec;
+  const int64_t now = NowMs();
+
+  std::vector<InstanceRecord> to_start, to_stop, to_fail;
+  int64_t next_deadline_ms = 0;
+  auto wake_at = [&](int64_t at) {
+    if (at > now && (next_deadline_ms == 0 || at < next_deadline_ms)) next_deadline_ms = at;
+  };
+  bool requeue_now = false;
+
+  Status committed = store_.Transaction([&]() -> Status {
+    StatusOr<ServiceRecord> existing = store_.GetService(name);
+    if (!existing.ok() && existing.status().code() != StatusCode::kNotFound) return existing.status();
+    ServiceRecord svc;
+    if (existing.ok()) svc = *existing;
+    svc.name = name;
+    if (!existing.ok()) RETURN_IF_ERROR(store_.PutService(svc));  // revisions reference it
+
+    StatusOr<int64_t> desired_rev = EnsureDesiredRevision(*desired, svc);
+    std::string manifest_error = desired->error;
+    if (!desired_rev.ok()) {
+      // The new template cannot become a revision (missing artifact, pin mismatch): keep
+      // converging to what we have, and say why.
+      if (svc.desired_revision == 0) return desired_rev.status();
+      manifest_error = desired_rev.status().message();
+    }
+    if (svc.manifest_error != manifest_error && !manifest_error.empty()) {
+      RETURN_IF_ERROR(Event("manifest_error", name, 0, "", "kilnd", manifest_error));
+    }
+    svc.manifest_error = manifest_error;
+    svc.manifest_file = spec.file;
+    svc.spec = ServiceSpecToJson(spec);
+    svc.retired = false;
+
+    const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
+    ASSIGN_OR_RETURN(RevisionRecord target, store_.GetRevision(name, target_rev));
+    ASSIGN_OR_RETURN(auto live, store_.ListInstances(name, false));
+
+    // Rollout bookkeeping: a new target starts a new rollout and supersedes an unfinished one.
+    StatusOr<RolloutRecord> latest = store_.GetLatestRollout(name);
+    if (!latest.ok() && latest.status().code() != StatusCode::kNotFound) return latest.status();
+    RolloutRecord rollout;
+    if (latest.ok()) rollout = *latest;
+    if (!latest.ok() || rollout.to_revision != target_rev) {
+      if (latest.ok() && RolloutActive(rollout)) {
+        rollout.state = "superseded";
+        rollout.finished_ms = now;
+        RETURN_IF_ERROR(store_.PutRollout(rollout).status());
+      }
+      RolloutRecord next;
+      next.service = name;
+      next.from_revision = latest.ok() ? rollout.to_revision : 0;
+      next.to_revision = target_rev;
+      next.strategy = std::string(StrategyName(spec.update.strategy));
+      next.state = svc.paused ? "paused" : "progressing";
+      next.paused_at_ms = svc.paused ? now : 0;
+      next.started_ms = next.last_progress_ms = now;
+      ASSIGN_OR_RETURN(next.id, store_.PutRollout(next));
+      rollout = next;
+      progress_seen_.erase(name);
+      RETURN_IF_ERROR(Event("rollout_started", name, target_rev, "", "kilnd",
+                            "rollout of " + name + " to revision " + std::to_string(target_rev) +
+                                " (" + rollout.strategy + ")"));
+    }
+
+    // Instances that missed their healthy deadline fail; the rest feed the plan.
+    std::map<int64_t, std::string> hashes;
+    PlanInput in;
+    in.policy = spec.update;
+    in.replicas = spec.replicas;
+    in.paused = svc.paused;
+    in.promoted = rollout.promoted;
+    for (const InstanceRecord& inst : live) {
+      if (!hashes.count(inst.revision)) {
+        ASSIGN_OR_RETURN(hashes[inst.revision], HashOf(name, inst.revision));
+      }
+      const bool starting = inst.state == InstanceState::kStarting;
+      const int64_t deadline = inst.started_ms + spec.update.healthy_deadline.count();
+      if (starting && inst.started_ms > 0 && now >= deadline) {
+        const std::string reason =
+            "not healthy within healthy_deadline " + FormatDuration(spec.update.healthy_deadline);
+        ASSIGN_OR_RETURN(InstanceRecord f, store_.TransitionInstance(inst.name, InstanceState::kFailed,
+                                                                     {.reason = reason}));
+        RETURN_IF_ERROR(Event("instance_failed", name, inst.revision, inst.name, "kilnd",
+                              "instance " + inst.name + " " + reason));
+        to_fail.push_back(f);
+        continue;
+      }
+      if (starting && inst.started_ms > 0) wake_at(deadline);
+      PlanInstance p;
+      p.name = inst.name;
+      p.state = inst.state;
+      p.is_target = hashes[inst.revision] == target.template_hash;
+      p.replace = !inst.replace_reason.empty();
+      p.created_ms = inst.created_ms;
+      if (inst.state == InstanceState::kHealthy) {
+        const int64_t available_at = inst.healthy_since_ms + spec.update.min_healthy_time.count();
+        p.available = now >= available_at;
+        if (!p.available) wake_at(available_at);
+      }
+      in.instances.push_back(p);
+    }
+    PlanOutput plan = PlanStep(in);
+
+    // Rollout progress, completion and the progress deadline.
+    if (RolloutActive(rollout)) {
+      std::pair<int, int> seen{plan.new_available, plan.old_total};
+      auto it = progress_seen_.find(name);
+      if (it == progress_seen_.end() || it->second != seen) {
+        if (it != progress_seen_.end()) rollout.last_progress_ms = now;
+        progress_seen_[name] = seen;
+      }
+      if (plan.promote_now && !rollout.promoted) {
+        rollout.promoted = true;
+        RETURN_IF_ERROR(Event("promoted", name, target_rev, "", "auto",
+                              "canaries of revision " + std::to_string(target_rev) +
+                                  " available; promoted automatically"));
+      }
+      if (plan.waiting_promotion && rollout.state == "progressing") {
+        rollout.state = "waiting_promotion";
+        RETURN_IF_ERROR(Event("waiting_promotion", name, target_rev, "", "kilnd",
+                              "canaries of revision " + std::to_string(target_rev) +
+                                  " are available; waiting for `kilnctl promote " + name + "`"));
+      }
+      const bool done = plan.old_total == 0 && plan.new_available >= spec.replicas && plan.create == 0 &&
+                        plan.destroy.empty();
+      const int64_t deadline_at =
+          rollout.last_progress_ms + rollout.paused_ms + spec.update.progress_deadline.count();
+      if (done) {
+        rollout.state = "completed";
+        rollout.finished_ms = now;
+        RETURN_IF_ERROR(store_.MarkRevisionAvailable(name, target_rev, now));
+        RETURN_IF_ERROR(Event("rollout_completed", name, target_rev, "", "kilnd",
+                              "rollout of " + name + " to revision " + std::to_string(target_rev) +
+                                  " completed: " + std::to_string(spec.replicas) + " available"));
+      } else if (rollout.state == "progressing" && now >= deadline_at) {
+        rollout.state = "failed";
+        rollout.finished_ms = now;
+        rollout.reason = "no progress for progress_deadline " +
+                         FormatDuration(spec.update.progress_deadline) + " (" + plan.summary + ")";
+        RETURN_IF_ERROR(Event("rollout_failed", name, target_rev, "", "kilnd",
+                              "rollout of " + name + " to revision " + std::to_string(target_rev) +
+                                  " failed: " + rollout.reason));
+        if (spec.update.auto_rollback) {
+          StatusOr<int64_t> good = LastAvailableRevision(name, target.template_hash);
+          if (good.ok()) {
+            ASSIGN_OR_RETURN(RevisionRecord from, store_.GetRevision(name, *good));
+            RETURN_IF_ERROR(WriteRollbackRevision(
+                svc, from, "rollout to revision " + std::to_string(target_rev) + " failed", "auto",
+                nullptr));
+            requeue_now = true;
+          } else {
+            LogWarn("no revision to roll back to", {{"service", name}, {"error", good.status().message()}});
+          }
+        }
+      } else if (rollout.state == "progressing") {
+        wake_at(deadline_at);
+      }
+      RETURN_IF_ERROR(store_.PutRollout(rollout).status());
+    } else if (plan.old_total == 0 && plan.new_available >= spec.replicas && spec.replicas > 0) {
+      RETURN_IF_ERROR(store_.MarkRevisionAvailable(name, target_rev, now));
+    }
+
+    // The step: drain, then create, as intent.
+    if (!requeue_now) {
+      for (const std::string& victim : plan.destroy) {
+        const InstanceRecord* inst = nullptr;
+        for (const auto& l : live) {
+          if (l.name == victim) inst = &l;
+        }
+        std::string why = !inst->replace_reason.empty()        ? inst->replace_reason
+                          : hashes[inst->revision] != target.template_hash ? "replaced by revision " + std::to_string(target_rev)
+                                                                     : "scaled down";
+        ASSIGN_OR_RETURN(InstanceRecord d, store_.TransitionInstance(victim, InstanceState::kDraining,
+                                                                     {.reason = why}));
+        RETURN_IF_ERROR(Event("instance_draining", name, d.revision, victim, "kilnd",
+                              "stopping " + victim + ": " + why));
+        to_stop.push_back(d);
+      }
+      for (int i = 0; i < plan.create; ++i) {
+        ASSIGN_OR_RETURN(InstanceRecord c, store_.CreateInstance(name, target_rev));
+        RETURN_IF_ERROR(Event("instance_created", name, target_rev, c.name, "kilnd",
+                              "creating " + c.name + " of revision " + std::to_string(target_rev) +
+                                  " (" + plan.summary + ")"));
+        to_start.push_back(c);
+      }
+    }
+
+    // Conditions.
+    const int min_available = spec.replicas - spec.update.max_unavailable.Resolve(spec.replicas, false);
+    std::vector<Condition> conditions;
+    conditions.push_back({"Available", plan.new_available + plan.old_available >= min_available,
+                          plan.new_available + plan.old_available >= min_available
+                              ? "MinimumReplicasAvailable"
+                              : "MinimumReplicasUnavailable",
+                          std::to_string(plan.new_available + plan.old_available) + " of " +
+                              std::to_string(spec.replicas) + " instances available"});
+    if (rollout.state == "completed") {
+      conditions.push_back({"Progressing", true, "NewRevisionAvailable",
+                            "revision " + std::to_string(target_rev) + " is available"});
+    } else if (rollout.state == "failed") {
+      conditions.push_back({"Progressing", false, "ProgressDeadlineExceeded", rollout.reason});
+    } else if (rollout.state == "paused") {
+      conditions.push_back({"Progressing", false, "RolloutPaused", "paused by an operator"});
+    } else if (rollout.state == "waiting_promotion") {
+      conditions.push_back({"Progressing", true, "WaitingForPromotion", plan.summary});
+    } else {
+      conditions.push_back({"Progressing", true, "NewRevisionProgressing", plan.summary});
+    }
+    if (!svc.manifest_error.empty()) {
+      conditions.push_back({"Degraded", true, "ManifestError", svc.manifest_error});
+    } else if (rollout.state == "failed" || svc.pinned_revision > 0) {
+      conditions.push_back({"Degraded", true, svc.pinned_revision > 0 ? "Pinned" : "RolloutFailed",
+                            svc.pinned_revision > 0 ? svc.pin_reason : rollout.reason});
+    } else {
+      conditions.push_back({"Degraded", false, "AsExpected", ""});
+    }
+    svc.conditions = ConditionsJson(svc.conditions, conditions, now);
+    RETURN_IF_ERROR(store_.PutService(svc));
+    if (rollout.state == "completed") {
+      RETURN_IF_ERROR(store_.PruneFinalInstances(name, options_.final_instances_kept).status());
+    }
+    return Status::Ok();
+  });
+  if (!committed.ok()) return committed;  // nothing was started or stopped
+
+  for (const auto& inst : to_fail) StopInstance(inst, /*mark_terminated=*/false);
+  for (const auto& inst : to_stop) StopInstance(inst, /*mark_terminated=*/true);
+  for (const auto& inst : to_start) StartInstance(inst);
+  if (requeue_now) scheduler_.Add(name);
+  if (next_deadline_ms > 0) scheduler_.AddAfter(name, Duration(next_deadline_ms - now));
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+
+StatusOr<RevisionRecord> Reconciler::Rollback(const std::string& service, int64_t to_revision,
+                                              const std::string& reason, const std::string& actor) {
+  RevisionRecord written;
+  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
+    const int64_t current = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
+    if (current == 0) return FailedPreconditionError(service + " has no revision yet");
+    ASSIGN_OR_RETURN(std::string current_hash, HashOf(service, current));
+    int64_t from_number = to_revision;
+    if (from_number == 0) {
+      ASSIGN_OR_RETURN(from_number, LastAvailableRevision(service, current_hash));
+    }
+    ASSIGN_OR_RETURN(RevisionRecord from, store_.GetRevision(service, from_number));
+    if (from.template_hash == current_hash) {
+      return FailedPreconditionError("revision " + std::to_string(from_number) + " of " + service +
+                                     " has the current template; nothing to roll back to");
+    }
+    RETURN_IF_ERROR(WriteRollbackRevision(svc, from, reason, actor, &written));
+    return store_.PutService(svc);
+  }));
+  scheduler_.Add(service);
+  return written;
+}
+
+Status Reconciler::Unpin(const std::string& service, const std::string& actor) {
+  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
+    if (svc.pinned_revision == 0) return FailedPreconditionError(service + " is not pinned");
+    RETURN_IF_ERROR(Event("unpinned", service, svc.pinned_revision, "", actor,
+                          service + " unpinned from revision " + std::to_string(svc.pinned_revision) +
+                              "; following its manifest again"));
+    svc.pinned_revision = 0;
+    svc.pin_reason.clear();
+    return store_.PutService(svc);
+  }));
+  scheduler_.Add(service);
+  return Status::Ok();
+}
+
+Status Reconciler::Pause(const std::string& service, const std::string& reason,
+                         const std::string& actor) {
+  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
+    if (svc.paused) return FailedPreconditionError(service + " is already paused");
+    svc.paused = true;
+    StatusOr<RolloutRecord> r = store_.GetLatestRollout(service);
+    if (r.ok() && RolloutActive(*r) && r->state != "paused") {
+      r->state = "paused";
+      r->paused_at_ms = NowMs();
+      RETURN_IF_ERROR(store_.PutRollout(*r).status());
+    }
+    RETURN_IF_ERROR(Event("paused", service, 0, "", actor,
+                          service + " paused" + (reason.empty() ? "" : ": " + reason)));
+    return store_.PutService(svc);
+  }));
+  scheduler_.Add(service);
+  return Status::Ok();
+}
+
+Status Reconciler::Resume(const std::string& service, const std::string& actor) {
+  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
+    if (!svc.paused) return FailedPreconditionError(service + " is not paused");
+    svc.paused = false;
+    StatusOr<RolloutRecord> r = store_.GetLatestRollout(service);
+    if (r.ok() && r->state == "paused") {
+      r->state = "progressing";
+      r->paused_ms += NowMs() - r->paused_at_ms;  // paused time does not count toward the deadline
+      r->paused_at_ms = 0;
+      RETURN_IF_ERROR(store_.PutRollout(*r).status());
+    }
+    RETURN_IF_ERROR(Event("resumed", service, 0, "", actor, service + " resumed"));
+    return store_.PutService(svc);
+  }));
+  scheduler_.Add(service);
+  return Status::Ok();
+}
+
+Status Reconciler::Promote(const std::string& service, const std::string& actor) {
+  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
+    StatusOr<RolloutRecord> r = store_.GetLatestRollout(service);
+    if (!r.ok() || r->state != "waiting_promotion") {
+      return FailedPreconditionError(service + " has no canary waiting for promotion");
+    }
+    r->promoted = true;
+    r->state = "progressing";
+    r->last_progress_ms = NowMs();
+    RETURN_IF_ERROR(store_.PutRollout(*r).status());
+    return Event("promoted", service, r->to_revision, "", actor,
+                 "canaries of revision " + std::to_string(r->to_revision) + " promoted by " + actor);
+  }));
+  scheduler_.Add(service);
+  return Status::Ok();
+}
+
+Status Reconciler::ReplaceInstance(const std::string& instance, const std::string& reason,
+                                   const std::string& actor) {
+  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(InstanceRecord inst, store_.GetInstance(instance));
+    const std::string why = "replacement requested by " + actor + (reason.empty() ? "" : ": " + reason);
+    RETURN_IF_ERROR(store_.RequestReplacement(instance, why));
+    return Event("replace_requested", inst.service, inst.revision, instance, actor, why);
+  }));
+  scheduler_.Add(ServiceOf(instance));
+  return Status::Ok();
+}
+
+StatusOr<std::string> Reconciler::PlanSummary(const std::string& service) {
+  const DesiredService* d = desired_.Find(service);
+  if (d == nullptr) return NotFoundError("service \"" + service + "\" is not declared");
+  ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
+  const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
+  ASSIGN_OR_RETURN(std::string target_hash, HashOf(service, target_rev));
+  ASSIGN_OR_RETURN(auto live, store_.ListInstances(service, false));
+  PlanInput in;
+  in.policy = d->spec.update;
+  in.replicas = d->spec.replicas;
+  in.paused = svc.paused;
+  StatusOr<RolloutRecord> r = store_.GetLatestRollout(service);
+  in.promoted = r.ok() && r->promoted;
+  const int64_t now = NowMs();
+  for (const auto& inst : live) {
+    ASSIGN_OR_RETURN(std::string h, HashOf(service, inst.revision));
+    in.instances.push_back({inst.name, inst.state, h == target_hash, !inst.replace_reason.empty(),
+                            inst.state == InstanceState::kHealthy &&
+                                now >= inst.healthy_since_ms + d->spec.update.min_healthy_time.count(),
+                            inst.created_ms});
+  }
+  PlanOutput p = PlanStep(in);
+  return p.summary + "; create " + std::to_string(p.create) + ", destroy " +
+         std::to_string(p.destroy.size());
+}
+
+}  // namespace kiln

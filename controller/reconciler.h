@@ -1,0 +1,104 @@
+#pragma once
+
+// The heart of kilnd (DESIGN.md "Flow"): level-triggered, one step per pass, intent recorded in
+// the store before the driver acts. Every pass for a service reads its desired spec and its live
+// instances, computes the next allowed step (controller/rollout_plan.h), commits it in one
+// transaction with its events, then starts and stops instances. Events from outside (manifest
+// loads, exits, probe results, timers, commands) only enqueue the service's name.
+//
+// REQUIRES: every method is called on the io_context's thread (kilnd runs one), so the
+// reconciler's state needs no lock.
+
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/clock.h"
+#include "controller/desired_set.h"
+#include "controller/work_queue.h"
+#include "deploy/artifact_store.h"
+#include "deploy/driver.h"
+#include "deploy/prober.h"
+#include "storage/state_store.h"
+
+namespace kiln {
+
+class Reconciler {
+ public:
+  struct Options {
+    Duration stop_grace{10'000};     // SIGTERM to SIGKILL
+    int final_instances_kept = 50;   // terminated/failed/lost rows kept per service
+  };
+
+  Reconciler(StateStore& store, Driver& driver, Prober& prober, ArtifactStore& artifacts,
+             const Clock& clock, PassScheduler& scheduler, Options options);
+
+  // Start-up, before the first pass: loads the last good desired state from the store, then
+  // reconciles every non-final instance row with what the driver sees: adopts what runs, marks
+  // lost what does not, stops what runs with kiln's identity but is unknown to the store.
+  Status Recover();
+
+  // A new load of the manifest directory; enqueues the services it changes.
+  void ApplyManifests(const ManifestSet& set);
+
+  // One pass for one service.
+  Status Reconcile(const std::string& service);
+
+  // Every service with desired state or live instances (what a resync enqueues).
+  std::vector<std::string> ServiceNames() const;
+
+  // Commands, for the API. `actor` is who asked; each is recorded as an event.
+  StatusOr<RevisionRecord> Rollback(const std::string& service, int64_t to_revision,
+                                    const std::string& reason, const std::string& actor);
+  Status Unpin(const std::string& service, const std::string& actor);
+  Status Pause(const std::string& service, const std::string& reason, const std::string& actor);
+  Status Resume(const std::string& service, const std::string& actor);
+  Status Promote(const std::string& service, const std::string& actor);
+  Status ReplaceInstance(const std::string& instance, const std::string& reason,
+                         const std::string& actor);
+
+  // What the next pass would do for a service, without doing it.
+  StatusOr<std::string> PlanSummary(const std::string& service);
+
+  const DesiredSet& desired() const { return desired_; }
+  bool manifests_loaded() const { return manifests_loaded_; }
+
+ private:
+
+  int64_t NowMs() const { return ToUnixMillis(clock_.SystemNow()); }
+  Status Event(const std::string& kind, const std::string& service, int64_t revision,
+               const std::string& instance, const std::string& actor, const std::string& message);
+  StatusOr<std::string> HashOf(const std::string& service, int64_t revision);
+  StatusOr<int64_t> EnsureDesiredRevision(const DesiredService& d, ServiceRecord& svc);
+  Status RetireStep(const std::string& name);
+  Status WriteRollbackRevision(ServiceRecord& svc, const RevisionRecord& from,
+                               const std::string& reason, const std::string& actor,
+                               RevisionRecord* written);
+  StatusOr<int64_t> LastAvailableRevision(const std::string& service, const std::string& except_hash);
+  void StartInstance(const InstanceRecord& inst);
+  void StopInstance(const InstanceRecord& inst, bool mark_terminated);
+  void WatchHealth(const InstanceRecord& inst, const Template& tmpl);
+  void OnExit(const ExitInfo& info);
+  void OnProbe(const ProbeResult& r);
+  void RetryUnrecordedStarts(const std::string& service);
+  static std::string ServiceOf(const std::string& instance);
+
+  StateStore& store_;
+  Driver& driver_;
+  Prober& prober_;
+  ArtifactStore& artifacts_;
+  const Clock& clock_;
+  PassScheduler& scheduler_;
+  Options options_;
+  DesiredSet desired_;
+  bool manifests_loaded_ = false;
+
+  // Starts whose "starting" state could not be committed (store unwritable): the process runs,
+  // its row is still pending. Committed on the next pass; never started twice meanwhile.
+  std::map<std::string, InstanceHandle> unrecorded_starts_;
+  // Rollout progress as last seen (new available, old total), to move last_progress_ms.
+  std::map<std::string, std::pair<int, int>> progress_seen_;
+};
+
+}  // namespace kiln

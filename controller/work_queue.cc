@@ -1,0 +1,115 @@
+#include "controller/work_queue.h"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "common/logging.h"
+
+namespace kiln {
+namespace asio = boost::asio;
+
+struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
+  Impl(asio::io_context& io_in, Options o, ProcessFn p, NamesFn n)
+      : io(io_in), options(o), process(std::move(p)), all_names(std::move(n)), resync_timer(io_in) {}
+
+  void Add(const std::string& name) {
+    if (!queued.insert(name).second) return;  // already waiting: runs once
+    order.push_back(name);
+    if (!drain_posted) {
+      drain_posted = true;
+      std::weak_ptr<Impl> weak = weak_from_this();
+      asio::post(io, [weak] {
+        if (auto self = weak.lock()) self->Drain();
+      });
+    }
+  }
+
+  void AddAfter(const std::string& name, Duration delay) {
+    if (delay.count() <= 0) return Add(name);
+    auto when = std::chrono::steady_clock::now() + delay;
+    auto it = timers.find(name);
+    if (it != timers.end() && it->second->expiry() <= when) return;  // an earlier one is armed
+    auto timer = std::make_shared<asio::steady_timer>(io, when);
+    timers[name] = timer;
+    std::weak_ptr<Impl> weak = weak_from_this();
+    timer->async_wait([weak, name, timer](const boost::system::error_code& ec) {
+      auto self = weak.lock();
+      if (ec || !self) return;
+      auto it = self->timers.find(name);
+      if (it != self->timers.end() && it->second == timer) self->timers.erase(it);
+      self->Add(name);
+    });
+  }
+
+  // Runs the queued passes one at a time; names added meanwhile run in a later drain.
+  void Drain() {
+    drain_posted = false;
+    std::deque<std::string> batch;
+    batch.swap(order);
+    for (const std::string& name : batch) {
+      queued.erase(name);
+      Status s = process(name);
+      if (s.ok()) {
+        failures.erase(name);
+        continue;
+      }
+      ++retries;
+      Duration delay = Backoff(name);
+      ++failures[name];
+      LogWarn("reconcile failed; retrying", {{"service", name},
+                                              {"error", s.ToString()},
+                                              {"retry_in_ms", static_cast<int64_t>(delay.count())}});
+      AddAfter(name, delay);
+    }
+  }
+
+  Duration Backoff(const std::string& name) const {
+    auto it = failures.find(name);
+    int n = it == failures.end() ? 0 : it->second;
+    int64_t ms = options.backoff_base.count();
+    for (int i = 0; i < n && ms < options.backoff_cap.count(); ++i) ms *= 2;
+    return Duration(std::min<int64_t>(ms, options.backoff_cap.count()));
+  }
+
+  void ArmResync() {
+    if (options.resync.count() <= 0) return;
+    resync_timer.expires_after(options.resync);
+    std::weak_ptr<Impl> weak = weak_from_this();
+    resync_timer.async_wait([weak](const boost::system::error_code& ec) {
+      auto self = weak.lock();
+      if (ec || !self) return;
+      for (const std::string& name : self->all_names()) self->Add(name);
+      self->ArmResync();
+    });
+  }
+
+  asio::io_context& io;
+  Options options;
+  ProcessFn process;
+  NamesFn all_names;
+  std::deque<std::string> order;
+  std::set<std::string> queued;
+  std::map<std::string, std::shared_ptr<asio::steady_timer>> timers;
+  std::map<std::string, int> failures;
+  asio::steady_timer resync_timer;
+  bool drain_posted = false;
+  int64_t retries = 0;
+};
+
+WorkQueue::WorkQueue(asio::io_context& io, Options options, ProcessFn process, NamesFn all_names)
+    : impl_(std::make_shared<Impl>(io, options, std::move(process), std::move(all_names))) {}
+
+WorkQueue::~WorkQueue() {
+  impl_->resync_timer.cancel();
+  for (auto& [name, t] : impl_->timers) t->cancel();
+}
+
+void WorkQueue::Add(const std::string& name) { impl_->Add(name); }
+void WorkQueue::AddAfter(const std::string& name, Duration delay) { impl_->AddAfter(name, delay); }
+void WorkQueue::Start() { impl_->ArmResync(); }
+size_t WorkQueue::Depth() const { return impl_->queued.size(); }
+int64_t WorkQueue::Retries() const { return impl_->retries; }
+Duration WorkQueue::NextBackoffForTest(const std::string& name) const { return impl_->Backoff(name); }
+
+}  // namespace kiln
