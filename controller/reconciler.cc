@@ -59,7 +59,7 @@ std::string ConditionsJson(const std::string& previous, const std::vector<Condit
 
 }  // namespace
 
-Reconciler::Reconciler(StateStore& store, Driver& driver, Prober& prober, ArtifactStore& artifacts,
+Reconciler::Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober, ArtifactStore& artifacts,
                        const Clock& clock, PassScheduler& scheduler, Options options)
     : store_(store),
       driver_(driver),

@@ -31,7 +31,7 @@ class Reconciler {
     int final_instances_kept = 50;   // terminated/failed/lost rows kept per service
   };
 
-  Reconciler(StateStore& store, Driver& driver, Prober& prober, ArtifactStore& artifacts,
+  Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober, ArtifactStore& artifacts,
              const Clock& clock, PassScheduler& scheduler, Options options);
 
   // Start-up, before the first pass: loads the last good desired state from the store, then
@@ -86,7 +86,7 @@ class Reconciler {
 
   StateStore& store_;
   Driver& driver_;
-  Prober& prober_;
+  HealthWatcher& prober_;
   ArtifactStore& artifacts_;
   const Clock& clock_;
   PassScheduler& scheduler_;

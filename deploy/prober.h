@@ -34,19 +34,28 @@ struct ProbeResult {
   std::string reason;
 };
 
-// REQUIRES: used from the io_context's thread only.
-class Prober {
+// What the reconciler needs from health checking (tests use a fake).
+class HealthWatcher {
  public:
   // Called on transitions only: the first success (healthy), `failure_threshold` consecutive
   // failures after being healthy (unhealthy), and a success after that (healthy again).
   using TransitionFn = std::function<void(const ProbeResult&)>;
 
-  explicit Prober(boost::asio::io_context& io);
-  ~Prober();
-
+  virtual ~HealthWatcher() = default;
   // Starts probing at once, then every interval. Watching an instance again replaces the target.
-  void Watch(const ProbeTarget& target, TransitionFn on_transition);
-  void Unwatch(const std::string& instance);
+  virtual void Watch(const ProbeTarget& target, TransitionFn on_transition) = 0;
+  virtual void Unwatch(const std::string& instance) = 0;
+};
+
+// REQUIRES: used from the io_context's thread only.
+class Prober final : public HealthWatcher {
+ public:
+  explicit Prober(boost::asio::io_context& io);
+  ~Prober() override;
+
+  // HealthWatcher
+  void Watch(const ProbeTarget& target, TransitionFn on_transition) override;
+  void Unwatch(const std::string& instance) override;
 
   // The latest result of an instance's probe, whether or not it was a transition.
   std::optional<ProbeResult> Last(const std::string& instance) const;

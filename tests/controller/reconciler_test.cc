@@ -1,0 +1,502 @@
+// Reconciler scenarios with a fake driver, fake health and a FakeClock.
+
+#include "controller/reconciler.h"
+
+#include <catch2/catch.hpp>
+
+#include "tests/controller/reconciler_fixture.h"
+
+namespace kiln {
+namespace {
+
+using testing::ReconcilerFixture;
+using namespace std::chrono_literals;
+
+// Cold start of `replicas` instances of v1, all healthy, rollout completed.
+void ColdStart(ReconcilerFixture& f, int replicas, const std::string& extra = "") {
+  f.Declare("v1", replicas, extra);
+  REQUIRE(f.Converge().ok());
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  f.Advance(10s);  // past any min_healthy_time
+  REQUIRE(f.Converge().ok());
+  REQUIRE(f.Count(1) == replicas);
+  REQUIRE(f.Rollout().state == "completed");
+}
+
+// Drives a rollout to its end, reporting new instances healthy as they start and checking the
+// invariants at every step: available never below `min_available`, total never above `max_total`.
+void RollOut(ReconcilerFixture& f, int min_available, int max_total, int max_steps = 100) {
+  REQUIRE(f.Converge().ok());
+  for (int step = 0; step < max_steps && f.Rollout().state != "completed"; ++step) {
+    REQUIRE(f.Converge().ok());
+    int total = 0;
+    for (const auto& i : f.Live()) total += i.state != InstanceState::kDraining;
+    CHECK(total <= max_total);
+    CHECK(f.Available() >= min_available);
+    f.AllHealthy();
+    REQUIRE(f.Converge().ok());
+    f.Advance(1s);
+  }
+  REQUIRE(f.Rollout().state == "completed");
+}
+
+TEST_CASE("cold start creates the replicas and completes the first rollout", "[reconciler]") {
+  ReconcilerFixture f;
+  f.Declare("v1", 3);
+  REQUIRE(f.Converge().ok());
+  // Intent first: three rows, all started by the driver, none healthy yet.
+  CHECK(f.Live().size() == 3);
+  CHECK(f.driver.starts.size() == 3);
+  for (const auto& i : f.Live()) CHECK(i.state == InstanceState::kStarting);
+  CHECK(f.Rollout().state == "progressing");
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().state == "completed");
+  CHECK(f.store->GetRevision("web", 1)->available_ms > 0);
+  CHECK(f.HasEvent("revision_created"));
+  CHECK(f.HasEvent("instance_healthy"));
+  CHECK(f.HasEvent("rollout_completed"));
+  // The artifact went into the store and instances run it by digest.
+  CHECK(f.artifacts->Has(f.driver.starts[0].artifact_sha256));
+  // Steady: another pass does nothing.
+  f.scheduler.queue.push_back("web");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == 3);
+}
+
+TEST_CASE("min_healthy_time delays availability", "[reconciler]") {
+  ReconcilerFixture f;
+  f.Declare("v1", 2, "update: {min_healthy_time: 5s}\n");
+  REQUIRE(f.Converge().ok());
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().state == "progressing");
+  CHECK_FALSE(f.scheduler.timers.empty());  // a timer, not a sweep, notices it
+  f.Advance(5s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().state == "completed");
+}
+
+TEST_CASE("rolling: surge and unavailable as counts and percentages", "[reconciler]") {
+  struct Case {
+    int replicas;
+    std::string update;
+    int min_available;
+    int max_total;
+    int first_creates;
+  };
+  // first_creates: new instances once the first passes settle (the fake driver stops at once).
+  for (const Case& c : {Case{4, "{max_surge: 1, max_unavailable: 0}", 4, 5, 1},
+                        Case{4, "{max_surge: 0, max_unavailable: 1}", 3, 4, 1},
+                        Case{10, "{max_surge: 25%, max_unavailable: 25%}", 8, 13, 5},
+                        Case{10, "{max_surge: 100%, max_unavailable: 0}", 10, 20, 10},
+                        Case{3, "{}", 3, 4, 1}}) {  // defaults: 25% (rounds up to 1), 0
+    INFO(c.replicas << " " << c.update);
+    ReconcilerFixture f;
+    ColdStart(f, c.replicas, "update: " + c.update + "\n");
+    f.Declare("v2", c.replicas, "update: " + c.update + "\n");
+    REQUIRE(f.Converge().ok());
+    CHECK(f.Count(2) == c.first_creates);
+    RollOut(f, c.min_available, c.max_total);
+    CHECK(f.Count(1) == 0);
+    CHECK(f.Count(2) == c.replicas);
+  }
+}
+
+TEST_CASE("instances of an equal template are never replaced", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  // Same template, different replicas and policy: no new revision, no replacement.
+  f.Declare("v1", 3, "update: {max_surge: 2}\nhistory_limit: 3\n");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.store->ListRevisions("web")->size() == 1);
+  CHECK(f.Count(1) == 3);
+  CHECK(f.driver.stops.empty());
+}
+
+TEST_CASE("recreate stops every old instance before starting new ones", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 3, "update: {strategy: recreate}\n");
+  f.Declare("v2", 3, "update: {strategy: recreate}\n");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.stops.size() == 3);  // all old stopped (the fake stops at once)
+  CHECK(f.Count(2) == 3);             // then the next pass started the new set
+  CHECK(f.Count(1) == 0);
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().state == "completed");
+}
+
+TEST_CASE("blue-green starts a full new set and switches at once", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 3, "update: {strategy: blue-green}\n");
+  f.Declare("v2", 3, "update: {strategy: blue-green}\n");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(2) == 3);
+  CHECK(f.Count(1) == 3);  // the old set serves until the new one is available
+  // Two of three healthy: still nothing destroyed.
+  auto live = f.Live();
+  int reported = 0;
+  for (const auto& i : live) {
+    if (i.revision == 2 && reported < 2) reported += f.health.Report(i.name, true);
+  }
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(1) == 3);
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(1) == 0);
+  CHECK(f.Rollout().state == "completed");
+}
+
+TEST_CASE("canary waits for promotion, then rolls on", "[reconciler]") {
+  ReconcilerFixture f;
+  const std::string policy = "update: {strategy: canary, canary: 1}\n";
+  ColdStart(f, 3, policy);
+  CHECK(f.reconciler->Promote("web", "alice").code() == StatusCode::kFailedPrecondition);
+  f.Declare("v2", 3, policy);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(2) == 1);
+  CHECK(f.Count(1) == 3);
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  f.Advance(10s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().state == "waiting_promotion");
+  CHECK(f.Count(2) == 1);
+  CHECK(f.Count(1) == 3);
+  REQUIRE(f.reconciler->Promote("web", "alice").ok());
+  RollOut(f, 3, 4);
+  CHECK(f.Count(2) == 3);
+  auto events = *f.store->ReadEvents({.service = "web", .limit = 100000});
+  bool promoted_by_alice = false;
+  for (const auto& e : events) promoted_by_alice |= e.kind == "promoted" && e.actor == "alice";
+  CHECK(promoted_by_alice);
+}
+
+TEST_CASE("canary with auto_promote continues by itself", "[reconciler]") {
+  ReconcilerFixture f;
+  const std::string policy = "update: {strategy: canary, canary: 2, auto_promote: true}\n";
+  ColdStart(f, 4, policy);
+  f.Declare("v2", 4, policy);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(2) == 2);
+  RollOut(f, 4, 6);
+  CHECK(f.HasEvent("promoted"));
+}
+
+TEST_CASE("a new instance not healthy by healthy_deadline fails and is replaced", "[reconciler]") {
+  ReconcilerFixture f;
+  f.Declare("v1", 1, "update: {healthy_deadline: 30s}\n");
+  REQUIRE(f.Converge().ok());
+  std::string first = f.Live().at(0).name;
+  f.Advance(30s);
+  REQUIRE(f.Converge().ok());
+  auto failed = *f.store->GetInstance(first);
+  CHECK(failed.state == InstanceState::kFailed);
+  CHECK(failed.reason == "not healthy within healthy_deadline 30s");
+  CHECK(std::find(f.driver.stops.begin(), f.driver.stops.end(), first) != f.driver.stops.end());
+  REQUIRE(f.Live().size() == 1);
+  CHECK(f.Live()[0].name != first);
+}
+
+TEST_CASE("a failed rollout rolls back to the last available revision and pins", "[reconciler]") {
+  ReconcilerFixture f;
+  const std::string policy = "update: {healthy_deadline: 20s, progress_deadline: 60s}\n";
+  ColdStart(f, 2, policy);
+  f.Declare("v2", 2, policy);
+  // v2 never becomes healthy: deadlines pass, nothing progresses.
+  for (int i = 0; i < 10 && f.Rollout().state != "failed"; ++i) {
+    REQUIRE(f.Converge().ok());
+    f.Advance(20s);
+  }
+  REQUIRE(f.Converge().ok());
+  ServiceRecord svc = f.Service();
+  CHECK(f.HasEvent("rollout_failed"));
+  CHECK(f.HasEvent("rolled_back"));
+  REQUIRE(svc.pinned_revision == 3);
+  CHECK(svc.desired_revision == 2);
+  CHECK(svc.pin_reason == "automatic rollback: rollout to revision 2 failed");
+  auto r3 = *f.store->GetRevision("web", 3);
+  CHECK(r3.source == "rollback");
+  CHECK(r3.actor == "auto");
+  CHECK(r3.rolled_back_from == 1);
+  CHECK(r3.template_hash == f.store->GetRevision("web", 1)->template_hash);
+  // The v1 instances were never replaced (same template as the pin); v2 ones are gone.
+  CHECK(f.Count(1) == 2);
+  CHECK(f.Count(2) == 0);
+  CHECK(f.Rollout().to_revision == 3);
+
+  // The manifest keeps declaring v2: the pin holds.
+  f.Load();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Service().pinned_revision == 3);
+  // The fix: a new template lifts the pin.
+  f.Declare("v3", 2, policy);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Service().pinned_revision == 0);
+  CHECK(f.Service().desired_revision == 4);
+  CHECK(f.HasEvent("pin_lifted"));
+  CHECK(f.Count(4) >= 1);
+}
+
+TEST_CASE("operator rollback and unpin", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  f.Declare("v2", 2);
+  RollOut(f, 2, 3);
+  CHECK(f.reconciler->Rollback("web", 2, "", "bob").status().message() ==
+        "revision 2 of web has the current template; nothing to roll back to");
+  CHECK(f.reconciler->Rollback("nope", 0, "", "bob").status().code() == StatusCode::kNotFound);
+  auto rev = f.reconciler->Rollback("web", 0, "bad deploy", "bob");
+  REQUIRE(rev.ok());
+  CHECK(rev->number == 3);
+  CHECK(rev->rolled_back_from == 1);
+  CHECK(f.Service().pin_reason == "rollback by bob: bad deploy");
+  RollOut(f, 2, 3);
+  CHECK(f.Count(3) == 2);
+  REQUIRE(f.reconciler->Unpin("web", "bob").ok());
+  CHECK(f.reconciler->Unpin("web", "bob").code() == StatusCode::kFailedPrecondition);
+  RollOut(f, 2, 3);
+  CHECK(f.Count(2) == 2);  // back to what the manifest declares
+}
+
+TEST_CASE("pause holds a rollout; paused time does not count toward progress_deadline",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  const std::string policy = "update: {progress_deadline: 60s}\n";
+  ColdStart(f, 3, policy);
+  f.Declare("v2", 3, policy);
+  REQUIRE(f.Converge().ok());
+  REQUIRE(f.reconciler->Pause("web", "investigating", "carol").ok());
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  const int v2_at_pause = f.Count(2);
+  f.Advance(10min);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().state == "paused");
+  CHECK(f.Count(2) == v2_at_pause);
+  REQUIRE(f.reconciler->Resume("web", "carol").ok());
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().state != "failed");
+  CHECK(f.Rollout().paused_ms >= 600'000);
+  RollOut(f, 3, 4);
+}
+
+TEST_CASE("scaling mid-rollout and without a new revision", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  f.Declare("v1", 5);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(1) == 5);
+  CHECK(f.store->ListRevisions("web")->size() == 1);
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  f.Declare("v2", 5);
+  REQUIRE(f.Converge().ok());
+  f.Declare("v2", 2);  // scale down in the middle
+  RollOut(f, 2, 7);
+  CHECK(f.Count(2) == 2);
+  CHECK(f.Count(1) == 0);
+}
+
+TEST_CASE("drift: an exited instance is replaced by a new id of the same revision",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  std::string victim = f.Live()[0].name;
+  f.driver.Exit(victim, 3);
+  auto gone = *f.store->GetInstance(victim);
+  CHECK(gone.state == InstanceState::kFailed);
+  CHECK(gone.reason == "exited with code 3");
+  CHECK(gone.exit_code == 3);
+  REQUIRE(f.Converge().ok());
+  auto live = f.Live();
+  REQUIRE(live.size() == 2);
+  for (const auto& i : live) {
+    CHECK(i.name != victim);
+    CHECK(i.revision == 1);
+  }
+  CHECK(f.store->ListRevisions("web")->size() == 1);
+}
+
+TEST_CASE("drift: an unhealthy instance is replaced, never restarted in place", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  std::string sick = f.Live()[0].name;
+  REQUIRE(f.health.Report(sick, false, "http 503 from 127.0.0.1:1/healthz"));
+  auto s = *f.store->GetInstance(sick);
+  CHECK(s.state == InstanceState::kUnhealthy);
+  CHECK(s.replace_reason == "health failing: http 503 from 127.0.0.1:1/healthz");
+  REQUIRE(f.Converge().ok());
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.store->GetInstance(sick)->state == InstanceState::kTerminated);
+  CHECK(f.Count(1) == 2);
+  CHECK(f.Available() == 2);
+}
+
+TEST_CASE("an operator replaces one instance: a new one first, then the old goes",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  std::string old = f.Live()[0].name;
+  REQUIRE(f.reconciler->ReplaceInstance(old, "stuck", "dave").ok());
+  REQUIRE(f.Converge().ok());
+  CHECK(f.store->GetInstance(old)->state == InstanceState::kHealthy);  // still serving
+  CHECK(f.Live().size() == 3);
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.store->GetInstance(old)->state == InstanceState::kTerminated);
+  CHECK(f.Live().size() == 2);
+  CHECK(f.reconciler->ReplaceInstance(old, "", "dave").code() == StatusCode::kFailedPrecondition);
+  CHECK(f.reconciler->ReplaceInstance("web-999", "", "dave").code() == StatusCode::kNotFound);
+}
+
+TEST_CASE("a broken manifest keeps the last good desired state", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  testing::WriteFile(f.tmp / "m/web.yaml",
+                     "name: web\nversion: \"v2\"\nreplicas: lots\nartifact: {path: ../artifacts/app-v2}\n");
+  f.Load();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(1) == 2);
+  CHECK(f.driver.stops.empty());
+  INFO(f.Service().manifest_error);
+  CHECK(f.Service().manifest_error.find("replicas: expected an integer") != std::string::npos);
+  CHECK(f.HasEvent("manifest_error"));
+  // Fixed: the error clears.
+  f.Declare("v1", 2);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Service().manifest_error.empty());
+}
+
+TEST_CASE("an empty or missing directory never retires every service", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  std::filesystem::remove(f.tmp / "m/web.yaml");
+  f.Load();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(1) == 2);
+  CHECK(f.Service().manifest_error.find("declares no services") != std::string::npos);
+  std::filesystem::remove_all(f.tmp / "m");
+  f.Load();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Count(1) == 2);
+  CHECK(f.driver.stops.empty());
+}
+
+TEST_CASE("a service removed from a readable directory is retired", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  f.Declare("v1", 1, "", "api");
+  REQUIRE(f.Converge().ok());
+  std::filesystem::remove(f.tmp / "m/web.yaml");
+  f.Load();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Live("web").empty());
+  CHECK(f.Service("web").retired);
+  CHECK(f.HasEvent("service_retired"));
+  CHECK(f.Live("api").size() == 1);
+}
+
+TEST_CASE("no instance is started without its intent committed", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 1);
+  // The disk is full: the pass fails before acting.
+  REQUIRE(f.store->ExecForTest("PRAGMA wal_checkpoint(TRUNCATE)").ok());
+  auto pages = *sqlite::Database::Open((f.tmp / "kiln.db").string(), true, false)
+                    ->QueryInt("p", "PRAGMA page_count");
+  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = " + std::to_string(*pages)).ok());
+  f.Declare("v1", 30);
+  Status s = f.Converge();
+  CHECK(s.code() == StatusCode::kResourceExhausted);
+  CHECK(f.driver.starts.size() == 1);
+  CHECK(f.Live().size() == 1);
+  // Space again: it resumes.
+  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = 1000000").ok());
+  f.scheduler.queue.push_back("web");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Live().size() == 30);
+}
+
+// Crash between intent and action, at each point: a new reconciler over the same store and
+// the same (fake) running instances recovers.
+TEST_CASE("recovery after a crash at each point of a step", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+
+  SECTION("after the intent to start, before the start") {
+    f.driver.defer_starts = true;
+    f.Declare("v1", 3);
+    REQUIRE(f.Converge().ok());
+    REQUIRE(f.driver.deferred.size() == 1);
+    std::string pending = f.driver.deferred[0].first.instance;
+    f.driver.deferred.clear();  // kilnd died before the driver ran it
+    f.driver.defer_starts = false;
+    f.MakeReconciler();
+    REQUIRE(f.reconciler->Recover().ok());
+    CHECK(f.store->GetInstance(pending)->state == InstanceState::kFailed);
+    f.Load();
+    REQUIRE(f.Converge().ok());
+    CHECK(f.Count(1) == 3);
+  }
+  SECTION("after the start, before it was recorded") {
+    f.driver.defer_starts = true;
+    f.Declare("v1", 3);
+    REQUIRE(f.Converge().ok());
+    auto [spec, done] = f.driver.deferred.at(0);
+    f.driver.deferred.clear();
+    REQUIRE(f.driver.Run(spec).ok());  // the process runs; kilnd died before recording it
+    f.driver.defer_starts = false;
+    f.MakeReconciler();
+    REQUIRE(f.reconciler->Recover().ok());
+    auto adopted = *f.store->GetInstance(spec.instance);
+    CHECK(adopted.state == InstanceState::kStarting);
+    CHECK(f.driver.adopted.count(spec.instance));
+    f.Load();
+    REQUIRE(f.Converge().ok());
+    CHECK(f.Count(1) == 3);
+    CHECK(f.driver.starts.size() == 3);  // nothing was started twice
+  }
+  SECTION("after the intent to stop, before the stop") {
+    std::string victim = f.Live()[0].name;
+    REQUIRE(f.store->TransitionInstance(victim, InstanceState::kDraining, {}).ok());
+    f.MakeReconciler();
+    REQUIRE(f.reconciler->Recover().ok());
+    CHECK(f.store->GetInstance(victim)->state == InstanceState::kTerminated);
+    CHECK(f.driver.running.count(victim) == 0);
+  }
+  SECTION("an instance gone while kilnd was down is lost and replaced") {
+    std::string victim = f.Live()[0].name;
+    f.driver.running.erase(victim);
+    f.MakeReconciler();
+    REQUIRE(f.reconciler->Recover().ok());
+    CHECK(f.store->GetInstance(victim)->state == InstanceState::kLost);
+    f.Load();
+    REQUIRE(f.Converge().ok());
+    CHECK(f.Count(1) == 2);
+  }
+  SECTION("an instance running with kiln's identity but unknown to the store is stopped") {
+    InstanceSpec ghost;
+    ghost.instance = "web-77";
+    ghost.service = "web";
+    REQUIRE(f.driver.Run(ghost).ok());
+    f.MakeReconciler();
+    REQUIRE(f.reconciler->Recover().ok());
+    CHECK(f.driver.running.count("web-77") == 0);
+    CHECK(f.HasEvent("unknown_instance_stopped"));
+  }
+  SECTION("a broken manifest at start-up keeps the remembered desired state") {
+    f.MakeReconciler();
+    REQUIRE(f.reconciler->Recover().ok());
+    testing::WriteFile(f.tmp / "m/web.yaml", "name: web\nversion: [\n");
+    f.Load();
+    REQUIRE(f.Converge().ok());
+    CHECK(f.Count(1) == 2);
+    CHECK_FALSE(f.Service().retired);
+  }
+}
+
+}  // namespace
+}  // namespace kiln
