@@ -1,0 +1,156 @@
+#pragma once
+
+// A real kilnd on a temporary manifest and state directory, running kiln-testsvc instances,
+// and what a test needs to look at: the store (read-only), the processes in /proc.
+
+#include <signal.h>
+
+#include <functional>
+#include <memory>
+#include <thread>
+
+#include "common/clock.h"
+#include "deploy/proc.h"
+#include "deploy/process_driver.h"
+#include "storage/sqlite_state_store.h"
+#include "tests/integration/process.h"
+#include "tests/test_util.h"
+
+namespace kiln::testing {
+
+inline bool WaitFor(const std::function<bool()>& pred,
+                    std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return pred();
+}
+
+class KilndHarness {
+ public:
+  KilndHarness() { std::filesystem::create_directories(tmp_ / "m"); }
+  ~KilndHarness() {
+    kilnd_.reset();  // SIGKILL if still running
+    KillInstances();
+  }
+
+  std::filesystem::path manifests() const { return tmp_ / "m"; }
+  std::filesystem::path state() const { return tmp_ / "state"; }
+
+  // A service running kiln-testsvc; `flags` go on its command line.
+  void Declare(const std::string& name, const std::string& version, int replicas,
+               const std::string& update, const std::string& flags = "",
+               const std::string& health = "{http: {path: /healthz}, interval: 100ms, timeout: 500ms, failure_threshold: 2}") {
+    std::string cmd = "[\"{artifact}\", \"--version-string\", \"" + version + "\"" + flags + "]";
+    WriteFile(manifests() / (name + ".yaml"),
+              "name: " + name + "\nversion: \"" + version + "\"\nreplicas: " + std::to_string(replicas) +
+                  "\nartifact: {path: " + BinPath("kiln-testsvc") + "}\ncommand: " + cmd +
+                  "\nhealth: " + health + "\nupdate: " + update + "\n");
+  }
+
+  void Start() {
+    kilnd_ = std::make_unique<Child>(
+        std::vector<std::string>{BinPath("kilnd"), "--manifests", manifests().string(), "--state",
+                                 state().string(), "--port-range",
+                                 std::to_string(PortWindow()) + "-" +
+                                     std::to_string(PortWindow() + kPortWindowSize - 1),
+                                 "--resync", "2s", "--stop-grace", "2s"},
+        tmp_.path());
+  }
+  bool WaitReady() { return kilnd_->WaitForStderr("kilnd ready", std::chrono::seconds(30)); }
+  Child& kilnd() { return *kilnd_; }
+  void Kill9() {
+    kilnd_->Signal(SIGKILL);
+    kilnd_->Wait(std::chrono::seconds(10));
+  }
+
+  // A fresh read-only view of the store (kilnd writes meanwhile).
+  std::unique_ptr<SqliteStateStore> Store() {
+    auto s = SqliteStateStore::Open(
+        {.path = (state() / "kiln.db").string(), .clock = &clock_, .read_only = true});
+    return s.ok() ? std::move(s).value() : nullptr;
+  }
+  std::vector<InstanceRecord> Live(const std::string& service) {
+    auto s = Store();
+    if (!s) return {};
+    auto l = s->ListInstances(service, false);
+    return l.ok() ? *l : std::vector<InstanceRecord>{};
+  }
+  int Healthy(const std::string& service, int64_t revision = 0) {
+    int n = 0;
+    for (const auto& i : Live(service)) {
+      n += i.state == InstanceState::kHealthy && (revision == 0 || i.revision == revision);
+    }
+    return n;
+  }
+  StatusOr<ServiceRecord> Service(const std::string& name) {
+    auto s = Store();
+    if (!s) return UnavailableError("no store yet");
+    return s->GetService(name);
+  }
+  std::vector<EventRecord> Events(const std::string& service) {
+    auto s = Store();
+    if (!s) return {};
+    auto e = s->ReadEvents({.service = service, .limit = 100000});
+    return e.ok() ? *e : std::vector<EventRecord>{};
+  }
+  bool HasEvent(const std::string& service, const std::string& kind) {
+    for (const auto& e : Events(service)) {
+      if (e.kind == kind) return true;
+    }
+    return false;
+  }
+
+  // pid -> instance for every process in /proc carrying this kilnd's identity (session leaders).
+  std::map<pid_t, std::string> InstanceProcesses() {
+    std::map<pid_t, std::string> out;
+    const std::string id = ControllerIdForStateDir(state());
+    for (pid_t pid : proc::ListPids()) {
+      auto st = proc::ReadStat(pid);
+      if (!st.ok() || st->session != pid || st->state == 'Z') continue;
+      auto env = proc::ReadEnviron(pid);
+      if (env["KILN_CONTROLLER"] == id) out[pid] = env["KILN_INSTANCE"];
+    }
+    return out;
+  }
+
+  // Every live row has its process, and every process is a live row: nothing runs untracked.
+  std::string TrackingProblems(const std::vector<std::string>& services) {
+    std::map<std::string, pid_t> rows;
+    std::string problems;
+    for (const auto& s : services) {
+      for (const auto& i : Live(s)) {
+        if (i.state == InstanceState::kPending || i.state == InstanceState::kDraining) {
+          problems += i.name + " is still " + std::string(InstanceStateName(i.state)) + "; ";
+          continue;
+        }
+        rows[i.name] = static_cast<pid_t>(std::atoi(i.handle.c_str() + 4));
+      }
+    }
+    auto procs = InstanceProcesses();
+    for (const auto& [pid, name] : procs) {
+      auto it = rows.find(name);
+      if (it == rows.end()) problems += "pid " + std::to_string(pid) + " (" + name + ") runs untracked; ";
+      else if (it->second != pid) problems += name + " row says pid " + std::to_string(it->second) + " but " + std::to_string(pid) + " runs; ";
+    }
+    for (const auto& [name, pid] : rows) {
+      bool found = false;
+      for (const auto& [p, n] : procs) found |= n == name;
+      if (!found) problems += name + " is live in the store but no process runs; ";
+    }
+    return problems;
+  }
+
+  void KillInstances() {
+    for (const auto& [pid, name] : InstanceProcesses()) ::kill(-pid, SIGKILL);
+  }
+
+ private:
+  TempDir tmp_;
+  FakeClock clock_;  // only for the read-only store's timestamps, which it never writes
+  std::unique_ptr<Child> kilnd_;
+};
+
+}  // namespace kiln::testing
