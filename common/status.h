@@ -84,11 +84,14 @@ class [[nodiscard]] StatusOr {
   Status status() const { return ok() ? Status() : std::get<Status>(v_); }
 
   // REQUIRES: ok()
+  // On a temporary these return the value itself, not a reference into the dying temporary, so
+  // `for (auto& x : *Foo())` is safe.
   T& value() & { return std::get<T>(v_); }
   const T& value() const& { return std::get<T>(v_); }
-  T&& value() && { return std::get<T>(std::move(v_)); }
+  T value() && { return std::get<T>(std::move(v_)); }
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
+  T operator*() && { return std::move(*this).value(); }
   T* operator->() { return &value(); }
   const T* operator->() const { return &value(); }
 

@@ -431,6 +431,50 @@ Status Reconciler::RetireStep(const std::string& name) {
   return Status::Ok();
 }
 
+Status Reconciler::PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit) {
+  ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(svc.name));  // newest first
+  std::set<int64_t> keep = {target_rev, svc.desired_revision, svc.pinned_revision};
+  for (const auto& r : revisions) {
+    // The last available revision other than the target: what a rollback goes back to.
+    if (r.available_ms > 0 && r.number != target_rev) {
+      keep.insert(r.number);
+      break;
+    }
+  }
+  ASSIGN_OR_RETURN(auto live, store_.ListInstances(svc.name, false));
+  for (size_t i = 0; i < revisions.size(); ++i) {
+    const RevisionRecord& r = revisions[i];
+    if (static_cast<int>(i) < limit || keep.count(r.number)) continue;
+    if (std::any_of(live.begin(), live.end(), [&](const auto& l) { return l.revision == r.number; })) {
+      continue;
+    }
+    RETURN_IF_ERROR(store_.DeleteFinalInstancesOf(svc.name, r.number).status());
+    RETURN_IF_ERROR(store_.DeleteRevision(svc.name, r.number));
+    LogInfo("revision pruned by history_limit",
+            {{"service", svc.name}, {"revision", r.number}, {"history_limit", limit}});
+  }
+  return Status::Ok();
+}
+
+void Reconciler::CollectArtifacts() {
+  auto services = store_.ListServices();
+  if (!services.ok()) return;
+  std::set<std::string> keep;
+  for (const auto& s : *services) {
+    auto revisions = store_.ListRevisions(s.name);
+    if (!revisions.ok()) return;  // never collect on a partial view
+    for (const auto& r : *revisions) {
+      auto t = Template::FromCanonical(r.template_json);
+      if (!t.ok()) return;
+      if (!t->artifact_sha256.empty()) keep.insert(t->artifact_sha256);
+    }
+  }
+  StatusOr<int> removed = artifacts_.Collect(keep);
+  if (removed.ok() && *removed > 0) {
+    LogInfo("artifacts collected", {{"removed", *removed}, {"kept", static_cast<int64_t>(keep.size())}});
+  }
+}
+
 StatusOr<int64_t> Reconciler::LastAvailableRevision(const std::string& service,
                                                     const std::string& except_hash) {
   ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(service));
@@ -477,6 +521,7 @@ Status Reconciler::Reconcile(const std::string& name) {
     if (at > now && (next_deadline_ms == 0 || at < next_deadline_ms)) next_deadline_ms = at;
   };
   bool requeue_now = false;
+  bool collect_artifacts = false;
 
   Status committed = store_.Transaction([&]() -> Status {
     StatusOr<ServiceRecord> existing = store_.GetService(name);
@@ -687,8 +732,10 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
     svc.conditions = ConditionsJson(svc.conditions, conditions, now);
     RETURN_IF_ERROR(store_.PutService(svc));
-    if (rollout.state == "completed") {
+    if (rollout.state == "completed" && rollout.finished_ms == now) {
       RETURN_IF_ERROR(store_.PruneFinalInstances(name, options_.final_instances_kept).status());
+      RETURN_IF_ERROR(PruneHistory(svc, target_rev, spec.history_limit));
+      collect_artifacts = true;
     }
     return Status::Ok();
   });
@@ -697,6 +744,7 @@ Status Reconciler::Reconcile(const std::string& name) {
   for (const auto& inst : to_fail) StopInstance(inst, /*mark_terminated=*/false);
   for (const auto& inst : to_stop) StopInstance(inst, /*mark_terminated=*/true);
   for (const auto& inst : to_start) StartInstance(inst);
+  if (collect_artifacts) CollectArtifacts();
   if (requeue_now) scheduler_.Add(name);
   if (next_deadline_ms > 0) scheduler_.AddAfter(name, Duration(next_deadline_ms - now));
   return Status::Ok();

@@ -75,6 +75,11 @@ class Reconciler {
   Status WriteRollbackRevision(ServiceRecord& svc, const RevisionRecord& from,
                                const std::string& reason, const std::string& actor,
                                RevisionRecord* written);
+  // history_limit: deletes revisions beyond the newest `limit`, never the target, desired,
+  // pinned or last available one, nor one a live instance runs.
+  Status PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit);
+  // Removes artifacts no retained revision of any service references.
+  void CollectArtifacts();
   StatusOr<int64_t> LastAvailableRevision(const std::string& service, const std::string& except_hash);
   void StartInstance(const InstanceRecord& inst);
   void StopInstance(const InstanceRecord& inst, bool mark_terminated);

@@ -664,6 +664,17 @@ Status SqliteStateStore::RequestReplacement(std::string_view name, std::string_v
                  "UPDATE instances SET replace_reason = ? WHERE id = ?", reason, r.id);
 }
 
+StatusOr<int64_t> SqliteStateStore::DeleteFinalInstancesOf(std::string_view service,
+                                                           int64_t revision) {
+  std::lock_guard lock(mu_);
+  RETURN_IF_ERROR(db_.Run("delete instances of " + std::string(service) + " revision " +
+                              std::to_string(revision),
+                          "DELETE FROM instances WHERE service = ? AND revision = ? AND state IN "
+                          "('terminated', 'failed', 'lost')",
+                          service, revision));
+  return db_.Changes();
+}
+
 StatusOr<int64_t> SqliteStateStore::PruneFinalInstances(std::string_view service, int keep) {
   std::lock_guard lock(mu_);
   RETURN_IF_ERROR(db_.Run("prune instances of " + std::string(service),

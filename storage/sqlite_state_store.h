@@ -63,6 +63,7 @@ class SqliteStateStore final : public StateStore {
   StatusOr<InstanceRecord> TransitionInstance(std::string_view name, InstanceState to,
                                               const InstanceUpdate& update) override;
   Status RequestReplacement(std::string_view name, std::string_view reason) override;
+  StatusOr<int64_t> DeleteFinalInstancesOf(std::string_view service, int64_t revision) override;
   StatusOr<int64_t> PruneFinalInstances(std::string_view service, int keep) override;
   StatusOr<int64_t> PutRollout(const RolloutRecord& r) override;
   StatusOr<int64_t> AppendEvent(const EventRecord& e) override;

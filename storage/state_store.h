@@ -181,6 +181,8 @@ class StateStore : public StateReader {
   // Marks a live instance to be replaced by a new one of the same revision (never restarted in
   // place). FAILED_PRECONDITION when it is no longer live.
   virtual Status RequestReplacement(std::string_view name, std::string_view reason) = 0;
+  // Deletes the final (terminated, failed, lost) instances of one revision. Returns how many.
+  virtual StatusOr<int64_t> DeleteFinalInstancesOf(std::string_view service, int64_t revision) = 0;
   // Deletes final instances of a service beyond the newest `keep`. Returns how many.
   virtual StatusOr<int64_t> PruneFinalInstances(std::string_view service, int keep) = 0;
 

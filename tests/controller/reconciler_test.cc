@@ -283,6 +283,26 @@ TEST_CASE("pause holds a rollout; paused time does not count toward progress_dea
   RollOut(f, 3, 4);
 }
 
+TEST_CASE("history_limit prunes old revisions and their artifacts, never the ones in use",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  const std::string extra = "history_limit: 2\n";
+  ColdStart(f, 1, extra);
+  const std::string v1_digest = f.driver.starts[0].artifact_sha256;
+  f.Declare("v2", 1, extra);
+  RollOut(f, 1, 2);
+  f.Declare("v3", 1, extra);
+  RollOut(f, 1, 2);
+  auto revisions = *f.store->ListRevisions("web");
+  REQUIRE(revisions.size() == 2);
+  CHECK(revisions[0].number == 3);
+  CHECK(revisions[1].number == 2);  // the last available before the current: kept for rollback
+  CHECK_FALSE(f.artifacts->Has(v1_digest));
+  CHECK(f.artifacts->Has(f.driver.starts.back().artifact_sha256));
+  // Instance rows of the pruned revision went with it.
+  for (const auto& i : *f.store->ListInstances("web", true)) CHECK(i.revision != 1);
+}
+
 TEST_CASE("scaling mid-rollout and without a new revision", "[reconciler]") {
   ReconcilerFixture f;
   ColdStart(f, 2);
