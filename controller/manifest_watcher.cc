@@ -41,7 +41,7 @@ struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
     retry_timer.async_wait([weak](const boost::system::error_code& ec) {
       auto self = weak.lock();
       if (ec || !self) return;
-      self->Changed();  // it may have come back with files in it
+      self->Changed(self->debounce);  // it may have come back with files in it
       self->Watch();
     });
   }
@@ -53,21 +53,25 @@ struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
       if (!self || ec == asio::error::operation_aborted) return;
       if (ec) return self->Retry(ec.message());
       bool gone = false;
+      bool complete = false;  // the batch ends with a file complete: written, renamed, removed
       for (size_t off = 0; off < n;) {
         auto* e = reinterpret_cast<const inotify_event*>(self->buf.data() + off);
         gone |= (e->mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED)) != 0;
+        complete = (e->mask & (IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE)) != 0;
         off += sizeof(inotify_event) + e->len;
       }
       self->retrying = false;
-      self->Changed();
+      // A file that is complete is read almost at once; a write still in progress waits for the
+      // burst to settle.
+      self->Changed(complete ? Duration(5) : self->debounce);
       if (gone) return self->Retry("manifest directory was removed or moved");
       self->Read();
     });
   }
 
-  // Debounce: one reload once changes have been quiet for `debounce`.
-  void Changed() {
-    debounce_timer.expires_after(debounce);
+  // Debounce: one reload once changes have been quiet for `delay`.
+  void Changed(Duration delay) {
+    debounce_timer.expires_after(delay);
     std::weak_ptr<Impl> weak = weak_from_this();
     debounce_timer.async_wait([weak](const boost::system::error_code& ec) {
       auto self = weak.lock();

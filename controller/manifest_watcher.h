@@ -2,6 +2,8 @@
 
 // Watches the manifest directory with inotify on Asio and calls back, debounced, once a burst of
 // changes has settled: create, modify, delete, rename (editors' save-by-rename, `git checkout`).
+// A burst that ends with a complete file (closed after writing, renamed in, removed) is read
+// after 5 ms of quiet; one that ends mid-write waits for `debounce` of quiet.
 // A directory that is missing or replaced is watched again once it is back.
 
 #include <filesystem>

@@ -529,7 +529,11 @@ Status Reconciler::Reconcile(const std::string& name) {
     ServiceRecord svc;
     if (existing.ok()) svc = *existing;
     svc.name = name;
-    if (!existing.ok()) RETURN_IF_ERROR(store_.PutService(svc));  // revisions reference it
+    if (!existing.ok()) {
+      RETURN_IF_ERROR(store_.PutService(svc));  // revisions reference it
+      ASSIGN_OR_RETURN(svc, store_.GetService(name));
+      existing = svc;
+    }
 
     StatusOr<int64_t> desired_rev = EnsureDesiredRevision(*desired, svc);
     std::string manifest_error = desired->error;
@@ -556,6 +560,7 @@ Status Reconciler::Reconcile(const std::string& name) {
     if (!latest.ok() && latest.status().code() != StatusCode::kNotFound) return latest.status();
     RolloutRecord rollout;
     if (latest.ok()) rollout = *latest;
+    RolloutRecord rollout_written = rollout;  // what the store holds; write only on change
     if (!latest.ok() || rollout.to_revision != target_rev) {
       if (latest.ok() && RolloutActive(rollout)) {
         rollout.state = "superseded";
@@ -572,6 +577,7 @@ Status Reconciler::Reconcile(const std::string& name) {
       next.started_ms = next.last_progress_ms = now;
       ASSIGN_OR_RETURN(next.id, store_.PutRollout(next));
       rollout = next;
+      rollout_written = rollout;
       progress_seen_.erase(name);
       RETURN_IF_ERROR(Event("rollout_started", name, target_rev, "", "kilnd",
                             "rollout of " + name + " to revision " + std::to_string(target_rev) +
@@ -671,8 +677,9 @@ Status Reconciler::Reconcile(const std::string& name) {
       } else if (rollout.state == "progressing") {
         wake_at(deadline_at);
       }
-      RETURN_IF_ERROR(store_.PutRollout(rollout).status());
-    } else if (plan.old_total == 0 && plan.new_available >= spec.replicas && spec.replicas > 0) {
+      if (!(rollout == rollout_written)) RETURN_IF_ERROR(store_.PutRollout(rollout).status());
+    } else if (plan.old_total == 0 && plan.new_available >= spec.replicas && spec.replicas > 0 &&
+               target.available_ms == 0) {
       RETURN_IF_ERROR(store_.MarkRevisionAvailable(name, target_rev, now));
     }
 
@@ -731,7 +738,8 @@ Status Reconciler::Reconcile(const std::string& name) {
       conditions.push_back({"Degraded", false, "AsExpected", ""});
     }
     svc.conditions = ConditionsJson(svc.conditions, conditions, now);
-    RETURN_IF_ERROR(store_.PutService(svc));
+    // A steady pass writes nothing: no commit, no fsync.
+    if (!existing.ok() || !(svc == *existing)) RETURN_IF_ERROR(store_.PutService(svc));
     if (rollout.state == "completed" && rollout.finished_ms == now) {
       RETURN_IF_ERROR(store_.PruneFinalInstances(name, options_.final_instances_kept).status());
       RETURN_IF_ERROR(PruneHistory(svc, target_rev, spec.history_limit));

@@ -39,6 +39,8 @@ struct ServiceRecord {
   std::string conditions;        // JSON array of {type,status,reason,message,last_transition_ms}
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
+
+  friend bool operator==(const ServiceRecord&, const ServiceRecord&) = default;
 };
 
 struct RevisionRecord {
@@ -100,6 +102,8 @@ struct RolloutRecord {
   int64_t paused_at_ms = 0;  // when the current pause began; 0 when not paused
   int64_t finished_ms = 0;
   bool promoted = false;  // canary: the rest of the rollout may proceed
+
+  friend bool operator==(const RolloutRecord&, const RolloutRecord&) = default;
 };
 
 struct EventRecord {
