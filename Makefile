@@ -21,6 +21,7 @@ run: build
 	build/bin/kilnd --manifests $(MANIFESTS) --state $(STATE)
 
 bench: build
+	@scripts/install-deps --bench
 	@cmake --build --preset default --target bench
 
 # Unit and integration tests again under AddressSanitizer + UBSan (CI runs this after `make test`).

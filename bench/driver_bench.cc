@@ -93,8 +93,8 @@ int Main() {
   ProcessDriver::Options o;
   o.log_dir = dir / "logs";
   o.artifacts = &*store;
-  o.port_first = 41000;
-  o.port_last = 42999;
+  o.port_first = 21000;
+  o.port_last = 22999;
   o.controller_id = ControllerIdForStateDir(dir);
   ProcessDriver driver(io, o);
 

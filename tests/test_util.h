@@ -48,17 +48,18 @@ inline std::string ReadFile(const std::filesystem::path& p) {
 
 // The first port of a window of kPortWindowSize ports that no other test process on this machine
 // uses while this one runs (tests run in parallel under ctest -j). The window is held by a lock
-// file for the life of the process.
+// file for the life of the process. Windows lie in 10000-29999, below Linux's ephemeral range
+// (32768-60999): a connect to a not-yet-listening port inside that range can connect to itself.
 inline constexpr int kPortWindowSize = 400;
 inline int PortWindow() {
   static const int first = [] {
-    for (int i = 0; i < 60; ++i) {
+    for (int i = 0; i < 50; ++i) {
       std::string lock = "/tmp/kiln-test-ports-" + std::to_string(i) + ".lock";
       int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
-      if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) == 0) return 30000 + i * kPortWindowSize;
+      if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) == 0) return 10000 + i * kPortWindowSize;
       if (fd >= 0) ::close(fd);
     }
-    std::abort();  // sixty test processes at once: something is wrong
+    std::abort();  // fifty test processes at once: something is wrong
   }();
   return first;
 }
