@@ -62,7 +62,7 @@ DesiredSet::Update DesiredSet::Apply(const ManifestSet& set) {
     auto b = next.find(name);
     bool same = a != services_.end() && b != next.end() && a->second.error == b->second.error &&
                 a->second.manifest_sha256 == b->second.manifest_sha256 &&
-                ServiceSpecToJson(a->second.spec) == ServiceSpecToJson(b->second.spec);
+                a->second.spec_json == b->second.spec_json;
     if (!same) update.changed.push_back(name);
   }
   services_ = std::move(next);

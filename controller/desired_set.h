@@ -13,9 +13,17 @@
 namespace kiln {
 
 struct DesiredService {
+  DesiredService() = default;
+  DesiredService(ServiceSpec s, std::string sha256, std::string err)
+      : spec(std::move(s)), manifest_sha256(std::move(sha256)), error(std::move(err)),
+        template_hash(spec.tmpl.Hash()), spec_json(ServiceSpecToJson(spec)) {}
+
   ServiceSpec spec;             // the last good spec
   std::string manifest_sha256;  // of its file when that spec was read
   std::string error;            // the current error that keeps it at its last good spec, or ""
+  // Derived once from `spec`, not on every pass.
+  std::string template_hash;
+  std::string spec_json;
 };
 
 class DesiredSet {

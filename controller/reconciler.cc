@@ -92,7 +92,12 @@ Status Reconciler::Event(const std::string& kind, const std::string& service, in
 }
 
 StatusOr<std::string> Reconciler::HashOf(const std::string& service, int64_t revision) {
+  // Revisions are immutable, so their hashes can be remembered.
+  auto key = std::make_pair(service, revision);
+  auto it = hash_cache_.find(key);
+  if (it != hash_cache_.end()) return it->second;
   ASSIGN_OR_RETURN(RevisionRecord r, store_.GetRevision(service, revision));
+  hash_cache_.emplace(key, r.template_hash);
   return r.template_hash;
 }
 
@@ -266,10 +271,12 @@ void Reconciler::WatchHealth(const InstanceRecord& inst, const Template& tmpl) {
   t.check = tmpl.health;
   t.host = inst.host.empty() ? "127.0.0.1" : inst.host;
   t.port = inst.port;
-  t.env = tmpl.env;
-  t.env["PORT"] = std::to_string(inst.port);
-  t.env["KILN_INSTANCE"] = inst.name;
-  t.env["KILN_SERVICE"] = inst.service;
+  if (tmpl.health.kind == ProbeKind::kExec) {  // only an exec probe has an environment
+    t.env = tmpl.env;
+    t.env["PORT"] = std::to_string(inst.port);
+    t.env["KILN_INSTANCE"] = inst.name;
+    t.env["KILN_SERVICE"] = inst.service;
+  }
   prober_.Watch(t, [this](const ProbeResult& r) { OnProbe(r); });
 }
 
@@ -367,7 +374,7 @@ void Reconciler::RetryUnrecordedStarts(const std::string& service) {
 // The pass
 
 StatusOr<int64_t> Reconciler::EnsureDesiredRevision(const DesiredService& d, ServiceRecord& svc) {
-  const std::string hash = d.spec.tmpl.Hash();
+  const std::string& hash = d.template_hash;
   if (svc.desired_revision > 0) {
     ASSIGN_OR_RETURN(std::string current, HashOf(svc.name, svc.desired_revision));
     if (current == hash) return svc.desired_revision;
@@ -431,7 +438,8 @@ Status Reconciler::RetireStep(const std::string& name) {
   return Status::Ok();
 }
 
-Status Reconciler::PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit) {
+StatusOr<int> Reconciler::PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit) {
+  int deleted = 0;
   ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(svc.name));  // newest first
   std::set<int64_t> keep = {target_rev, svc.desired_revision, svc.pinned_revision};
   for (const auto& r : revisions) {
@@ -450,10 +458,12 @@ Status Reconciler::PruneHistory(const ServiceRecord& svc, int64_t target_rev, in
     }
     RETURN_IF_ERROR(store_.DeleteFinalInstancesOf(svc.name, r.number).status());
     RETURN_IF_ERROR(store_.DeleteRevision(svc.name, r.number));
+    hash_cache_.erase({svc.name, r.number});
+    ++deleted;
     LogInfo("revision pruned by history_limit",
             {{"service", svc.name}, {"revision", r.number}, {"history_limit", limit}});
   }
-  return Status::Ok();
+  return deleted;
 }
 
 void Reconciler::CollectArtifacts() {
@@ -548,7 +558,7 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
     svc.manifest_error = manifest_error;
     svc.manifest_file = spec.file;
-    svc.spec = ServiceSpecToJson(spec);
+    svc.spec = desired->spec_json;
     svc.retired = false;
 
     const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
@@ -742,8 +752,9 @@ Status Reconciler::Reconcile(const std::string& name) {
     if (!existing.ok() || !(svc == *existing)) RETURN_IF_ERROR(store_.PutService(svc));
     if (rollout.state == "completed" && rollout.finished_ms == now) {
       RETURN_IF_ERROR(store_.PruneFinalInstances(name, options_.final_instances_kept).status());
-      RETURN_IF_ERROR(PruneHistory(svc, target_rev, spec.history_limit));
-      collect_artifacts = true;
+      ASSIGN_OR_RETURN(int pruned, PruneHistory(svc, target_rev, spec.history_limit));
+      // Only a pruned revision can leave an artifact unreferenced.
+      collect_artifacts = pruned > 0;
     }
     return Status::Ok();
   });

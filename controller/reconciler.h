@@ -77,7 +77,8 @@ class Reconciler {
                                RevisionRecord* written);
   // history_limit: deletes revisions beyond the newest `limit`, never the target, desired,
   // pinned or last available one, nor one a live instance runs.
-  Status PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit);
+  // Returns how many revisions it deleted.
+  StatusOr<int> PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit);
   // Removes artifacts no retained revision of any service references.
   void CollectArtifacts();
   StatusOr<int64_t> LastAvailableRevision(const std::string& service, const std::string& except_hash);
@@ -102,6 +103,8 @@ class Reconciler {
   // Starts whose "starting" state could not be committed (store unwritable): the process runs,
   // its row is still pending. Committed on the next pass; never started twice meanwhile.
   std::map<std::string, InstanceHandle> unrecorded_starts_;
+  // Template hash by (service, revision): revisions never change.
+  std::map<std::pair<std::string, int64_t>, std::string> hash_cache_;
   // Rollout progress as last seen (new available, old total), to move last_progress_ms.
   std::map<std::string, std::pair<int, int>> progress_seen_;
 };
