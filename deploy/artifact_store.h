@@ -19,7 +19,8 @@ class ArtifactStore {
   // Copies `source` into the store, hashing while copying, and returns its digest. With `pin`,
   // a different digest is refused (naming both digests and the path) and nothing is stored.
   // A crash never leaves a partial file under a digest (write to a temporary, fsync, rename), and
-  // concurrent puts of the same content are safe.
+  // concurrent puts of the same content are safe. With a pin that is already stored, nothing is
+  // read or copied.
   StatusOr<std::string> Put(const std::filesystem::path& source, const std::string& pin = "");
 
   // Where the artifact with this digest is (whether or not it exists).
