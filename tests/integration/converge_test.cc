@@ -30,7 +30,8 @@ TEST_CASE("a rolling version change keeps replicas - max_unavailable available",
   h.Start();
   REQUIRE(h.WaitReady());
   REQUIRE(WaitFor([&] { return h.Healthy("web") == 4; }));
-  h.Declare("web", "2.0", 4, kRolling);
+  // v2 takes a while to listen, so the rollout has steps to observe.
+  h.Declare("web", "2.0", 4, kRolling, ", \"--start-delay\", \"300ms\"");
   int lowest = 4;
   int samples = 0;
   bool done = WaitFor([&] {
