@@ -221,8 +221,13 @@ void Reconciler::ApplyManifests(const ManifestSet& set) {
 // Driver and prober callbacks: record, then enqueue.
 
 void Reconciler::OnExit(const ExitInfo& info) {
-  const std::string service = ServiceOf(info.instance);
   prober_.Unwatch(info.instance);
+  if (!RecordExit(info)) unrecorded_exits_[info.instance] = info;
+  scheduler_.Add(ServiceOf(info.instance));
+}
+
+bool Reconciler::RecordExit(const ExitInfo& info) {
+  const std::string service = ServiceOf(info.instance);
   Status s = store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(InstanceRecord inst, store_.GetInstance(info.instance));
     if (!IsLive(inst.state)) return Status::Ok();
@@ -236,8 +241,51 @@ void Reconciler::OnExit(const ExitInfo& info) {
     return Event(to == InstanceState::kFailed ? "instance_exited" : "instance_terminated", service,
                  inst.revision, inst.name, "kilnd", "instance " + inst.name + " " + u.reason);
   });
-  if (!s.ok()) LogError("cannot record an exit", {{"instance", info.instance}, {"error", s.ToString()}});
-  scheduler_.Add(service);
+  if (!s.ok()) {
+    LogError("cannot record an exit; will retry", {{"instance", info.instance}, {"error", s.ToString()}});
+  }
+  return s.ok();
+}
+
+Status Reconciler::CheckArtifact(const std::string& service, const std::string& digest) {
+  const int64_t now = NowMs();
+  auto it = artifact_verified_ms_.find(digest);
+  if (it != artifact_verified_ms_.end() && now - it->second < 60'000) return Status::Ok();
+  Status v = artifacts_.Verify(digest);
+  if (v.ok()) {
+    artifact_verified_ms_[digest] = now;
+    return Status::Ok();
+  }
+  // Restore it from a manifest source that still has exactly those bytes.
+  Status restored = FailedPreconditionError("no manifest source has these bytes");
+  for (const auto& [name, d] : desired_.services()) {
+    if (d.spec.tmpl.artifact_sha256 != digest || d.spec.artifact_path.empty()) continue;
+    std::error_code ec;
+    std::filesystem::remove(artifacts_.PathFor(digest), ec);
+    StatusOr<std::string> put = artifacts_.Put(d.spec.artifact_path, digest);
+    restored = put.status();
+    if (put.ok()) break;
+  }
+  const std::string what = v.message() + (restored.ok() ? "; restored from its source"
+                                                         : "; cannot restore: " + restored.message());
+  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+    RETURN_IF_ERROR(Event("artifact_drift", service, 0, "", "kilnd", what));
+    // Instances started from the altered bytes are drifted: replace them.
+    ASSIGN_OR_RETURN(auto live, store_.ListInstances(service, false));
+    for (const auto& inst : live) {
+      ASSIGN_OR_RETURN(RevisionRecord r, store_.GetRevision(service, inst.revision));
+      ASSIGN_OR_RETURN(Template t, Template::FromCanonical(r.template_json));
+      // Pending ones have not run anything yet; they start from the restored bytes.
+      if (t.artifact_sha256 == digest && inst.replace_reason.empty() &&
+          inst.state != InstanceState::kDraining && inst.state != InstanceState::kPending) {
+        RETURN_IF_ERROR(store_.RequestReplacement(inst.name, "artifact drift: " + v.message()));
+      }
+    }
+    return Status::Ok();
+  }));
+  if (!restored.ok()) return DataLossError(what);
+  artifact_verified_ms_[digest] = now;
+  return Status::Ok();
 }
 
 void Reconciler::OnProbe(const ProbeResult& r) {
@@ -288,7 +336,9 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
     LogError("cannot start: template unreadable", {{"instance", inst.name}, {"error", tmpl.status().ToString()}});
     return;
   }
+  start_in_flight_.insert(inst.name);
   driver_.Start(SpecFor(inst, *tmpl), [this, inst, t = *tmpl](StatusOr<InstanceHandle> h) {
+    start_in_flight_.erase(inst.name);
     Status s;
     if (!h.ok()) {
       s = store_.Transaction([&]() -> Status {
@@ -520,6 +570,13 @@ Status Reconciler::WriteRollbackRevision(ServiceRecord& svc, const RevisionRecor
 
 Status Reconciler::Reconcile(const std::string& name) {
   RetryUnrecordedStarts(name);
+  for (auto it = unrecorded_exits_.begin(); it != unrecorded_exits_.end();) {
+    if (ServiceOf(it->first) == name && RecordExit(it->second)) {
+      it = unrecorded_exits_.erase(it);
+    } else {
+      ++it;
+    }
+  }
   const DesiredService* desired = desired_.Find(name);
   if (desired == nullptr) return RetireStep(name);
   const ServiceSpec& spec = desired->spec;
@@ -632,6 +689,15 @@ Status Reconciler::Reconcile(const std::string& name) {
       in.instances.push_back(p);
     }
     PlanOutput plan = PlanStep(in);
+    // Intents committed by an earlier pass whose start never happened (the artifact was not
+    // fit to run then): start them now.
+    for (const InstanceRecord& inst : live) {
+      if (inst.state == InstanceState::kPending && !start_in_flight_.count(inst.name) &&
+          !unrecorded_starts_.count(inst.name) &&
+          std::find(plan.destroy.begin(), plan.destroy.end(), inst.name) == plan.destroy.end()) {
+        to_start.push_back(inst);
+      }
+    }
 
     // Rollout progress, completion and the progress deadline.
     if (RolloutActive(rollout)) {
@@ -759,6 +825,23 @@ Status Reconciler::Reconcile(const std::string& name) {
     return Status::Ok();
   });
   if (!committed.ok()) return committed;  // nothing was started or stopped
+
+  // Never start instances from bytes that no longer match their digest.
+  if (!to_start.empty() && !desired->spec.tmpl.artifact_sha256.empty()) {
+    std::set<int64_t> revisions;
+    for (const auto& inst : to_start) revisions.insert(inst.revision);
+    for (int64_t rev : revisions) {
+      StatusOr<RevisionRecord> r = store_.GetRevision(name, rev);
+      StatusOr<Template> t = r.ok() ? Template::FromCanonical(r->template_json) : StatusOr<Template>(r.status());
+      Status checked = t.ok() ? CheckArtifact(name, t->artifact_sha256) : t.status();
+      if (!checked.ok()) {
+        // The intents stay pending; the next pass (after backoff) starts them once it is fixed.
+        for (const auto& inst : to_fail) StopInstance(inst, false);
+        for (const auto& inst : to_stop) StopInstance(inst, true);
+        return checked;
+      }
+    }
+  }
 
   for (const auto& inst : to_fail) StopInstance(inst, /*mark_terminated=*/false);
   for (const auto& inst : to_stop) StopInstance(inst, /*mark_terminated=*/true);

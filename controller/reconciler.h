@@ -86,6 +86,13 @@ class Reconciler {
   void StopInstance(const InstanceRecord& inst, bool mark_terminated);
   void WatchHealth(const InstanceRecord& inst, const Template& tmpl);
   void OnExit(const ExitInfo& info);
+  // Records an exit; false when the store refused (it is retried on the next pass).
+  bool RecordExit(const ExitInfo& info);
+  // Drift of the artifact in the store (its bytes no longer match its digest): restores it from
+  // the manifest's source when that still has those bytes and flags the instances running it
+  // for replacement. Checked at most once a minute per digest. An error means: do not start
+  // instances from it now.
+  Status CheckArtifact(const std::string& service, const std::string& digest);
   void OnProbe(const ProbeResult& r);
   void RetryUnrecordedStarts(const std::string& service);
   static std::string ServiceOf(const std::string& instance);
@@ -105,6 +112,12 @@ class Reconciler {
   std::map<std::string, InstanceHandle> unrecorded_starts_;
   // Template hash by (service, revision): revisions never change.
   std::map<std::pair<std::string, int64_t>, std::string> hash_cache_;
+  // Instances handed to the driver whose start has not called back yet.
+  std::set<std::string> start_in_flight_;
+  // Exits the store did not take (unwritable): recorded on the next pass of their service.
+  std::map<std::string, ExitInfo> unrecorded_exits_;
+  // When each artifact digest was last verified.
+  std::map<std::string, int64_t> artifact_verified_ms_;
   // Rollout progress as last seen (new available, old total), to move last_progress_ms.
   std::map<std::string, std::pair<int, int>> progress_seen_;
 };

@@ -356,6 +356,80 @@ TEST_CASE("drift: an unhealthy instance is replaced, never restarted in place", 
   CHECK(f.Available() == 2);
 }
 
+TEST_CASE("drift: an artifact altered in the store is restored and its instances replaced",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  const std::string digest = f.driver.starts[0].artifact_sha256;
+  const auto stored = f.artifacts->PathFor(digest);
+  std::filesystem::permissions(stored, std::filesystem::perms::owner_write,
+                               std::filesystem::perm_options::add);
+  testing::WriteFile(stored, "tampered bits");
+  f.Advance(61s);
+  // An exit makes the next pass start an instance: the bytes are checked first.
+  auto live = f.Live();
+  f.driver.Exit(live[0].name, 1);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.artifacts->Verify(digest).ok());  // restored from the manifest's source
+  CHECK(f.HasEvent("artifact_drift"));
+  CHECK(f.store->GetInstance(live[1].name)->replace_reason.rfind("artifact drift: ", 0) == 0);
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.store->GetInstance(live[1].name)->state == InstanceState::kTerminated);
+  CHECK(f.Available() == 2);
+}
+
+TEST_CASE("drift: an altered artifact with no source to restore it starts nothing", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 1);
+  const std::string digest = f.driver.starts[0].artifact_sha256;
+  std::filesystem::permissions(f.artifacts->PathFor(digest), std::filesystem::perms::owner_write,
+                               std::filesystem::perm_options::add);
+  testing::WriteFile(f.artifacts->PathFor(digest), "tampered bits");
+  testing::WriteFile(f.tmp / "artifacts/app-v1", "changed source");
+  f.Advance(61s);
+  f.driver.Exit(f.Live()[0].name, 1);
+  Status s = f.Converge();
+  CHECK(s.code() == StatusCode::kDataLoss);
+  CHECK(s.message().find("no longer matches its digest") != std::string::npos);
+  CHECK(f.driver.starts.size() == 1);  // the intent is recorded, the start waits
+  REQUIRE(f.Live().size() == 1);
+  CHECK(f.Live()[0].state == InstanceState::kPending);
+  // The source has the bytes again: the next pass restores and starts.
+  testing::WriteFile(f.tmp / "artifacts/app-v1", "app v1");
+  f.Advance(61s);
+  f.scheduler.queue.push_back("web");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == 2);
+  CHECK(f.artifacts->Verify(digest).ok());
+}
+
+TEST_CASE("an exit the store could not take is recorded on the next pass", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 1);
+  std::string victim = f.Live()[0].name;
+  REQUIRE(f.store->ExecForTest("PRAGMA wal_checkpoint(TRUNCATE)").ok());
+  auto pages = *sqlite::Database::Open((f.tmp / "kiln.db").string(), true, false)
+                    ->QueryInt("p", "PRAGMA page_count");
+  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = " + std::to_string(*pages)).ok());
+  for (size_t size : {2000, 500, 100, 10, 1}) {  // fill every page, down to the last bytes
+    const std::string filler(size, 'x');
+    while (f.store->AppendEvent({.kind = "filler", .message = filler}).ok()) {
+    }
+  }
+  f.driver.Exit(victim, 9);
+  CHECK(f.store->GetInstance(victim)->state == InstanceState::kHealthy);  // not recorded yet
+  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = 1000000").ok());
+  Status first = f.Converge();  // may still report the earlier failure; the retry succeeds
+  f.scheduler.queue.push_back("web");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.store->GetInstance(victim)->state == InstanceState::kFailed);
+  CHECK(f.Live().size() == 1);
+  CHECK(f.Live()[0].name != victim);
+}
+
 TEST_CASE("an operator replaces one instance: a new one first, then the old goes",
           "[reconciler]") {
   ReconcilerFixture f;
