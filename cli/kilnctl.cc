@@ -1,18 +1,31 @@
 #include "cli/kilnctl.h"
 
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+#include <yaml-cpp/yaml.h>
+
 #include <CLI/CLI.hpp>
-#include <iomanip>
+#include <chrono>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
 
 #include "controller/manifest.h"
+#include "kiln/v1/kiln.grpc.pb.h"
 #include "kiln/version.h"
 
 namespace kiln {
 namespace {
 
+namespace pb = ::kiln::v1;
+using Rows = std::vector<std::vector<std::string>>;
+
 // Prints rows as aligned columns: the width of each column is its widest cell.
-void PrintTable(std::ostream& out, const std::vector<std::vector<std::string>>& rows) {
+void PrintTable(std::ostream& out, const Rows& rows) {
   std::vector<size_t> widths;
   for (const auto& row : rows) {
     widths.resize(std::max(widths.size(), row.size()));
@@ -26,6 +39,350 @@ void PrintTable(std::ostream& out, const std::vector<std::vector<std::string>>& 
     }
     out << line << "\n";
   }
+}
+
+void EmitYaml(YAML::Emitter& y, const nlohmann::json& j) {
+  if (j.is_object()) {
+    y << YAML::BeginMap;
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      y << YAML::Key << it.key() << YAML::Value;
+      EmitYaml(y, it.value());
+    }
+    y << YAML::EndMap;
+  } else if (j.is_array()) {
+    y << YAML::BeginSeq;
+    for (const auto& v : j) EmitYaml(y, v);
+    y << YAML::EndSeq;
+  } else if (j.is_string()) {
+    y << j.get<std::string>();
+  } else {
+    y << j.dump();
+  }
+}
+
+std::string ToJson(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions o;
+  o.add_whitespace = true;
+  o.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, o);
+  return out;
+}
+
+// Prints a response as JSON or YAML; false when the format is "table" (the caller prints).
+bool PrintStructured(const google::protobuf::Message& m, const std::string& format, std::ostream& out) {
+  if (format == "json") {
+    out << ToJson(m);
+    return true;
+  }
+  if (format == "yaml") {
+    YAML::Emitter y;
+    EmitYaml(y, nlohmann::json::parse(ToJson(m)));
+    out << y.c_str() << "\n";
+    return true;
+  }
+  return false;
+}
+
+std::string Age(int64_t since_ms) {
+  if (since_ms <= 0) return "-";
+  int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    std::chrono::system_clock::now().time_since_epoch()).count();
+  int64_t s = std::max<int64_t>(0, (now - since_ms) / 1000);
+  if (s < 120) return std::to_string(s) + "s";
+  if (s < 7200) return std::to_string(s / 60) + "m";
+  if (s < 172800) return std::to_string(s / 3600) + "h";
+  return std::to_string(s / 86400) + "d";
+}
+
+std::string Time(int64_t ms) {
+  if (ms <= 0) return "-";
+  std::time_t t = ms / 1000;
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S", std::gmtime(&t));
+  return buf;
+}
+
+std::string StateName(pb::InstanceState s) {
+  std::string n = pb::InstanceState_Name(s);
+  n = n.substr(std::string("INSTANCE_STATE_").size());
+  for (char& c : n) c = static_cast<char>(std::tolower(c));
+  return n;
+}
+
+std::string RolloutStateName(pb::RolloutState s) {
+  std::string n = pb::RolloutState_Name(s).substr(std::string("ROLLOUT_STATE_").size());
+  for (char& c : n) c = static_cast<char>(std::tolower(c));
+  return n;
+}
+
+std::string StrategyLabel(pb::Strategy s) {
+  std::string n = pb::Strategy_Name(s).substr(std::string("STRATEGY_").size());
+  for (char& c : n) c = c == '_' ? '-' : static_cast<char>(std::tolower(c));
+  return n;
+}
+
+// How to reach kilnd.
+struct Connection {
+  std::string addr;
+  std::string token;
+  std::string ca, cert, key;
+  int timeout_s = 10;
+};
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+class Client {
+ public:
+  explicit Client(Connection c) : conn_(std::move(c)) {
+    std::string target = conn_.addr;
+    std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+    if (!conn_.ca.empty() || !conn_.cert.empty()) {
+      grpc::SslCredentialsOptions ssl;
+      ssl.pem_root_certs = ReadAll(conn_.ca);
+      ssl.pem_cert_chain = conn_.cert.empty() ? "" : ReadAll(conn_.cert);
+      ssl.pem_private_key = conn_.key.empty() ? "" : ReadAll(conn_.key);
+      creds = grpc::SslCredentials(ssl);
+    }
+    stub_ = pb::Kiln::NewStub(grpc::CreateChannel(target, creds));
+  }
+
+  void Prepare(grpc::ClientContext& ctx, bool stream = false) const {
+    if (!stream) ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(conn_.timeout_s));
+    if (!conn_.token.empty()) ctx.AddMetadata("authorization", "Bearer " + conn_.token);
+  }
+
+  pb::Kiln::Stub& stub() { return *stub_; }
+  const Connection& conn() const { return conn_; }
+
+ private:
+  Connection conn_;
+  std::unique_ptr<pb::Kiln::Stub> stub_;
+};
+
+// One line for a failed call; daemon down is said plainly.
+int Fail(const grpc::Status& s, const Connection& c, std::ostream& err) {
+  if (s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+      s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+    err << "kilnctl: cannot reach kilnd at " << c.addr << " (is it running? set --addr or KILN_ADDR): "
+        << s.error_message() << "\n";
+    return 1;
+  }
+  static const char* kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                                 "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                                 "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+                                 "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+  int code = static_cast<int>(s.error_code());
+  err << "kilnctl: " << (code >= 0 && code <= 16 ? kNames[code] : "ERROR") << ": " << s.error_message() << "\n";
+  return 1;
+}
+
+std::string ConditionsLine(const pb::ServiceSummary& s) {
+  std::string out;
+  for (const auto& c : s.conditions()) {
+    if (c.type() == "Degraded" && !c.status()) continue;
+    if (!out.empty()) out += ", ";
+    out += c.type() + (c.status() ? "" : "=false") + " (" + c.reason() + ")";
+  }
+  return out;
+}
+
+int ShowStatus(Client& c, const std::string& service, const std::string& format, std::ostream& out,
+           std::ostream& err) {
+  if (service.empty()) {
+    pb::ListServicesResponse resp;
+    grpc::ClientContext ctx;
+    c.Prepare(ctx);
+    grpc::Status s = c.stub().ListServices(&ctx, {}, &resp);
+    if (!s.ok()) return Fail(s, c.conn(), err);
+    if (PrintStructured(resp, format, out)) return 0;
+    Rows rows = {{"SERVICE", "VERSION", "REVISION", "AVAILABLE", "LIVE", "PINNED", "CONDITIONS"}};
+    for (const auto& sv : resp.services()) {
+      rows.push_back({sv.name(), sv.version(), std::to_string(sv.target_revision()),
+                      std::to_string(sv.available()) + "/" + std::to_string(sv.replicas()),
+                      std::to_string(sv.live()),
+                      sv.pinned_revision() ? "pinned to " + std::to_string(sv.pinned_revision()) : "-",
+                      ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error")});
+    }
+    PrintTable(out, rows);
+    return 0;
+  }
+  pb::GetServiceRequest req;
+  req.set_name(service);
+  pb::GetServiceResponse resp;
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  grpc::Status s = c.stub().GetService(&ctx, req, &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  if (PrintStructured(resp, format, out)) return 0;
+  const pb::Service& sv = resp.service();
+  const pb::ServiceSummary& sum = sv.summary();
+  out << "Service:    " << sum.name() << (sum.retired() ? " (retired)" : "") << (sum.paused() ? " (paused)" : "") << "\n";
+  out << "Version:    " << sum.version() << " (revision " << sum.target_revision() << ")\n";
+  out << "Manifest:   revision " << sum.desired_revision() << " from " << sv.manifest_file() << "\n";
+  out << "Pinned:     " << (sum.pinned_revision() ? "revision " + std::to_string(sum.pinned_revision()) + " — " + sv.pin_reason() : "no") << "\n";
+  out << "Instances:  " << sum.available() << " available of " << sum.replicas() << " wanted, " << sum.live() << " live\n";
+  out << "Strategy:   " << StrategyLabel(sv.update().strategy()) << "\n";
+  if (sv.has_rollout()) {
+    const auto& r = sv.rollout();
+    out << "Rollout:    " << r.from_revision() << " -> " << r.to_revision() << " " << RolloutStateName(r.state())
+        << (r.reason().empty() ? "" : ": " + r.reason()) << " (started " << Age(r.started_unix_ms()) << " ago)\n";
+  }
+  if (!sum.manifest_error().empty()) out << "Manifest error: " << sum.manifest_error() << "\n";
+  out << "\nConditions:\n";
+  Rows cond = {{"  TYPE", "STATUS", "REASON", "MESSAGE"}};
+  for (const auto& cd : sum.conditions()) {
+    cond.push_back({"  " + cd.type(), cd.status() ? "True" : "False", cd.reason(), cd.message()});
+  }
+  PrintTable(out, cond);
+  out << "\nInstances:\n";
+  Rows inst = {{"  ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON"}};
+  for (const auto& i : sv.instances()) {
+    inst.push_back({"  " + i.id(), std::to_string(i.revision()), StateName(i.state()), i.available() ? "yes" : "no",
+                    std::to_string(i.port()), std::to_string(i.pid()), Age(i.created_unix_ms()), i.reason()});
+  }
+  PrintTable(out, inst);
+  return 0;
+}
+
+int Instances(Client& c, const std::string& service, bool all, const std::string& format,
+              std::ostream& out, std::ostream& err) {
+  pb::ListInstancesRequest req;
+  req.set_service(service);
+  req.set_include_finished(all);
+  pb::ListInstancesResponse resp;
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  grpc::Status s = c.stub().ListInstances(&ctx, req, &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  if (PrintStructured(resp, format, out)) return 0;
+  Rows rows = {{"ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON"}};
+  for (const auto& i : resp.instances()) {
+    rows.push_back({i.id(), std::to_string(i.revision()), StateName(i.state()), i.available() ? "yes" : "no",
+                    std::to_string(i.port()), std::to_string(i.pid()), Age(i.created_unix_ms()), i.reason()});
+  }
+  PrintTable(out, rows);
+  return 0;
+}
+
+int History(Client& c, const std::string& service, const std::string& format, std::ostream& out,
+            std::ostream& err) {
+  pb::GetHistoryRequest req;
+  req.set_service(service);
+  pb::GetHistoryResponse resp;
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  grpc::Status s = c.stub().GetHistory(&ctx, req, &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  if (PrintStructured(resp, format, out)) return 0;
+  Rows rows = {{"REVISION", "VERSION", "TEMPLATE", "SOURCE", "CREATED", "AVAILABLE", "DETAIL"}};
+  for (const auto& r : resp.revisions()) {
+    std::string detail = r.source() == "rollback"
+                             ? "template of " + std::to_string(r.rolled_back_from()) + " by " + r.actor() +
+                                   (r.reason().empty() ? "" : ": " + r.reason())
+                             : r.manifest_file();
+    rows.push_back({std::to_string(r.number()), r.template_().version(), r.template_hash().substr(0, 12),
+                    r.source(), Time(r.created_unix_ms()), Time(r.available_unix_ms()), detail});
+  }
+  PrintTable(out, rows);
+  return 0;
+}
+
+int Plan(Client& c, const std::string& service, const std::string& format, std::ostream& out,
+         std::ostream& err) {
+  pb::PlanRequest req;
+  req.set_service(service);
+  pb::PlanResponse resp;
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  grpc::Status s = c.stub().Plan(&ctx, req, &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  if (PrintStructured(resp, format, out)) return 0;
+  Rows rows = {{"SERVICE", "NEXT STEP"}};
+  for (const auto& st : resp.steps()) rows.push_back({st.service(), st.reason()});
+  PrintTable(out, rows);
+  return 0;
+}
+
+// Follows the service's rollout until it completes (0) or fails (1), printing progress.
+int Wait(Client& c, const std::string& service, std::ostream& out, std::ostream& err) {
+  std::string last;
+  for (;;) {
+    pb::GetServiceRequest req;
+    req.set_name(service);
+    pb::GetServiceResponse resp;
+    grpc::ClientContext ctx;
+    c.Prepare(ctx);
+    grpc::Status s = c.stub().GetService(&ctx, req, &resp);
+    if (!s.ok()) return Fail(s, c.conn(), err);
+    const pb::Service& sv = resp.service();
+    const pb::ServiceSummary& sum = sv.summary();
+    const pb::Rollout& r = sv.rollout();
+    int old_live = 0;
+    for (const auto& cnt : sv.revisions()) {
+      if (cnt.revision() != sum.target_revision()) old_live += cnt.total();
+    }
+    std::string line = service + ": rollout to revision " + std::to_string(r.to_revision()) + " (" +
+                       StrategyLabel(r.strategy()) + "): " + RolloutStateName(r.state()) + ", " +
+                       std::to_string(sum.available()) + "/" + std::to_string(sum.replicas()) +
+                       " available, " + std::to_string(old_live) + " old instance(s) left";
+    if (line != last) out << line << std::endl;
+    last = line;
+    if (r.to_revision() == sum.target_revision()) {
+      if (r.state() == pb::ROLLOUT_STATE_COMPLETED) {
+        out << service << ": rollout complete" << std::endl;
+        return 0;
+      }
+      if (r.state() == pb::ROLLOUT_STATE_FAILED) {
+        err << "kilnctl: rollout of " << service << " failed: " << r.reason() << "\n";
+        return 1;
+      }
+    } else if (r.state() == pb::ROLLOUT_STATE_FAILED) {
+      err << "kilnctl: rollout of " << service << " failed: " << r.reason() << "\n";
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+}
+
+int Events(Client& c, int64_t since, const std::string& service, bool follow, const std::string& format,
+           std::ostream& out, std::ostream& err) {
+  pb::WatchEventsRequest req;
+  req.set_after_seq(since);
+  req.set_service(service);
+  req.set_follow(follow);
+  grpc::ClientContext ctx;
+  c.Prepare(ctx, /*stream=*/true);
+  auto reader = c.stub().WatchEvents(&ctx, req);
+  pb::Event e;
+  bool header = false;
+  while (reader->Read(&e)) {
+    if (format == "json") {
+      std::string j = ToJson(e);
+      j.erase(std::remove(j.begin(), j.end(), '\n'), j.end());
+      out << j << std::endl;
+      continue;
+    }
+    if (format == "yaml") {
+      PrintStructured(e, "yaml", out);
+      out << "---" << std::endl;
+      continue;
+    }
+    if (!header) {
+      out << "SEQ  TIME                 SERVICE  KIND  INSTANCE  ACTOR  MESSAGE\n";
+      header = true;
+    }
+    out << e.seq() << "  " << Time(e.time_unix_ms()) << "  " << e.service() << "  " << e.kind() << "  "
+        << (e.instance().empty() ? "-" : e.instance()) << "  " << e.actor() << "  " << e.message() << std::endl;
+  }
+  grpc::Status s = reader->Finish();
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  return 0;
 }
 
 int Validate(const std::string& dir, const std::string& output, std::ostream& out,
@@ -83,12 +440,58 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   CLI::App app("kilnctl: the command-line client of kilnd", "kilnctl");
   app.set_version_flag("--version", std::string("kilnctl ") + kVersion);
   app.require_subcommand(1);
+  app.fallthrough();  // global flags may come after the command too: `kilnctl status -o json`
   std::string output = "table";
-  app.add_option("-o,--output", output, "output format: table or json")
-      ->check(CLI::IsMember({"table", "json"}));
+  Connection conn;
+  const char* env_addr = std::getenv("KILN_ADDR");
+  const char* env_token = std::getenv("KILN_TOKEN");
+  conn.addr = env_addr ? env_addr : "unix:.kiln-state/kiln.sock";
+  conn.token = env_token ? env_token : "";
+  app.add_option("-o,--output", output, "output format: table, json or yaml")
+      ->check(CLI::IsMember({"table", "json", "yaml"}));
+  app.add_option("--addr", conn.addr, "kilnd's API: unix:PATH or HOST:PORT (env KILN_ADDR)");
+  app.add_option("--token", conn.token, "API token (env KILN_TOKEN)");
+  app.add_option("--tls-ca", conn.ca, "PEM CA that signed kilnd's certificate (enables TLS)");
+  app.add_option("--tls-cert", conn.cert, "PEM client certificate (mutual TLS)");
+  app.add_option("--tls-key", conn.key, "PEM client key (mutual TLS)");
+  app.add_option("--timeout", conn.timeout_s, "seconds to wait for kilnd")->check(CLI::Range(1, 3600));
 
-  std::string validate_dir;
-  CLI::App* validate = app.add_subcommand(
+  std::string service, instance, reason, validate_dir;
+  int64_t to_revision = 0, since = 0;
+  bool wait = false, follow = false, all = false;
+  auto* status = app.add_subcommand("status", "services, or one service in detail");
+  status->add_option("SERVICE", service, "a service");
+  auto* instances = app.add_subcommand("instances", "instances of a service");
+  instances->add_option("SERVICE", service)->required();
+  instances->add_flag("-a,--all", all, "also terminated, failed and lost ones");
+  auto* history = app.add_subcommand("history", "revisions of a service, newest first");
+  history->add_option("SERVICE", service)->required();
+  auto* plan = app.add_subcommand("plan", "what the next passes would do");
+  plan->add_option("SERVICE", service);
+  auto* rollback = app.add_subcommand("rollback", "roll a service back to an earlier template and pin it");
+  rollback->add_option("SERVICE", service)->required();
+  rollback->add_option("--to-revision", to_revision, "revision whose template to run (default: the last fully available one)");
+  rollback->add_option("--reason", reason, "why, recorded in the history");
+  rollback->add_flag("--wait", wait, "follow the rollout until it completes or fails");
+  auto* unpin = app.add_subcommand("unpin", "follow the manifest again");
+  unpin->add_option("SERVICE", service)->required();
+  auto* pause = app.add_subcommand("pause", "hold the rollout where it is");
+  pause->add_option("SERVICE", service)->required();
+  pause->add_option("--reason", reason);
+  auto* resume = app.add_subcommand("resume", "continue a paused rollout");
+  resume->add_option("SERVICE", service)->required();
+  resume->add_flag("--wait", wait, "follow the rollout until it completes or fails");
+  auto* promote = app.add_subcommand("promote", "let a canary rollout continue");
+  promote->add_option("SERVICE", service)->required();
+  promote->add_flag("--wait", wait, "follow the rollout until it completes or fails");
+  auto* replace = app.add_subcommand("replace", "replace one instance by a new one of the same revision");
+  replace->add_option("INSTANCE", instance)->required();
+  replace->add_option("--reason", reason);
+  auto* events = app.add_subcommand("events", "the event log");
+  events->add_flag("-f,--follow", follow, "keep streaming new events");
+  events->add_option("--since", since, "events after this sequence number");
+  events->add_option("--service", service, "only this service's events");
+  auto* validate = app.add_subcommand(
       "validate", "check a manifest directory without a daemon: every service with its template "
                   "hash, or every error; exits 1 on any error");
   validate->add_option("DIR", validate_dir, "manifest directory")->required();
@@ -106,8 +509,69 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return 2;
   }
   if (validate->parsed()) return Validate(validate_dir, output, out, err);
-  err << app.help();
-  return 2;
+
+  Client client(conn);
+  if (status->parsed()) return ShowStatus(client, service, output, out, err);
+  if (instances->parsed()) return Instances(client, service, all, output, out, err);
+  if (history->parsed()) return History(client, service, output, out, err);
+  if (plan->parsed()) return Plan(client, service, output, out, err);
+  if (events->parsed()) return Events(client, since, service, follow, output, out, err);
+  grpc::ClientContext ctx;
+  client.Prepare(ctx);
+  grpc::Status s;
+  std::string done;
+  if (rollback->parsed()) {
+    pb::RollbackRequest req;
+    req.set_service(service);
+    req.set_to_revision(to_revision);
+    req.set_reason(reason);
+    pb::RollbackResponse resp;
+    s = client.stub().Rollback(&ctx, req, &resp);
+    if (s.ok() && PrintStructured(resp, output, out)) return wait ? Wait(client, service, out, err) : 0;
+    done = service + " rolled back: revision " + std::to_string(resp.revision().number()) +
+           " runs the template of revision " + std::to_string(resp.revision().rolled_back_from()) +
+           " (version " + resp.revision().template_().version() + "); pinned until the manifest "
+           "declares a new template or `kilnctl unpin " + service + "`";
+  } else if (unpin->parsed()) {
+    pb::UnpinRequest req;
+    req.set_service(service);
+    pb::UnpinResponse resp;
+    s = client.stub().Unpin(&ctx, req, &resp);
+    done = service + " unpinned; it follows its manifest again";
+  } else if (pause->parsed()) {
+    pb::PauseRequest req;
+    req.set_service(service);
+    req.set_reason(reason);
+    pb::PauseResponse resp;
+    s = client.stub().Pause(&ctx, req, &resp);
+    done = service + " paused";
+  } else if (resume->parsed()) {
+    pb::ResumeRequest req;
+    req.set_service(service);
+    pb::ResumeResponse resp;
+    s = client.stub().Resume(&ctx, req, &resp);
+    done = service + " resumed";
+  } else if (promote->parsed()) {
+    pb::PromoteRequest req;
+    req.set_service(service);
+    pb::PromoteResponse resp;
+    s = client.stub().Promote(&ctx, req, &resp);
+    done = service + " promoted: the rollout continues";
+  } else if (replace->parsed()) {
+    pb::ReplaceInstanceRequest req;
+    req.set_instance(instance);
+    req.set_reason(reason);
+    pb::ReplaceInstanceResponse resp;
+    s = client.stub().ReplaceInstance(&ctx, req, &resp);
+    done = instance + " will be replaced by a new instance of the same revision";
+  } else {
+    err << app.help();
+    return 2;
+  }
+  if (!s.ok()) return Fail(s, conn, err);
+  out << done << "\n";
+  if (wait) return Wait(client, service, out, err);
+  return 0;
 }
 
 }  // namespace kiln

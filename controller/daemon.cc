@@ -3,6 +3,8 @@
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <functional>
 #include <sys/stat.h>
 
 #include <cstdio>
@@ -15,6 +17,7 @@
 #include "common/duration.h"
 #include "common/logging.h"
 #include "common/sha256.h"
+#include "controller/api_server.h"
 #include "controller/manifest.h"
 #include "controller/manifest_watcher.h"
 #include "controller/reconciler.h"
@@ -37,6 +40,9 @@ struct DaemonFlags {
   std::string port_range = "20000-29999";
   std::string resync = "30s";
   std::string stop_grace = "10s";
+  std::string grpc_listen;
+  std::string tls_cert, tls_key, client_ca, tokens;
+  int64_t event_retention = 100'000;
   std::string log_format = "text";
   std::string log_level = "info";
 };
@@ -95,6 +101,14 @@ int RunDaemon(int argc, char** argv) {
   app.add_option("--port-range", flags.port_range, "ports for instances, FIRST-LAST");
   app.add_option("--resync", flags.resync, "period of the full resync, e.g. 30s");
   app.add_option("--stop-grace", flags.stop_grace, "SIGTERM to SIGKILL when stopping an instance");
+  app.add_option("--grpc-listen", flags.grpc_listen,
+                 "also serve the API on TCP HOST:PORT (off loopback only with TLS and tokens)");
+  app.add_option("--tls-cert", flags.tls_cert, "PEM certificate for the TCP listener");
+  app.add_option("--tls-key", flags.tls_key, "PEM private key for the TCP listener");
+  app.add_option("--client-ca", flags.client_ca, "PEM CA: require client certificates it signed");
+  app.add_option("--tokens", flags.tokens, "file of \"TOKEN ROLE NAME\" lines (viewer|operator)");
+  app.add_option("--event-retention", flags.event_retention, "events kept (older ones are pruned)")
+      ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
   app.add_option("--log-format", flags.log_format, "text or json")
       ->check(CLI::IsMember({"text", "json"}));
   app.add_option("--log-level", flags.log_level, "trace, debug, info, warn, error or off")
@@ -188,6 +202,32 @@ int RunDaemon(int argc, char** argv) {
   watcher.Start();
   queue.Start();
 
+  ApiServer::Options api_options;
+  api_options.unix_socket = (fs::path(flags.state) / "kiln.sock").string();
+  api_options.tcp_listen = flags.grpc_listen;
+  api_options.tls_cert = flags.tls_cert;
+  api_options.tls_key = flags.tls_key;
+  api_options.client_ca = flags.client_ca;
+  api_options.tokens_file = flags.tokens;
+  auto api = ApiServer::Start(api_options, io, reconciler, [&] { return (*store)->OpenReader(); });
+  if (!api.ok()) {
+    LogError("cannot start the API", {{"error", api.status().message()}});
+    return 1;
+  }
+
+  // Events are pruned by count, on the reconciler's thread like every write.
+  boost::asio::steady_timer prune_timer(io);
+  std::function<void()> prune = [&] {
+    prune_timer.expires_after(*resync);
+    prune_timer.async_wait([&](const boost::system::error_code& err) {
+      if (err) return;
+      auto pruned = (*store)->PruneEvents(flags.event_retention);
+      if (pruned.ok() && *pruned > 0) LogInfo("events pruned", {{"pruned", *pruned}});
+      prune();
+    });
+  };
+  prune();
+
   boost::asio::signal_set signals(io, SIGTERM, SIGINT);
   signals.async_wait([&](const boost::system::error_code& err, int signo) {
     if (err) return;
@@ -197,6 +237,7 @@ int RunDaemon(int argc, char** argv) {
   });
   LogInfo("kilnd ready", {{"version", kVersion}, {"pid", static_cast<int64_t>(::getpid())}});
   io.run();
+  (*api)->Shutdown();
   LogInfo("kilnd stopped");
   return 0;
 }

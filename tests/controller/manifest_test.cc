@@ -297,7 +297,7 @@ TEST_CASE("all errors of a directory are reported, not only the first", "[manife
   CHECK(f.Errors().size() == 3);
 }
 
-TEST_CASE("only *.yaml and *.yml files are read; hidden and temp files are skipped", "[manifest]") {
+TEST_CASE("only *.yaml and *.yml files are read - hidden and temp files are skipped", "[manifest]") {
   Fixture f;
   f.Write("web.yaml", kMinimal);
   f.Write("README.md", "not yaml: [");

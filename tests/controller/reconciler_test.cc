@@ -261,7 +261,7 @@ TEST_CASE("operator rollback and unpin", "[reconciler]") {
   CHECK(f.Count(2) == 2);  // back to what the manifest declares
 }
 
-TEST_CASE("pause holds a rollout; paused time does not count toward progress_deadline",
+TEST_CASE("pause holds a rollout - paused time does not count toward progress_deadline",
           "[reconciler]") {
   ReconcilerFixture f;
   const std::string policy = "update: {progress_deadline: 60s}\n";

@@ -100,7 +100,7 @@ struct DriverFixture {
 
 pid_t PidOf(const InstanceHandle& h) { return std::stoi(h.id.substr(4)); }
 
-TEST_CASE("start runs the artifact from the store with kiln's environment; stop ends it",
+TEST_CASE("start runs the artifact from the store with kiln's environment - stop ends it",
           "[driver]") {
   DriverFixture f;
   auto h = f.StartSync(f.Spec("web-1"));
@@ -135,7 +135,7 @@ TEST_CASE("start runs the artifact from the store with kiln's environment; stop 
         std::string::npos);
 }
 
-TEST_CASE("an exit is reported with its code; a kill with its signal", "[driver]") {
+TEST_CASE("an exit is reported with its code - a kill with its signal", "[driver]") {
   DriverFixture f;
   auto a = f.StartSync(f.Spec("web-1", {"--exit-after", "100ms", "--exit-code", "3"}));
   auto b = f.StartSync(f.Spec("web-2"));

@@ -50,15 +50,23 @@ class KilndHarness {
                   "\nhealth: " + health + "\nupdate: " + update + "\n");
   }
 
-  void Start() {
-    kilnd_ = std::make_unique<Child>(
-        std::vector<std::string>{BinPath("kilnd"), "--manifests", manifests().string(), "--state",
-                                 state().string(), "--port-range",
-                                 std::to_string(PortWindow()) + "-" +
-                                     std::to_string(PortWindow() + kPortWindowSize - 1),
-                                 "--resync", "2s", "--stop-grace", "2s"},
-        tmp_.path());
+  void Start(const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> argv = {BinPath("kilnd"), "--manifests", manifests().string(), "--state",
+                                     state().string(), "--port-range",
+                                     std::to_string(PortWindow()) + "-" +
+                                         std::to_string(PortWindow() + kPortWindowSize - 1),
+                                     "--resync", "2s", "--stop-grace", "2s"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    kilnd_ = std::make_unique<Child>(argv, tmp_.path());
   }
+  std::string UnixAddr() const { return "unix:" + (state() / "kiln.sock").string(); }
+  // The TCP port kilnd logged for --grpc-listen HOST:0.
+  int TcpPort() {
+    if (!kilnd_->WaitForStderr("tcp_port=", std::chrono::seconds(10))) return 0;
+    std::string log = kilnd_->Stderr();
+    return std::atoi(log.c_str() + log.find("tcp_port=") + 9);
+  }
+  const TempDir& tmp() const { return tmp_; }
   bool WaitReady() { return kilnd_->WaitForStderr("kilnd ready", std::chrono::seconds(30)); }
   Child& kilnd() { return *kilnd_; }
   void Kill9() {

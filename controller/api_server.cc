@@ -1,0 +1,657 @@
+#include "controller/api_server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <fstream>
+#include <future>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "common/logging.h"
+#include "controller/manifest.h"
+#include "controller/reconciler.h"
+#include "controller/tokens.h"
+#include "kiln/v1/kiln.grpc.pb.h"
+
+namespace kiln {
+namespace {
+
+namespace pb = ::kiln::v1;
+using grpc::ServerContext;
+
+grpc::Status ToGrpc(const Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), s.message());
+}
+
+pb::InstanceState ToProto(InstanceState s) {
+  switch (s) {
+    case InstanceState::kPending: return pb::INSTANCE_STATE_PENDING;
+    case InstanceState::kStarting: return pb::INSTANCE_STATE_STARTING;
+    case InstanceState::kHealthy: return pb::INSTANCE_STATE_HEALTHY;
+    case InstanceState::kUnhealthy: return pb::INSTANCE_STATE_UNHEALTHY;
+    case InstanceState::kDraining: return pb::INSTANCE_STATE_DRAINING;
+    case InstanceState::kTerminated: return pb::INSTANCE_STATE_TERMINATED;
+    case InstanceState::kFailed: return pb::INSTANCE_STATE_FAILED;
+    case InstanceState::kLost: return pb::INSTANCE_STATE_LOST;
+  }
+  return pb::INSTANCE_STATE_UNSPECIFIED;
+}
+
+pb::Strategy ToProto(Strategy s) {
+  switch (s) {
+    case Strategy::kRolling: return pb::STRATEGY_ROLLING;
+    case Strategy::kRecreate: return pb::STRATEGY_RECREATE;
+    case Strategy::kBlueGreen: return pb::STRATEGY_BLUE_GREEN;
+    case Strategy::kCanary: return pb::STRATEGY_CANARY;
+  }
+  return pb::STRATEGY_UNSPECIFIED;
+}
+
+pb::Strategy StrategyFromName(const std::string& s) {
+  for (Strategy st : {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
+    if (StrategyName(st) == s) return ToProto(st);
+  }
+  return pb::STRATEGY_UNSPECIFIED;
+}
+
+pb::RolloutState RolloutStateFromName(const std::string& s) {
+  if (s == "progressing") return pb::ROLLOUT_STATE_PROGRESSING;
+  if (s == "paused") return pb::ROLLOUT_STATE_PAUSED;
+  if (s == "waiting_promotion") return pb::ROLLOUT_STATE_WAITING_PROMOTION;
+  if (s == "completed") return pb::ROLLOUT_STATE_COMPLETED;
+  if (s == "failed") return pb::ROLLOUT_STATE_FAILED;
+  if (s == "superseded") return pb::ROLLOUT_STATE_SUPERSEDED;
+  return pb::ROLLOUT_STATE_UNSPECIFIED;
+}
+
+void FillTemplate(const Template& t, pb::Template* out) {
+  out->set_version(t.version);
+  out->set_artifact_sha256(t.artifact_sha256);
+  out->set_image(t.image);
+  for (const auto& c : t.command) out->add_command(c);
+  for (const auto& [k, v] : t.env) (*out->mutable_env())[k] = v;
+  out->set_port(t.port);
+  pb::HealthCheck* h = out->mutable_health();
+  switch (t.health.kind) {
+    case ProbeKind::kHttp:
+      h->mutable_http()->set_path(t.health.http_path);
+      h->mutable_http()->set_port(t.health.port);
+      break;
+    case ProbeKind::kTcp: h->mutable_tcp()->set_port(t.health.port); break;
+    case ProbeKind::kExec:
+      for (const auto& c : t.health.exec) h->mutable_exec()->add_command(c);
+      break;
+    case ProbeKind::kNone: break;
+  }
+  h->set_interval_ms(t.health.interval.count());
+  h->set_timeout_ms(t.health.timeout.count());
+  h->set_failure_threshold(t.health.failure_threshold);
+}
+
+void FillRevision(const RevisionRecord& r, pb::Revision* out) {
+  out->set_service(r.service);
+  out->set_number(r.number);
+  out->set_template_hash(r.template_hash);
+  if (auto t = Template::FromCanonical(r.template_json); t.ok()) FillTemplate(*t, out->mutable_template_());
+  out->set_source(r.source);
+  out->set_manifest_file(r.manifest_file);
+  out->set_manifest_sha256(r.manifest_sha256);
+  out->set_actor(r.actor);
+  out->set_reason(r.reason);
+  out->set_rolled_back_from(r.rolled_back_from);
+  out->set_created_unix_ms(r.created_ms);
+  out->set_available_unix_ms(r.available_ms);
+}
+
+bool Available(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_ms) {
+  return i.state == InstanceState::kHealthy && now_ms - i.healthy_since_ms >= min_healthy_ms;
+}
+
+void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_ms, pb::Instance* out) {
+  out->set_id(i.name);
+  out->set_service(i.service);
+  out->set_revision(i.revision);
+  out->set_state(ToProto(i.state));
+  out->set_reason(i.replace_reason.empty() ? i.reason : i.reason + " (" + i.replace_reason + ")");
+  out->set_host(i.host.empty() ? "" : "local");
+  out->set_port(i.port);
+  if (i.handle.rfind("pid:", 0) == 0) out->set_pid(std::atoll(i.handle.c_str() + 4));
+  out->set_available(Available(i, now_ms, min_healthy_ms));
+  if (i.state == InstanceState::kHealthy || i.state == InstanceState::kUnhealthy) out->set_last_probe(i.reason);
+  out->set_created_unix_ms(i.created_ms);
+  out->set_started_unix_ms(i.started_ms);
+  out->set_healthy_since_unix_ms(i.healthy_since_ms);
+  out->set_finished_unix_ms(i.finished_ms);
+  if (i.exit_code) out->set_exit_code(*i.exit_code);
+  out->set_exit_signal(i.exit_signal);
+}
+
+void FillEvent(const EventRecord& e, pb::Event* out) {
+  out->set_seq(e.seq);
+  out->set_time_unix_ms(e.time_ms);
+  out->set_kind(e.kind);
+  out->set_service(e.service);
+  out->set_revision(e.revision);
+  out->set_instance(e.instance);
+  out->set_actor(e.actor);
+  out->set_message(e.message);
+}
+
+void FillConditions(const std::string& json, google::protobuf::RepeatedPtrField<pb::Condition>* out) {
+  auto j = nlohmann::json::parse(json, nullptr, false);
+  if (!j.is_array()) return;
+  for (const auto& c : j) {
+    pb::Condition* p = out->Add();
+    p->set_type(c.value("type", ""));
+    p->set_status(c.value("status", false));
+    p->set_reason(c.value("reason", ""));
+    p->set_message(c.value("message", ""));
+    p->set_last_transition_unix_ms(c.value("last_transition_ms", int64_t{0}));
+  }
+}
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string ReadFileOrEmpty(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+bool IsLoopback(const std::string& host) {
+  return host == "127.0.0.1" || host == "localhost" || host == "[::1]" || host == "::1" ||
+         host.rfind("127.", 0) == 0;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+// Returns from an RPC handler when the caller may not make this call.
+#define RETURN_GRPC_IF_DENIED(ctx, mutating)                 \
+  do {                                                       \
+    grpc::Status denied_ = Authorize(ctx, mutating);         \
+    if (!denied_.ok()) return denied_;                       \
+  } while (false)
+
+class KilnApi final : public pb::Kiln::Service {
+ public:
+  KilnApi(boost::asio::io_context& io, Reconciler& reconciler,
+          std::vector<std::unique_ptr<StateReader>> readers,
+          std::optional<std::map<std::string, Caller>> tokens, int max_streams)
+      : io_(io), reconciler_(reconciler), tokens_(std::move(tokens)), max_streams_(max_streams) {
+    for (auto& r : readers) readers_.push_back({std::move(r), std::make_unique<std::mutex>()});
+  }
+
+  void Stop() { stopping_ = true; }
+
+  grpc::Status ListServices(ServerContext* ctx, const pb::ListServicesRequest*,
+                            pb::ListServicesResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    return ToGrpc(WithReader([&](StateReader& r) -> Status {
+      return r.Snapshot([&]() -> Status {
+        ASSIGN_OR_RETURN(auto services, r.ListServices());
+        for (const auto& s : services) RETURN_IF_ERROR(FillSummary(r, s, resp->add_services(), nullptr));
+        return Status::Ok();
+      });
+    }));
+  }
+
+  grpc::Status GetService(ServerContext* ctx, const pb::GetServiceRequest* req,
+                          pb::GetServiceResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    if (req->name().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "name is required");
+    return ToGrpc(WithReader([&](StateReader& r) -> Status {
+      return r.Snapshot([&]() -> Status {
+        ASSIGN_OR_RETURN(ServiceRecord s, r.GetService(req->name()));
+        return FillSummary(r, s, resp->mutable_service()->mutable_summary(), resp->mutable_service());
+      });
+    }));
+  }
+
+  grpc::Status ListInstances(ServerContext* ctx, const pb::ListInstancesRequest* req,
+                             pb::ListInstancesResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
+    return ToGrpc(WithReader([&](StateReader& r) -> Status {
+      return r.Snapshot([&]() -> Status {
+        ASSIGN_OR_RETURN(ServiceRecord s, r.GetService(req->service()));
+        const int64_t min_healthy = MinHealthyMs(s);
+        ASSIGN_OR_RETURN(auto instances, r.ListInstances(req->service(), req->include_finished()));
+        const int64_t now = NowMs();
+        for (const auto& i : instances) FillInstance(i, now, min_healthy, resp->add_instances());
+        return Status::Ok();
+      });
+    }));
+  }
+
+  grpc::Status GetHistory(ServerContext* ctx, const pb::GetHistoryRequest* req,
+                          pb::GetHistoryResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
+    return ToGrpc(WithReader([&](StateReader& r) -> Status {
+      return r.Snapshot([&]() -> Status {
+        RETURN_IF_ERROR(r.GetService(req->service()).status());
+        ASSIGN_OR_RETURN(auto revisions, r.ListRevisions(req->service()));
+        for (const auto& rev : revisions) FillRevision(rev, resp->add_revisions());
+        return Status::Ok();
+      });
+    }));
+  }
+
+  grpc::Status Plan(ServerContext* ctx, const pb::PlanRequest* req, pb::PlanResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    std::vector<std::string> names;
+    if (!req->service().empty()) {
+      names.push_back(req->service());
+    } else {
+      auto all = OnIo([&]() -> StatusOr<std::vector<std::string>> { return reconciler_.ServiceNames(); });
+      if (!all.ok()) return ToGrpc(all.status());
+      names = *all;
+    }
+    for (const auto& name : names) {
+      auto summary = OnIo([&]() -> StatusOr<std::string> { return reconciler_.PlanSummary(name); });
+      if (!summary.ok() && !req->service().empty()) return ToGrpc(summary.status());
+      pb::PlanStep* step = resp->add_steps();
+      step->set_service(name);
+      step->set_action(summary.ok() ? "step" : "none");
+      step->set_reason(summary.ok() ? *summary : summary.status().message());
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Rollback(ServerContext* ctx, const pb::RollbackRequest* req,
+                        pb::RollbackResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, true);
+    if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
+    if (req->to_revision() < 0) return grpc::Status(grpc::INVALID_ARGUMENT, "to_revision must be 0 or more");
+    const std::string actor = Actor(ctx);
+    auto rev = OnIo([&] { return reconciler_.Rollback(req->service(), req->to_revision(), req->reason(), actor); });
+    if (!rev.ok()) return ToGrpc(rev.status());
+    FillRevision(*rev, resp->mutable_revision());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Unpin(ServerContext* ctx, const pb::UnpinRequest* req, pb::UnpinResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, true);
+    if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
+    const std::string actor = Actor(ctx);
+    auto s = OnIo([&]() -> StatusOr<bool> {
+      RETURN_IF_ERROR(reconciler_.Unpin(req->service(), actor));
+      return true;
+    });
+    if (!s.ok()) return ToGrpc(s.status());
+    (void)resp;
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Pause(ServerContext* ctx, const pb::PauseRequest* req, pb::PauseResponse*) override {
+    RETURN_GRPC_IF_DENIED(ctx, true);
+    if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
+    const std::string actor = Actor(ctx);
+    return Command([&] { return reconciler_.Pause(req->service(), req->reason(), actor); });
+  }
+
+  grpc::Status Resume(ServerContext* ctx, const pb::ResumeRequest* req, pb::ResumeResponse*) override {
+    RETURN_GRPC_IF_DENIED(ctx, true);
+    if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
+    const std::string actor = Actor(ctx);
+    return Command([&] { return reconciler_.Resume(req->service(), actor); });
+  }
+
+  grpc::Status Promote(ServerContext* ctx, const pb::PromoteRequest* req, pb::PromoteResponse*) override {
+    RETURN_GRPC_IF_DENIED(ctx, true);
+    if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
+    const std::string actor = Actor(ctx);
+    return Command([&] { return reconciler_.Promote(req->service(), actor); });
+  }
+
+  grpc::Status ReplaceInstance(ServerContext* ctx, const pb::ReplaceInstanceRequest* req,
+                               pb::ReplaceInstanceResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, true);
+    if (req->instance().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "instance is required");
+    const std::string actor = Actor(ctx);
+    resp->set_instance(req->instance());
+    return Command([&] { return reconciler_.ReplaceInstance(req->instance(), req->reason(), actor); });
+  }
+
+  grpc::Status WatchEvents(ServerContext* ctx, const pb::WatchEventsRequest* req,
+                           grpc::ServerWriter<pb::Event>* writer) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    if (req->after_seq() < 0) return grpc::Status(grpc::INVALID_ARGUMENT, "after_seq must be 0 or more");
+    if (++streams_ > max_streams_) {
+      --streams_;
+      return grpc::Status(grpc::RESOURCE_EXHAUSTED,
+                          "too many event streams (" + std::to_string(max_streams_) + "); try later");
+    }
+    struct Release {
+      std::atomic<int>& n;
+      ~Release() { --n; }
+    } release{streams_};
+
+    int64_t cursor = req->after_seq();
+    Status first = WithReader([&](StateReader& r) -> Status {
+      ASSIGN_OR_RETURN(int64_t oldest, r.OldestEventSeq());
+      ASSIGN_OR_RETURN(int64_t latest, r.LatestEventSeq());
+      if (cursor > 0 && oldest > cursor + 1) {
+        return Status(StatusCode::kOutOfRange,
+                      "events after " + std::to_string(cursor) +
+                          " were pruned; the oldest available is " + std::to_string(oldest));
+      }
+      if (cursor > latest) {
+        return Status(StatusCode::kOutOfRange, "no event " + std::to_string(cursor) +
+                                                   " yet; the latest is " + std::to_string(latest));
+      }
+      return Status::Ok();
+    });
+    if (!first.ok()) return ToGrpc(first);
+    // Batches are read only after the previous one was written: a slow reader holds back the
+    // stream (gRPC flow control), never our memory.
+    while (!ctx->IsCancelled() && !stopping_) {
+      std::vector<EventRecord> batch;
+      Status s = WithReader([&](StateReader& r) -> Status {
+        ASSIGN_OR_RETURN(batch, r.ReadEvents({.after_seq = cursor, .service = req->service(), .limit = 256}));
+        return Status::Ok();
+      });
+      if (!s.ok()) return ToGrpc(s);
+      for (const auto& e : batch) {
+        pb::Event ev;
+        FillEvent(e, &ev);
+        if (!writer->Write(ev)) return grpc::Status::OK;  // the client went away
+        cursor = e.seq;
+      }
+      if (batch.size() == 256) continue;
+      if (!req->follow()) return grpc::Status::OK;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  // Authorization for one call: UNAUTHENTICATED without a known token, PERMISSION_DENIED for a
+  // viewer calling a mutating RPC.
+  grpc::Status Authorize(ServerContext* ctx, bool mutating) {
+    if (!tokens_) return grpc::Status::OK;
+    auto md = ctx->client_metadata();
+    auto it = md.find("authorization");
+    if (it == md.end()) return grpc::Status(grpc::UNAUTHENTICATED, "missing authorization: Bearer <token>");
+    std::string value(it->second.data(), it->second.size());
+    if (value.rfind("Bearer ", 0) != 0) {
+      return grpc::Status(grpc::UNAUTHENTICATED, "authorization must be \"Bearer <token>\"");
+    }
+    auto caller = tokens_->find(value.substr(7));
+    if (caller == tokens_->end()) return grpc::Status(grpc::UNAUTHENTICATED, "unknown token");
+    if (mutating && caller->second.role != Role::kOperator) {
+      return grpc::Status(grpc::PERMISSION_DENIED,
+                          caller->second.name + " is a viewer; this call needs the operator role");
+    }
+    return grpc::Status::OK;
+  }
+
+  // Who made a call: the token's name, else the peer.
+  std::string Actor(ServerContext* ctx) {
+    if (tokens_) {
+      auto md = ctx->client_metadata();
+      auto it = md.find("authorization");
+      if (it != md.end()) {
+        auto c = tokens_->find(std::string(it->second.data(), it->second.size()).substr(7));
+        if (c != tokens_->end()) return c->second.name;
+      }
+    }
+    std::string peer = ctx->peer();
+    return peer.rfind("unix:", 0) == 0 ? "local" : peer;
+  }
+
+  // Runs `fn` on the reconciler's thread and waits for it.
+  template <typename T>
+  StatusOr<T> OnIo(const std::function<StatusOr<T>()>& fn) {
+    auto task = std::make_shared<std::packaged_task<StatusOr<T>()>>(fn);
+    std::future<StatusOr<T>> result = task->get_future();
+    boost::asio::post(io_, [task] { (*task)(); });
+    for (int waited_ms = 0; result.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready;
+         waited_ms += 100) {
+      if (stopping_ || waited_ms >= 30'000) {
+        return UnavailableError("kilnd is busy or shutting down; try again");
+      }
+    }
+    return result.get();
+  }
+  template <typename F>
+  auto OnIo(F fn) -> decltype(fn()) {
+    using R = decltype(fn());
+    return OnIo<typename std::decay_t<decltype(std::declval<R>().value())>>(std::function<R()>(fn));
+  }
+  grpc::Status Command(const std::function<Status()>& fn) {
+    auto r = OnIo([&]() -> StatusOr<bool> {
+      RETURN_IF_ERROR(fn());
+      return true;
+    });
+    return ToGrpc(r.status());
+  }
+
+  Status WithReader(const std::function<Status(StateReader&)>& fn) {
+    // Any free reader; else wait for the first.
+    for (auto& r : readers_) {
+      std::unique_lock lock(*r.mu, std::try_to_lock);
+      if (lock.owns_lock()) return fn(*r.reader);
+    }
+    std::lock_guard lock(*readers_[next_++ % readers_.size()].mu);
+    return fn(*readers_[(next_ - 1) % readers_.size()].reader);
+  }
+
+  static int64_t MinHealthyMs(const ServiceRecord& s) {
+    auto spec = ServiceSpecFromJson(s.spec);
+    return spec.ok() ? spec->update.min_healthy_time.count() : 0;
+  }
+
+  // Summary (and with `full`, everything of GetService) for one service.
+  Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum, pb::Service* full) {
+    StatusOr<ServiceSpec> spec = ServiceSpecFromJson(s.spec);
+    sum->set_name(s.name);
+    sum->set_desired_revision(s.desired_revision);
+    sum->set_pinned_revision(s.pinned_revision);
+    const int64_t target = s.pinned_revision > 0 ? s.pinned_revision : s.desired_revision;
+    sum->set_target_revision(target);
+    sum->set_paused(s.paused);
+    sum->set_retired(s.retired);
+    sum->set_manifest_error(s.manifest_error);
+    FillConditions(s.conditions, sum->mutable_conditions());
+    if (spec.ok()) sum->set_replicas(s.retired ? 0 : spec->replicas);
+    std::string target_hash;
+    if (target > 0) {
+      StatusOr<RevisionRecord> rev = r.GetRevision(s.name, target);
+      if (rev.ok()) {
+        target_hash = rev->template_hash;
+        if (auto t = Template::FromCanonical(rev->template_json); t.ok()) sum->set_version(t->version);
+      }
+    }
+    ASSIGN_OR_RETURN(auto live, r.ListInstances(s.name, false));
+    const int64_t now = NowMs();
+    const int64_t min_healthy = spec.ok() ? spec->update.min_healthy_time.count() : 0;
+    std::map<int64_t, pb::RevisionCount> counts;
+    std::map<int64_t, std::string> hashes;
+    int available = 0;
+    for (const auto& i : live) {
+      if (!hashes.count(i.revision)) {
+        auto rev = r.GetRevision(s.name, i.revision);
+        hashes[i.revision] = rev.ok() ? rev->template_hash : "";
+      }
+      const bool avail = Available(i, now, min_healthy);
+      if (avail && hashes[i.revision] == target_hash) ++available;
+      pb::RevisionCount& c = counts[i.revision];
+      c.set_revision(i.revision);
+      c.set_total(c.total() + 1);
+      c.set_healthy(c.healthy() + (i.state == InstanceState::kHealthy));
+      c.set_available(c.available() + avail);
+      if (full) FillInstance(i, now, min_healthy, full->add_instances());
+    }
+    sum->set_available(available);
+    sum->set_live(static_cast<int32_t>(live.size()));
+    if (!full) return Status::Ok();
+    full->set_manifest_file(s.manifest_file);
+    full->set_pin_reason(s.pin_reason);
+    for (auto& [rev, c] : counts) *full->add_revisions() = c;
+    if (spec.ok()) {
+      full->set_history_limit(spec->history_limit);
+      pb::UpdatePolicy* u = full->mutable_update();
+      u->set_strategy(ToProto(spec->update.strategy));
+      u->mutable_max_surge()->set_value(spec->update.max_surge.value);
+      u->mutable_max_surge()->set_percent(spec->update.max_surge.percent);
+      u->mutable_max_unavailable()->set_value(spec->update.max_unavailable.value);
+      u->mutable_max_unavailable()->set_percent(spec->update.max_unavailable.percent);
+      u->set_min_healthy_time_ms(spec->update.min_healthy_time.count());
+      u->set_healthy_deadline_ms(spec->update.healthy_deadline.count());
+      u->set_progress_deadline_ms(spec->update.progress_deadline.count());
+      u->set_auto_rollback(spec->update.auto_rollback);
+      u->set_canary(spec->update.canary);
+      u->set_auto_promote(spec->update.auto_promote);
+    }
+    StatusOr<RolloutRecord> ro = r.GetLatestRollout(s.name);
+    if (ro.ok()) {
+      pb::Rollout* p = full->mutable_rollout();
+      p->set_id(ro->id);
+      p->set_from_revision(ro->from_revision);
+      p->set_to_revision(ro->to_revision);
+      p->set_strategy(StrategyFromName(ro->strategy));
+      p->set_state(RolloutStateFromName(ro->state));
+      p->set_reason(ro->reason);
+      p->set_started_unix_ms(ro->started_ms);
+      p->set_last_progress_unix_ms(ro->last_progress_ms);
+      p->set_finished_unix_ms(ro->finished_ms);
+      p->set_paused_ms(ro->paused_ms);
+    }
+    return Status::Ok();
+  }
+
+  struct ReaderSlot {
+    std::unique_ptr<StateReader> reader;
+    std::unique_ptr<std::mutex> mu;  // guards reader
+  };
+
+  boost::asio::io_context& io_;
+  Reconciler& reconciler_;
+  std::vector<ReaderSlot> readers_;
+  std::atomic<size_t> next_{0};
+  std::optional<std::map<std::string, Caller>> tokens_;
+  const int max_streams_;
+  std::atomic<int> streams_{0};
+  std::atomic<bool> stopping_{false};
+};
+
+struct ApiServer::Impl {
+  std::unique_ptr<KilnApi> api;
+  std::unique_ptr<grpc::Server> server;
+  int tcp_port = 0;
+};
+
+ApiServer::ApiServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+ApiServer::~ApiServer() { Shutdown(); }
+
+int ApiServer::tcp_port() const { return impl_->tcp_port; }
+
+void ApiServer::Shutdown() {
+  if (!impl_->server) return;
+  impl_->api->Stop();
+  impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  impl_->server.reset();
+}
+
+StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::asio::io_context& io,
+                                                      Reconciler& reconciler,
+                                                      const ReaderFactory& open_reader) {
+  std::optional<std::map<std::string, Caller>> tokens;
+  if (!o.tokens_file.empty()) {
+    ASSIGN_OR_RETURN(auto t, LoadTokens(o.tokens_file));
+    tokens = std::move(t);
+  }
+  const bool tls = !o.tls_cert.empty() || !o.tls_key.empty();
+  if (tls && (o.tls_cert.empty() || o.tls_key.empty())) {
+    return InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (!o.client_ca.empty() && !tls) return InvalidArgumentError("--client-ca needs --tls-cert and --tls-key");
+  if (!o.tcp_listen.empty()) {
+    size_t colon = o.tcp_listen.rfind(':');
+    if (colon == std::string::npos) {
+      return InvalidArgumentError("--grpc-listen: expected HOST:PORT, got \"" + o.tcp_listen + "\"");
+    }
+    std::string host = o.tcp_listen.substr(0, colon);
+    if (!IsLoopback(host) && !(tls && tokens)) {
+      return FailedPreconditionError(
+          "refusing to serve the API on " + o.tcp_listen +
+          " without TLS and tokens: anyone who can reach it could roll back your services. "
+          "Give --tls-cert, --tls-key and --tokens, or listen on 127.0.0.1");
+    }
+  }
+
+  std::vector<std::unique_ptr<StateReader>> readers;
+  for (int i = 0; i < std::max(1, o.readers); ++i) {
+    ASSIGN_OR_RETURN(auto r, open_reader());
+    readers.push_back(std::move(r));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), std::move(tokens), o.max_streams);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.SetMaxReceiveMessageSize(o.max_message_bytes);
+  builder.SetMaxSendMessageSize(o.max_message_bytes);
+  if (!o.unix_socket.empty()) {
+    ::unlink(o.unix_socket.c_str());  // a stale socket of an earlier kilnd
+    builder.AddListeningPort("unix:" + o.unix_socket, grpc::InsecureServerCredentials());
+  }
+  if (!o.tcp_listen.empty()) {
+    std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+    if (tls) {
+      grpc::SslServerCredentialsOptions ssl;
+      ssl.pem_key_cert_pairs.push_back({ReadFileOrEmpty(o.tls_key), ReadFileOrEmpty(o.tls_cert)});
+      if (ssl.pem_key_cert_pairs[0].private_key.empty() || ssl.pem_key_cert_pairs[0].cert_chain.empty()) {
+        return InvalidArgumentError("cannot read --tls-cert " + o.tls_cert + " or --tls-key " + o.tls_key);
+      }
+      if (!o.client_ca.empty()) {
+        ssl.pem_root_certs = ReadFileOrEmpty(o.client_ca);
+        if (ssl.pem_root_certs.empty()) return InvalidArgumentError("cannot read --client-ca " + o.client_ca);
+        ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+      }
+      creds = grpc::SslServerCredentials(ssl);
+    }
+    builder.AddListeningPort(o.tcp_listen, creds, &impl->tcp_port);
+  }
+  builder.RegisterService(impl->api.get());
+  impl->server = builder.BuildAndStart();
+  if (!impl->server) {
+    return UnavailableError("cannot start the gRPC server on " +
+                            (o.tcp_listen.empty() ? "unix:" + o.unix_socket : o.tcp_listen) +
+                            " (address in use?)");
+  }
+  if (!o.tcp_listen.empty() && impl->tcp_port == 0) {
+    return UnavailableError("cannot listen on " + o.tcp_listen);
+  }
+  if (!o.unix_socket.empty()) ::chmod(o.unix_socket.c_str(), 0660);
+  LogInfo("gRPC API listening", {{"unix", o.unix_socket},
+                                  {"tcp", o.tcp_listen},
+                                  {"tcp_port", impl->tcp_port},
+                                  {"tls", tls},
+                                  {"mtls", !o.client_ca.empty()},
+                                  {"tokens", !o.tokens_file.empty()}});
+  return std::unique_ptr<ApiServer>(new ApiServer(std::move(impl)));
+}
+
+}  // namespace kiln

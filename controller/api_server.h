@@ -1,0 +1,53 @@
+#pragma once
+
+// The gRPC API of kilnd (proto/kiln/v1/kiln.proto): reads on reader connections of the store,
+// never blocking the reconciler; commands run on the reconciler's io_context thread. Listens on a
+// unix socket and optionally TCP (TLS, mutual TLS), with bearer tokens. gRPC stays out of this
+// header.
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "storage/state_store.h"
+
+namespace boost::asio {
+class io_context;
+}
+
+namespace kiln {
+
+class Reconciler;
+
+class ApiServer {
+ public:
+  struct Options {
+    std::string unix_socket;  // STATE/kiln.sock; made mode 0660
+    std::string tcp_listen;   // HOST:PORT, "" for none; port 0 picks one
+    std::string tls_cert, tls_key, client_ca;  // PEM files; client_ca asks for client certs
+    std::string tokens_file;  // "" = no tokens: every caller may do everything
+    int max_streams = 64;     // concurrent WatchEvents streams
+    int readers = 4;          // reader connections
+    int max_message_bytes = 4 << 20;
+  };
+  using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
+
+  // Refuses (with the reason) a TCP listener off loopback without both TLS and tokens.
+  static StatusOr<std::unique_ptr<ApiServer>> Start(const Options& options,
+                                                    boost::asio::io_context& io,
+                                                    Reconciler& reconciler,
+                                                    const ReaderFactory& open_reader);
+  ~ApiServer();
+
+  int tcp_port() const;  // the bound TCP port, 0 without TCP
+  // Stops accepting calls; in-flight ones end.
+  void Shutdown();
+
+ private:
+  struct Impl;
+  explicit ApiServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kiln

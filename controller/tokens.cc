@@ -1,0 +1,32 @@
+#include "controller/tokens.h"
+
+#include <fstream>
+#include <sstream>
+
+namespace kiln {
+
+StatusOr<std::map<std::string, Caller>> LoadTokens(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) return NotFoundError("cannot read tokens file " + path);
+  std::map<std::string, Caller> tokens;
+  std::string line;
+  for (int n = 1; std::getline(f, line); ++n) {
+    if (size_t hash = line.find('#'); hash != std::string::npos) line.resize(hash);
+    std::istringstream in(line);
+    std::string token, role, name, extra;
+    if (!(in >> token)) continue;  // blank or comment
+    auto where = path + ":" + std::to_string(n) + ": ";
+    if (!(in >> role >> name) || (in >> extra)) {
+      return InvalidArgumentError(where + "expected \"TOKEN ROLE NAME\"");
+    }
+    if (role != "viewer" && role != "operator") {
+      return InvalidArgumentError(where + "role must be viewer or operator, got \"" + role + "\"");
+    }
+    if (token.size() < 16) return InvalidArgumentError(where + "a token must be at least 16 characters");
+    if (tokens.count(token)) return InvalidArgumentError(where + "duplicate token");
+    tokens[token] = {name, role == "operator" ? Role::kOperator : Role::kViewer};
+  }
+  return tokens;
+}
+
+}  // namespace kiln
