@@ -207,7 +207,13 @@ class KilnApi final : public pb::Kiln::Service {
     return ToGrpc(WithReader([&](StateReader& r) -> Status {
       return r.Snapshot([&]() -> Status {
         ASSIGN_OR_RETURN(auto services, r.ListServices());
-        for (const auto& s : services) RETURN_IF_ERROR(FillSummary(r, s, resp->add_services(), nullptr));
+        // One query for every live instance rather than one per service.
+        ASSIGN_OR_RETURN(auto live, r.ListLiveInstances());
+        std::map<std::string, std::vector<InstanceRecord>> by_service;
+        for (auto& i : live) by_service[i.service].push_back(std::move(i));
+        for (const auto& s : services) {
+          RETURN_IF_ERROR(FillSummary(r, s, resp->add_services(), nullptr, &by_service[s.name]));
+        }
         return Status::Ok();
       });
     }));
@@ -461,7 +467,9 @@ class KilnApi final : public pb::Kiln::Service {
   }
 
   // Summary (and with `full`, everything of GetService) for one service.
-  Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum, pb::Service* full) {
+  // `prefetched`: the service's live instances when the caller already has them.
+  Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum, pb::Service* full,
+                     const std::vector<InstanceRecord>* prefetched = nullptr) {
     StatusOr<ServiceSpec> spec = ServiceSpecFromJson(s.spec);
     sum->set_name(s.name);
     sum->set_desired_revision(s.desired_revision);
@@ -481,12 +489,17 @@ class KilnApi final : public pb::Kiln::Service {
         if (auto t = Template::FromCanonical(rev->template_json); t.ok()) sum->set_version(t->version);
       }
     }
-    ASSIGN_OR_RETURN(auto live, r.ListInstances(s.name, false));
+    std::vector<InstanceRecord> fetched;
+    if (!prefetched) {
+      ASSIGN_OR_RETURN(fetched, r.ListInstances(s.name, false));
+    }
+    const std::vector<InstanceRecord>& live = prefetched ? *prefetched : fetched;
     const int64_t now = NowMs();
     const int64_t min_healthy = spec.ok() ? spec->update.min_healthy_time.count() : 0;
     std::map<int64_t, pb::RevisionCount> counts;
     std::map<int64_t, std::string> hashes;
     int available = 0;
+    hashes[target] = target_hash;
     for (const auto& i : live) {
       if (!hashes.count(i.revision)) {
         auto rev = r.GetRevision(s.name, i.revision);
