@@ -1,5 +1,6 @@
 #include "controller/api_server.h"
 
+#include <google/protobuf/util/json_util.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -183,6 +184,166 @@ bool IsLoopback(const std::string& host) {
 
 // ---------------------------------------------------------------------------------------------
 
+
+// ---------------------------------------------------------------------------------------------
+// Views of the store shared by the gRPC API and HTTP's /api/v1.
+
+namespace {
+
+int64_t MinHealthyMs(const ServiceRecord& s) {
+  auto spec = ServiceSpecFromJson(s.spec);
+  return spec.ok() ? spec->update.min_healthy_time.count() : 0;
+}
+
+// Summary (and with `full`, everything of GetService) for one service.
+// `prefetched`: the service's live instances when the caller already has them.
+Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum, pb::Service* full,
+                   const std::vector<InstanceRecord>* prefetched = nullptr) {
+  StatusOr<ServiceSpec> spec = ServiceSpecFromJson(s.spec);
+  sum->set_name(s.name);
+  sum->set_desired_revision(s.desired_revision);
+  sum->set_pinned_revision(s.pinned_revision);
+  const int64_t target = s.pinned_revision > 0 ? s.pinned_revision : s.desired_revision;
+  sum->set_target_revision(target);
+  sum->set_paused(s.paused);
+  sum->set_retired(s.retired);
+  sum->set_manifest_error(s.manifest_error);
+  FillConditions(s.conditions, sum->mutable_conditions());
+  if (spec.ok()) sum->set_replicas(s.retired ? 0 : spec->replicas);
+  std::string target_hash;
+  if (target > 0) {
+    StatusOr<RevisionRecord> rev = r.GetRevision(s.name, target);
+    if (rev.ok()) {
+      target_hash = rev->template_hash;
+      if (auto t = Template::FromCanonical(rev->template_json); t.ok()) sum->set_version(t->version);
+    }
+  }
+  std::vector<InstanceRecord> fetched;
+  if (!prefetched) {
+    ASSIGN_OR_RETURN(fetched, r.ListInstances(s.name, false));
+  }
+  const std::vector<InstanceRecord>& live = prefetched ? *prefetched : fetched;
+  const int64_t now = NowMs();
+  const int64_t min_healthy = spec.ok() ? spec->update.min_healthy_time.count() : 0;
+  std::map<int64_t, pb::RevisionCount> counts;
+  std::map<int64_t, std::string> hashes;
+  int available = 0;
+  hashes[target] = target_hash;
+  for (const auto& i : live) {
+    if (!hashes.count(i.revision)) {
+      auto rev = r.GetRevision(s.name, i.revision);
+      hashes[i.revision] = rev.ok() ? rev->template_hash : "";
+    }
+    const bool avail = Available(i, now, min_healthy);
+    if (avail && hashes[i.revision] == target_hash) ++available;
+    pb::RevisionCount& c = counts[i.revision];
+    c.set_revision(i.revision);
+    c.set_total(c.total() + 1);
+    c.set_healthy(c.healthy() + (i.state == InstanceState::kHealthy));
+    c.set_available(c.available() + avail);
+    if (full) FillInstance(i, now, min_healthy, full->add_instances());
+  }
+  sum->set_available(available);
+  sum->set_live(static_cast<int32_t>(live.size()));
+  if (!full) return Status::Ok();
+  full->set_manifest_file(s.manifest_file);
+  full->set_pin_reason(s.pin_reason);
+  for (auto& [rev, c] : counts) *full->add_revisions() = c;
+  if (spec.ok()) {
+    full->set_history_limit(spec->history_limit);
+    pb::UpdatePolicy* u = full->mutable_update();
+    u->set_strategy(ToProto(spec->update.strategy));
+    u->mutable_max_surge()->set_value(spec->update.max_surge.value);
+    u->mutable_max_surge()->set_percent(spec->update.max_surge.percent);
+    u->mutable_max_unavailable()->set_value(spec->update.max_unavailable.value);
+    u->mutable_max_unavailable()->set_percent(spec->update.max_unavailable.percent);
+    u->set_min_healthy_time_ms(spec->update.min_healthy_time.count());
+    u->set_healthy_deadline_ms(spec->update.healthy_deadline.count());
+    u->set_progress_deadline_ms(spec->update.progress_deadline.count());
+    u->set_auto_rollback(spec->update.auto_rollback);
+    u->set_canary(spec->update.canary);
+    u->set_auto_promote(spec->update.auto_promote);
+  }
+  StatusOr<RolloutRecord> ro = r.GetLatestRollout(s.name);
+  if (ro.ok()) {
+    pb::Rollout* p = full->mutable_rollout();
+    p->set_id(ro->id);
+    p->set_from_revision(ro->from_revision);
+    p->set_to_revision(ro->to_revision);
+    p->set_strategy(StrategyFromName(ro->strategy));
+    p->set_state(RolloutStateFromName(ro->state));
+    p->set_reason(ro->reason);
+    p->set_started_unix_ms(ro->started_ms);
+    p->set_last_progress_unix_ms(ro->last_progress_ms);
+    p->set_finished_unix_ms(ro->finished_ms);
+    p->set_paused_ms(ro->paused_ms);
+  }
+  return Status::Ok();
+}
+
+
+Status BuildListServices(StateReader& r, pb::ListServicesResponse* resp) {
+  return r.Snapshot([&]() -> Status {
+    ASSIGN_OR_RETURN(auto services, r.ListServices());
+    // One query for every live instance rather than one per service.
+    ASSIGN_OR_RETURN(auto live, r.ListLiveInstances());
+    std::map<std::string, std::vector<InstanceRecord>> by_service;
+    for (auto& i : live) by_service[i.service].push_back(std::move(i));
+    for (const auto& s : services) {
+      RETURN_IF_ERROR(FillSummary(r, s, resp->add_services(), nullptr, &by_service[s.name]));
+    }
+    return Status::Ok();
+  });
+}
+
+Status BuildGetService(StateReader& r, const std::string& name, pb::GetServiceResponse* resp) {
+  return r.Snapshot([&]() -> Status {
+    ASSIGN_OR_RETURN(ServiceRecord s, r.GetService(name));
+    return FillSummary(r, s, resp->mutable_service()->mutable_summary(), resp->mutable_service());
+  });
+}
+
+std::string MessageJson(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions o;
+  o.preserve_proto_field_names = true;
+  o.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, o);
+  return out;
+}
+
+}  // namespace
+
+StatusOr<std::string> ServicesJson(StateReader& r) {
+  pb::ListServicesResponse resp;
+  RETURN_IF_ERROR(BuildListServices(r, &resp));
+  return MessageJson(resp);
+}
+
+StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name) {
+  pb::GetServiceResponse resp;
+  RETURN_IF_ERROR(BuildGetService(r, name, &resp));
+  return MessageJson(resp);
+}
+
+StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service, int limit) {
+  ASSIGN_OR_RETURN(int64_t oldest, r.OldestEventSeq());
+  if (after_seq > 0 && oldest > after_seq + 1) {
+    return Status(StatusCode::kOutOfRange, "events after " + std::to_string(after_seq) +
+                                               " were pruned; the oldest available is " +
+                                               std::to_string(oldest));
+  }
+  ASSIGN_OR_RETURN(auto events, r.ReadEvents({.after_seq = after_seq, .service = service, .limit = limit}));
+  std::string out = "{\"events\":[";
+  for (size_t i = 0; i < events.size(); ++i) {
+    pb::Event e;
+    FillEvent(events[i], &e);
+    if (i) out += ",";
+    out += MessageJson(e);
+  }
+  return out + "]}";
+}
+
 // Returns from an RPC handler when the caller may not make this call.
 #define RETURN_GRPC_IF_DENIED(ctx, mutating)                 \
   do {                                                       \
@@ -204,31 +365,14 @@ class KilnApi final : public pb::Kiln::Service {
   grpc::Status ListServices(ServerContext* ctx, const pb::ListServicesRequest*,
                             pb::ListServicesResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
-    return ToGrpc(WithReader([&](StateReader& r) -> Status {
-      return r.Snapshot([&]() -> Status {
-        ASSIGN_OR_RETURN(auto services, r.ListServices());
-        // One query for every live instance rather than one per service.
-        ASSIGN_OR_RETURN(auto live, r.ListLiveInstances());
-        std::map<std::string, std::vector<InstanceRecord>> by_service;
-        for (auto& i : live) by_service[i.service].push_back(std::move(i));
-        for (const auto& s : services) {
-          RETURN_IF_ERROR(FillSummary(r, s, resp->add_services(), nullptr, &by_service[s.name]));
-        }
-        return Status::Ok();
-      });
-    }));
+    return ToGrpc(WithReader([&](StateReader& r) { return BuildListServices(r, resp); }));
   }
 
   grpc::Status GetService(ServerContext* ctx, const pb::GetServiceRequest* req,
                           pb::GetServiceResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
     if (req->name().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "name is required");
-    return ToGrpc(WithReader([&](StateReader& r) -> Status {
-      return r.Snapshot([&]() -> Status {
-        ASSIGN_OR_RETURN(ServiceRecord s, r.GetService(req->name()));
-        return FillSummary(r, s, resp->mutable_service()->mutable_summary(), resp->mutable_service());
-      });
-    }));
+    return ToGrpc(WithReader([&](StateReader& r) { return BuildGetService(r, req->name(), resp); }));
   }
 
   grpc::Status ListInstances(ServerContext* ctx, const pb::ListInstancesRequest* req,
@@ -459,97 +603,6 @@ class KilnApi final : public pb::Kiln::Service {
     }
     std::lock_guard lock(*readers_[next_++ % readers_.size()].mu);
     return fn(*readers_[(next_ - 1) % readers_.size()].reader);
-  }
-
-  static int64_t MinHealthyMs(const ServiceRecord& s) {
-    auto spec = ServiceSpecFromJson(s.spec);
-    return spec.ok() ? spec->update.min_healthy_time.count() : 0;
-  }
-
-  // Summary (and with `full`, everything of GetService) for one service.
-  // `prefetched`: the service's live instances when the caller already has them.
-  Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum, pb::Service* full,
-                     const std::vector<InstanceRecord>* prefetched = nullptr) {
-    StatusOr<ServiceSpec> spec = ServiceSpecFromJson(s.spec);
-    sum->set_name(s.name);
-    sum->set_desired_revision(s.desired_revision);
-    sum->set_pinned_revision(s.pinned_revision);
-    const int64_t target = s.pinned_revision > 0 ? s.pinned_revision : s.desired_revision;
-    sum->set_target_revision(target);
-    sum->set_paused(s.paused);
-    sum->set_retired(s.retired);
-    sum->set_manifest_error(s.manifest_error);
-    FillConditions(s.conditions, sum->mutable_conditions());
-    if (spec.ok()) sum->set_replicas(s.retired ? 0 : spec->replicas);
-    std::string target_hash;
-    if (target > 0) {
-      StatusOr<RevisionRecord> rev = r.GetRevision(s.name, target);
-      if (rev.ok()) {
-        target_hash = rev->template_hash;
-        if (auto t = Template::FromCanonical(rev->template_json); t.ok()) sum->set_version(t->version);
-      }
-    }
-    std::vector<InstanceRecord> fetched;
-    if (!prefetched) {
-      ASSIGN_OR_RETURN(fetched, r.ListInstances(s.name, false));
-    }
-    const std::vector<InstanceRecord>& live = prefetched ? *prefetched : fetched;
-    const int64_t now = NowMs();
-    const int64_t min_healthy = spec.ok() ? spec->update.min_healthy_time.count() : 0;
-    std::map<int64_t, pb::RevisionCount> counts;
-    std::map<int64_t, std::string> hashes;
-    int available = 0;
-    hashes[target] = target_hash;
-    for (const auto& i : live) {
-      if (!hashes.count(i.revision)) {
-        auto rev = r.GetRevision(s.name, i.revision);
-        hashes[i.revision] = rev.ok() ? rev->template_hash : "";
-      }
-      const bool avail = Available(i, now, min_healthy);
-      if (avail && hashes[i.revision] == target_hash) ++available;
-      pb::RevisionCount& c = counts[i.revision];
-      c.set_revision(i.revision);
-      c.set_total(c.total() + 1);
-      c.set_healthy(c.healthy() + (i.state == InstanceState::kHealthy));
-      c.set_available(c.available() + avail);
-      if (full) FillInstance(i, now, min_healthy, full->add_instances());
-    }
-    sum->set_available(available);
-    sum->set_live(static_cast<int32_t>(live.size()));
-    if (!full) return Status::Ok();
-    full->set_manifest_file(s.manifest_file);
-    full->set_pin_reason(s.pin_reason);
-    for (auto& [rev, c] : counts) *full->add_revisions() = c;
-    if (spec.ok()) {
-      full->set_history_limit(spec->history_limit);
-      pb::UpdatePolicy* u = full->mutable_update();
-      u->set_strategy(ToProto(spec->update.strategy));
-      u->mutable_max_surge()->set_value(spec->update.max_surge.value);
-      u->mutable_max_surge()->set_percent(spec->update.max_surge.percent);
-      u->mutable_max_unavailable()->set_value(spec->update.max_unavailable.value);
-      u->mutable_max_unavailable()->set_percent(spec->update.max_unavailable.percent);
-      u->set_min_healthy_time_ms(spec->update.min_healthy_time.count());
-      u->set_healthy_deadline_ms(spec->update.healthy_deadline.count());
-      u->set_progress_deadline_ms(spec->update.progress_deadline.count());
-      u->set_auto_rollback(spec->update.auto_rollback);
-      u->set_canary(spec->update.canary);
-      u->set_auto_promote(spec->update.auto_promote);
-    }
-    StatusOr<RolloutRecord> ro = r.GetLatestRollout(s.name);
-    if (ro.ok()) {
-      pb::Rollout* p = full->mutable_rollout();
-      p->set_id(ro->id);
-      p->set_from_revision(ro->from_revision);
-      p->set_to_revision(ro->to_revision);
-      p->set_strategy(StrategyFromName(ro->strategy));
-      p->set_state(RolloutStateFromName(ro->state));
-      p->set_reason(ro->reason);
-      p->set_started_unix_ms(ro->started_ms);
-      p->set_last_progress_unix_ms(ro->last_progress_ms);
-      p->set_finished_unix_ms(ro->finished_ms);
-      p->set_paused_ms(ro->paused_ms);
-    }
-    return Status::Ok();
   }
 
   struct ReaderSlot {

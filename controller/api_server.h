@@ -20,6 +20,13 @@ namespace kiln {
 
 class Reconciler;
 
+// The JSON that HTTP's /api/v1 serves: the same messages as the gRPC API (ListServices,
+// GetService, WatchEvents), with proto field names.
+StatusOr<std::string> ServicesJson(StateReader& r);
+StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name);
+// OUT_OF_RANGE when events after `after_seq` were already pruned.
+StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service, int limit);
+
 class ApiServer {
  public:
   struct Options {
