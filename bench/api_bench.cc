@@ -98,7 +98,7 @@ int Main() {
     }
   }
   std::vector<std::string> args = {kBin + "/kilnd", "--manifests", (dir / "m").string(), "--state",
-                                   (dir / "state").string(), "--port-range", "24000-25999", "--log-level", "warn"};
+                                   (dir / "state").string(), "--port-range", "24000-25999", "--log-level", "warn", "--http-listen", ""};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

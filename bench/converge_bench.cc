@@ -174,7 +174,7 @@ KilndRun Kilnd(const fs::path& dir) {
   WriteManifest(dir / "m", "1");
   auto begin = Clock::now();
   pid_t kilnd = Spawn({kBin + "/kilnd", "--manifests", (dir / "m").string(), "--state",
-                       (dir / "state").string(), "--port-range", "25000-26999", "--log-level", "warn"},
+                       (dir / "state").string(), "--port-range", "25000-26999", "--log-level", "warn", "--http-listen", ""},
                       {"PATH=/usr/bin:/bin"}, (dir / "kilnd.log").string());
   if (WaitConverged(dir / "state/kiln.db", 1, std::chrono::seconds(300))) {
     r.cold = bench::Seconds(Clock::now() - begin);

@@ -62,7 +62,7 @@ int Main() {
   const std::string log = (dir / "kilnd.log").string();
   std::vector<std::string> args = {kBin + "/kilnd", "--manifests", (dir / "m").string(), "--state",
                                    (dir / "state").string(), "--port-range", "27000-27999",
-                                   "--log-format", "json"};
+                                   "--log-format", "json", "--http-listen", ""};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

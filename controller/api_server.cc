@@ -4,6 +4,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/support/server_interceptor.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,6 +21,7 @@
 
 #include "common/logging.h"
 #include "controller/manifest.h"
+#include "controller/metrics.h"
 #include "controller/reconciler.h"
 #include "controller/tokens.h"
 #include "kiln/v1/kiln.grpc.pb.h"
@@ -620,6 +622,40 @@ class KilnApi final : public pb::Kiln::Service {
   std::atomic<bool> stopping_{false};
 };
 
+// Counts every call by method and final status code.
+class MetricsInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  MetricsInterceptor(grpc::experimental::ServerRpcInfo* info, Metrics* metrics)
+      : method_(info->method()), metrics_(metrics) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      static const char* kCodes[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                                     "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                                     "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+                                     "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+      int code = static_cast<int>(methods->GetSendStatus().error_code());
+      metrics_->Add("kiln_grpc_requests_total",
+                    {{"method", method_}, {"code", code >= 0 && code <= 16 ? kCodes[code] : "UNKNOWN"}});
+    }
+    methods->Proceed();
+  }
+
+ private:
+  std::string method_;
+  Metrics* metrics_;
+};
+
+class MetricsInterceptorFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit MetricsInterceptorFactory(Metrics* m) : metrics_(m) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo* info) override {
+    return new MetricsInterceptor(info, metrics_);
+  }
+
+ private:
+  Metrics* metrics_;
+};
+
 struct ApiServer::Impl {
   std::unique_ptr<KilnApi> api;
   std::unique_ptr<grpc::Server> server;
@@ -701,6 +737,11 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
     builder.AddListeningPort(o.tcp_listen, creds, &impl->tcp_port);
   }
   builder.RegisterService(impl->api.get());
+  if (o.metrics) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
+    creators.push_back(std::make_unique<MetricsInterceptorFactory>(o.metrics));
+    builder.experimental().SetInterceptorCreators(std::move(creators));
+  }
   impl->server = builder.BuildAndStart();
   if (!impl->server) {
     return UnavailableError("cannot start the gRPC server on " +

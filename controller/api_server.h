@@ -18,6 +18,7 @@ class io_context;
 
 namespace kiln {
 
+class Metrics;
 class Reconciler;
 
 // The JSON that HTTP's /api/v1 serves: the same messages as the gRPC API (ListServices,
@@ -37,6 +38,7 @@ class ApiServer {
     int max_streams = 64;     // concurrent WatchEvents streams
     int readers = 4;          // reader connections
     int max_message_bytes = 4 << 20;
+    Metrics* metrics = nullptr;  // counts requests by method and code
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <tuple>
 #include <iostream>
 
@@ -18,6 +19,8 @@
 #include "common/logging.h"
 #include "common/sha256.h"
 #include "controller/api_server.h"
+#include "controller/http_server.h"
+#include "controller/metrics.h"
 #include "controller/manifest.h"
 #include "controller/manifest_watcher.h"
 #include "controller/reconciler.h"
@@ -43,6 +46,9 @@ struct DaemonFlags {
   std::string grpc_listen;
   std::string tls_cert, tls_key, client_ca, tokens;
   int64_t event_retention = 100'000;
+  std::string http_listen = "127.0.0.1:9090";
+  std::string http_read_timeout = "10s";
+  int http_max_connections = 256;
   std::string log_format = "text";
   std::string log_level = "info";
 };
@@ -107,6 +113,11 @@ int RunDaemon(int argc, char** argv) {
   app.add_option("--tls-key", flags.tls_key, "PEM private key for the TCP listener");
   app.add_option("--client-ca", flags.client_ca, "PEM CA: require client certificates it signed");
   app.add_option("--tokens", flags.tokens, "file of \"TOKEN ROLE NAME\" lines (viewer|operator)");
+  app.add_option("--http-listen", flags.http_listen,
+                 "metrics, health, /api/v1 and the dashboard on HOST:PORT (\"\" for none)");
+  app.add_option("--http-read-timeout", flags.http_read_timeout, "drop an HTTP client that sends nothing for this long");
+  app.add_option("--http-max-connections", flags.http_max_connections, "HTTP connections at once")
+      ->check(CLI::Range(1, 100000));
   app.add_option("--event-retention", flags.event_retention, "events kept (older ones are pruned)")
       ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
   app.add_option("--log-format", flags.log_format, "text or json")
@@ -148,7 +159,12 @@ int RunDaemon(int argc, char** argv) {
   }
 
   RealClock clock;
+  Metrics metrics;
+  DeclareKilnMetrics(metrics);
   SqliteStateStore::Options store_options;
+  store_options.on_commit = [&metrics](double seconds) {
+    metrics.Observe("kiln_store_commit_duration_seconds", {}, seconds);
+  };
   store_options.path = (fs::path(flags.state) / "kiln.db").string();
   store_options.clock = &clock;
   auto store = SqliteStateStore::Open(store_options);
@@ -177,11 +193,34 @@ int RunDaemon(int argc, char** argv) {
   Reconciler* reconciler_ptr = nullptr;
   WorkQueue::Options queue_options;
   queue_options.resync = *resync;
+  std::string last_store_error;  // readiness: the store refused the last write
   WorkQueue queue(
-      io, queue_options, [&](const std::string& name) { return reconciler_ptr->Reconcile(name); },
+      io, queue_options,
+      [&](const std::string& name) {
+        const auto begin = std::chrono::steady_clock::now();
+        Status s = reconciler_ptr->Reconcile(name);
+        metrics.Observe("kiln_reconcile_duration_seconds", {},
+                        std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count());
+        metrics.Add("kiln_reconcile_passes_total", {{"result", s.ok() ? "ok" : "error"}});
+        if (s.ok()) {
+          last_store_error.clear();
+        } else if (s.message().find(store_options.path) != std::string::npos) {
+          last_store_error = s.message();
+        }
+        return s;
+      },
       [&] { return reconciler_ptr->ServiceNames(); });
   Reconciler::Options rec_options;
   rec_options.stop_grace = *stop_grace;
+  rec_options.on_event = [&metrics](const EventRecord& e) {
+    if (e.kind == "rollout_completed") metrics.Add("kiln_rollouts_total", {{"result", "completed"}});
+    if (e.kind == "rollout_failed") metrics.Add("kiln_rollouts_total", {{"result", "failed"}});
+    if (e.kind == "rolled_back") {
+      metrics.Add("kiln_rollbacks_total", {{"trigger", e.actor == "auto" ? "automatic" : "manual"}});
+    }
+    if (e.kind == "instance_unhealthy") metrics.Add("kiln_probe_failures_total", {{"service", e.service}});
+    if (e.kind == "instance_start_failed") metrics.Add("kiln_driver_errors_total", {{"service", e.service}});
+  };
   Reconciler reconciler(**store, driver, prober, *artifacts, clock, queue, rec_options);
   reconciler_ptr = &reconciler;
 
@@ -195,6 +234,7 @@ int RunDaemon(int argc, char** argv) {
   auto load = [&] {
     ManifestSet set = LoadManifestDir(flags.manifests, hash_fn);
     LogManifestSet(set);
+    metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
     reconciler.ApplyManifests(set);
   };
   load();
@@ -209,10 +249,71 @@ int RunDaemon(int argc, char** argv) {
   api_options.tls_key = flags.tls_key;
   api_options.client_ca = flags.client_ca;
   api_options.tokens_file = flags.tokens;
+  api_options.metrics = &metrics;
   auto api = ApiServer::Start(api_options, io, reconciler, [&] { return (*store)->OpenReader(); });
   if (!api.ok()) {
     LogError("cannot start the API", {{"error", api.status().message()}});
     return 1;
+  }
+
+  // HTTP: metrics, health, /api/v1 and the dashboard, on this thread with its own reader.
+  bool shutting_down = false;
+  auto http_reader = (*store)->OpenReader();
+  if (!http_reader.ok()) {
+    LogError("cannot open a reader for HTTP", {{"error", http_reader.status().message()}});
+    return 1;
+  }
+  metrics.SetCollector("kiln_workqueue_depth", [&] {
+    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(queue.Depth())}};
+  });
+  metrics.SetCollector("kiln_workqueue_retries_total", [&] {
+    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(queue.Retries())}};
+  });
+  metrics.SetCollector("kiln_instances", [&] {
+    std::vector<std::pair<Labels, double>> out;
+    auto counts = (*http_reader)->CountInstances();
+    if (counts.ok()) {
+      for (const auto& c : *counts) {
+        out.push_back({{{"service", c.service}, {"revision", std::to_string(c.revision)},
+                        {"state", std::string(InstanceStateName(c.state))}},
+                       static_cast<double>(c.count)});
+      }
+    }
+    return out;
+  });
+  std::unique_ptr<HttpServer> http;
+  if (!flags.http_listen.empty()) {
+    HttpServer::Options http_options;
+    http_options.listen = flags.http_listen;
+    http_options.max_connections = flags.http_max_connections;
+    StatusOr<Duration> read_timeout = ParseDuration(flags.http_read_timeout);
+    if (!read_timeout.ok()) {
+      std::cerr << "kilnd: --http-read-timeout: " << read_timeout.status().message() << "\n";
+      return 2;
+    }
+    http_options.read_timeout = *read_timeout;
+    HttpServer::Sources sources;
+    sources.metrics = [&] { return metrics.Render(); };
+    sources.reader = http_reader->get();
+    sources.readiness = [&] {
+      const bool store_ok = last_store_error.empty();
+      const bool loaded = reconciler.manifests_loaded();
+      HttpServer::Readiness r;
+      r.ready = store_ok && loaded && !shutting_down;
+      nlohmann::json j = {{"ready", r.ready},
+                          {"checks",
+                           {{"store_writable", {{"ok", store_ok}, {"error", last_store_error}}},
+                            {"manifests_loaded", {{"ok", loaded}}},
+                            {"not_shutting_down", {{"ok", !shutting_down}}}}}};
+      r.json = j.dump();
+      return r;
+    };
+    auto started = HttpServer::Start(io, http_options, std::move(sources));
+    if (!started.ok()) {
+      LogError("cannot start HTTP", {{"error", started.status().message()}});
+      return 1;
+    }
+    http = std::move(started).value();
   }
 
   // Events are pruned by count, on the reconciler's thread like every write.
@@ -233,6 +334,7 @@ int RunDaemon(int argc, char** argv) {
     if (err) return;
     // Finish nothing new: the current step has already run (one thread); instances keep running.
     LogInfo("shutting down; instances keep running", {{"signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"}});
+    shutting_down = true;
     io.stop();
   });
   LogInfo("kilnd ready", {{"version", kVersion}, {"pid", static_cast<int64_t>(::getpid())}});

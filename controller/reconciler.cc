@@ -88,7 +88,9 @@ Status Reconciler::Event(const std::string& kind, const std::string& service, in
   e.message = message;
   LogInfo(message, {{"event", kind}, {"service", service}, {"revision", revision},
                     {"instance", instance}, {"actor", actor}});
-  return store_.AppendEvent(e).status();
+  RETURN_IF_ERROR(store_.AppendEvent(e).status());
+  if (options_.on_event) options_.on_event(e);
+  return Status::Ok();
 }
 
 StatusOr<std::string> Reconciler::HashOf(const std::string& service, int64_t revision) {
@@ -345,7 +347,7 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
         RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kFailed,
                                                   {.reason = h.status().message()})
                             .status());
-        return Event("instance_failed", inst.service, inst.revision, inst.name, "kilnd",
+        return Event("instance_start_failed", inst.service, inst.revision, inst.name, "kilnd",
                      h.status().message());
       });
     } else {

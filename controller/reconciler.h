@@ -9,6 +9,7 @@
 // REQUIRES: every method is called on the io_context's thread (kilnd runs one), so the
 // reconciler's state needs no lock.
 
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
@@ -29,6 +30,7 @@ class Reconciler {
   struct Options {
     Duration stop_grace{10'000};     // SIGTERM to SIGKILL
     int final_instances_kept = 50;   // terminated/failed/lost rows kept per service
+    std::function<void(const EventRecord&)> on_event;  // every event recorded (metrics)
   };
 
   Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober, ArtifactStore& artifacts,

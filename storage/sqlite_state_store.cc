@@ -364,11 +364,17 @@ Status SqliteStateStore::Snapshot(const std::function<Status()>& fn) {
 Status SqliteStateStore::Transaction(const std::function<Status()>& fn) {
   std::lock_guard lock(mu_);
   if (tx_depth_ > 0) return fn();
+  const auto begin = std::chrono::steady_clock::now();
   RETURN_IF_ERROR(db_.Exec("BEGIN IMMEDIATE"));
   ++tx_depth_;
   Status s = fn();
   --tx_depth_;
-  if (s.ok()) s = db_.Exec("COMMIT");
+  if (s.ok()) {
+    s = db_.Exec("COMMIT");
+    if (s.ok() && options_.on_commit) {
+      options_.on_commit(std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count());
+    }
+  }
   if (!s.ok() && !sqlite3_get_autocommit(db_.raw())) (void)db_.Exec("ROLLBACK");
   return s;
 }
@@ -513,6 +519,17 @@ StatusOr<int64_t> SqliteStateStore::LatestEventSeq() {
   ASSIGN_OR_RETURN(auto v, db_.QueryInt("read events",
                                         "SELECT seq FROM sqlite_sequence WHERE name = 'events'"));
   return v.value_or(0);
+}
+
+StatusOr<std::vector<InstanceCount>> SqliteStateStore::CountInstances() {
+  std::lock_guard lock(mu_);
+  ASSIGN_OR_RETURN(auto* s, db_.Prepare("SELECT service, revision, state, count(*) FROM instances "
+                                        "GROUP BY service, revision, state ORDER BY service, revision",
+                                        "count instances"));
+  return CollectRows<InstanceCount>(db_, *s, "count instances", [](const sqlite::Statement& st) {
+    return InstanceCount{st.Text(0), st.Int(1), ParseInstanceState(st.Text(2)).value_or(InstanceState::kLost),
+                         st.Int(3)};
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

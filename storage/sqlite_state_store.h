@@ -1,6 +1,7 @@
 #pragma once
 
 #include <memory>
+#include <functional>
 #include <mutex>
 #include <string>
 
@@ -19,6 +20,7 @@ class SqliteStateStore final : public StateStore {
     const Clock* clock = nullptr;    // required; timestamps of rows and events
     int busy_timeout_ms = 5000;
     bool read_only = false;          // a reader: no migrations, every write refused by SQLite
+    std::function<void(double seconds)> on_commit;  // duration of each committed transaction
   };
 
   // Opens or creates the database and migrates it to the current schema. A file that is not a
@@ -51,6 +53,7 @@ class SqliteStateStore final : public StateStore {
   StatusOr<std::vector<EventRecord>> ReadEvents(const EventQuery& q) override;
   StatusOr<int64_t> OldestEventSeq() override;
   StatusOr<int64_t> LatestEventSeq() override;
+  StatusOr<std::vector<InstanceCount>> CountInstances() override;
 
   // StateStore
   Status Transaction(const std::function<Status()>& fn) override;

@@ -123,6 +123,13 @@ struct EventQuery {
   int limit = 1000;
 };
 
+struct InstanceCount {
+  std::string service;
+  int64_t revision = 0;
+  InstanceState state = InstanceState::kPending;
+  int64_t count = 0;
+};
+
 class StateReader {
  public:
   virtual ~StateReader() = default;
@@ -155,6 +162,8 @@ class StateReader {
   // The smallest retained seq, 0 when there are none; the next seq to be assigned is > any seen.
   virtual StatusOr<int64_t> OldestEventSeq() = 0;
   virtual StatusOr<int64_t> LatestEventSeq() = 0;
+  // Instance rows grouped by service, revision and state.
+  virtual StatusOr<std::vector<InstanceCount>> CountInstances() = 0;
 };
 
 class StateStore : public StateReader {

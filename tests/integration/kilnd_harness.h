@@ -55,16 +55,20 @@ class KilndHarness {
                                      state().string(), "--port-range",
                                      std::to_string(PortWindow()) + "-" +
                                          std::to_string(PortWindow() + kPortWindowSize - 1),
-                                     "--resync", "2s", "--stop-grace", "2s"};
+                                     "--resync", "2s", "--stop-grace", "2s", "--http-listen",
+                                     "127.0.0.1:0"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     kilnd_ = std::make_unique<Child>(argv, tmp_.path());
   }
   std::string UnixAddr() const { return "unix:" + (state() / "kiln.sock").string(); }
   // The TCP port kilnd logged for --grpc-listen HOST:0.
-  int TcpPort() {
-    if (!kilnd_->WaitForStderr("tcp_port=", std::chrono::seconds(10))) return 0;
+  int TcpPort() { return LoggedPort("tcp_port="); }
+  // The HTTP port kilnd logged (the harness asks for 127.0.0.1:0).
+  int HttpPort() { return LoggedPort("HTTP listening listen=127.0.0.1:0 port="); }
+  int LoggedPort(const std::string& key) {
+    if (!kilnd_->WaitForStderr(key, std::chrono::seconds(10))) return 0;
     std::string log = kilnd_->Stderr();
-    return std::atoi(log.c_str() + log.find("tcp_port=") + 9);
+    return std::atoi(log.c_str() + log.find(key) + key.size());
   }
   const TempDir& tmp() const { return tmp_; }
   bool WaitReady() { return kilnd_->WaitForStderr("kilnd ready", std::chrono::seconds(30)); }

@@ -27,7 +27,7 @@ TEST_CASE("kilnd loads manifests, opens its store and stops cleanly on SIGTERM",
   TempDir tmp;
   WriteManifests(tmp);
   Child kilnd({BinPath("kilnd"), "--manifests", (tmp / "manifests").string(), "--state",
-               (tmp / "state").string()},
+               (tmp / "state").string(), "--http-listen", ""},
               tmp.path());
   REQUIRE(kilnd.WaitForStderr("kilnd ready", 20s));
   std::string log = kilnd.Stderr();
@@ -51,7 +51,7 @@ TEST_CASE("kilnd logs every manifest error and keeps running", "[kilnd]") {
   WriteManifests(tmp);
   WriteFile(tmp / "manifests/bad.yaml", "name: bad\nversion: \"1\"\nreplicas: lots\n");
   Child kilnd({BinPath("kilnd"), "--manifests", (tmp / "manifests").string(), "--state",
-               (tmp / "state").string(), "--log-format", "json"},
+               (tmp / "state").string(), "--log-format", "json", "--http-listen", ""},
               tmp.path());
   REQUIRE(kilnd.WaitForStderr("kilnd ready", 20s));
   std::string log = kilnd.Stderr();
@@ -67,7 +67,7 @@ TEST_CASE("kilnd refuses a state store it cannot open, with one clear line", "[k
   WriteManifests(tmp);
   WriteFile(tmp / "state/kiln.db", std::string(4096, 'x'));
   RunResult r = Run({BinPath("kilnd"), "--manifests", (tmp / "manifests").string(), "--state",
-                     (tmp / "state").string()});
+                     (tmp / "state").string(), "--http-listen", ""});
   CHECK(r.exit_code == 1);
   CHECK(r.err.find("cannot open state store error=\"" + (tmp / "state/kiln.db").string() +
                    ": read database: file is not a database\"") != std::string::npos);

@@ -83,11 +83,20 @@ std::string Child::Stdout() const { return ReadFile(out_); }
 std::string Child::Stderr() const { return ReadFile(err_); }
 
 bool Child::WaitForStderr(const std::string& needle, std::chrono::milliseconds timeout) {
+  return WaitForOutput(err_, needle, timeout);
+}
+
+bool Child::WaitForStdout(const std::string& needle, std::chrono::milliseconds timeout) {
+  return WaitForOutput(out_, needle, timeout);
+}
+
+bool Child::WaitForOutput(const std::filesystem::path& file, const std::string& needle,
+                          std::chrono::milliseconds timeout) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
   while (std::chrono::steady_clock::now() < deadline) {
-    if (Stderr().find(needle) != std::string::npos) return true;
+    if (ReadFile(file).find(needle) != std::string::npos) return true;
     if (!reaped_ && ::waitpid(pid_, &status_, WNOHANG) == pid_) reaped_ = true;
-    if (reaped_) return Stderr().find(needle) != std::string::npos;
+    if (reaped_) return ReadFile(file).find(needle) != std::string::npos;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return false;

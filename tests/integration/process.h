@@ -43,8 +43,12 @@ class Child {
   std::string Stderr() const;
   // Waits until stderr contains `needle`; false on timeout or when the child exits first.
   bool WaitForStderr(const std::string& needle, std::chrono::milliseconds timeout);
+  bool WaitForStdout(const std::string& needle, std::chrono::milliseconds timeout);
 
  private:
+  bool WaitForOutput(const std::filesystem::path& file, const std::string& needle,
+                     std::chrono::milliseconds timeout);
+
   pid_t pid_ = -1;
   bool reaped_ = false;
   int status_ = 0;

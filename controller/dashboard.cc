@@ -1,0 +1,103 @@
+// The dashboard: one page, no external resources, polling /api/v1 once a second.
+
+#include "controller/http_server.h"
+
+namespace kiln {
+
+const char* DashboardHtml() {
+  return R"html(<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>kiln</title>
+<style>
+  :root { --bg:#111418; --panel:#1a1f26; --text:#e6e6e6; --dim:#8b949e; --ok:#3fb950; --warn:#d29922; --bad:#f85149; --accent:#58a6ff; }
+  body { margin:0; font:14px/1.45 system-ui, sans-serif; background:var(--bg); color:var(--text); }
+  header { display:flex; gap:1rem; align-items:baseline; padding:.8rem 1.2rem; border-bottom:1px solid #30363d; }
+  header h1 { font-size:1.1rem; margin:0; }
+  header .dim { color:var(--dim); }
+  main { padding:1rem 1.2rem; display:grid; gap:1rem; }
+  section { background:var(--panel); border:1px solid #30363d; border-radius:6px; padding:.8rem 1rem; }
+  h2 { font-size:1rem; margin:0 0 .4rem 0; display:flex; gap:.6rem; align-items:baseline; flex-wrap:wrap; }
+  table { border-collapse:collapse; width:100%; }
+  th, td { text-align:left; padding:.2rem .6rem .2rem 0; vertical-align:top; }
+  th { color:var(--dim); font-weight:normal; }
+  .pill { border-radius:1em; padding:0 .55em; font-size:.85em; border:1px solid currentColor; }
+  .healthy, .true-Available, .completed { color:var(--ok); }
+  .starting, .pending, .draining, .progressing, .waiting_promotion, .paused { color:var(--warn); }
+  .unhealthy, .failed, .lost, .true-Degraded { color:var(--bad); }
+  .terminated, .dim { color:var(--dim); }
+  .bar { height:8px; background:#30363d; border-radius:4px; overflow:hidden; display:flex; width:240px; }
+  .bar .new { background:var(--ok); } .bar .old { background:var(--accent); }
+  .error { color:var(--bad); white-space:pre-wrap; }
+  #events td { font-family:ui-monospace, monospace; font-size:12px; }
+</style>
+</head>
+<body>
+<header><h1>kiln</h1><span class="dim" id="updated">loading…</span><span class="error" id="fetch-error"></span></header>
+<main>
+  <div id="services"></div>
+  <section><h2>Recent events</h2><table id="events"><thead><tr><th>seq</th><th>time</th><th>service</th><th>kind</th><th>instance</th><th>actor</th><th>message</th></tr></thead><tbody></tbody></table></section>
+</main>
+<script>
+"use strict";
+const $ = (s) => document.querySelector(s);
+const esc = (s) => String(s ?? "").replace(/[&<>"]/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;"}[c]));
+const lower = (s, prefix) => String(s || "").replace(prefix, "").toLowerCase();
+const age = (ms) => { ms = Number(ms); if (!ms) return "-"; const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  return s < 120 ? s + "s" : s < 7200 ? Math.round(s / 60) + "m" : Math.round(s / 3600) + "h"; };
+let lastSeq = 0;
+const events = [];
+
+function serviceHtml(s) {
+  const sum = s.summary, r = s.rollout || {};
+  const target = Number(sum.target_revision);
+  let oldLive = 0, newLive = 0;
+  for (const c of s.revisions || []) (Number(c.revision) === target ? (newLive += c.total) : (oldLive += c.total));
+  const wanted = Math.max(sum.replicas, 1);
+  const conds = (sum.conditions || []).map((c) =>
+    `<tr><td class="${c.status ? "true-" + c.type : ""}">${esc(c.type)}</td><td>${c.status ? "True" : "False"}</td><td>${esc(c.reason)}</td><td>${esc(c.message)}</td></tr>`).join("");
+  const inst = (s.instances || []).map((i) => {
+    const st = lower(i.state, "INSTANCE_STATE_");
+    return `<tr data-instance="${esc(i.id)}"><td>${esc(i.id)}</td><td>${esc(i.revision)}</td><td class="state ${st}">${st}</td>
+      <td>${i.available ? "yes" : "no"}</td><td>${esc(i.port)}</td><td>${age(i.created_unix_ms)}</td><td>${esc(i.last_probe || i.reason)}</td></tr>`; }).join("");
+  return `<section class="service" data-service="${esc(sum.name)}">
+    <h2>${esc(sum.name)} <span class="pill">version ${esc(sum.version)}</span>
+      <span class="dim">revision ${target} · manifest ${esc(sum.desired_revision)}${Number(sum.pinned_revision) ? ` · <span class="unhealthy">pinned to ${esc(sum.pinned_revision)}</span> (${esc(s.pin_reason)})` : ""}${sum.paused ? " · paused" : ""}</span></h2>
+    <div>rollout ${esc(r.from_revision || 0)} → ${esc(r.to_revision || target)}: <span class="rollout ${lower(r.state, "ROLLOUT_STATE_")}">${lower(r.state, "ROLLOUT_STATE_")}</span>
+      ${r.reason ? `<span class="error">${esc(r.reason)}</span>` : ""}
+      · <span class="progress">${sum.available}/${sum.replicas} available · ${newLive} new · ${oldLive} old</span>
+      <div class="bar"><div class="new" style="width:${100 * Math.min(newLive, wanted) / wanted}%"></div><div class="old" style="width:${100 * Math.min(oldLive, wanted) / wanted}%"></div></div></div>
+    ${sum.manifest_error ? `<div class="error manifest-error">manifest error: ${esc(sum.manifest_error)}</div>` : ""}
+    <table class="conditions">${conds}</table>
+    <table class="instances"><thead><tr><th>instance</th><th>revision</th><th>state</th><th>available</th><th>port</th><th>age</th><th>last probe</th></tr></thead><tbody>${inst}</tbody></table>
+  </section>`;
+}
+
+async function refresh() {
+  try {
+    const list = await (await fetch("/api/v1/services")).json();
+    const details = await Promise.all((list.services || []).map((s) =>
+      fetch("/api/v1/services/" + encodeURIComponent(s.name)).then((r) => r.json())));
+    $("#services").innerHTML = details.map((d) => serviceHtml(d.service)).join("") || "<section>no services</section>";
+    const ev = await (await fetch("/api/v1/events?since=" + lastSeq)).json();
+    for (const e of ev.events || []) { events.unshift(e); lastSeq = Math.max(lastSeq, Number(e.seq)); }
+    events.length = Math.min(events.length, 200);
+    $("#events tbody").innerHTML = events.map((e) => `<tr><td>${esc(e.seq)}</td><td>${new Date(Number(e.time_unix_ms)).toLocaleTimeString()}</td>
+      <td>${esc(e.service)}</td><td>${esc(e.kind)}</td><td>${esc(e.instance)}</td><td>${esc(e.actor)}</td><td>${esc(e.message)}</td></tr>`).join("");
+    $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
+    $("#fetch-error").textContent = "";
+  } catch (err) {
+    $("#fetch-error").textContent = "cannot reach kilnd: " + err;
+  }
+}
+refresh();
+setInterval(refresh, 1000);
+</script>
+</body>
+</html>
+)html";
+}
+
+}  // namespace kiln

@@ -1,0 +1,171 @@
+// kilnd's HTTP server: metrics (checked by promtool), health, /api/v1, limits, and the dashboard
+// in a real browser.
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include "tests/integration/kilnd_harness.h"
+
+namespace kiln::testing {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+using namespace std::chrono_literals;
+
+struct Reply {
+  int status = 0;
+  std::string body;
+  std::string content_type;
+  std::string allow;
+};
+
+Reply Request(int port, const std::string& target, http::verb method = http::verb::get,
+              const std::string& extra_header_value = "") {
+  asio::io_context io;
+  beast::tcp_stream stream(io);
+  stream.expires_after(10s);
+  stream.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)));
+  http::request<http::string_body> req{method, target, 11};
+  req.set(http::field::host, "127.0.0.1");
+  if (!extra_header_value.empty()) req.set("X-Padding", extra_header_value);
+  http::write(stream, req);
+  beast::flat_buffer buffer;
+  http::response<http::string_body> res;
+  beast::error_code ec;
+  http::read(stream, buffer, res, ec);
+  if (ec) return {};
+  return {static_cast<int>(res.result_int()), res.body(), std::string(res[http::field::content_type]),
+          std::string(res[http::field::allow])};
+}
+
+struct HttpFixture {
+  explicit HttpFixture(std::vector<std::string> extra = {}) {
+    h.Declare("web", "1.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+    h.Start(extra);
+    REQUIRE(h.WaitReady());
+    port = h.HttpPort();
+    REQUIRE(port > 0);
+    REQUIRE(WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
+  }
+  KilndHarness h;
+  int port = 0;
+};
+
+TEST_CASE("health and readiness say which check failed", "[http]") {
+  HttpFixture f;
+  Reply alive = Request(f.port, "/healthz");
+  CHECK(alive.status == 200);
+  CHECK(nlohmann::json::parse(alive.body)["status"] == "alive");
+  Reply ready = Request(f.port, "/readyz");
+  CHECK(ready.status == 200);
+  auto j = nlohmann::json::parse(ready.body);
+  CHECK(j["ready"] == true);
+  CHECK(j["checks"]["store_writable"]["ok"] == true);
+  CHECK(j["checks"]["manifests_loaded"]["ok"] == true);
+}
+
+TEST_CASE("metrics pass promtool and count what happened", "[http]") {
+  HttpFixture f;
+  // A gRPC call, so its counter has a series.
+  RunResult st = Run({BinPath("kilnctl"), "--addr", f.h.UnixAddr(), "status"});
+  REQUIRE(st.exit_code == 0);
+  Reply m = Request(f.port, "/metrics");
+  REQUIRE(m.status == 200);
+  CHECK(m.content_type.rfind("text/plain; version=0.0.4", 0) == 0);
+  for (const char* needle :
+       {"kiln_build_info{version=\"", "kiln_instances{service=\"web\",revision=\"1\",state=\"healthy\"} 2",
+        "kiln_reconcile_passes_total{result=\"ok\"}", "kiln_reconcile_duration_seconds_bucket{le=\"+Inf\"}",
+        "kiln_rollouts_total{result=\"completed\"} 1", "kiln_workqueue_depth ", "kiln_workqueue_retries_total ",
+        "kiln_store_commit_duration_seconds_count ",
+        "kiln_grpc_requests_total{method=\"/kiln.v1.Kiln/ListServices\",code=\"OK\"} 1",
+        "# TYPE kiln_manifest_errors_total counter", "# TYPE kiln_probe_failures_total counter",
+        "# TYPE kiln_driver_errors_total counter", "# TYPE kiln_rollbacks_total counter"}) {
+    INFO(needle);
+    CHECK(m.body.find(needle) != std::string::npos);
+  }
+  WriteFile(f.h.tmp() / "metrics.txt", m.body);
+  RunResult promtool = Run({"/bin/sh", "-c", "promtool check metrics < " + (f.h.tmp() / "metrics.txt").string()});
+  INFO(promtool.out << promtool.err);
+  CHECK(promtool.exit_code == 0);
+}
+
+TEST_CASE("the JSON API serves what the gRPC API serves", "[http]") {
+  HttpFixture f;
+  Reply list = Request(f.port, "/api/v1/services");
+  REQUIRE(list.status == 200);
+  auto services = nlohmann::json::parse(list.body)["services"];
+  REQUIRE(services.size() == 1);
+  CHECK(services[0]["name"] == "web");
+  CHECK(services[0]["available"] == 2);
+  Reply one = Request(f.port, "/api/v1/services/web");
+  REQUIRE(one.status == 200);
+  auto svc = nlohmann::json::parse(one.body)["service"];
+  CHECK(svc["instances"].size() == 2);
+  CHECK(svc["instances"][0]["state"] == "INSTANCE_STATE_HEALTHY");
+  Reply missing = Request(f.port, "/api/v1/services/nope");
+  CHECK(missing.status == 404);
+  CHECK(nlohmann::json::parse(missing.body)["error"] == "service \"nope\" is not known");
+  Reply events = Request(f.port, "/api/v1/events?since=2");
+  REQUIRE(events.status == 200);
+  auto ev = nlohmann::json::parse(events.body)["events"];
+  REQUIRE(!ev.empty());
+  CHECK(ev[0]["seq"] == "3");
+  CHECK(Request(f.port, "/api/v1/events?since=abc").status == 400);
+}
+
+TEST_CASE("unknown paths are 404, wrong methods 405, huge headers 431", "[http]") {
+  HttpFixture f;
+  CHECK(Request(f.port, "/nope").status == 404);
+  Reply post = Request(f.port, "/metrics", http::verb::post);
+  CHECK(post.status == 405);
+  CHECK(post.allow == "GET, HEAD");
+  CHECK(Request(f.port, "/healthz", http::verb::delete_).status == 405);
+  CHECK(Request(f.port, "/healthz", http::verb::get, std::string(20000, 'x')).status == 431);
+  Reply head = Request(f.port, "/healthz", http::verb::head);
+  CHECK(head.status == 200);
+}
+
+TEST_CASE("a slow client is dropped and connections are capped", "[http]") {
+  HttpFixture f({"--http-read-timeout", "300ms", "--http-max-connections", "2"});
+  asio::io_context io;
+  tcp::socket slow(io), second(io), third(io);
+  tcp::endpoint ep(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(f.port));
+  slow.connect(ep);
+  asio::write(slow, asio::buffer(std::string("GET /healthz HTTP/1.1\r\n")));  // and then nothing
+  second.connect(ep);
+  third.connect(ep);  // over the cap of 2: closed by the server
+  char byte;
+  beast::error_code ec;
+  third.read_some(asio::buffer(&byte, 1), ec);
+  CHECK(ec == asio::error::eof);
+  auto begin = std::chrono::steady_clock::now();
+  slow.read_some(asio::buffer(&byte, 1), ec);  // the server gives up on it
+  CHECK(ec);
+  CHECK(std::chrono::steady_clock::now() - begin < 5s);
+}
+
+TEST_CASE("the dashboard shows a rollout live in a real browser", "[http][browser]") {
+  HttpFixture f;
+  const std::string shots = std::string(KILN_BIN_DIR) + "/../screenshots";
+  std::filesystem::create_directories(shots);
+  Child browser({"/usr/bin/node", SourcePath("tests/browser/dashboard.mjs"),
+                 "http://127.0.0.1:" + std::to_string(f.port) + "/", shots},
+                f.h.tmp().path());
+  INFO(browser.Stdout() << browser.Stderr());
+  REQUIRE(browser.WaitForStdout("READY", 60s));
+  f.h.Declare("web", "2.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+  CHECK(browser.Wait(90s) == 0);
+  CHECK(browser.Stdout().find("UPDATED") != std::string::npos);
+  INFO(browser.Stdout() << browser.Stderr());
+  CHECK(std::filesystem::exists(shots + "/dashboard-after.png"));
+}
+
+}  // namespace
+}  // namespace kiln::testing
