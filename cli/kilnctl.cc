@@ -309,6 +309,19 @@ int Plan(Client& c, const std::string& service, const std::string& format, std::
   return 0;
 }
 
+// One mutating call: prints `done(response)` (or the response as JSON/YAML) on success.
+template <typename Req, typename Resp, typename DoneFn>
+int Mutate(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, const Req&, Resp*),
+           const Req& req, const std::string& format, std::ostream& out, std::ostream& err, DoneFn done) {
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  Resp resp;
+  grpc::Status s = (c.stub().*rpc)(&ctx, req, &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  if (!PrintStructured(resp, format, out)) out << done(resp) << "\n";
+  return 0;
+}
+
 // Follows the service's rollout until it completes (0) or fails (1), printing progress.
 int Wait(Client& c, const std::string& service, std::ostream& out, std::ostream& err) {
   std::string last;
@@ -516,62 +529,50 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (history->parsed()) return History(client, service, output, out, err);
   if (plan->parsed()) return Plan(client, service, output, out, err);
   if (events->parsed()) return Events(client, since, service, follow, output, out, err);
-  grpc::ClientContext ctx;
-  client.Prepare(ctx);
-  grpc::Status s;
-  std::string done;
+  int rc;
   if (rollback->parsed()) {
     pb::RollbackRequest req;
     req.set_service(service);
     req.set_to_revision(to_revision);
     req.set_reason(reason);
-    pb::RollbackResponse resp;
-    s = client.stub().Rollback(&ctx, req, &resp);
-    if (s.ok() && PrintStructured(resp, output, out)) return wait ? Wait(client, service, out, err) : 0;
-    done = service + " rolled back: revision " + std::to_string(resp.revision().number()) +
-           " runs the template of revision " + std::to_string(resp.revision().rolled_back_from()) +
-           " (version " + resp.revision().template_().version() + "); pinned until the manifest "
-           "declares a new template or `kilnctl unpin " + service + "`";
+    rc = Mutate(client, &pb::Kiln::Stub::Rollback, req, output, out, err, [&](const pb::RollbackResponse& r) {
+      return service + " rolled back: revision " + std::to_string(r.revision().number()) +
+             " runs the template of revision " + std::to_string(r.revision().rolled_back_from()) +
+             " (version " + r.revision().template_().version() + "); pinned until the manifest "
+             "declares a new template or `kilnctl unpin " + service + "`";
+    });
   } else if (unpin->parsed()) {
     pb::UnpinRequest req;
     req.set_service(service);
-    pb::UnpinResponse resp;
-    s = client.stub().Unpin(&ctx, req, &resp);
-    done = service + " unpinned; it follows its manifest again";
+    rc = Mutate(client, &pb::Kiln::Stub::Unpin, req, output, out, err,
+                [&](auto&) { return service + " unpinned; it follows its manifest again"; });
   } else if (pause->parsed()) {
     pb::PauseRequest req;
     req.set_service(service);
     req.set_reason(reason);
-    pb::PauseResponse resp;
-    s = client.stub().Pause(&ctx, req, &resp);
-    done = service + " paused";
+    rc = Mutate(client, &pb::Kiln::Stub::Pause, req, output, out, err, [&](auto&) { return service + " paused"; });
   } else if (resume->parsed()) {
     pb::ResumeRequest req;
     req.set_service(service);
-    pb::ResumeResponse resp;
-    s = client.stub().Resume(&ctx, req, &resp);
-    done = service + " resumed";
+    rc = Mutate(client, &pb::Kiln::Stub::Resume, req, output, out, err, [&](auto&) { return service + " resumed"; });
   } else if (promote->parsed()) {
     pb::PromoteRequest req;
     req.set_service(service);
-    pb::PromoteResponse resp;
-    s = client.stub().Promote(&ctx, req, &resp);
-    done = service + " promoted: the rollout continues";
+    rc = Mutate(client, &pb::Kiln::Stub::Promote, req, output, out, err,
+                [&](auto&) { return service + " promoted: the rollout continues"; });
   } else if (replace->parsed()) {
     pb::ReplaceInstanceRequest req;
     req.set_instance(instance);
     req.set_reason(reason);
-    pb::ReplaceInstanceResponse resp;
-    s = client.stub().ReplaceInstance(&ctx, req, &resp);
-    done = instance + " will be replaced by a new instance of the same revision";
+    rc = Mutate(client, &pb::Kiln::Stub::ReplaceInstance, req, output, out, err, [&](auto&) {
+      return instance + " will be replaced by a new instance of the same revision";
+    });
   } else {
     err << app.help();
     return 2;
   }
-  if (!s.ok()) return Fail(s, conn, err);
-  out << done << "\n";
-  if (wait) return Wait(client, service, out, err);
-  return 0;
+  if (rc == 0 && wait) return Wait(client, service, out, err);
+  return rc;
 }
 
 }  // namespace kiln
