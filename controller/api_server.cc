@@ -192,16 +192,63 @@ bool IsLoopback(const std::string& host) {
 
 namespace {
 
+// Parsed specs and revision facts are functions of text that never changes (a spec JSON string;
+// an immutable revision), so views parse each once. Bounded: cleared when it grows large.
+class ViewCache {
+ public:
+  std::shared_ptr<const ServiceSpec> Spec(const std::string& json) {
+    std::lock_guard lock(mu_);
+    auto it = specs_.find(json);
+    if (it != specs_.end()) return it->second;
+    StatusOr<ServiceSpec> spec = ServiceSpecFromJson(json);
+    auto parsed = spec.ok() ? std::make_shared<const ServiceSpec>(*spec) : nullptr;
+    if (specs_.size() > kMaxEntries) specs_.clear();
+    specs_[json] = parsed;
+    return parsed;
+  }
+
+  struct RevisionFacts {
+    std::string hash, version;
+  };
+  std::optional<RevisionFacts> Revision(StateReader& r, const std::string& service, int64_t number) {
+    auto key = std::make_pair(service, number);
+    {
+      std::lock_guard lock(mu_);
+      auto it = revisions_.find(key);
+      if (it != revisions_.end()) return it->second;
+    }
+    StatusOr<RevisionRecord> rev = r.GetRevision(service, number);
+    if (!rev.ok()) return std::nullopt;
+    RevisionFacts facts{rev->template_hash, ""};
+    if (auto t = Template::FromCanonical(rev->template_json); t.ok()) facts.version = t->version;
+    std::lock_guard lock(mu_);
+    if (revisions_.size() > kMaxEntries) revisions_.clear();
+    revisions_[key] = facts;
+    return facts;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 50'000;
+  std::mutex mu_;  // guards specs_ and revisions_
+  std::map<std::string, std::shared_ptr<const ServiceSpec>> specs_;
+  std::map<std::pair<std::string, int64_t>, RevisionFacts> revisions_;
+};
+
+ViewCache& Cache() {
+  static ViewCache* cache = new ViewCache();  // lives for the process; never destroyed mid-call
+  return *cache;
+}
+
 int64_t MinHealthyMs(const ServiceRecord& s) {
-  auto spec = ServiceSpecFromJson(s.spec);
-  return spec.ok() ? spec->update.min_healthy_time.count() : 0;
+  auto spec = Cache().Spec(s.spec);
+  return spec ? spec->update.min_healthy_time.count() : 0;
 }
 
 // Summary (and with `full`, everything of GetService) for one service.
 // `prefetched`: the service's live instances when the caller already has them.
 Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum, pb::Service* full,
                    const std::vector<InstanceRecord>* prefetched = nullptr) {
-  StatusOr<ServiceSpec> spec = ServiceSpecFromJson(s.spec);
+  std::shared_ptr<const ServiceSpec> spec = Cache().Spec(s.spec);
   sum->set_name(s.name);
   sum->set_desired_revision(s.desired_revision);
   sum->set_pinned_revision(s.pinned_revision);
@@ -211,13 +258,12 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
   sum->set_retired(s.retired);
   sum->set_manifest_error(s.manifest_error);
   FillConditions(s.conditions, sum->mutable_conditions());
-  if (spec.ok()) sum->set_replicas(s.retired ? 0 : spec->replicas);
+  if (spec) sum->set_replicas(s.retired ? 0 : spec->replicas);
   std::string target_hash;
   if (target > 0) {
-    StatusOr<RevisionRecord> rev = r.GetRevision(s.name, target);
-    if (rev.ok()) {
-      target_hash = rev->template_hash;
-      if (auto t = Template::FromCanonical(rev->template_json); t.ok()) sum->set_version(t->version);
+    if (auto facts = Cache().Revision(r, s.name, target)) {
+      target_hash = facts->hash;
+      sum->set_version(facts->version);
     }
   }
   std::vector<InstanceRecord> fetched;
@@ -226,15 +272,15 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
   }
   const std::vector<InstanceRecord>& live = prefetched ? *prefetched : fetched;
   const int64_t now = NowMs();
-  const int64_t min_healthy = spec.ok() ? spec->update.min_healthy_time.count() : 0;
+  const int64_t min_healthy = spec ? spec->update.min_healthy_time.count() : 0;
   std::map<int64_t, pb::RevisionCount> counts;
   std::map<int64_t, std::string> hashes;
   int available = 0;
   hashes[target] = target_hash;
   for (const auto& i : live) {
     if (!hashes.count(i.revision)) {
-      auto rev = r.GetRevision(s.name, i.revision);
-      hashes[i.revision] = rev.ok() ? rev->template_hash : "";
+      auto facts = Cache().Revision(r, s.name, i.revision);
+      hashes[i.revision] = facts ? facts->hash : "";
     }
     const bool avail = Available(i, now, min_healthy);
     if (avail && hashes[i.revision] == target_hash) ++available;
@@ -251,7 +297,7 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
   full->set_manifest_file(s.manifest_file);
   full->set_pin_reason(s.pin_reason);
   for (auto& [rev, c] : counts) *full->add_revisions() = c;
-  if (spec.ok()) {
+  if (spec) {
     full->set_history_limit(spec->history_limit);
     pb::UpdatePolicy* u = full->mutable_update();
     u->set_strategy(ToProto(spec->update.strategy));
