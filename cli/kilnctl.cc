@@ -182,6 +182,24 @@ int Fail(const grpc::Status& s, const Connection& c, std::ostream& err) {
   return 1;
 }
 
+// One read call: prints the response as JSON/YAML, or the table `rows(response)` makes.
+template <typename Req, typename Resp, typename RowsFn>
+int Query(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, const Req&, Resp*),
+          const Req& req, const std::string& format, std::ostream& out, std::ostream& err, RowsFn rows) {
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  Resp resp;
+  grpc::Status s = (c.stub().*rpc)(&ctx, req, &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  if (!PrintStructured(resp, format, out)) PrintTable(out, rows(resp));
+  return 0;
+}
+
+std::vector<std::string> InstanceRow(const pb::Instance& i, const std::string& indent = "") {
+  return {indent + i.id(), std::to_string(i.revision()), StateName(i.state()), i.available() ? "yes" : "no",
+          std::to_string(i.port()), std::to_string(i.pid()), Age(i.created_unix_ms()), i.reason()};
+}
+
 std::string ConditionsLine(const pb::ServiceSummary& s) {
   std::string out;
   for (const auto& c : s.conditions()) {
@@ -195,22 +213,18 @@ std::string ConditionsLine(const pb::ServiceSummary& s) {
 int ShowStatus(Client& c, const std::string& service, const std::string& format, std::ostream& out,
            std::ostream& err) {
   if (service.empty()) {
-    pb::ListServicesResponse resp;
-    grpc::ClientContext ctx;
-    c.Prepare(ctx);
-    grpc::Status s = c.stub().ListServices(&ctx, {}, &resp);
-    if (!s.ok()) return Fail(s, c.conn(), err);
-    if (PrintStructured(resp, format, out)) return 0;
-    Rows rows = {{"SERVICE", "VERSION", "REVISION", "AVAILABLE", "LIVE", "PINNED", "CONDITIONS"}};
-    for (const auto& sv : resp.services()) {
-      rows.push_back({sv.name(), sv.version(), std::to_string(sv.target_revision()),
-                      std::to_string(sv.available()) + "/" + std::to_string(sv.replicas()),
-                      std::to_string(sv.live()),
-                      sv.pinned_revision() ? "pinned to " + std::to_string(sv.pinned_revision()) : "-",
-                      ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error")});
-    }
-    PrintTable(out, rows);
-    return 0;
+    return Query(c, &pb::Kiln::Stub::ListServices, pb::ListServicesRequest(), format, out, err,
+                 [](const pb::ListServicesResponse& resp) {
+                   Rows rows = {{"SERVICE", "VERSION", "REVISION", "AVAILABLE", "LIVE", "PINNED", "CONDITIONS"}};
+                   for (const auto& sv : resp.services()) {
+                     rows.push_back({sv.name(), sv.version(), std::to_string(sv.target_revision()),
+                                     std::to_string(sv.available()) + "/" + std::to_string(sv.replicas()),
+                                     std::to_string(sv.live()),
+                                     sv.pinned_revision() ? "pinned to " + std::to_string(sv.pinned_revision()) : "-",
+                                     ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error")});
+                   }
+                   return rows;
+                 });
   }
   pb::GetServiceRequest req;
   req.set_name(service);
@@ -242,10 +256,7 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
   PrintTable(out, cond);
   out << "\nInstances:\n";
   Rows inst = {{"  ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON"}};
-  for (const auto& i : sv.instances()) {
-    inst.push_back({"  " + i.id(), std::to_string(i.revision()), StateName(i.state()), i.available() ? "yes" : "no",
-                    std::to_string(i.port()), std::to_string(i.pid()), Age(i.created_unix_ms()), i.reason()});
-  }
+  for (const auto& i : sv.instances()) inst.push_back(InstanceRow(i, "  "));
   PrintTable(out, inst);
   return 0;
 }
@@ -255,58 +266,40 @@ int Instances(Client& c, const std::string& service, bool all, const std::string
   pb::ListInstancesRequest req;
   req.set_service(service);
   req.set_include_finished(all);
-  pb::ListInstancesResponse resp;
-  grpc::ClientContext ctx;
-  c.Prepare(ctx);
-  grpc::Status s = c.stub().ListInstances(&ctx, req, &resp);
-  if (!s.ok()) return Fail(s, c.conn(), err);
-  if (PrintStructured(resp, format, out)) return 0;
-  Rows rows = {{"ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON"}};
-  for (const auto& i : resp.instances()) {
-    rows.push_back({i.id(), std::to_string(i.revision()), StateName(i.state()), i.available() ? "yes" : "no",
-                    std::to_string(i.port()), std::to_string(i.pid()), Age(i.created_unix_ms()), i.reason()});
-  }
-  PrintTable(out, rows);
-  return 0;
+  return Query(c, &pb::Kiln::Stub::ListInstances, req, format, out, err, [](const pb::ListInstancesResponse& r) {
+    Rows rows = {{"ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON"}};
+    for (const auto& i : r.instances()) rows.push_back(InstanceRow(i));
+    return rows;
+  });
 }
 
 int History(Client& c, const std::string& service, const std::string& format, std::ostream& out,
             std::ostream& err) {
   pb::GetHistoryRequest req;
   req.set_service(service);
-  pb::GetHistoryResponse resp;
-  grpc::ClientContext ctx;
-  c.Prepare(ctx);
-  grpc::Status s = c.stub().GetHistory(&ctx, req, &resp);
-  if (!s.ok()) return Fail(s, c.conn(), err);
-  if (PrintStructured(resp, format, out)) return 0;
-  Rows rows = {{"REVISION", "VERSION", "TEMPLATE", "SOURCE", "CREATED", "AVAILABLE", "DETAIL"}};
-  for (const auto& r : resp.revisions()) {
-    std::string detail = r.source() == "rollback"
-                             ? "template of " + std::to_string(r.rolled_back_from()) + " by " + r.actor() +
-                                   (r.reason().empty() ? "" : ": " + r.reason())
-                             : r.manifest_file();
-    rows.push_back({std::to_string(r.number()), r.template_().version(), r.template_hash().substr(0, 12),
-                    r.source(), Time(r.created_unix_ms()), Time(r.available_unix_ms()), detail});
-  }
-  PrintTable(out, rows);
-  return 0;
+  return Query(c, &pb::Kiln::Stub::GetHistory, req, format, out, err, [](const pb::GetHistoryResponse& resp) {
+    Rows rows = {{"REVISION", "VERSION", "TEMPLATE", "SOURCE", "CREATED", "AVAILABLE", "DETAIL"}};
+    for (const auto& r : resp.revisions()) {
+      std::string detail = r.source() == "rollback"
+                               ? "template of " + std::to_string(r.rolled_back_from()) + " by " + r.actor() +
+                                     (r.reason().empty() ? "" : ": " + r.reason())
+                               : r.manifest_file();
+      rows.push_back({std::to_string(r.number()), r.template_().version(), r.template_hash().substr(0, 12),
+                      r.source(), Time(r.created_unix_ms()), Time(r.available_unix_ms()), detail});
+    }
+    return rows;
+  });
 }
 
 int Plan(Client& c, const std::string& service, const std::string& format, std::ostream& out,
          std::ostream& err) {
   pb::PlanRequest req;
   req.set_service(service);
-  pb::PlanResponse resp;
-  grpc::ClientContext ctx;
-  c.Prepare(ctx);
-  grpc::Status s = c.stub().Plan(&ctx, req, &resp);
-  if (!s.ok()) return Fail(s, c.conn(), err);
-  if (PrintStructured(resp, format, out)) return 0;
-  Rows rows = {{"SERVICE", "NEXT STEP"}};
-  for (const auto& st : resp.steps()) rows.push_back({st.service(), st.reason()});
-  PrintTable(out, rows);
-  return 0;
+  return Query(c, &pb::Kiln::Stub::Plan, req, format, out, err, [](const pb::PlanResponse& resp) {
+    Rows rows = {{"SERVICE", "NEXT STEP"}};
+    for (const auto& st : resp.steps()) rows.push_back({st.service(), st.reason()});
+    return rows;
+  });
 }
 
 // One mutating call: prints `done(response)` (or the response as JSON/YAML) on success.
