@@ -296,8 +296,13 @@ int Plan(Client& c, const std::string& service, const std::string& format, std::
   pb::PlanRequest req;
   req.set_service(service);
   return Query(c, &pb::Kiln::Stub::Plan, req, format, out, err, [](const pb::PlanResponse& resp) {
-    Rows rows = {{"SERVICE", "NEXT STEP"}};
-    for (const auto& st : resp.steps()) rows.push_back({st.service(), st.reason()});
+    Rows rows = {{"SERVICE", "ACTION", "REVISION", "COUNT", "INSTANCES", "WHY"}};
+    for (const auto& st : resp.steps()) {
+      std::string instances;
+      for (const auto& i : st.instances()) instances += (instances.empty() ? "" : ",") + i;
+      rows.push_back({st.service(), st.action(), st.revision() ? std::to_string(st.revision()) : "-",
+                      std::to_string(st.count()), instances.empty() ? "-" : instances, st.reason()});
+    }
     return rows;
   });
 }

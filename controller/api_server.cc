@@ -464,12 +464,45 @@ class KilnApi final : public pb::Kiln::Service {
       names = *all;
     }
     for (const auto& name : names) {
-      auto summary = OnIo([&]() -> StatusOr<std::string> { return reconciler_.PlanSummary(name); });
-      if (!summary.ok() && !req->service().empty()) return ToGrpc(summary.status());
-      pb::PlanStep* step = resp->add_steps();
-      step->set_service(name);
-      step->set_action(summary.ok() ? "step" : "none");
-      step->set_reason(summary.ok() ? *summary : summary.status().message());
+      auto next = OnIo([&]() -> StatusOr<Reconciler::NextStep> { return reconciler_.Plan(name); });
+      if (!next.ok()) {
+        if (!req->service().empty()) return ToGrpc(next.status());
+        pb::PlanStep* step = resp->add_steps();  // e.g. retired: nothing declared to plan for
+        step->set_service(name);
+        step->set_action("none");
+        step->set_reason(next.status().message());
+        continue;
+      }
+      if (next->new_revision > 0) {
+        pb::PlanStep* step = resp->add_steps();
+        step->set_service(name);
+        step->set_action("write_revision");
+        step->set_revision(next->new_revision);
+        step->set_reason("the manifest declares a new template");
+      }
+      if (next->create == 0 && next->destroy.empty()) {
+        pb::PlanStep* step = resp->add_steps();
+        step->set_service(name);
+        step->set_action("none");
+        step->set_revision(next->target_revision);
+        step->set_reason(next->summary);
+      }
+      if (next->create > 0) {
+        pb::PlanStep* step = resp->add_steps();
+        step->set_service(name);
+        step->set_action("create");
+        step->set_revision(next->target_revision);
+        step->set_count(next->create);
+        step->set_reason(next->summary);
+      }
+      if (!next->destroy.empty()) {
+        pb::PlanStep* step = resp->add_steps();
+        step->set_service(name);
+        step->set_action("destroy");
+        step->set_count(static_cast<int32_t>(next->destroy.size()));
+        for (const auto& i : next->destroy) step->add_instances(i);
+        step->set_reason(next->summary);
+      }
     }
     return grpc::Status::OK;
   }

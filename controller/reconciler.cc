@@ -965,12 +965,31 @@ Status Reconciler::ReplaceInstance(const std::string& instance, const std::strin
   return Status::Ok();
 }
 
-StatusOr<std::string> Reconciler::PlanSummary(const std::string& service) {
+StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
   const DesiredService* d = desired_.Find(service);
   if (d == nullptr) return NotFoundError("service \"" + service + "\" is not declared");
-  ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
-  const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
-  ASSIGN_OR_RETURN(std::string target_hash, HashOf(service, target_rev));
+  StatusOr<ServiceRecord> found = store_.GetService(service);
+  if (!found.ok() && found.status().code() != StatusCode::kNotFound) return found.status();
+  ServiceRecord svc = found.ok() ? *found : ServiceRecord{.name = service};
+  // A template the manifest declares that no revision has yet: the next pass writes it (and
+  // lifts a pin), then converges to it.
+  bool new_revision = svc.desired_revision == 0;
+  if (!new_revision) {
+    ASSIGN_OR_RETURN(std::string desired_hash, HashOf(service, svc.desired_revision));
+    new_revision = desired_hash != d->template_hash;
+  }
+  NextStep next;
+  if (new_revision) {
+    ASSIGN_OR_RETURN(next.new_revision, store_.NextRevisionNumber(service));
+    svc.pinned_revision = 0;
+  }
+  const int64_t target_rev = new_revision ? next.new_revision
+                             : svc.pinned_revision > 0 ? svc.pinned_revision
+                                                       : svc.desired_revision;
+  std::string target_hash = d->template_hash;
+  if (!new_revision) {
+    ASSIGN_OR_RETURN(target_hash, HashOf(service, target_rev));
+  }
   ASSIGN_OR_RETURN(auto live, store_.ListInstances(service, false));
   PlanInput in;
   in.policy = d->spec.update;
@@ -987,8 +1006,11 @@ StatusOr<std::string> Reconciler::PlanSummary(const std::string& service) {
                             inst.created_ms});
   }
   PlanOutput p = PlanStep(in);
-  return p.summary + "; create " + std::to_string(p.create) + ", destroy " +
-         std::to_string(p.destroy.size());
+  next.summary = p.summary;
+  next.target_revision = target_rev;
+  next.create = p.create;
+  next.destroy = p.destroy;
+  return next;
 }
 
 }  // namespace kiln

@@ -61,7 +61,14 @@ class Reconciler {
                          const std::string& actor);
 
   // What the next pass would do for a service, without doing it.
-  StatusOr<std::string> PlanSummary(const std::string& service);
+  struct NextStep {
+    std::string summary;               // "rolling: 1 of 3 available on the target, 2 to replace"
+    int64_t new_revision = 0;          // a revision the next pass writes for a new template, or 0
+    int64_t target_revision = 0;
+    int create = 0;                    // new instances of target_revision
+    std::vector<std::string> destroy;  // instances to stop
+  };
+  StatusOr<NextStep> Plan(const std::string& service);
 
   const DesiredSet& desired() const { return desired_; }
   bool manifests_loaded() const { return manifests_loaded_; }

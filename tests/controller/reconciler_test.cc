@@ -104,6 +104,27 @@ TEST_CASE("rolling: surge and unavailable as counts and percentages", "[reconcil
   }
 }
 
+TEST_CASE("plan shows what the next pass would do, without doing it", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2, "update: {max_surge: 1, max_unavailable: 1}\n");
+  auto steady = f.reconciler->Plan("web");
+  REQUIRE(steady.ok());
+  CHECK(steady->new_revision == 0);
+  CHECK(steady->create == 0);
+  CHECK(steady->destroy.empty());
+  // A new template is declared; no pass has run yet.
+  f.Declare("v2", 2, "update: {max_surge: 1, max_unavailable: 1}\n");
+  auto next = f.reconciler->Plan("web");
+  REQUIRE(next.ok());
+  CHECK(next->new_revision == 2);
+  CHECK(next->target_revision == 2);
+  CHECK(next->create == 1);
+  CHECK(next->destroy.size() == 1);
+  CHECK(f.store->ListRevisions("web")->size() == 1);  // nothing was written
+  CHECK(f.driver.starts.size() == 2);                  // nothing was started
+  CHECK(f.reconciler->Plan("nope").status().code() == StatusCode::kNotFound);
+}
+
 TEST_CASE("instances of an equal template are never replaced", "[reconciler]") {
   ReconcilerFixture f;
   ColdStart(f, 2);
