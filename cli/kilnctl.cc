@@ -361,6 +361,14 @@ int Wait(Client& c, const std::string& service, std::ostream& out, std::ostream&
   }
 }
 
+std::string EventLine(const std::string& seq, const std::string& time, const std::string& service,
+                      const std::string& kind, const std::string& instance, const std::string& actor,
+                      const std::string& message) {
+  auto pad = [](const std::string& v, size_t w) { return v.size() >= w ? v + " " : v + std::string(w - v.size(), ' '); };
+  return pad(seq, 7) + pad(time, 21) + pad(service, 14) + pad(kind, 24) + pad(instance, 14) + pad(actor, 10) +
+         message + "\n";
+}
+
 int Events(Client& c, int64_t since, const std::string& service, bool follow, const std::string& format,
            std::ostream& out, std::ostream& err) {
   pb::WatchEventsRequest req;
@@ -385,11 +393,13 @@ int Events(Client& c, int64_t since, const std::string& service, bool follow, co
       continue;
     }
     if (!header) {
-      out << "SEQ  TIME                 SERVICE  KIND  INSTANCE  ACTOR  MESSAGE\n";
+      out << EventLine("SEQ", "TIME", "SERVICE", "KIND", "INSTANCE", "ACTOR", "MESSAGE");
       header = true;
     }
-    out << e.seq() << "  " << Time(e.time_unix_ms()) << "  " << e.service() << "  " << e.kind() << "  "
-        << (e.instance().empty() ? "-" : e.instance()) << "  " << e.actor() << "  " << e.message() << std::endl;
+    // Fixed columns: a stream cannot know its widest cell in advance.
+    out << EventLine(std::to_string(e.seq()), Time(e.time_unix_ms()), e.service(), e.kind(),
+                     e.instance().empty() ? "-" : e.instance(), e.actor(), e.message())
+        << std::flush;
   }
   grpc::Status s = reader->Finish();
   if (!s.ok()) return Fail(s, c.conn(), err);
