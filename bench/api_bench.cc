@@ -151,10 +151,7 @@ int Main() {
   }
   ::kill(kilnd, SIGKILL);
   ::waitpid(kilnd, nullptr, 0);
-  const std::string id = ControllerIdForStateDir(dir / "state");
-  for (pid_t pid : proc::ListPids()) {
-    if (proc::ReadEnviron(pid)["KILN_CONTROLLER"] == id) ::kill(-pid, SIGKILL);
-  }
+  bench::KillInstancesOf(dir / "state");
   std::error_code ec;
   if (ready) fs::remove_all(dir, ec);
   return ready ? 0 : 1;

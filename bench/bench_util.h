@@ -5,12 +5,18 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <signal.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <string>
 #include <vector>
+
+#include "deploy/proc.h"
+#include "deploy/process_driver.h"
 
 namespace kiln::bench {
 
@@ -41,6 +47,15 @@ inline double Seconds(std::chrono::steady_clock::duration d) {
 inline double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+// kilnd leaves its instances running by design (a controller's stop must not stop the data
+// plane); a benchmark that ran one kills the instances of its state directory afterwards.
+inline void KillInstancesOf(const std::filesystem::path& state_dir) {
+  const std::string id = ControllerIdForStateDir(state_dir);
+  for (pid_t pid : proc::ListPids()) {
+    if (proc::ReadEnviron(pid)["KILN_CONTROLLER"] == id) ::kill(-pid, SIGKILL);
+  }
 }
 
 }  // namespace kiln::bench

@@ -188,12 +188,7 @@ KilndRun Kilnd(const fs::path& dir) {
   }
   ::kill(kilnd, SIGKILL);
   ::waitpid(kilnd, nullptr, 0);
-  // kilnd leaves instances running by design; the benchmark cleans them up.
-  const std::string id = ControllerIdForStateDir(dir / "state");
-  for (pid_t pid : proc::ListPids()) {
-    auto env = proc::ReadEnviron(pid);
-    if (env["KILN_CONTROLLER"] == id) ::kill(-pid, SIGKILL);
-  }
+  bench::KillInstancesOf(dir / "state");
   return r;
 }
 

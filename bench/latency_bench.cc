@@ -95,10 +95,7 @@ int Main() {
   }
   ::kill(kilnd, SIGKILL);
   ::waitpid(kilnd, nullptr, 0);
-  const std::string id = ControllerIdForStateDir(dir / "state");
-  for (pid_t pid : proc::ListPids()) {
-    if (proc::ReadEnviron(pid)["KILN_CONTROLLER"] == id) ::kill(-pid, SIGKILL);
-  }
+  bench::KillInstancesOf(dir / "state");
   std::sort(latencies.begin(), latencies.end());
   if (latencies.empty()) {
     std::printf("rename -> first new instance: no change was seen (see %s)\n", log.c_str());

@@ -14,6 +14,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/status.h"
 #include "controller/manifest.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "kiln/version.h"
@@ -173,12 +174,9 @@ int Fail(const grpc::Status& s, const Connection& c, std::ostream& err) {
         << s.error_message() << "\n";
     return 1;
   }
-  static const char* kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-                                 "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-                                 "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-                                 "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
-  int code = static_cast<int>(s.error_code());
-  err << "kilnctl: " << (code >= 0 && code <= 16 ? kNames[code] : "ERROR") << ": " << s.error_message() << "\n";
+  // kiln's status codes are gRPC's, one to one.
+  err << "kilnctl: " << StatusCodeName(static_cast<StatusCode>(s.error_code())) << ": " << s.error_message()
+      << "\n";
   return 1;
 }
 

@@ -117,10 +117,6 @@ void FillRevision(const RevisionRecord& r, pb::Revision* out) {
   out->set_available_unix_ms(r.available_ms);
 }
 
-bool Available(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_ms) {
-  return i.state == InstanceState::kHealthy && now_ms - i.healthy_since_ms >= min_healthy_ms;
-}
-
 void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_ms, pb::Instance* out) {
   out->set_id(i.name);
   out->set_service(i.service);
@@ -130,7 +126,7 @@ void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_m
   out->set_host(i.host.empty() ? "" : "local");
   out->set_port(i.port);
   if (i.handle.rfind("pid:", 0) == 0) out->set_pid(std::atoll(i.handle.c_str() + 4));
-  out->set_available(Available(i, now_ms, min_healthy_ms));
+  out->set_available(IsAvailable(i, now_ms, min_healthy_ms));
   if (i.state == InstanceState::kHealthy || i.state == InstanceState::kUnhealthy) out->set_last_probe(i.reason);
   out->set_created_unix_ms(i.created_ms);
   out->set_started_unix_ms(i.started_ms);
@@ -282,7 +278,7 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
       auto facts = Cache().Revision(r, s.name, i.revision);
       hashes[i.revision] = facts ? facts->hash : "";
     }
-    const bool avail = Available(i, now, min_healthy);
+    const bool avail = IsAvailable(i, now, min_healthy);
     if (avail && hashes[i.revision] == target_hash) ++available;
     pb::RevisionCount& c = counts[i.revision];
     c.set_revision(i.revision);
@@ -708,13 +704,8 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
       : method_(info->method()), metrics_(metrics) {}
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
-      static const char* kCodes[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-                                     "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-                                     "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-                                     "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
-      int code = static_cast<int>(methods->GetSendStatus().error_code());
-      metrics_->Add("kiln_grpc_requests_total",
-                    {{"method", method_}, {"code", code >= 0 && code <= 16 ? kCodes[code] : "UNKNOWN"}});
+      const auto code = static_cast<StatusCode>(methods->GetSendStatus().error_code());
+      metrics_->Add("kiln_grpc_requests_total", {{"method", method_}, {"code", std::string(StatusCodeName(code))}});
     }
     methods->Proceed();
   }

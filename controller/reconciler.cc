@@ -683,10 +683,9 @@ Status Reconciler::Reconcile(const std::string& name) {
       p.is_target = hashes[inst.revision] == target.template_hash;
       p.replace = !inst.replace_reason.empty();
       p.created_ms = inst.created_ms;
-      if (inst.state == InstanceState::kHealthy) {
-        const int64_t available_at = inst.healthy_since_ms + spec.update.min_healthy_time.count();
-        p.available = now >= available_at;
-        if (!p.available) wake_at(available_at);
+      p.available = IsAvailable(inst, now, spec.update.min_healthy_time.count());
+      if (inst.state == InstanceState::kHealthy && !p.available) {
+        wake_at(inst.healthy_since_ms + spec.update.min_healthy_time.count());
       }
       in.instances.push_back(p);
     }
@@ -1001,8 +1000,7 @@ StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
   for (const auto& inst : live) {
     ASSIGN_OR_RETURN(std::string h, HashOf(service, inst.revision));
     in.instances.push_back({inst.name, inst.state, h == target_hash, !inst.replace_reason.empty(),
-                            inst.state == InstanceState::kHealthy &&
-                                now >= inst.healthy_since_ms + d->spec.update.min_healthy_time.count(),
+                            IsAvailable(inst, now, d->spec.update.min_healthy_time.count()),
                             inst.created_ms});
   }
   PlanOutput p = PlanStep(in);

@@ -78,6 +78,11 @@ struct InstanceRecord {
   std::string replace_reason;  // set when it must be replaced (operator request, drift)
 };
 
+// Available is derived, never stored: healthy for at least min_healthy_time.
+inline bool IsAvailable(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_ms) {
+  return i.state == InstanceState::kHealthy && now_ms - i.healthy_since_ms >= min_healthy_ms;
+}
+
 // Fields that a transition may set alongside the new state; unset ones are kept.
 struct InstanceUpdate {
   std::string reason;
