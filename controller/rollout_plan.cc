@@ -18,9 +18,13 @@ PlanOutput PlanStep(const PlanInput& in) {
     (i.is_target && !i.replace ? newer : older).push_back(&i);
     out.template_rollout |= !i.is_target;
   }
-  // Least useful first: unavailable before available, then the oldest.
-  auto least_useful_first = [](const PlanInstance* a, const PlanInstance* b) {
-    if (a->available != b->available) return !a->available;
+  // Least useful first: not serving (not healthy) before healthy but not yet available, before
+  // available; then the oldest.
+  auto usefulness = [](const PlanInstance* i) {
+    return i->available ? 2 : i->state == InstanceState::kHealthy ? 1 : 0;
+  };
+  auto least_useful_first = [&](const PlanInstance* a, const PlanInstance* b) {
+    if (usefulness(a) != usefulness(b)) return usefulness(a) < usefulness(b);
     return a->created_ms < b->created_ms;
   };
   std::sort(older.begin(), older.end(), least_useful_first);
@@ -112,11 +116,13 @@ PlanOutput PlanStep(const PlanInput& in) {
   if (!out.template_rollout) surge = std::max(surge, 1);
   if (surge == 0 && unavailable == 0) surge = 1;
   out.create = std::max(0, std::min(replicas - new_total, replicas + surge - (new_total + old_total)));
-  // Unavailable old instances add nothing: they go at once. Available ones go only while enough
-  // instances stay available.
+  // Old instances that are not healthy serve nothing: they go at once. Healthy ones serve
+  // traffic even before they count as available (min_healthy_time), so they go only while enough
+  // instances stay available: never fewer than replicas - max_unavailable (Kubernetes bounds
+  // this as maxScaledDown). Available implies healthy, so this also keeps that many healthy.
   int spare = new_avail + old_avail - (replicas - unavailable);
   for (auto* o : older) {
-    if (!o->available) {
+    if (o->state != InstanceState::kHealthy) {
       out.destroy.push_back(o->name);
     } else if (spare > 0) {
       out.destroy.push_back(o->name);

@@ -65,6 +65,44 @@ TEST_CASE("unavailable old instances go first, and at once", "[plan]") {
   CHECK(p.destroy[0] == "web-3");
 }
 
+// Healthy but not yet available (inside min_healthy_time) still serves traffic.
+void MarkHealthyNotAvailable(std::vector<PlanInstance>& v, const std::string& name) {
+  for (auto& i : v) {
+    if (i.name == name) {
+      i.state = InstanceState::kHealthy;
+      i.available = false;
+    }
+  }
+}
+
+TEST_CASE("a quick second deploy keeps healthy old instances that are not yet available", "[plan]") {
+  // v1's 3 instances just became healthy (min_healthy_time not yet over) when v2 is declared.
+  PlanInput in;
+  in.replicas = 3;
+  in.policy.max_surge = {1, false};
+  in.policy.max_unavailable = {0, false};
+  in.instances = Make(0, 0, 0, 3);
+  for (const char* n : {"web-1", "web-2", "web-3"}) MarkHealthyNotAvailable(in.instances, n);
+  PlanOutput p = PlanStep(in);
+  CHECK(p.create == 1);
+  CHECK(p.destroy.empty());  // none may go: 3 serve, 3 - 0 must stay
+
+  // max_unavailable 1 lets exactly one go, and never a serving one before one that serves nothing.
+  in.policy.max_unavailable = {1, false};
+  in.instances = Make(0, 0, 1, 2);  // web-1 available, web-2 starting, web-3 healthy not available
+  MarkHealthyNotAvailable(in.instances, "web-3");
+  p = PlanStep(in);
+  REQUIRE(p.destroy.size() == 1);
+  CHECK(p.destroy[0] == "web-2");  // starting: serves nothing, goes at once; spare is 1 - 2 < 0
+
+  in.instances = Make(2, 0, 2, 0);  // 2 new available + 2 old available, plus a serving old one
+  in.instances.push_back({"web-9", InstanceState::kHealthy, false, false, false, 0});
+  p = PlanStep(in);
+  // 4 available, 2 must stay: two may go, the healthy-but-not-available one first.
+  REQUIRE(p.destroy.size() == 2);
+  CHECK(p.destroy[0] == "web-9");
+}
+
 TEST_CASE("replacement without a template change surges at least one", "[plan]") {
   PlanInput in;
   in.replicas = 2;
