@@ -13,6 +13,8 @@
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
+#include <cerrno>
+#include <cstring>
 
 #include "common/duration.h"
 #include "common/unique_fd.h"
@@ -42,6 +44,14 @@ int PortOf(const ProbeTarget& t) { return t.check.port > 0 ? t.check.port : t.po
 
 std::string TimeoutReason(const ProbeTarget& t) {
   return "timeout after " + FormatDuration(t.check.timeout);
+}
+
+// Errors that are kilnd's own lack of resources, not anything the instance did.
+bool IsLocalError(int err) {
+  return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM || err == EAGAIN;
+}
+bool IsLocalError(const error_code& ec) {
+  return ec.category() == boost::system::system_category() && IsLocalError(ec.value());
 }
 
 std::string ConnectFailure(const error_code& ec, const std::string& where) {
@@ -96,15 +106,16 @@ class HttpProbe final : public ProbeOp, public std::enable_shared_from_this<Http
 
   void Fail(const error_code& ec, std::string reason) {
     if (ec == beast::error::timeout) reason = TimeoutReason(target_);
-    Finish(false, std::move(reason));
+    Finish(false, std::move(reason), IsLocalError(ec));
   }
 
-  void Finish(bool healthy, std::string reason) {
+  void Finish(bool healthy, std::string reason, bool local = false) {
     error_code ignored;
     stream_.socket().close(ignored);
     if (cancelled_ || !done_) return;
     auto done = std::move(done_);
-    done({target_.instance, healthy, std::move(reason)});
+    done({.instance = target_.instance, .healthy = healthy, .reason = std::move(reason),
+          .local_error = local});
   }
 
   beast::tcp_stream stream_;
@@ -138,7 +149,7 @@ class TcpProbe final : public ProbeOp, public std::enable_shared_from_this<TcpPr
                           [self = shared_from_this(), port](const error_code& ec) {
                             std::string where = Endpoint(self->target_, port);
                             if (self->timed_out_) return self->Finish(false, TimeoutReason(self->target_));
-                            if (ec) return self->Finish(false, ConnectFailure(ec, where));
+                            if (ec) return self->Finish(false, ConnectFailure(ec, where), IsLocalError(ec));
                             self->Finish(true, "tcp connect to " + where + " ok");
                           });
   }
@@ -151,13 +162,14 @@ class TcpProbe final : public ProbeOp, public std::enable_shared_from_this<TcpPr
   }
 
  private:
-  void Finish(bool healthy, std::string reason) {
+  void Finish(bool healthy, std::string reason, bool local = false) {
     timer_.cancel();
     error_code ignored;
     socket_.close(ignored);
     if (cancelled_ || !done_) return;
     auto done = std::move(done_);
-    done({target_.instance, healthy, std::move(reason)});
+    done({.instance = target_.instance, .healthy = healthy, .reason = std::move(reason),
+          .local_error = local});
   }
 
   tcp::socket socket_;
@@ -200,14 +212,18 @@ class ExecProbe final : public ProbeOp, public std::enable_shared_from_this<Exec
     if (rc != 0) {
       auto self = shared_from_this();
       std::string reason = "exec cannot run " + argv[0] + ": " + std::strerror(rc);
-      asio::post(io_, [self, reason] { self->Finish(false, reason); });
+      asio::post(io_, [self, reason, local = IsLocalError(rc)] { self->Finish(false, reason, local); });
       return;
     }
     int fd = proc::PidfdOpen(pid_);
     if (fd < 0) {  // cannot happen for our own unreaped child; be safe anyway
       ::waitpid(pid_, nullptr, 0);
       auto self = shared_from_this();
-      asio::post(io_, [self] { self->Finish(false, "exec probe cannot watch its process"); });
+      const int err = errno;
+      asio::post(io_, [self, err] {
+        self->Finish(false, std::string("exec probe cannot watch its process: ") + std::strerror(err),
+                     /*local=*/true);
+      });
       return;
     }
     pidfd_.assign(fd);
@@ -242,10 +258,11 @@ class ExecProbe final : public ProbeOp, public std::enable_shared_from_this<Exec
     Finish(false, "exec killed by signal " + std::to_string(WTERMSIG(status)));
   }
 
-  void Finish(bool healthy, std::string reason) {
+  void Finish(bool healthy, std::string reason, bool local = false) {
     if (cancelled_ || !done_) return;
     auto done = std::move(done_);
-    done({target_.instance, healthy, std::move(reason)});
+    done({.instance = target_.instance, .healthy = healthy, .reason = std::move(reason),
+          .local_error = local});
   }
 
   asio::io_context& io_;
@@ -279,7 +296,7 @@ std::shared_ptr<ProbeOp> StartProbe(asio::io_context& io, const ProbeTarget& t, 
       break;
   }
   asio::post(io, [done = std::move(done), instance = t.instance] {
-    done({instance, true, "no health check: running"});
+    done({.instance = instance, .healthy = true, .reason = "no health check: running"});
   });
   return nullptr;
 }
@@ -320,19 +337,20 @@ struct Prober::Impl : std::enable_shared_from_this<Impl> {
   void Record(const std::shared_ptr<Watched>& w, ProbeResult r) {
     using State = Watched::State;
     w->last = r;
-    if (r.healthy) {
+    if (r.local_error) {
+      // Not the instance's doing: its state and failure count stay as they are.
+    } else if (r.healthy) {
       w->failures = 0;
-      if (w->state != State::kHealthy) {
-        w->state = State::kHealthy;
-        w->on_transition(r);
+      r.transition = w->state != State::kHealthy;
+      w->state = State::kHealthy;
+    } else {
+      ++w->failures;
+      if (w->state == State::kHealthy && w->failures >= w->target.check.failure_threshold) {
+        w->state = State::kUnhealthy;
+        r.transition = true;
       }
-      return;
     }
-    ++w->failures;
-    if (w->state == State::kHealthy && w->failures >= w->target.check.failure_threshold) {
-      w->state = State::kUnhealthy;
-      w->on_transition(r);
-    }
+    w->on_transition(r);
   }
 
   void Stop(const std::shared_ptr<Watched>& w) {

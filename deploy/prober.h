@@ -32,13 +32,19 @@ struct ProbeResult {
   // "http 200 from 127.0.0.1:20001/healthz", "http 503 from ...", "connect refused
   // 127.0.0.1:20001", "timeout after 500ms", "exec exited with code 1".
   std::string reason;
+  // The health state changed with this result: the first success (healthy),
+  // `failure_threshold` consecutive failures after being healthy (unhealthy), a success after
+  // that (healthy again).
+  bool transition = false;
+  // The probe could not run for a reason of kilnd's own (out of descriptors or memory): it says
+  // nothing about the instance, and never counts toward its failure threshold.
+  bool local_error = false;
 };
 
 // What the reconciler needs from health checking (tests use a fake).
 class HealthWatcher {
  public:
-  // Called on transitions only: the first success (healthy), `failure_threshold` consecutive
-  // failures after being healthy (unhealthy), and a success after that (healthy again).
+  // Called with every probe result; `transition` marks the ones that change the health state.
   using TransitionFn = std::function<void(const ProbeResult&)>;
 
   virtual ~HealthWatcher() = default;

@@ -2,6 +2,11 @@
 
 #include "deploy/prober.h"
 
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <boost/asio/ip/tcp.hpp>
 #include <catch2/catch.hpp>
 
@@ -152,9 +157,18 @@ TEST_CASE("probes time out", "[prober]") {
 TEST_CASE("watching reports healthy, then unhealthy past the threshold", "[prober]") {
   ProbeFixture f({"--unhealthy-after", "1s"});
   std::vector<ProbeResult> transitions;
-  f.prober.Watch(f.Target(ProbeKind::kHttp), [&](const ProbeResult& r) { transitions.push_back(r); });
+  std::vector<ProbeResult> results;  // every result, the failures below the threshold too
+  f.prober.Watch(f.Target(ProbeKind::kHttp), [&](const ProbeResult& r) {
+    results.push_back(r);
+    if (r.transition) transitions.push_back(r);
+  });
   REQUIRE(RunUntil(f.io, [&] { return transitions.size() == 2; }, 20s));
   CHECK(transitions[0].healthy);
+  // failure_threshold 2: the first failing result is reported, but is no transition.
+  auto first_failure = std::find_if(results.begin(), results.end(), [](const ProbeResult& r) { return !r.healthy; });
+  REQUIRE(first_failure != results.end());
+  CHECK_FALSE(first_failure->transition);
+  CHECK_FALSE(first_failure->local_error);
   CHECK_FALSE(transitions[1].healthy);
   CHECK(transitions[1].reason ==
         "http 503 from 127.0.0.1:" + std::to_string(f.handle.port) + "/healthz");
@@ -165,8 +179,38 @@ TEST_CASE("watching reports healthy, then unhealthy past the threshold", "[probe
   CHECK(f.prober.WatchedCount() == 0);
   CHECK_FALSE(f.prober.Last("web-1").has_value());
   f.io.restart();
+  const size_t seen = results.size();
   f.io.run_for(300ms);
   CHECK(transitions.size() == 2);
+  CHECK(results.size() == seen);
+}
+
+TEST_CASE("a probe kilnd cannot run for want of descriptors is kilnd's error, not the instance's",
+          "[prober]") {
+  ProbeFixture f;
+  REQUIRE(f.UntilHealthy(f.Target(ProbeKind::kHttp)).healthy);
+  // Use up this process's descriptors: a lower soft limit, then /dev/null until it is reached.
+  rlimit old{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+  rlimit low = old;
+  low.rlim_cur = 256;
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  std::vector<int> hog;
+  for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) hog.push_back(fd);
+  ProbeResult http = f.Once(f.Target(ProbeKind::kHttp));
+  ProbeResult tcp = f.Once(f.Target(ProbeKind::kTcp));
+  for (int fd : hog) ::close(fd);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+  CHECK_FALSE(http.healthy);
+  CHECK(http.local_error);
+  CHECK_FALSE(tcp.healthy);
+  CHECK(tcp.local_error);
+  INFO(http.reason);
+  CHECK(http.reason.find("Too many open files") != std::string::npos);
+  // With descriptors back, the same probe passes and is the instance's own result.
+  ProbeResult again = f.Once(f.Target(ProbeKind::kHttp));
+  CHECK(again.healthy);
+  CHECK_FALSE(again.local_error);
 }
 
 }  // namespace

@@ -19,7 +19,19 @@ class FakeHealth final : public HealthWatcher {
     auto it = watched.find(instance);
     if (it == watched.end()) return false;
     auto fn = it->second.second;  // the callback may unwatch
-    fn({instance, healthy, reason.empty() ? (healthy ? "http 200" : "http 503") : reason});
+    fn({.instance = instance,
+        .healthy = healthy,
+        .reason = reason.empty() ? (healthy ? "http 200" : "http 503") : reason,
+        .transition = true});
+    return true;
+  }
+
+  // Reports any probe result (not necessarily a transition); false when it is not watched.
+  bool ReportResult(const ProbeResult& r) {
+    auto it = watched.find(r.instance);
+    if (it == watched.end()) return false;
+    auto fn = it->second.second;
+    fn(r);
     return true;
   }
 
