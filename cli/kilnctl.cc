@@ -85,10 +85,13 @@ bool PrintStructured(const google::protobuf::Message& m, const std::string& form
   return false;
 }
 
-std::string Age(int64_t since_ms) {
+// How long from `since_ms` to `until_ms` (default: now), "12s", "5m", "3h", "2d".
+std::string Age(int64_t since_ms, int64_t until_ms = 0) {
   if (since_ms <= 0) return "-";
-  int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                    std::chrono::system_clock::now().time_since_epoch()).count();
+  int64_t now = until_ms > 0 ? until_ms
+                             : std::chrono::duration_cast<std::chrono::milliseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count();
   int64_t s = std::max<int64_t>(0, (now - since_ms) / 1000);
   if (s < 120) return std::to_string(s) + "s";
   if (s < 7200) return std::to_string(s / 60) + "m";
@@ -198,6 +201,18 @@ std::vector<std::string> InstanceRow(const pb::Instance& i, const std::string& i
           std::to_string(i.port()), std::to_string(i.pid()), Age(i.created_unix_ms()), i.reason()};
 }
 
+// "http 503 from 127.0.0.1:20001/healthz (failing 12s, first: connect refused ...)".
+std::string ProbeCell(const pb::Instance& i) {
+  if (i.last_probe().empty()) return "-";
+  std::string out = i.last_probe();
+  if (!i.last_probe_ok() && i.probe_failing_since_unix_ms() > 0) {
+    out += " (failing " + Age(i.probe_failing_since_unix_ms());
+    if (i.first_probe_failure() != i.last_probe()) out += ", first: " + i.first_probe_failure();
+    out += ")";
+  }
+  return out;
+}
+
 std::string ConditionsLine(const pb::ServiceSummary& s) {
   std::string out;
   for (const auto& c : s.conditions()) {
@@ -219,7 +234,8 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
                                      std::to_string(sv.available()) + "/" + std::to_string(sv.replicas()),
                                      std::to_string(sv.live()),
                                      sv.pinned_revision() ? "pinned to " + std::to_string(sv.pinned_revision()) : "-",
-                                     ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error")});
+                                     ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error") +
+                                         (sv.backoff().empty() ? "" : "; " + sv.backoff())});
                    }
                    return rows;
                  });
@@ -246,6 +262,7 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
         << (r.reason().empty() ? "" : ": " + r.reason()) << " (started " << Age(r.started_unix_ms()) << " ago)\n";
   }
   if (!sum.manifest_error().empty()) out << "Manifest error: " << sum.manifest_error() << "\n";
+  if (!sum.backoff().empty()) out << "Held back:  " << sum.backoff() << "\n";
   out << "\nConditions:\n";
   Rows cond = {{"  TYPE", "STATUS", "REASON", "MESSAGE"}};
   for (const auto& cd : sum.conditions()) {
@@ -253,8 +270,11 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
   }
   PrintTable(out, cond);
   out << "\nInstances:\n";
-  Rows inst = {{"  ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON"}};
-  for (const auto& i : sv.instances()) inst.push_back(InstanceRow(i, "  "));
+  Rows inst = {{"  ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON", "LAST PROBE"}};
+  for (const auto& i : sv.instances()) {
+    inst.push_back(InstanceRow(i, "  "));
+    inst.back().push_back(ProbeCell(i));
+  }
   PrintTable(out, inst);
   return 0;
 }
@@ -395,8 +415,13 @@ int Events(Client& c, int64_t since, const std::string& service, bool follow, co
       header = true;
     }
     // Fixed columns: a stream cannot know its widest cell in advance.
+    // A repeated event: "(×47 in 2m)".
+    const std::string repeats =
+        e.count() > 1 ? " (\u00d7" + std::to_string(e.count()) + " in " +
+                            Age(e.first_time_unix_ms(), e.time_unix_ms()) + ")"
+                      : "";
     out << EventLine(std::to_string(e.seq()), Time(e.time_unix_ms()), e.service(), e.kind(),
-                     e.instance().empty() ? "-" : e.instance(), e.actor(), e.message())
+                     e.instance().empty() ? "-" : e.instance(), e.actor(), e.message() + repeats)
         << std::flush;
   }
   grpc::Status s = reader->Finish();

@@ -19,6 +19,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/duration.h"
 #include "common/logging.h"
 #include "controller/manifest.h"
 #include "controller/metrics.h"
@@ -127,7 +128,11 @@ void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_m
   out->set_port(i.port);
   if (i.handle.rfind("pid:", 0) == 0) out->set_pid(std::atoll(i.handle.c_str() + 4));
   out->set_available(IsAvailable(i, now_ms, min_healthy_ms));
-  if (i.state == InstanceState::kHealthy || i.state == InstanceState::kUnhealthy) out->set_last_probe(i.reason);
+  out->set_last_probe(i.last_probe);
+  out->set_last_probe_ok(i.last_probe_ok);
+  out->set_last_probe_unix_ms(i.last_probe_ms);
+  out->set_first_probe_failure(i.first_probe_failure);
+  out->set_probe_failing_since_unix_ms(i.probe_failing_since_ms);
   out->set_created_unix_ms(i.created_ms);
   out->set_started_unix_ms(i.started_ms);
   out->set_healthy_since_unix_ms(i.healthy_since_ms);
@@ -145,6 +150,8 @@ void FillEvent(const EventRecord& e, pb::Event* out) {
   out->set_instance(e.instance);
   out->set_actor(e.actor);
   out->set_message(e.message);
+  out->set_count(e.count);
+  out->set_first_time_unix_ms(e.first_ms);
 }
 
 void FillConditions(const std::string& json, google::protobuf::RepeatedPtrField<pb::Condition>* out) {
@@ -164,6 +171,31 @@ int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
+}
+
+// "in 40s" from a time in ms (rounded up to whole seconds).
+std::string In(int64_t at_ms, int64_t now_ms) {
+  const int64_t left = std::max<int64_t>(0, (at_ms - now_ms + 999) / 1000 * 1000);
+  return "in " + FormatDuration(Duration(left));
+}
+
+// One line on what holds the service back: a permanent start error, a crash loop, retirement.
+std::string BackoffLine(const ServiceRecord& s, int64_t now_ms) {
+  std::vector<std::string> parts;
+  const int64_t target = s.pinned_revision > 0 ? s.pinned_revision : s.desired_revision;
+  if (!s.start_error.empty() && s.start_error_revision == target) {
+    parts.push_back("cannot start: " + s.start_error +
+                    (s.next_start_ms > now_ms ? "; next try " + In(s.next_start_ms, now_ms) : ""));
+  } else if (s.crash_count >= 2) {
+    parts.push_back("crash-looping: " + s.crash_reason +
+                    (s.next_start_ms > now_ms ? "; next start " + In(s.next_start_ms, now_ms) : ""));
+  }
+  if (!s.retired && s.retire_at_ms > 0) {
+    parts.push_back("retiring " + In(s.retire_at_ms, now_ms) + ": its manifest is gone");
+  }
+  std::string out;
+  for (const auto& p : parts) out += (out.empty() ? "" : "; ") + p;
+  return out;
 }
 
 std::string ReadFileOrEmpty(const std::string& path) {
@@ -254,6 +286,13 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
   sum->set_retired(s.retired);
   sum->set_manifest_error(s.manifest_error);
   FillConditions(s.conditions, sum->mutable_conditions());
+  const int64_t now = NowMs();
+  sum->set_crash_count(s.crash_count);
+  sum->set_crash_reason(s.crash_reason);
+  sum->set_next_start_unix_ms(s.next_start_ms);
+  sum->set_start_error(s.start_error_revision == target ? s.start_error : "");
+  sum->set_retire_at_unix_ms(s.retired ? 0 : s.retire_at_ms);
+  sum->set_backoff(BackoffLine(s, now));
   if (spec) sum->set_replicas(s.retired ? 0 : spec->replicas);
   std::string target_hash;
   if (target > 0) {
@@ -267,7 +306,6 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
     ASSIGN_OR_RETURN(fetched, r.ListInstances(s.name, false));
   }
   const std::vector<InstanceRecord>& live = prefetched ? *prefetched : fetched;
-  const int64_t now = NowMs();
   const int64_t min_healthy = spec ? spec->update.min_healthy_time.count() : 0;
   std::map<int64_t, pb::RevisionCount> counts;
   std::map<int64_t, std::string> hashes;

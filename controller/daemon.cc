@@ -3,7 +3,9 @@
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <functional>
 #include <sys/stat.h>
 
@@ -43,6 +45,8 @@ struct DaemonFlags {
   std::string port_range = "20000-29999";
   std::string resync = "30s";
   std::string stop_grace = "10s";
+  std::string retire_after = "60s";
+  std::string verify_artifacts = "10m";
   std::string grpc_listen;
   std::string tls_cert, tls_key, client_ca, tokens;
   int64_t event_retention = 100'000;
@@ -107,6 +111,10 @@ int RunDaemon(int argc, char** argv) {
   app.add_option("--port-range", flags.port_range, "ports for instances, FIRST-LAST");
   app.add_option("--resync", flags.resync, "period of the full resync, e.g. 30s");
   app.add_option("--stop-grace", flags.stop_grace, "SIGTERM to SIGKILL when stopping an instance");
+  app.add_option("--retire-after", flags.retire_after,
+                 "retire a service this long after its manifest document is gone (0s: at once)");
+  app.add_option("--verify-artifacts", flags.verify_artifacts,
+                 "re-hash every artifact in use this often, and at start-up (0s: only on start)");
   app.add_option("--grpc-listen", flags.grpc_listen,
                  "also serve the API on TCP HOST:PORT (off loopback only with TLS and tokens)");
   app.add_option("--tls-cert", flags.tls_cert, "PEM certificate for the TCP listener");
@@ -142,11 +150,15 @@ int RunDaemon(int argc, char** argv) {
   }
   StatusOr<Duration> resync = ParseDuration(flags.resync);
   StatusOr<Duration> stop_grace = ParseDuration(flags.stop_grace);
-  if (!resync.ok() || !stop_grace.ok()) {
-    std::cerr << "kilnd: " << (!resync.ok() ? "--resync: " + resync.status().message()
-                                            : "--stop-grace: " + stop_grace.status().message())
-              << "\n";
-    return 2;
+  StatusOr<Duration> retire_after = ParseDuration(flags.retire_after);
+  StatusOr<Duration> verify_artifacts = ParseDuration(flags.verify_artifacts);
+  for (const auto& [flag, d] : {std::pair{"--resync", &resync}, std::pair{"--stop-grace", &stop_grace},
+                                std::pair{"--retire-after", &retire_after},
+                                std::pair{"--verify-artifacts", &verify_artifacts}}) {
+    if (!d->ok()) {
+      std::cerr << "kilnd: " << flag << ": " << d->status().message() << "\n";
+      return 2;
+    }
   }
 
   SetupLogging(*ParseLogFormat(flags.log_format), *ParseLogLevel(flags.log_level));
@@ -194,9 +206,13 @@ int RunDaemon(int argc, char** argv) {
   WorkQueue::Options queue_options;
   queue_options.resync = *resync;
   std::string last_store_error;  // readiness: the store refused the last write
+  // Start-up recovery could not be recorded yet (a full disk): no pass acts until it is.
+  bool recovered = false;
+  std::string recovery_error;
   WorkQueue queue(
       io, queue_options,
       [&](const std::string& name) {
+        if (!recovered) return Status::Ok();  // recovery enqueues every service when it is done
         const auto begin = std::chrono::steady_clock::now();
         Status s = reconciler_ptr->Reconcile(name);
         metrics.Observe("kiln_reconcile_duration_seconds", {},
@@ -212,22 +228,53 @@ int RunDaemon(int argc, char** argv) {
       [&] { return reconciler_ptr->ServiceNames(); });
   Reconciler::Options rec_options;
   rec_options.stop_grace = *stop_grace;
+  rec_options.retire_after = *retire_after;
+  rec_options.on_probe = [&metrics](const std::string& service, const ProbeResult& r) {
+    if (r.local_error) {
+      metrics.Add("kiln_probe_local_errors_total");
+    } else if (!r.healthy) {
+      metrics.Add("kiln_probe_failures_total", {{"service", service}});
+    }
+  };
   rec_options.on_event = [&metrics](const EventRecord& e) {
     if (e.kind == "rollout_completed") metrics.Add("kiln_rollouts_total", {{"result", "completed"}});
     if (e.kind == "rollout_failed") metrics.Add("kiln_rollouts_total", {{"result", "failed"}});
     if (e.kind == "rolled_back") {
       metrics.Add("kiln_rollbacks_total", {{"trigger", e.actor == "auto" ? "automatic" : "manual"}});
     }
-    if (e.kind == "instance_unhealthy") metrics.Add("kiln_probe_failures_total", {{"service", e.service}});
     if (e.kind == "instance_start_failed") metrics.Add("kiln_driver_errors_total", {{"service", e.service}});
+    if (e.kind == "instance_exited") metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "exited"}});
+    if (e.kind == "instance_start_failed") metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "start_failed"}});
+    if (e.kind == "instance_failed") metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "failed"}});
+    if (e.kind == "instance_unhealthy") metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "unhealthy"}});
+    if (e.kind == "artifact_drift") metrics.Add("kiln_artifact_drift_total");
   };
   Reconciler reconciler(**store, driver, prober, *artifacts, clock, queue, rec_options);
   reconciler_ptr = &reconciler;
 
-  if (Status s = reconciler.Recover(); !s.ok()) {
-    LogError("cannot recover instances at start-up", {{"error", s.ToString()}});
-    return 1;
-  }
+  // Recovery records what it finds (adoptions, lost instances). When the store cannot take
+  // writes (a full disk), kilnd starts all the same and serves status, takes no action it could
+  // not record, and retries every second; instances keep running meanwhile.
+  boost::asio::steady_timer recover_timer(io);
+  std::function<void()> try_recover = [&] {
+    Status s = reconciler.Recover();
+    if (s.ok()) {
+      if (!recovery_error.empty()) LogInfo("start-up recovery recorded; acting again");
+      recovery_error.clear();
+      recovered = true;
+      return;
+    }
+    if (recovery_error != s.ToString()) {
+      LogError("cannot record start-up recovery; serving status, retrying every second",
+               {{"error", s.ToString()}});
+    }
+    recovery_error = s.ToString();
+    recover_timer.expires_after(std::chrono::seconds(1));
+    recover_timer.async_wait([&](const boost::system::error_code& err) {
+      if (!err) try_recover();
+    });
+  };
+  try_recover();
 
   CachingHasher hasher;
   ArtifactHasher hash_fn = [&hasher](const fs::path& p) { return hasher(p); };
@@ -269,6 +316,27 @@ int RunDaemon(int argc, char** argv) {
   metrics.SetCollector("kiln_workqueue_retries_total", [&] {
     return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(queue.Retries())}};
   });
+  metrics.SetCollector("kiln_service_crash_loop_failures", [&] {
+    std::vector<std::pair<Labels, double>> out;
+    if (auto services = (*http_reader)->ListServices(); services.ok()) {
+      for (const auto& s : *services) {
+        if (!s.retired) out.push_back({{{"service", s.name}}, static_cast<double>(s.crash_count)});
+      }
+    }
+    return out;
+  });
+  metrics.SetCollector("kiln_service_start_backoff_seconds", [&] {
+    std::vector<std::pair<Labels, double>> out;
+    const int64_t now = ToUnixMillis(clock.SystemNow());
+    if (auto services = (*http_reader)->ListServices(); services.ok()) {
+      for (const auto& s : *services) {
+        if (s.retired) continue;
+        const double left = s.next_start_ms > now ? (s.next_start_ms - now) / 1000.0 : 0;
+        out.push_back({{{"service", s.name}}, left});
+      }
+    }
+    return out;
+  });
   metrics.SetCollector("kiln_instances", [&] {
     std::vector<std::pair<Labels, double>> out;
     auto counts = (*http_reader)->CountInstances();
@@ -298,12 +366,18 @@ int RunDaemon(int argc, char** argv) {
     sources.readiness = [&] {
       const bool store_ok = last_store_error.empty();
       const bool loaded = reconciler.manifests_loaded();
+      // Probes kilnd could not run lately (its own descriptors or memory ran out).
+      const auto& local = reconciler.local_probe_error();
+      const bool probes_ok =
+          local.message.empty() || ToUnixMillis(clock.SystemNow()) - local.time_ms > 30'000;
       HttpServer::Readiness r;
-      r.ready = store_ok && loaded && !shutting_down;
+      r.ready = store_ok && loaded && recovered && probes_ok && !shutting_down;
       nlohmann::json j = {{"ready", r.ready},
                           {"checks",
                            {{"store_writable", {{"ok", store_ok}, {"error", last_store_error}}},
+                            {"recovered", {{"ok", recovered}, {"error", recovery_error}}},
                             {"manifests_loaded", {{"ok", loaded}}},
+                            {"probes_runnable", {{"ok", probes_ok}, {"error", probes_ok ? "" : local.message}}},
                             {"not_shutting_down", {{"ok", !shutting_down}}}}}};
       r.json = j.dump();
       return r;
@@ -329,6 +403,34 @@ int RunDaemon(int argc, char** argv) {
   };
   prune();
 
+  // Artifacts are re-hashed at start-up and every --verify-artifacts, off this thread (a large
+  // artifact takes a while); results come back here, where a mismatch is handled as drift.
+  boost::asio::thread_pool verifier(1);
+  boost::asio::steady_timer verify_timer(io);
+  std::function<void()> verify = [&] {
+    if (recovered) {
+      for (const std::string& digest : reconciler.ArtifactsInUse()) {
+        boost::asio::post(verifier, [&, digest] {
+          auto identity = Reconciler::IdentityOf((*artifacts).PathFor(digest));
+          Status v = (*artifacts).Verify(digest);
+          boost::asio::post(io, [&, digest, v, identity] {
+            metrics.Add("kiln_artifact_verifications_total",
+                        {{"result", v.ok() ? "ok"
+                                    : v.code() == StatusCode::kNotFound ? "missing"
+                                                                        : "mismatch"}});
+            reconciler.OnArtifactVerified(digest, v, identity);
+          });
+        });
+      }
+    }
+    if (verify_artifacts->count() == 0) return;
+    verify_timer.expires_after(recovered ? *verify_artifacts : Duration(1000));
+    verify_timer.async_wait([&](const boost::system::error_code& err) {
+      if (!err) verify();
+    });
+  };
+  verify();
+
   boost::asio::signal_set signals(io, SIGTERM, SIGINT);
   signals.async_wait([&](const boost::system::error_code& err, int signo) {
     if (err) return;
@@ -339,6 +441,8 @@ int RunDaemon(int argc, char** argv) {
   });
   LogInfo("kilnd ready", {{"version", kVersion}, {"pid", static_cast<int64_t>(::getpid())}});
   io.run();
+  verifier.stop();
+  verifier.join();
   (*api)->Shutdown();
   LogInfo("kilnd stopped");
   return 0;

@@ -5,7 +5,8 @@
 namespace kiln {
 
 void DesiredSet::Seed(std::vector<DesiredService> services) {
-  for (auto& d : services) services_[d.spec.name] = std::move(d);
+  // What a load already brought in is newer than the store's copy.
+  for (auto& d : services) services_.emplace(d.spec.name, std::move(d));
 }
 
 const DesiredService* DesiredSet::Find(const std::string& name) const {

@@ -134,7 +134,13 @@ void DeclareKilnMetrics(Metrics& m) {
   m.Declare("kiln_rollouts_total", "counter", "Rollouts that ended, by result (completed, failed).");
   m.Declare("kiln_rollbacks_total", "counter", "Rollbacks by trigger (manual, automatic).");
   m.Declare("kiln_manifest_errors_total", "counter", "Manifest errors found by loads.");
-  m.Declare("kiln_probe_failures_total", "counter", "Instances whose health failed past the threshold.");
+  m.Declare("kiln_probe_failures_total", "counter", "Failed health probes, by service (each failing probe, also below the threshold).");
+  m.Declare("kiln_probe_local_errors_total", "counter", "Health probes kilnd could not run for a reason of its own (descriptors, memory); no instance is blamed.");
+  m.Declare("kiln_instance_failures_total", "counter", "Instances that failed, by service and how (exited, start_failed, deadline).");
+  m.Declare("kiln_service_crash_loop_failures", "gauge", "Failures in a row of a service's instances (0 when it runs well).");
+  m.Declare("kiln_service_start_backoff_seconds", "gauge", "Seconds until a crash-looping service may start its next instance.");
+  m.Declare("kiln_artifact_verifications_total", "counter", "Periodic artifact verifications, by result (ok, mismatch, missing).");
+  m.Declare("kiln_artifact_drift_total", "counter", "Artifacts found with bytes that no longer match their digest.");
   m.Declare("kiln_driver_errors_total", "counter", "Instance starts the driver refused.");
   m.Declare("kiln_grpc_requests_total", "counter", "gRPC requests by method and status code.");
   m.Declare("kiln_store_commit_duration_seconds", "histogram", "Duration of state store write transactions.", seconds);

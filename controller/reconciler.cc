@@ -1,5 +1,7 @@
 #include "controller/reconciler.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
@@ -57,6 +59,66 @@ std::string ConditionsJson(const std::string& previous, const std::vector<Condit
   return out.dump();
 }
 
+// Failure kinds are aggregated always; the rest of an instance's lifecycle only while its
+// service crash-loops (a normal rollout's events stay one by one).
+bool IsFailureEvent(const std::string& kind) {
+  return kind == "instance_exited" || kind == "instance_start_failed" ||
+         kind == "instance_failed" || kind == "instance_unhealthy" || kind == "artifact_drift";
+}
+bool IsLifecycleEvent(const std::string& kind) {
+  return kind == "instance_created" || kind == "instance_started" ||
+         kind == "instance_draining" || kind == "instance_terminated" ||
+         kind == "instance_healthy";
+}
+
+// What makes two events "the same thing again": kind, revision and message, with the instance
+// name and port numbers (which change with every new instance) left out.
+std::string AggregateKey(const std::string& kind, int64_t revision, const std::string& instance,
+                         std::string message) {
+  if (!instance.empty()) {
+    for (size_t at = message.find(instance); at != std::string::npos;
+         at = message.find(instance, at + 1)) {
+      message.replace(at, instance.size(), "*");
+    }
+  }
+  std::string key = kind + "|" + std::to_string(revision) + "|";
+  for (size_t i = 0; i < message.size(); ++i) {
+    // "port 20001" and "127.0.0.1:20001": ports are not what makes a failure different.
+    const bool after_port = (i >= 5 && message.compare(i - 5, 5, "port ") == 0) ||
+                            (i >= 1 && message[i - 1] == ':');
+    if (after_port && std::isdigit(static_cast<unsigned char>(message[i]))) {
+      while (i < message.size() && std::isdigit(static_cast<unsigned char>(message[i]))) ++i;
+      key += '#';
+      if (i < message.size()) key += message[i];
+      continue;
+    }
+    key += message[i];
+  }
+  return key;
+}
+
+int64_t BackoffMs(int failures, const Reconciler::Options& o) {
+  if (failures <= 1) return 0;  // one failure is replaced at once
+  int64_t ms = o.crash_backoff_initial.count();
+  for (int i = 2; i < failures && ms < o.crash_backoff_max.count(); ++i) ms *= 2;
+  return std::min<int64_t>(ms, o.crash_backoff_max.count());
+}
+
+// A driver's start error that retrying cannot fix (see Driver::Start).
+bool IsPermanentStartError(const Status& s) { return s.code() == StatusCode::kInvalidArgument; }
+
+std::string ProbeDetail(const InstanceRecord& inst, int64_t now_ms) {
+  if (inst.last_probe.empty()) return "no probe answered yet";
+  std::string out = "last probe: " + inst.last_probe;
+  if (!inst.last_probe_ok && inst.probe_failing_since_ms > 0 &&
+      inst.first_probe_failure != inst.last_probe) {
+    const int64_t ago = now_ms - inst.probe_failing_since_ms;
+    out += "; failing since " + FormatDuration(Duration(ago >= 1000 ? ago / 1000 * 1000 : ago)) +
+           " ago, first: " + inst.first_probe_failure;
+  }
+  return out;
+}
+
 }  // namespace
 
 Reconciler::Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober, ArtifactStore& artifacts,
@@ -86,6 +148,9 @@ Status Reconciler::Event(const std::string& kind, const std::string& service, in
   e.instance = instance;
   e.actor = actor;
   e.message = message;
+  if (IsFailureEvent(kind) || (IsLifecycleEvent(kind) && crash_looping_.count(service))) {
+    e.aggregate_key = AggregateKey(kind, revision, instance, message);
+  }
   LogInfo(message, {{"event", kind}, {"service", service}, {"revision", revision},
                     {"instance", instance}, {"actor", actor}});
   RETURN_IF_ERROR(store_.AppendEvent(e).status());
@@ -215,7 +280,12 @@ Status Reconciler::Recover() {
 void Reconciler::ApplyManifests(const ManifestSet& set) {
   DesiredSet::Update update = desired_.Apply(set);
   manifests_loaded_ = true;
-  for (const std::string& e : update.errors) LogError("manifest error", {{"error", e}});
+  // A broken or missing directory is reloaded on every retry: say what is wrong once per change.
+  if (update.errors != logged_manifest_errors_) {
+    for (const std::string& e : update.errors) LogError("manifest error", {{"error", e}});
+    if (update.errors.empty() && !logged_manifest_errors_.empty()) LogInfo("manifest errors resolved");
+    logged_manifest_errors_ = update.errors;
+  }
   for (const std::string& name : update.changed) scheduler_.Add(name);
 }
 
@@ -224,6 +294,7 @@ void Reconciler::ApplyManifests(const ManifestSet& set) {
 
 void Reconciler::OnExit(const ExitInfo& info) {
   prober_.Unwatch(info.instance);
+  probe_written_.erase(info.instance);
   if (!RecordExit(info)) unrecorded_exits_[info.instance] = info;
   scheduler_.Add(ServiceOf(info.instance));
 }
@@ -240,6 +311,9 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
     InstanceState to = inst.state == InstanceState::kDraining ? InstanceState::kTerminated
                                                                : InstanceState::kFailed;
     RETURN_IF_ERROR(store_.TransitionInstance(inst.name, to, u).status());
+    if (to == InstanceState::kFailed) {
+      RETURN_IF_ERROR(RecordFailure(service, inst.name + " " + u.reason));
+    }
     return Event(to == InstanceState::kFailed ? "instance_exited" : "instance_terminated", service,
                  inst.revision, inst.name, "kilnd", "instance " + inst.name + " " + u.reason);
   });
@@ -249,15 +323,108 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
   return s.ok();
 }
 
+void Reconciler::NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now,
+                             bool permanent, int64_t revision) {
+  ++svc.crash_count;
+  svc.last_crash_ms = now;
+  svc.crash_reason = what;
+  svc.next_start_ms = now + (permanent ? options_.crash_backoff_max.count()
+                                       : BackoffMs(svc.crash_count, options_));
+  if (permanent) {
+    svc.start_error = what;
+    svc.start_error_revision = revision;
+  }
+  if (svc.crash_count >= 2) {
+    crash_looping_.insert(svc.name);
+    LogWarn("crash-looping; delaying the next start",
+            {{"service", svc.name}, {"failures", svc.crash_count}, {"last_failure", what},
+             {"next_start_in_ms", svc.next_start_ms - now}});
+  }
+}
+
+Status Reconciler::RecordFailure(const std::string& service, const std::string& what,
+                                 bool permanent, int64_t revision) {
+  return store_.Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
+    NoteFailure(svc, what, NowMs(), permanent, revision);
+    return store_.PutService(svc);
+  });
+}
+
+std::optional<Reconciler::FileIdentity> Reconciler::IdentityOf(const std::filesystem::path& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  return FileIdentity{static_cast<uint64_t>(st.st_ino), static_cast<int64_t>(st.st_size),
+                      st.st_ctim.tv_sec * 1'000'000'000LL + st.st_ctim.tv_nsec};
+}
+
+bool Reconciler::ArtifactUnchanged(const std::string& digest) const {
+  auto it = artifact_verified_.find(digest);
+  if (it == artifact_verified_.end()) return false;
+  std::optional<FileIdentity> now = IdentityOf(artifacts_.PathFor(digest));
+  return now && *now == it->second;
+}
+
+void Reconciler::RememberVerified(const std::string& digest, std::optional<FileIdentity> identity) {
+  if (identity) {
+    artifact_verified_[digest] = *identity;
+  } else {
+    artifact_verified_.erase(digest);
+  }
+}
+
 Status Reconciler::CheckArtifact(const std::string& service, const std::string& digest) {
-  const int64_t now = NowMs();
-  auto it = artifact_verified_ms_.find(digest);
-  if (it != artifact_verified_ms_.end() && now - it->second < 60'000) return Status::Ok();
+  // On every start: a stat tells whether the bytes verified before are still there; they are
+  // hashed again only when the file changed (or was never verified by this kilnd).
+  if (ArtifactUnchanged(digest)) return Status::Ok();
+  std::optional<FileIdentity> before = IdentityOf(artifacts_.PathFor(digest));
   Status v = artifacts_.Verify(digest);
   if (v.ok()) {
-    artifact_verified_ms_[digest] = now;
+    RememberVerified(digest, before);
     return Status::Ok();
   }
+  LogWarn("artifact no longer matches its digest", {{"service", service}, {"sha256", digest},
+                                                    {"error", v.message()}});
+  return HandleArtifactDrift(digest, v);
+}
+
+std::vector<std::string> Reconciler::ArtifactsInUse() {
+  std::set<std::string> digests;
+  for (const auto& [name, d] : desired_.services()) {
+    if (!d.spec.tmpl.artifact_sha256.empty()) digests.insert(d.spec.tmpl.artifact_sha256);
+  }
+  auto live = store_.ListLiveInstances();
+  if (live.ok()) {
+    std::set<std::pair<std::string, int64_t>> seen;
+    for (const InstanceRecord& inst : *live) {
+      if (!seen.insert({inst.service, inst.revision}).second) continue;
+      auto rev = store_.GetRevision(inst.service, inst.revision);
+      auto t = rev.ok() ? Template::FromCanonical(rev->template_json) : StatusOr<Template>(rev.status());
+      if (t.ok() && !t->artifact_sha256.empty()) digests.insert(t->artifact_sha256);
+    }
+  }
+  return {digests.begin(), digests.end()};
+}
+
+void Reconciler::OnArtifactVerified(const std::string& digest, const Status& verified,
+                                    std::optional<FileIdentity> identity) {
+  if (verified.ok()) {
+    RememberVerified(digest, identity);
+    return;
+  }
+  if (verified.code() == StatusCode::kNotFound && !identity) {
+    // Collected since it was listed (history_limit), or never stored: nothing runs it.
+    auto in_use = ArtifactsInUse();
+    if (std::find(in_use.begin(), in_use.end(), digest) == in_use.end()) return;
+  }
+  LogWarn("periodic verification: artifact no longer matches its digest",
+          {{"sha256", digest}, {"error", verified.message()}});
+  Status s = HandleArtifactDrift(digest, verified);
+  if (!s.ok()) LogError("artifact drift not repaired", {{"sha256", digest}, {"error", s.ToString()}});
+}
+
+Status Reconciler::HandleArtifactDrift(const std::string& digest, const Status& mismatch) {
+  artifact_verified_.erase(digest);
   // Restore it from a manifest source that still has exactly those bytes.
   Status restored = FailedPreconditionError("no manifest source has these bytes");
   for (const auto& [name, d] : desired_.services()) {
@@ -268,32 +435,69 @@ Status Reconciler::CheckArtifact(const std::string& service, const std::string& 
     restored = put.status();
     if (put.ok()) break;
   }
-  const std::string what = v.message() + (restored.ok() ? "; restored from its source"
-                                                         : "; cannot restore: " + restored.message());
+  const std::string what = mismatch.message() + (restored.ok() ? "; restored from its source"
+                                                                : "; cannot restore: " + restored.message());
+  std::set<std::string> affected;
   RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
-    RETURN_IF_ERROR(Event("artifact_drift", service, 0, "", "kilnd", what));
     // Instances started from the altered bytes are drifted: replace them.
-    ASSIGN_OR_RETURN(auto live, store_.ListInstances(service, false));
+    ASSIGN_OR_RETURN(auto live, store_.ListLiveInstances());
+    std::map<std::pair<std::string, int64_t>, std::string> digest_of;
     for (const auto& inst : live) {
-      ASSIGN_OR_RETURN(RevisionRecord r, store_.GetRevision(service, inst.revision));
-      ASSIGN_OR_RETURN(Template t, Template::FromCanonical(r.template_json));
-      // Pending ones have not run anything yet; they start from the restored bytes.
-      if (t.artifact_sha256 == digest && inst.replace_reason.empty() &&
-          inst.state != InstanceState::kDraining && inst.state != InstanceState::kPending) {
-        RETURN_IF_ERROR(store_.RequestReplacement(inst.name, "artifact drift: " + v.message()));
+      auto key = std::make_pair(inst.service, inst.revision);
+      if (!digest_of.count(key)) {
+        ASSIGN_OR_RETURN(RevisionRecord r, store_.GetRevision(inst.service, inst.revision));
+        ASSIGN_OR_RETURN(Template t, Template::FromCanonical(r.template_json));
+        digest_of[key] = t.artifact_sha256;
       }
+      if (digest_of[key] != digest) continue;
+      affected.insert(inst.service);
+      // Pending ones have not run anything yet; they start from the restored bytes.
+      if (inst.replace_reason.empty() && inst.state != InstanceState::kDraining &&
+          inst.state != InstanceState::kPending) {
+        RETURN_IF_ERROR(store_.RequestReplacement(inst.name, "artifact drift: " + mismatch.message()));
+      }
+    }
+    for (const auto& [name, d] : desired_.services()) {
+      if (d.spec.tmpl.artifact_sha256 == digest) affected.insert(name);
+    }
+    if (affected.empty()) return Event("artifact_drift", "", 0, "", "kilnd", what);
+    for (const std::string& service : affected) {
+      RETURN_IF_ERROR(Event("artifact_drift", service, 0, "", "kilnd", what));
     }
     return Status::Ok();
   }));
+  for (const std::string& service : affected) scheduler_.Add(service);
   if (!restored.ok()) return DataLossError(what);
-  artifact_verified_ms_[digest] = now;
+  RememberVerified(digest, IdentityOf(artifacts_.PathFor(digest)));
   return Status::Ok();
 }
 
 void Reconciler::OnProbe(const ProbeResult& r) {
   const std::string service = ServiceOf(r.instance);
+  if (options_.on_probe) options_.on_probe(service, r);
+  if (r.local_error) {
+    // kilnd could not run the probe (no descriptors, no memory): that says nothing about the
+    // instance. No transition; a kilnd-level condition instead.
+    if (local_probe_error_.message != r.reason) {
+      LogWarn("cannot run health probes; instances keep their state",
+              {{"instance", r.instance}, {"service", service}, {"error", r.reason}});
+    }
+    local_probe_error_ = {r.reason, NowMs(), local_probe_error_.count + 1};
+    return;
+  }
+  if (!local_probe_error_.message.empty()) {
+    LogInfo("health probes run again", {{"after_local_errors", local_probe_error_.count}});
+    local_probe_error_ = {};
+  }
+  auto written = probe_written_.find(r.instance);
+  const bool changed = written == probe_written_.end() || written->second.first != r.healthy ||
+                       written->second.second != r.reason;
+  if (!changed && !r.transition) return;  // a steady probe writes nothing
   Status s = store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(InstanceRecord inst, store_.GetInstance(r.instance));
+    if (!IsLive(inst.state)) return Status::Ok();
+    if (changed) RETURN_IF_ERROR(store_.RecordProbe(inst.name, r.healthy, r.reason, NowMs()));
+    if (!r.transition) return Status::Ok();
     if (r.healthy && (inst.state == InstanceState::kStarting || inst.state == InstanceState::kUnhealthy)) {
       RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kHealthy, {.reason = r.reason}).status());
       return Event("instance_healthy", service, inst.revision, inst.name, "kilnd",
@@ -303,13 +507,18 @@ void Reconciler::OnProbe(const ProbeResult& r) {
       RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kUnhealthy, {.reason = r.reason}).status());
       // Failing health past its threshold is drift: the instance is replaced, never restarted.
       RETURN_IF_ERROR(store_.RequestReplacement(inst.name, "health failing: " + r.reason));
+      RETURN_IF_ERROR(RecordFailure(service, inst.name + " failed health: " + r.reason));
       return Event("instance_unhealthy", service, inst.revision, inst.name, "kilnd",
                    "instance " + inst.name + " is unhealthy: " + r.reason + "; replacing it");
     }
     return Status::Ok();
   });
-  if (!s.ok()) LogError("cannot record a probe result", {{"instance", r.instance}, {"error", s.ToString()}});
-  scheduler_.Add(service);
+  if (!s.ok()) {
+    LogError("cannot record a probe result", {{"instance", r.instance}, {"error", s.ToString()}});
+  } else {
+    probe_written_[r.instance] = {r.healthy, r.reason};
+  }
+  if (r.transition || !s.ok()) scheduler_.Add(service);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -343,12 +552,14 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
     start_in_flight_.erase(inst.name);
     Status s;
     if (!h.ok()) {
+      const bool permanent = IsPermanentStartError(h.status());
       s = store_.Transaction([&]() -> Status {
         RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kFailed,
                                                   {.reason = h.status().message()})
                             .status());
+        RETURN_IF_ERROR(RecordFailure(inst.service, h.status().message(), permanent, inst.revision));
         return Event("instance_start_failed", inst.service, inst.revision, inst.name, "kilnd",
-                     h.status().message());
+                     h.status().message() + (permanent ? " (retrying cannot help)" : ""));
       });
     } else {
       InstanceUpdate u;
@@ -358,6 +569,14 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
       u.port = h->port;
       s = store_.Transaction([&]() -> Status {
         RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kStarting, u).status());
+        // It could start after all (say, the command's executable was installed): the start
+        // error no longer holds.
+        ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(inst.service));
+        if (!svc.start_error.empty() && svc.start_error_revision == inst.revision) {
+          svc.start_error.clear();
+          svc.start_error_revision = 0;
+          RETURN_IF_ERROR(store_.PutService(svc));
+        }
         return Event("instance_started", inst.service, inst.revision, inst.name, "kilnd",
                      "instance " + inst.name + " started on port " + std::to_string(h->port));
       });
@@ -374,6 +593,7 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
 
 void Reconciler::StopInstance(const InstanceRecord& inst, bool mark_terminated) {
   prober_.Unwatch(inst.name);
+  probe_written_.erase(inst.name);
   InstanceHandle handle{inst.name, inst.handle, inst.host, inst.port};
   if (handle.id.empty()) {
     auto it = unrecorded_starts_.find(inst.name);
@@ -466,6 +686,25 @@ StatusOr<int64_t> Reconciler::EnsureDesiredRevision(const DesiredService& d, Ser
 Status Reconciler::RetireStep(const std::string& name) {
   StatusOr<ServiceRecord> svc = store_.GetService(name);
   if (!svc.ok()) return svc.status().code() == StatusCode::kNotFound ? Status::Ok() : svc.status();
+  const int64_t now = NowMs();
+  if (!svc->retired && (svc->retire_at_ms == 0 || now < svc->retire_at_ms)) {
+    // Gone from the manifests: wait --retire-after before scaling to zero, so that a file moved,
+    // rewritten or removed by mistake costs nothing when it comes back.
+    if (svc->retire_at_ms == 0) {
+      ServiceRecord s = *svc;
+      s.retire_at_ms = now + options_.retire_after.count();
+      RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
+        RETURN_IF_ERROR(store_.PutService(s));
+        return Event("service_missing", name, 0, "", "kilnd",
+                     name + " is no longer declared in the manifests (was in " + s.manifest_file +
+                         "); retiring it in " + FormatDuration(options_.retire_after) +
+                         " unless it comes back");
+      }));
+      svc = s;
+    }
+    scheduler_.AddAfter(name, Duration(svc->retire_at_ms - now));
+    return Status::Ok();
+  }
   ASSIGN_OR_RETURN(auto live, store_.ListInstances(name, false));
   std::vector<InstanceRecord> to_stop;
   RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
@@ -474,7 +713,8 @@ Status Reconciler::RetireStep(const std::string& name) {
       s.retired = true;
       RETURN_IF_ERROR(store_.PutService(s));
       RETURN_IF_ERROR(Event("service_retired", name, 0, "", "kilnd",
-                            name + " is no longer declared in the manifests; scaling to zero"));
+                            name + " has not been declared in the manifests for " +
+                                FormatDuration(options_.retire_after) + "; scaling to zero"));
     }
     for (const InstanceRecord& inst : live) {
       if (inst.state == InstanceState::kDraining) continue;
@@ -619,6 +859,11 @@ Status Reconciler::Reconcile(const std::string& name) {
     svc.manifest_file = spec.file;
     svc.spec = desired->spec_json;
     svc.retired = false;
+    if (svc.retire_at_ms != 0) {
+      svc.retire_at_ms = 0;
+      RETURN_IF_ERROR(Event("retirement_cancelled", name, 0, "", "kilnd",
+                            name + " is declared again (in " + spec.file + "); not retiring it"));
+    }
 
     const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
     ASSIGN_OR_RETURN(RevisionRecord target, store_.GetRevision(name, target_rev));
@@ -648,6 +893,15 @@ Status Reconciler::Reconcile(const std::string& name) {
       rollout = next;
       rollout_written = rollout;
       progress_seen_.erase(name);
+      // A new target is a fresh start: a fix must not wait out the old revision's back-off.
+      svc.crash_count = 0;
+      svc.last_crash_ms = 0;
+      svc.crash_reason.clear();
+      svc.next_start_ms = 0;
+      if (svc.start_error_revision != target_rev) {
+        svc.start_error.clear();
+        svc.start_error_revision = 0;
+      }
       RETURN_IF_ERROR(Event("rollout_started", name, target_rev, "", "kilnd",
                             "rollout of " + name + " to revision " + std::to_string(target_rev) +
                                 " (" + rollout.strategy + ")"));
@@ -667,10 +921,12 @@ Status Reconciler::Reconcile(const std::string& name) {
       const bool starting = inst.state == InstanceState::kStarting;
       const int64_t deadline = inst.started_ms + spec.update.healthy_deadline.count();
       if (starting && inst.started_ms > 0 && now >= deadline) {
-        const std::string reason =
-            "not healthy within healthy_deadline " + FormatDuration(spec.update.healthy_deadline);
+        const std::string reason = "not healthy within healthy_deadline " +
+                                   FormatDuration(spec.update.healthy_deadline) + " (" +
+                                   ProbeDetail(inst, now) + ")";
         ASSIGN_OR_RETURN(InstanceRecord f, store_.TransitionInstance(inst.name, InstanceState::kFailed,
                                                                      {.reason = reason}));
+        NoteFailure(svc, inst.name + " " + reason, now);
         RETURN_IF_ERROR(Event("instance_failed", name, inst.revision, inst.name, "kilnd",
                               "instance " + inst.name + " " + reason));
         to_fail.push_back(f);
@@ -690,6 +946,36 @@ Status Reconciler::Reconcile(const std::string& name) {
       in.instances.push_back(p);
     }
     PlanOutput plan = PlanStep(in);
+
+    // Crash-loop back-off: reset once an instance started after the last failure has run well
+    // for a while; until then no new instance starts before next_start_ms.
+    if (svc.crash_count > 0) {
+      const int64_t settle = spec.update.min_healthy_time.count() +
+                             options_.crash_backoff_reset_after.count();
+      for (const InstanceRecord& inst : live) {
+        if (inst.state != InstanceState::kHealthy || inst.healthy_since_ms <= svc.last_crash_ms) {
+          continue;
+        }
+        if (now >= inst.healthy_since_ms + settle) {
+          LogInfo("running well again; crash-loop back-off reset",
+                  {{"service", name}, {"instance", inst.name}, {"failures", svc.crash_count}});
+          svc.crash_count = 0;
+          svc.next_start_ms = 0;
+          svc.crash_reason.clear();
+          break;
+        }
+        wake_at(inst.healthy_since_ms + settle);
+      }
+    }
+    if (svc.crash_count < 2) crash_looping_.erase(name);
+    if (plan.create > 0 && now < svc.next_start_ms) {
+      plan.summary = "crash-looping: " + svc.crash_reason + "; next start in " +
+                     FormatDuration(Duration((svc.next_start_ms - now + 999) / 1000 * 1000));
+      plan.create = 0;
+      wake_at(svc.next_start_ms);
+    }
+    const bool start_error = !svc.start_error.empty() && svc.start_error_revision == target_rev;
+
     // Intents committed by an earlier pass whose start never happened (the artifact was not
     // fit to run then): start them now.
     for (const InstanceRecord& inst : live) {
@@ -731,11 +1017,14 @@ Status Reconciler::Reconcile(const std::string& name) {
         RETURN_IF_ERROR(Event("rollout_completed", name, target_rev, "", "kilnd",
                               "rollout of " + name + " to revision " + std::to_string(target_rev) +
                                   " completed: " + std::to_string(spec.replicas) + " available"));
-      } else if (rollout.state == "progressing" && now >= deadline_at) {
+      } else if (rollout.state == "progressing" && (now >= deadline_at || start_error)) {
         rollout.state = "failed";
         rollout.finished_ms = now;
-        rollout.reason = "no progress for progress_deadline " +
-                         FormatDuration(spec.update.progress_deadline) + " (" + plan.summary + ")";
+        rollout.reason = start_error ? "instances of revision " + std::to_string(target_rev) +
+                                           " cannot start: " + svc.start_error
+                                     : "no progress for progress_deadline " +
+                                           FormatDuration(spec.update.progress_deadline) + " (" +
+                                           plan.summary + ")";
         RETURN_IF_ERROR(Event("rollout_failed", name, target_rev, "", "kilnd",
                               "rollout of " + name + " to revision " + std::to_string(target_rev) +
                                   " failed: " + rollout.reason));
@@ -808,6 +1097,12 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
     if (!svc.manifest_error.empty()) {
       conditions.push_back({"Degraded", true, "ManifestError", svc.manifest_error});
+    } else if (start_error) {
+      conditions.push_back({"Degraded", true, "StartError", svc.start_error});
+    } else if (svc.crash_count >= 2) {
+      conditions.push_back({"Degraded", true, "CrashLoopBackOff",
+                            "crash-looping: " + svc.crash_reason + " (" +
+                                std::to_string(svc.crash_count) + " failures in a row)"});
     } else if (rollout.state == "failed" || svc.pinned_revision > 0) {
       conditions.push_back({"Degraded", true, svc.pinned_revision > 0 ? "Pinned" : "RolloutFailed",
                             svc.pinned_revision > 0 ? svc.pin_reason : rollout.reason});

@@ -9,8 +9,10 @@
 // REQUIRES: every method is called on the io_context's thread (kilnd runs one), so the
 // reconciler's state needs no lock.
 
+#include <filesystem>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -30,7 +32,19 @@ class Reconciler {
   struct Options {
     Duration stop_grace{10'000};     // SIGTERM to SIGKILL
     int final_instances_kept = 50;   // terminated/failed/lost rows kept per service
+    // A service whose manifest document is gone is retired only after this long; restoring the
+    // document cancels it.
+    Duration retire_after{60'000};
+    // Crash-loop back-off (like Kubernetes' CrashLoopBackOff), per service: the first failure
+    // of an instance is replaced at once; each further one waits `crash_backoff_initial`
+    // doubling up to `crash_backoff_max`. It resets when an instance started after the last
+    // failure has been available for `crash_backoff_reset_after`, and on a new target revision.
+    Duration crash_backoff_initial{10'000};
+    Duration crash_backoff_max{300'000};
+    Duration crash_backoff_reset_after{60'000};
     std::function<void(const EventRecord&)> on_event;  // every event recorded (metrics)
+    // Every probe result (metrics): `service` is the instance's.
+    std::function<void(const std::string& service, const ProbeResult&)> on_probe;
   };
 
   Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober, ArtifactStore& artifacts,
@@ -73,6 +87,33 @@ class Reconciler {
   const DesiredSet& desired() const { return desired_; }
   bool manifests_loaded() const { return manifests_loaded_; }
 
+  // Probes that failed for a reason of kilnd's own (out of descriptors, memory): not the
+  // instances' fault, so no instance changes state; readiness reports it.
+  struct LocalProbeError {
+    std::string message;  // "" when there was none
+    int64_t time_ms = 0;
+    int64_t count = 0;
+  };
+  const LocalProbeError& local_probe_error() const { return local_probe_error_; }
+
+  // What an artifact file is (inode, size, ctime): any write to it or replacement of it changes
+  // this, so bytes verified under one identity are still those bytes while it holds.
+  struct FileIdentity {
+    uint64_t inode = 0;
+    int64_t size = 0;
+    int64_t ctime_ns = 0;
+    friend bool operator==(const FileIdentity&, const FileIdentity&) = default;
+  };
+  static std::optional<FileIdentity> IdentityOf(const std::filesystem::path& path);
+
+  // Artifact digests the live instances and targets run (what a periodic verification checks).
+  std::vector<std::string> ArtifactsInUse();
+  // The result of verifying one artifact's bytes off the event thread, with the file's identity
+  // taken before hashing: a mismatch is drift (restored from its source when it still has those
+  // bytes; the instances running it are replaced).
+  void OnArtifactVerified(const std::string& digest, const Status& verified,
+                          std::optional<FileIdentity> identity);
+
  private:
 
   int64_t NowMs() const { return ToUnixMillis(clock_.SystemNow()); }
@@ -99,10 +140,24 @@ class Reconciler {
   bool RecordExit(const ExitInfo& info);
   // Drift of the artifact in the store (its bytes no longer match its digest): restores it from
   // the manifest's source when that still has those bytes and flags the instances running it
-  // for replacement. Checked at most once a minute per digest. An error means: do not start
-  // instances from it now.
+  // for replacement. Hashed again only when the file changed since it was last verified (see
+  // FileIdentity); periodic verification hashes everything (OnArtifactVerified). An error
+  // means: do not start instances from it now.
   Status CheckArtifact(const std::string& service, const std::string& digest);
   void OnProbe(const ProbeResult& r);
+  // A failure of one of the service's instances (exit, start error, missed deadline, failing
+  // health): counts toward its crash-loop back-off. `permanent`: a start error retrying cannot
+  // fix, for `revision`.
+  void NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now, bool permanent = false,
+                   int64_t revision = 0);
+  Status RecordFailure(const std::string& service, const std::string& what, bool permanent = false,
+                       int64_t revision = 0);
+  // Whether an artifact still has the bytes last verified (same inode, size and ctime: any
+  // write or replacement changes ctime); false when it was never verified by this kilnd.
+  bool ArtifactUnchanged(const std::string& digest) const;
+  void RememberVerified(const std::string& digest, std::optional<FileIdentity> identity);
+  // Handles bytes that no longer match their digest (`mismatch` says how); see CheckArtifact.
+  Status HandleArtifactDrift(const std::string& digest, const Status& mismatch);
   void RetryUnrecordedStarts(const std::string& service);
   static std::string ServiceOf(const std::string& instance);
 
@@ -125,8 +180,15 @@ class Reconciler {
   std::set<std::string> start_in_flight_;
   // Exits the store did not take (unwritable): recorded on the next pass of their service.
   std::map<std::string, ExitInfo> unrecorded_exits_;
-  // When each artifact digest was last verified.
-  std::map<std::string, int64_t> artifact_verified_ms_;
+  // What each artifact file was when its bytes were last verified.
+  std::map<std::string, FileIdentity> artifact_verified_;
+  // The last probe result written for each instance, so a steady probe writes nothing.
+  std::map<std::string, std::pair<bool, std::string>> probe_written_;
+  LocalProbeError local_probe_error_;
+  // Services in a crash loop: their instances' repeated lifecycle events are aggregated.
+  std::set<std::string> crash_looping_;
+  // The manifest errors last logged, so an unchanged broken state is not logged on every load.
+  std::vector<std::string> logged_manifest_errors_;
   // Rollout progress as last seen (new available, old total), to move last_progress_ms.
   std::map<std::string, std::pair<int, int>> progress_seen_;
 };

@@ -227,7 +227,13 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
                          : posix_spawn(&pid, cargv[0], &actions, &attr, cargv.data(), cenv.data());
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attr);
-    if (rc != 0) return release_port(ErrnoError(rc, "cannot execute " + argv[0]));
+    if (rc != 0) {
+      // Missing, not executable or not a program: the same spec fails the same way every time.
+      const bool permanent = rc == ENOENT || rc == EACCES || rc == ENOEXEC || rc == ENOTDIR ||
+                             rc == ELOOP || rc == ENAMETOOLONG;
+      Status error = ErrnoError(rc, "cannot execute " + argv[0]);
+      return release_port(permanent ? InvalidArgumentError(error.message()) : error);
+    }
 
     // The pidfd first, then the start time: the pidfd pins the process we read about.
     UniqueFd pidfd(proc::PidfdOpen(pid));

@@ -7,7 +7,7 @@ namespace kiln {
 namespace {
 
 // Each entry moves the schema from version i to i+1; never edit one that has shipped, add one.
-constexpr std::array<const char*, 3> kMigrations = {
+constexpr std::array<const char*, 4> kMigrations = {
     // 1: services, immutable revisions, instances, events.
     R"sql(
 CREATE TABLE services (
@@ -107,11 +107,36 @@ ALTER TABLE services ADD COLUMN conditions TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE instances ADD COLUMN replace_reason TEXT NOT NULL DEFAULT '';
 ALTER TABLE rollouts ADD COLUMN promoted INTEGER NOT NULL DEFAULT 0;
 )sql",
+    // 4: why health checks fail, crash-loop back-off and permanent start errors, retirement that
+    // waits, and repeated events aggregated.
+    R"sql(
+ALTER TABLE instances ADD COLUMN last_probe TEXT NOT NULL DEFAULT '';
+ALTER TABLE instances ADD COLUMN last_probe_ok INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN last_probe_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN first_probe_failure TEXT NOT NULL DEFAULT '';
+ALTER TABLE instances ADD COLUMN probe_failing_since_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE services ADD COLUMN crash_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE services ADD COLUMN last_crash_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE services ADD COLUMN crash_reason TEXT NOT NULL DEFAULT '';
+ALTER TABLE services ADD COLUMN next_start_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE services ADD COLUMN start_error TEXT NOT NULL DEFAULT '';
+ALTER TABLE services ADD COLUMN start_error_revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE services ADD COLUMN retire_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE events ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE events ADD COLUMN first_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE events ADD COLUMN aggregate_key TEXT NOT NULL DEFAULT '';
+CREATE INDEX events_by_aggregate ON events(service, aggregate_key, seq) WHERE aggregate_key <> '';
+-- The highest seq pruned by retention: a cursor below it has missed events. (An aggregated
+-- event's earlier row is deleted too, but its repeat follows, so that is no gap.)
+CREATE TABLE events_pruned (through_seq INTEGER NOT NULL);
+INSERT INTO events_pruned (through_seq) SELECT coalesce(min(seq) - 1, 0) FROM events;
+)sql",
 };
 
 constexpr const char* kInstanceColumns =
     "id, service, revision, state, reason, handle, host, port, created_ms, started_ms, "
-    "healthy_since_ms, state_changed_ms, finished_ms, exit_code, exit_signal, replace_reason";
+    "healthy_since_ms, state_changed_ms, finished_ms, exit_code, exit_signal, replace_reason, "
+    "last_probe, last_probe_ok, last_probe_ms, first_probe_failure, probe_failing_since_ms";
 
 InstanceRecord ReadInstance(const sqlite::Statement& s) {
   InstanceRecord r;
@@ -133,12 +158,18 @@ InstanceRecord ReadInstance(const sqlite::Statement& s) {
   if (!s.IsNull(13)) r.exit_code = static_cast<int>(s.Int(13));
   r.exit_signal = s.Text(14);
   r.replace_reason = s.Text(15);
+  r.last_probe = s.Text(16);
+  r.last_probe_ok = s.Int(17) != 0;
+  r.last_probe_ms = s.Int(18);
+  r.first_probe_failure = s.Text(19);
+  r.probe_failing_since_ms = s.Int(20);
   return r;
 }
 
 constexpr const char* kServiceColumns =
     "name, manifest_file, spec, desired_revision, pinned_revision, pin_reason, paused, retired, "
-    "manifest_error, conditions, created_ms, updated_ms";
+    "manifest_error, conditions, created_ms, updated_ms, crash_count, last_crash_ms, crash_reason, "
+    "next_start_ms, start_error, start_error_revision, retire_at_ms";
 
 ServiceRecord ReadService(const sqlite::Statement& s) {
   ServiceRecord r;
@@ -154,6 +185,13 @@ ServiceRecord ReadService(const sqlite::Statement& s) {
   r.conditions = s.Text(9);
   r.created_ms = s.Int(10);
   r.updated_ms = s.Int(11);
+  r.crash_count = static_cast<int>(s.Int(12));
+  r.last_crash_ms = s.Int(13);
+  r.crash_reason = s.Text(14);
+  r.next_start_ms = s.Int(15);
+  r.start_error = s.Text(16);
+  r.start_error_revision = s.Int(17);
+  r.retire_at_ms = s.Int(18);
   return r;
 }
 
@@ -489,10 +527,14 @@ StatusOr<std::vector<EventRecord>> SqliteStateStore::ReadEvents(const EventQuery
     e.instance = s.Text(5);
     e.actor = s.Text(6);
     e.message = s.Text(7);
+    e.count = s.Int(8);
+    e.first_ms = s.Int(9) > 0 ? s.Int(9) : e.time_ms;
+    e.aggregate_key = s.Text(10);
     return e;
   };
   constexpr const char* kCols =
-      "SELECT seq, time_ms, kind, service, revision, instance, actor, message FROM events ";
+      "SELECT seq, time_ms, kind, service, revision, instance, actor, message, count, first_ms, "
+      "aggregate_key FROM events ";
   sqlite::Statement* s;
   if (q.service.empty()) {
     static const std::string kSql = std::string(kCols) + "WHERE seq > ? ORDER BY seq LIMIT ?";
@@ -509,8 +551,8 @@ StatusOr<std::vector<EventRecord>> SqliteStateStore::ReadEvents(const EventQuery
 
 StatusOr<int64_t> SqliteStateStore::OldestEventSeq() {
   std::lock_guard lock(mu_);
-  ASSIGN_OR_RETURN(auto v, db_.QueryInt("read events", "SELECT min(seq) FROM events"));
-  return v.value_or(0);
+  ASSIGN_OR_RETURN(auto v, db_.QueryInt("read events", "SELECT through_seq + 1 FROM events_pruned"));
+  return v.value_or(1);
 }
 
 StatusOr<int64_t> SqliteStateStore::LatestEventSeq() {
@@ -541,16 +583,24 @@ Status SqliteStateStore::PutService(const ServiceRecord& r) {
   return db_.Run("put service " + r.name,
                  "INSERT INTO services (name, manifest_file, spec, desired_revision, "
                  "pinned_revision, pin_reason, paused, retired, manifest_error, conditions, "
-                 "created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                 "created_ms, updated_ms, crash_count, last_crash_ms, crash_reason, "
+                 "next_start_ms, start_error, start_error_revision, retire_at_ms) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                  "ON CONFLICT (name) DO UPDATE SET manifest_file = excluded.manifest_file, "
                  "spec = excluded.spec, desired_revision = excluded.desired_revision, "
                  "pinned_revision = excluded.pinned_revision, pin_reason = excluded.pin_reason, "
                  "paused = excluded.paused, retired = excluded.retired, "
                  "manifest_error = excluded.manifest_error, conditions = excluded.conditions, "
-                 "updated_ms = excluded.updated_ms",
+                 "updated_ms = excluded.updated_ms, crash_count = excluded.crash_count, "
+                 "last_crash_ms = excluded.last_crash_ms, crash_reason = excluded.crash_reason, "
+                 "next_start_ms = excluded.next_start_ms, start_error = excluded.start_error, "
+                 "start_error_revision = excluded.start_error_revision, "
+                 "retire_at_ms = excluded.retire_at_ms",
                  r.name, r.manifest_file, r.spec, r.desired_revision, r.pinned_revision,
                  r.pin_reason, r.paused, r.retired, r.manifest_error,
-                 r.conditions.empty() ? std::string("[]") : r.conditions, now, now);
+                 r.conditions.empty() ? std::string("[]") : r.conditions, now, now, r.crash_count,
+                 r.last_crash_ms, r.crash_reason, r.next_start_ms, r.start_error,
+                 r.start_error_revision, r.retire_at_ms);
 }
 
 Status SqliteStateStore::WriteRevision(const RevisionRecord& r) {
@@ -727,21 +777,70 @@ StatusOr<int64_t> SqliteStateStore::PutRollout(const RolloutRecord& r) {
 
 StatusOr<int64_t> SqliteStateStore::AppendEvent(const EventRecord& e) {
   std::lock_guard lock(mu_);
+  const int64_t time_ms = e.time_ms ? e.time_ms : NowMs();
+  int64_t count = 1;
+  int64_t first_ms = time_ms;
+  if (!e.aggregate_key.empty() && options_.event_aggregation_window_ms > 0) {
+    // The same thing happening again: the earlier row is replaced by one that counts both, so a
+    // storm leaves one row, and a watcher sees the repeat as a new event with its count.
+    static const std::string kFind =
+        "SELECT seq, count, first_ms, time_ms FROM events WHERE service = ? AND aggregate_key = ? "
+        "ORDER BY seq DESC LIMIT 1";
+    ASSIGN_OR_RETURN(auto* s, db_.Prepare(kFind, "find similar event"));
+    s->BindAll(e.service, e.aggregate_key);
+    ASSIGN_OR_RETURN(bool row, db_.Step(*s, "find similar event"));
+    if (row && time_ms - s->Int(3) <= options_.event_aggregation_window_ms) {
+      const int64_t previous = s->Int(0);
+      count = s->Int(1) + 1;
+      first_ms = s->Int(2) > 0 ? s->Int(2) : s->Int(3);
+      sqlite3_reset(s->get());
+      RETURN_IF_ERROR(db_.Run("aggregate event " + e.kind, "DELETE FROM events WHERE seq = ?", previous));
+    } else if (row) {
+      sqlite3_reset(s->get());
+    }
+  }
   RETURN_IF_ERROR(db_.Run("append event " + e.kind,
                           "INSERT INTO events (time_ms, kind, service, revision, instance, actor, "
-                          "message) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          e.time_ms ? e.time_ms : NowMs(), e.kind, e.service, e.revision,
-                          e.instance, e.actor, e.message));
+                          "message, count, first_ms, aggregate_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                          "?, ?)",
+                          time_ms, e.kind, e.service, e.revision, e.instance, e.actor, e.message,
+                          count, first_ms, e.aggregate_key));
   return db_.LastInsertRowid();
+}
+
+Status SqliteStateStore::RecordProbe(std::string_view name, bool ok, std::string_view result,
+                                     int64_t time_ms) {
+  std::string_view service;
+  int64_t id = 0;
+  if (!SplitInstanceName(name, &service, &id)) {
+    return NotFoundError("instance \"" + std::string(name) + "\" is not known");
+  }
+  std::lock_guard lock(mu_);
+  // The first failure of a failing streak is kept until a probe passes again.
+  return db_.Run("record probe of " + std::string(name),
+                 "UPDATE instances SET last_probe = ?1, last_probe_ok = ?2, last_probe_ms = ?3, "
+                 "first_probe_failure = CASE WHEN ?2 THEN '' WHEN probe_failing_since_ms = 0 THEN "
+                 "?1 ELSE first_probe_failure END, "
+                 "probe_failing_since_ms = CASE WHEN ?2 THEN 0 WHEN probe_failing_since_ms = 0 "
+                 "THEN ?3 ELSE probe_failing_since_ms END WHERE id = ?4",
+                 result, ok, time_ms, id);
 }
 
 StatusOr<int64_t> SqliteStateStore::PruneEvents(int64_t keep) {
   std::lock_guard lock(mu_);
-  RETURN_IF_ERROR(db_.Run("prune events",
-                          "DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq "
-                          "DESC LIMIT 1 OFFSET ?)",
-                          keep));
-  return db_.Changes();
+  int64_t deleted = 0;
+  // The rows and the watermark go together (a nested call joins the caller's transaction).
+  RETURN_IF_ERROR(Transaction([&]() -> Status {
+    ASSIGN_OR_RETURN(auto cutoff,
+                     db_.QueryInt("prune events",
+                                  "SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?", keep));
+    if (!cutoff) return Status::Ok();
+    RETURN_IF_ERROR(db_.Run("prune events", "DELETE FROM events WHERE seq <= ?", *cutoff));
+    deleted = db_.Changes();
+    return db_.Run("prune events", "UPDATE events_pruned SET through_seq = max(through_seq, ?)",
+                   *cutoff);
+  }));
+  return deleted;
 }
 
 }  // namespace kiln

@@ -21,6 +21,9 @@ class SqliteStateStore final : public StateStore {
     int busy_timeout_ms = 5000;
     bool read_only = false;          // a reader: no migrations, every write refused by SQLite
     std::function<void(double seconds)> on_commit;  // duration of each committed transaction
+    // An event with an aggregate key that repeats the service's last one with that key within
+    // this window replaces it, counted (0: never aggregate).
+    int64_t event_aggregation_window_ms = 10 * 60 * 1000;
   };
 
   // Opens or creates the database and migrates it to the current schema. A file that is not a
@@ -71,6 +74,8 @@ class SqliteStateStore final : public StateStore {
   StatusOr<int64_t> PutRollout(const RolloutRecord& r) override;
   StatusOr<int64_t> AppendEvent(const EventRecord& e) override;
   StatusOr<int64_t> PruneEvents(int64_t keep) override;
+  Status RecordProbe(std::string_view name, bool ok, std::string_view result,
+                     int64_t time_ms) override;
 
  private:
   SqliteStateStore(sqlite::Database db, Options options)

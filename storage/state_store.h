@@ -39,6 +39,18 @@ struct ServiceRecord {
   std::string conditions;        // JSON array of {type,status,reason,message,last_transition_ms}
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
+  // Crash-loop back-off: failures of its instances (exits, start errors, missed health
+  // deadlines, failing health) since it last ran well, and when the next start may happen.
+  int crash_count = 0;
+  int64_t last_crash_ms = 0;
+  std::string crash_reason;  // the last failure: "web-7 exited with code 3"
+  int64_t next_start_ms = 0;  // 0 = no back-off
+  // A start error that cannot succeed on retry (executable missing, wrong driver), for the
+  // revision it happened to; cleared when an instance of that revision starts or the target moves.
+  std::string start_error;
+  int64_t start_error_revision = 0;
+  // Its manifest document is gone: retired at this time unless it comes back. 0 = declared.
+  int64_t retire_at_ms = 0;
 
   friend bool operator==(const ServiceRecord&, const ServiceRecord&) = default;
 };
@@ -76,6 +88,13 @@ struct InstanceRecord {
   std::optional<int> exit_code;
   std::string exit_signal;
   std::string replace_reason;  // set when it must be replaced (operator request, drift)
+  // The last health probe result, in every state ("http 503 from 127.0.0.1:20001/healthz"), and
+  // the first failure of the current failing streak (cleared by a passing probe).
+  std::string last_probe;
+  bool last_probe_ok = false;
+  int64_t last_probe_ms = 0;
+  std::string first_probe_failure;
+  int64_t probe_failing_since_ms = 0;
 };
 
 // Available is derived, never stored: healthy for at least min_healthy_time.
@@ -120,6 +139,11 @@ struct EventRecord {
   std::string instance;
   std::string actor;
   std::string message;
+  // Repeats: events of a service with the same non-empty aggregate key within the store's
+  // window are kept as one row, the latest, counting them since first_ms.
+  std::string aggregate_key;
+  int64_t count = 1;
+  int64_t first_ms = 0;
 };
 
 struct EventQuery {
@@ -164,7 +188,8 @@ class StateReader {
 
   // Events with seq > after_seq in order, at most `limit`.
   virtual StatusOr<std::vector<EventRecord>> ReadEvents(const EventQuery& q) = 0;
-  // The smallest retained seq, 0 when there are none; the next seq to be assigned is > any seen.
+  // The smallest seq a reader can resume from without a gap made by retention pruning (1 when
+  // nothing was ever pruned); the next seq to be assigned is > any seen.
   virtual StatusOr<int64_t> OldestEventSeq() = 0;
   virtual StatusOr<int64_t> LatestEventSeq() = 0;
   // Instance rows grouped by service, revision and state.
@@ -211,6 +236,11 @@ class StateStore : public StateReader {
   virtual StatusOr<int64_t> AppendEvent(const EventRecord& e) = 0;
   // Deletes the oldest events so that at most `keep` remain. Returns how many were deleted.
   virtual StatusOr<int64_t> PruneEvents(int64_t keep) = 0;
+
+  // Records a health probe result on a live or final instance, whatever its state. Callers write
+  // it only when the result changed, so a steady probe costs no commit.
+  virtual Status RecordProbe(std::string_view name, bool ok, std::string_view result,
+                             int64_t time_ms) = 0;
 };
 
 }  // namespace kiln

@@ -215,7 +215,7 @@ TEST_CASE("a new instance not healthy by healthy_deadline fails and is replaced"
   REQUIRE(f.Converge().ok());
   auto failed = *f.store->GetInstance(first);
   CHECK(failed.state == InstanceState::kFailed);
-  CHECK(failed.reason == "not healthy within healthy_deadline 30s");
+  CHECK(failed.reason == "not healthy within healthy_deadline 30s (no probe answered yet)");
   CHECK(std::find(f.driver.stops.begin(), f.driver.stops.end(), first) != f.driver.stops.end());
   REQUIRE(f.Live().size() == 1);
   CHECK(f.Live()[0].name != first);
@@ -509,10 +509,261 @@ TEST_CASE("a service removed from a readable directory is retired", "[reconciler
   std::filesystem::remove(f.tmp / "m/web.yaml");
   f.Load();
   REQUIRE(f.Converge().ok());
+  // Not at once: --retire-after (60s by default) first, shown as the time it will happen.
+  CHECK(f.HasEvent("service_missing"));
+  CHECK(f.Live("web").size() == 2);
+  CHECK(f.Service("web").retire_at_ms == ToUnixMillis(f.clock.SystemNow()) + 60'000);
+  f.Advance(59s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Live("web").size() == 2);
+  CHECK_FALSE(f.Service("web").retired);
+  f.Advance(1s);  // the timer set by the first pass fires
+  REQUIRE(f.Converge().ok());
   CHECK(f.Live("web").empty());
   CHECK(f.Service("web").retired);
   CHECK(f.HasEvent("service_retired"));
   CHECK(f.Live("api").size() == 1);
+}
+
+TEST_CASE("files removed one by one retire nothing when they come back in time", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 1);
+  f.Declare("v1", 1, "", "api");
+  f.Declare("v1", 1, "", "db");
+  REQUIRE(f.Converge().ok());
+  std::filesystem::rename(f.tmp / "m/web.yaml", f.tmp / "web.yaml.bak");
+  f.Load();
+  REQUIRE(f.Converge().ok());
+  f.Advance(20s);
+  std::filesystem::rename(f.tmp / "m/api.yaml", f.tmp / "api.yaml.bak");
+  f.Load();
+  REQUIRE(f.Converge().ok());
+  f.Advance(30s);
+  std::filesystem::rename(f.tmp / "web.yaml.bak", f.tmp / "m/web.yaml");
+  std::filesystem::rename(f.tmp / "api.yaml.bak", f.tmp / "m/api.yaml");
+  f.Load();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.HasEvent("retirement_cancelled", "web"));
+  CHECK(f.HasEvent("retirement_cancelled", "api"));
+  CHECK(f.Service("web").retire_at_ms == 0);
+  f.Advance(120s);
+  REQUIRE(f.Converge().ok());
+  for (const char* name : {"web", "api", "db"}) {
+    CHECK_FALSE(f.Service(name).retired);
+    CHECK(f.Live(name).size() == 1);
+  }
+  CHECK_FALSE(f.HasEvent("service_retired", "web"));
+}
+
+TEST_CASE("a crash-looping service backs off: 10s doubling, reset after it runs well",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 1);
+  auto exit_current = [&] {
+    auto live = f.Live();
+    REQUIRE(live.size() == 1);
+    f.driver.Exit(live[0].name, 3);
+  };
+  // One failure of a long-running instance is replaced at once.
+  exit_current();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == 2);
+  CHECK(f.Service().crash_count == 1);
+  // The second failure in a row waits 10s, the third 20s, then 40s.
+  exit_current();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == 2);
+  CHECK(f.Live().empty());
+  ServiceRecord svc = f.Service();
+  CHECK(svc.crash_count == 2);
+  CHECK(svc.next_start_ms == ToUnixMillis(f.clock.SystemNow()) + 10'000);
+  CHECK(svc.conditions.find("CrashLoopBackOff") != std::string::npos);
+  CHECK(svc.conditions.find("exited with code 3") != std::string::npos);
+  f.Advance(9s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == 2);
+  f.Advance(1s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == 3);
+  exit_current();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Service().next_start_ms == ToUnixMillis(f.clock.SystemNow()) + 20'000);
+  f.Advance(20s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == 4);
+  exit_current();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Service().next_start_ms == ToUnixMillis(f.clock.SystemNow()) + 40'000);
+
+  // Repeated exits are one aggregated event, counted.
+  auto events = *f.store->ReadEvents({.service = "web", .limit = 1000});
+  int exited_rows = 0;
+  for (const auto& e : events) {
+    if (e.kind != "instance_exited") continue;
+    ++exited_rows;
+    CHECK(e.count == 4);
+    CHECK(e.first_ms < e.time_ms);
+  }
+  CHECK(exited_rows == 1);
+
+  // It runs well: healthy for a minute after the last failure resets the back-off.
+  f.Advance(40s);
+  REQUIRE(f.Converge().ok());
+  REQUIRE(f.driver.starts.size() == 5);
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  f.Advance(60s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Service().crash_count == 0);
+  CHECK(f.Service().conditions.find("CrashLoopBackOff") == std::string::npos);
+  exit_current();  // a failure after that is again replaced at once
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == 6);
+}
+
+TEST_CASE("the back-off is capped at 5 minutes, and a new revision starts at once", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 1);
+  for (int i = 0; i < 12; ++i) {
+    auto live = f.Live();
+    if (live.empty()) {
+      f.Advance(300s);
+      REQUIRE(f.Converge().ok());
+      live = f.Live();
+    }
+    REQUIRE(live.size() == 1);
+    f.driver.Exit(live[0].name, 1);
+    REQUIRE(f.Converge().ok());
+  }
+  CHECK(f.Service().next_start_ms - ToUnixMillis(f.clock.SystemNow()) == 300'000);
+  const size_t starts = f.driver.starts.size();
+  f.Declare("v2", 1);  // the fix
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.starts.size() == starts + 1);
+  CHECK(f.Service().crash_count == 0);
+}
+
+TEST_CASE("a start error retrying cannot fix fails the rollout at once and rolls back",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  f.driver.fail_starts_permanently = true;
+  f.driver.fail_next_start = "cannot execute /nonexistent/x: No such file or directory";
+  f.Declare("v2", 2, "update: {max_surge: 1, max_unavailable: 0}\n");
+  REQUIRE(f.Converge().ok());
+  // Failed at once, not after progress_deadline; rolled back to revision 1's template.
+  CHECK(f.HasEvent("rollout_failed"));
+  CHECK(f.HasEvent("rolled_back"));
+  ServiceRecord svc = f.Service();
+  CHECK(svc.pinned_revision == 3);
+  CHECK(svc.start_error.empty());  // it was revision 2's; the target is now revision 3
+  CHECK(f.Count(1) == 2);  // the old instances never stopped
+  auto events = *f.store->ReadEvents({.service = "web", .limit = 1000});
+  bool said = false;
+  for (const auto& e : events) {
+    said |= e.kind == "rollout_failed" && e.message.find("cannot start: start web-") != std::string::npos &&
+            e.message.find("/nonexistent/x") != std::string::npos;
+  }
+  CHECK(said);
+}
+
+TEST_CASE("a first revision that cannot start is Degraded and retried only every 5 minutes",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  f.driver.fail_starts_permanently = true;
+  f.driver.fail_next_start = "the process driver needs an artifact";
+  f.Declare("v1", 1);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.start_count == 1);
+  ServiceRecord svc = f.Service();
+  CHECK(svc.conditions.find("StartError") != std::string::npos);
+  CHECK(f.Rollout().state == "failed");
+  f.Advance(299s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.start_count == 1);
+  f.Advance(1s);
+  REQUIRE(f.Converge().ok());
+  CHECK(f.driver.start_count == 2);  // it works now: the start error clears
+  CHECK(f.Service().start_error.empty());
+}
+
+TEST_CASE("every probe result is recorded, and a missed deadline says what the probe saw",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  f.Declare("v1", 1, "update: {healthy_deadline: 8s}\n");
+  REQUIRE(f.Converge().ok());
+  const std::string name = f.Live()[0].name;
+  ProbeResult r{.instance = name, .healthy = false, .reason = "connect refused 127.0.0.1:20001"};
+  REQUIRE(f.health.ReportResult(r));
+  f.Advance(2s);
+  r.reason = "http 503 from 127.0.0.1:20001/healthz";
+  REQUIRE(f.health.ReportResult(r));
+  REQUIRE(f.health.ReportResult(r));  // the same again writes nothing new
+  InstanceRecord inst = *f.store->GetInstance(name);
+  CHECK(inst.state == InstanceState::kStarting);
+  CHECK(inst.last_probe == "http 503 from 127.0.0.1:20001/healthz");
+  CHECK_FALSE(inst.last_probe_ok);
+  CHECK(inst.first_probe_failure == "connect refused 127.0.0.1:20001");
+  CHECK(inst.probe_failing_since_ms == ToUnixMillis(f.clock.SystemNow()) - 2000);
+  f.Advance(6s);
+  REQUIRE(f.Converge().ok());
+  inst = *f.store->GetInstance(name);
+  CHECK(inst.state == InstanceState::kFailed);
+  CHECK(inst.reason.find("last probe: http 503 from 127.0.0.1:20001/healthz") != std::string::npos);
+  CHECK(inst.reason.find("first: connect refused") != std::string::npos);
+}
+
+TEST_CASE("a probe that fails for kilnd's own reason blames no instance", "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  for (const auto& inst : f.Live()) {
+    for (int i = 0; i < 5; ++i) {
+      REQUIRE(f.health.ReportResult({.instance = inst.name,
+                                     .healthy = false,
+                                     .reason = "connect failed: Too many open files",
+                                     .local_error = true}));
+    }
+  }
+  REQUIRE(f.Converge().ok());
+  for (const auto& inst : f.Live()) {
+    CHECK(inst.state == InstanceState::kHealthy);
+    CHECK(inst.replace_reason.empty());
+    // Nothing was written for a local failure: the last result is still the instance's own.
+    CHECK(inst.last_probe_ok);
+    CHECK(inst.last_probe == "http 200");
+  }
+  CHECK(f.reconciler->local_probe_error().message == "connect failed: Too many open files");
+  CHECK(f.reconciler->local_probe_error().count == 10);
+  CHECK(f.Live().size() == 2);
+  CHECK(f.driver.starts.size() == 2);
+}
+
+TEST_CASE("periodic verification finds a tampered artifact and replaces what runs it",
+          "[reconciler]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  const std::string digest = f.driver.starts[0].artifact_sha256;
+  auto in_use = f.reconciler->ArtifactsInUse();
+  REQUIRE(std::find(in_use.begin(), in_use.end(), digest) != in_use.end());
+  const auto stored = f.artifacts->PathFor(digest);
+  std::filesystem::permissions(stored, std::filesystem::perms::owner_write,
+                               std::filesystem::perm_options::add);
+  testing::WriteFile(stored, "tampered bits");
+  // What the daemon's verifier thread does, then hands back.
+  auto identity = Reconciler::IdentityOf(stored);
+  Status v = f.artifacts->Verify(digest);
+  REQUIRE(v.code() == StatusCode::kDataLoss);
+  f.reconciler->OnArtifactVerified(digest, v, identity);
+  CHECK(f.artifacts->Verify(digest).ok());  // restored from the source
+  CHECK(f.HasEvent("artifact_drift"));
+  for (const auto& inst : f.Live()) CHECK(inst.replace_reason.rfind("artifact drift: ", 0) == 0);
+  REQUIRE(f.Converge().ok());
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Available() == 2);
+  for (const auto& inst : f.Live()) CHECK(inst.replace_reason.empty());
 }
 
 TEST_CASE("no instance is started without its intent committed", "[reconciler]") {

@@ -22,6 +22,7 @@ class FakeDriver final : public Driver {
     if (record_starts) starts.push_back(spec);
     if (!fail_next_start.empty()) {
       std::string why = std::exchange(fail_next_start, "");
+      if (fail_starts_permanently) return done(InvalidArgumentError("start " + spec.instance + ": " + why));
       return done(FailedPreconditionError("start " + spec.instance + ": " + why));
     }
     if (defer_starts) {
@@ -82,6 +83,7 @@ class FakeDriver final : public Driver {
   std::map<std::string, RunningInstance> running;
   std::set<std::string> adopted;
   std::string fail_next_start;
+  bool fail_starts_permanently = false;  // the failure is one retrying cannot fix
   bool defer_starts = false;
   std::vector<std::pair<InstanceSpec, StartFn>> deferred;
 
