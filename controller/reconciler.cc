@@ -389,10 +389,9 @@ Status Reconciler::CheckArtifact(const std::string& service, const std::string& 
 }
 
 std::vector<std::string> Reconciler::ArtifactsInUse() {
+  // What runs, not what the manifests declare: a new template's artifact is stored (and hashed
+  // while copied) only when its revision is written.
   std::set<std::string> digests;
-  for (const auto& [name, d] : desired_.services()) {
-    if (!d.spec.tmpl.artifact_sha256.empty()) digests.insert(d.spec.tmpl.artifact_sha256);
-  }
   auto live = store_.ListLiveInstances();
   if (live.ok()) {
     std::set<std::pair<std::string, int64_t>> seen;

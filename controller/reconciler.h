@@ -106,7 +106,7 @@ class Reconciler {
   };
   static std::optional<FileIdentity> IdentityOf(const std::filesystem::path& path);
 
-  // Artifact digests the live instances and targets run (what a periodic verification checks).
+  // Artifact digests the live instances run (what a periodic verification checks).
   std::vector<std::string> ArtifactsInUse();
   // The result of verifying one artifact's bytes off the event thread, with the file's identity
   // taken before hashing: a mismatch is drift (restored from its source when it still has those

@@ -350,6 +350,10 @@ Status SqliteStateStore::Configure() {
   // The first read of the file: a file that is not a database fails here, before any write.
   RETURN_IF_ERROR(db_.QueryInt("read database", "SELECT count(*) FROM sqlite_master").status());
   if (!options_.read_only) RETURN_IF_ERROR(db_.Exec("PRAGMA journal_mode = WAL"));
+  // The WAL and its index outlive a clean close: a restart on a full disk can then still open
+  // the database (creating them needs space), serve status and wait for space.
+  int persist_wal = 1;
+  sqlite3_file_control(db_.raw(), "main", SQLITE_FCNTL_PERSIST_WAL, &persist_wal);
   RETURN_IF_ERROR(db_.Exec("PRAGMA synchronous = FULL"));
   RETURN_IF_ERROR(db_.Exec("PRAGMA foreign_keys = ON"));
   return Status::Ok();

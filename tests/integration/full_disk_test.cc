@@ -1,0 +1,122 @@
+// kilnd restarting on a full disk: it starts, serves status and says why it is not ready, acts
+// on nothing it cannot record, and recovers once there is space. The state directory is a small
+// tmpfs of its own (the test needs root to mount it, as CI and `make test` have).
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <fstream>
+
+#include "common/unique_fd.h"
+#include "tests/integration/kilnd_harness.h"
+
+namespace kiln::testing {
+namespace {
+
+using namespace std::chrono_literals;
+
+// GET over plain HTTP/1.0; the whole response (status line, headers, body), "" when unreachable.
+std::string HttpGet(int port, const std::string& target) {
+  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return "";
+  const std::string req = "GET " + target + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (::write(fd.get(), req.data(), req.size()) != static_cast<ssize_t>(req.size())) return "";
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fd.get(), buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  return out;
+}
+
+// The status code of a response from HttpGet; 0 when there was none.
+int StatusOf(const std::string& response) {
+  size_t sp = response.find(' ');
+  return sp == std::string::npos ? 0 : std::atoi(response.c_str() + sp + 1);
+}
+
+// Fills the file system holding `dir` with one file; removing it frees the space again.
+void Fill(const std::filesystem::path& file) {
+  std::ofstream out(file, std::ios::binary);
+  std::string block(1 << 16, 'x');
+  while (out.write(block.data(), static_cast<std::streamsize>(block.size()))) {
+  }
+}
+
+class TmpfsState {
+ public:
+  explicit TmpfsState(const std::filesystem::path& dir) : dir_(dir) {
+    std::filesystem::create_directories(dir_);
+    mounted_ = ::mount("tmpfs", dir_.c_str(), "tmpfs", 0, "size=48m") == 0;
+  }
+  ~TmpfsState() {
+    if (mounted_) ::umount2(dir_.c_str(), MNT_DETACH);
+  }
+  bool mounted() const { return mounted_; }
+
+ private:
+  std::filesystem::path dir_;
+  bool mounted_ = false;
+};
+
+TEST_CASE("kilnd restarted on a full disk serves status and recovers when space returns",
+          "[full_disk]") {
+  KilndHarness h;
+  TmpfsState fs(h.state());
+  if (!fs.mounted()) {
+    // Only root can mount; `make test` and CI run as root, where this must work.
+    REQUIRE(::geteuid() != 0);
+    WARN("not root: cannot mount a small file system to fill; skipped");
+    return;
+  }
+  h.Declare("web", "1.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+  h.Start();
+  REQUIRE(h.WaitReady());
+  REQUIRE(WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
+  SECTION("after SIGTERM") {
+    h.kilnd().Signal(SIGTERM);
+    REQUIRE(h.kilnd().Wait(10s) == 0);
+  }
+  SECTION("after SIGKILL") { h.Kill9(); }
+
+  // The disk fills while kilnd is down, and one instance dies: recovery has something to write.
+  const auto fill = h.state() / "fill";
+  Fill(fill);
+  const auto live = h.Live("web");
+  REQUIRE(live.size() == 2);
+  const pid_t victim = static_cast<pid_t>(std::atoi(live[0].handle.c_str() + 4));
+  ::kill(-victim, SIGKILL);
+  REQUIRE(WaitFor([&] { return h.InstanceProcesses().size() == 1; }));
+
+  h.Start();
+  REQUIRE(h.kilnd().WaitForStderr("cannot record start-up recovery", 20s));
+  const int port = h.HttpPort();
+  REQUIRE(port > 0);
+  std::string ready;
+  REQUIRE(WaitFor([&] { return !(ready = HttpGet(port, "/readyz")).empty(); }));
+  INFO(ready);
+  CHECK(StatusOf(ready) == 503);
+  CHECK(ready.find("\"recovered\":{\"error\":\"") != std::string::npos);
+  RunResult status = Run({BinPath("kilnctl"), "--addr", h.UnixAddr(), "status", "web"});
+  CHECK(status.exit_code == 0);
+  CHECK(status.out.find("Service:    web") != std::string::npos);
+  // Nothing acted: the survivor still runs, no replacement was started.
+  CHECK(h.InstanceProcesses().size() == 1);
+  CHECK(h.kilnd().Wait(0ms) == -1);  // still running
+
+  std::filesystem::remove(fill);
+  REQUIRE(WaitFor([&] { return h.Healthy("web") == 2; }, 60s));
+  CHECK(h.kilnd().WaitForStderr("start-up recovery recorded", 10s));
+  CHECK(WaitFor([&] { return StatusOf(HttpGet(port, "/readyz")) == 200; }));
+  CHECK(WaitFor([&] { return h.TrackingProblems({"web"}).empty(); }));
+  INFO(h.TrackingProblems({"web"}));
+}
+
+}  // namespace
+}  // namespace kiln::testing
