@@ -1086,7 +1086,8 @@ Status Reconciler::Reconcile(const std::string& name) {
       conditions.push_back({"Progressing", true, "NewRevisionAvailable",
                             "revision " + std::to_string(target_rev) + " is available"});
     } else if (rollout.state == "failed") {
-      conditions.push_back({"Progressing", false, "ProgressDeadlineExceeded", rollout.reason});
+      conditions.push_back({"Progressing", false,
+                            start_error ? "StartError" : "ProgressDeadlineExceeded", rollout.reason});
     } else if (rollout.state == "paused") {
       conditions.push_back({"Progressing", false, "RolloutPaused", "paused by an operator"});
     } else if (rollout.state == "waiting_promotion") {

@@ -789,7 +789,7 @@ StatusOr<int64_t> SqliteStateStore::AppendEvent(const EventRecord& e) {
     // storm leaves one row, and a watcher sees the repeat as a new event with its count.
     static const std::string kFind =
         "SELECT seq, count, first_ms, time_ms FROM events WHERE service = ? AND aggregate_key = ? "
-        "ORDER BY seq DESC LIMIT 1";
+        "AND aggregate_key <> '' ORDER BY seq DESC LIMIT 1";  // the last term selects the index
     ASSIGN_OR_RETURN(auto* s, db_.Prepare(kFind, "find similar event"));
     s->BindAll(e.service, e.aggregate_key);
     ASSIGN_OR_RETURN(bool row, db_.Step(*s, "find similar event"));

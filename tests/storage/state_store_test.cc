@@ -239,6 +239,59 @@ TEST_CASE("events append with increasing seq and read after a cursor", "[store]"
   CHECK(*f.store->AppendEvent({.kind = "x"}) == 11);  // seqs are never reused after pruning
 }
 
+TEST_CASE("repeated events fold into one counted row; pruning keeps its watermark", "[store]") {
+  StoreFixture f;
+  auto append = [&](const std::string& key, const std::string& msg) {
+    EventRecord e{.kind = "instance_exited", .service = "web", .message = msg, .aggregate_key = key};
+    return *f.store->AppendEvent(e);
+  };
+  CHECK(append("", "first, not aggregated") == 1);
+  CHECK(append("exit|3", "web-1 exited with code 3") == 2);
+  f.clock.Advance(std::chrono::seconds(30));
+  CHECK(append("exit|3", "web-2 exited with code 3") == 3);  // replaces seq 2
+  CHECK(append("exit|1", "web-3 exited with code 1") == 4);  // another key: its own row
+  f.clock.Advance(std::chrono::minutes(11));                 // past the 10 minute window
+  CHECK(append("exit|3", "web-4 exited with code 3") == 5);  // a new row, count 1
+  auto events = *f.store->ReadEvents({});
+  REQUIRE(events.size() == 4);
+  CHECK(events[0].seq == 1);
+  CHECK(events[1].seq == 3);
+  CHECK(events[1].count == 2);
+  CHECK(events[1].message == "web-2 exited with code 3");
+  CHECK(events[1].time_ms - events[1].first_ms == 30'000);
+  CHECK(events[2].count == 1);
+  CHECK(events[3].seq == 5);
+  CHECK(events[3].count == 1);
+  CHECK(events[3].first_ms == events[3].time_ms);
+  // A folded row is no gap for a reader resuming from before it; retention pruning is.
+  CHECK(*f.store->OldestEventSeq() == 1);
+  CHECK(*f.store->PruneEvents(2) == 2);
+  CHECK(*f.store->OldestEventSeq() == 4);
+}
+
+TEST_CASE("probe results: the last one, and the first failure of a failing streak", "[store]") {
+  StoreFixture f;
+  f.AddWebRevision1();
+  auto inst = *f.store->CreateInstance("web", 1);
+  REQUIRE(f.store->RecordProbe(inst.name, false, "connect refused", 1000).ok());
+  REQUIRE(f.store->RecordProbe(inst.name, false, "http 503", 2000).ok());
+  auto r = *f.store->GetInstance(inst.name);
+  CHECK(r.last_probe == "http 503");
+  CHECK_FALSE(r.last_probe_ok);
+  CHECK(r.last_probe_ms == 2000);
+  CHECK(r.first_probe_failure == "connect refused");
+  CHECK(r.probe_failing_since_ms == 1000);
+  REQUIRE(f.store->RecordProbe(inst.name, true, "http 200", 3000).ok());
+  r = *f.store->GetInstance(inst.name);
+  CHECK(r.last_probe_ok);
+  CHECK(r.first_probe_failure.empty());
+  CHECK(r.probe_failing_since_ms == 0);
+  REQUIRE(f.store->RecordProbe(inst.name, false, "timeout after 500ms", 4000).ok());
+  r = *f.store->GetInstance(inst.name);
+  CHECK(r.first_probe_failure == "timeout after 500ms");
+  CHECK(r.probe_failing_since_ms == 4000);
+}
+
 TEST_CASE("rollouts are recorded and updated", "[store]") {
   StoreFixture f;
   f.AddWebRevision1();
