@@ -15,6 +15,7 @@
 #include <iostream>
 
 #include "common/clock.h"
+#include "common/descriptors.h"
 #include "common/duration.h"
 #include "common/logging.h"
 #include "common/sha256.h"
@@ -24,6 +25,7 @@
 #include "controller/manifest.h"
 #include "controller/manifest_watcher.h"
 #include "controller/reconciler.h"
+#include "controller/tokens.h"
 #include "controller/work_queue.h"
 #include "deploy/artifact_store.h"
 #include "deploy/process_driver.h"
@@ -46,9 +48,12 @@ struct DaemonFlags {
   std::string grpc_listen;
   std::string tls_cert, tls_key, client_ca, tokens;
   int64_t event_retention = 100'000;
-  std::string http_listen = "127.0.0.1:9090";
+  std::string http_listen = "127.0.0.1:" + std::to_string(HttpServer::kDefaultPort);
+  std::string http_header_timeout = "5s";
   std::string http_read_timeout = "10s";
   int http_max_connections = 256;
+  bool http_metrics_auth = false;
+  std::string grpc_idle_timeout = "5m";
   std::string log_format = "text";
   std::string log_level = "info";
 };
@@ -109,15 +114,25 @@ int RunDaemon(int argc, char** argv) {
   app.add_option("--stop-grace", flags.stop_grace, "SIGTERM to SIGKILL when stopping an instance");
   app.add_option("--grpc-listen", flags.grpc_listen,
                  "also serve the API on TCP HOST:PORT (off loopback only with TLS and tokens)");
-  app.add_option("--tls-cert", flags.tls_cert, "PEM certificate for the TCP listener");
-  app.add_option("--tls-key", flags.tls_key, "PEM private key for the TCP listener");
+  app.add_option("--grpc-idle-timeout", flags.grpc_idle_timeout,
+                 "close a gRPC TCP connection with no call for this long");
+  app.add_option("--tls-cert", flags.tls_cert, "PEM certificate for the gRPC TCP and HTTP listeners");
+  app.add_option("--tls-key", flags.tls_key, "PEM private key for the gRPC TCP and HTTP listeners");
   app.add_option("--client-ca", flags.client_ca, "PEM CA: require client certificates it signed");
-  app.add_option("--tokens", flags.tokens, "file of \"TOKEN ROLE NAME\" lines (viewer|operator)");
+  app.add_option("--tokens", flags.tokens,
+                 "file of \"TOKEN ROLE NAME\" lines (viewer|operator); the API, /api/v1 and the "
+                 "dashboard then need one");
   app.add_option("--http-listen", flags.http_listen,
-                 "metrics, health, /api/v1 and the dashboard on HOST:PORT (\"\" for none)");
-  app.add_option("--http-read-timeout", flags.http_read_timeout, "drop an HTTP client that sends nothing for this long");
-  app.add_option("--http-max-connections", flags.http_max_connections, "HTTP connections at once")
+                 "metrics, health, /api/v1 and the dashboard on HOST:PORT (\"\" for none; off "
+                 "loopback only with TLS and tokens)");
+  app.add_option("--http-header-timeout", flags.http_header_timeout,
+                 "an HTTP client must send a request's headers within this");
+  app.add_option("--http-read-timeout", flags.http_read_timeout,
+                 "an HTTP request's body, and writing the response, within this");
+  app.add_option("--http-max-connections", flags.http_max_connections,
+                 "HTTP connections at once (at the cap, a new one evicts the longest idle)")
       ->check(CLI::Range(1, 100000));
+  app.add_flag("--http-metrics-auth", flags.http_metrics_auth, "with --tokens, /metrics needs a token too");
   app.add_option("--event-retention", flags.event_retention, "events kept (older ones are pruned)")
       ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
   app.add_option("--log-format", flags.log_format, "text or json")
@@ -149,7 +164,67 @@ int RunDaemon(int argc, char** argv) {
     return 2;
   }
 
+  StatusOr<Duration> http_header_timeout = ParseDuration(flags.http_header_timeout);
+  StatusOr<Duration> http_read_timeout = ParseDuration(flags.http_read_timeout);
+  StatusOr<Duration> grpc_idle_timeout = ParseDuration(flags.grpc_idle_timeout);
+  for (const auto& [flag, d] : {std::pair{"--http-header-timeout", &http_header_timeout},
+                                {"--http-read-timeout", &http_read_timeout},
+                                {"--grpc-idle-timeout", &grpc_idle_timeout}}) {
+    if (!d->ok() || **d <= Duration(0)) {
+      std::cerr << "kilnd: " << flag << ": "
+                << (d->ok() ? std::string("must be more than 0") : d->status().message()) << "\n";
+      return 2;
+    }
+  }
+
   SetupLogging(*ParseLogFormat(flags.log_format), *ParseLogLevel(flags.log_level));
+
+  // Nothing kilnd holds may reach an instance, including what it inherited itself.
+  if (Status s = MarkInheritedCloseOnExec(); !s.ok()) {
+    LogWarn("cannot mark inherited descriptors close-on-exec", {{"error", s.message()}});
+  }
+
+  // Many connections and instances need many descriptors; the soft limit a shell gives (1024)
+  // is not what the administrator allows.
+  if (auto nofile = RaiseNofileLimit(); nofile.ok()) {
+    LogInfo("descriptor limit", {{"soft_before", static_cast<int64_t>(nofile->soft_before)},
+                                 {"soft", static_cast<int64_t>(nofile->soft)},
+                                 {"hard", static_cast<int64_t>(nofile->hard)}});
+  } else {
+    LogWarn("cannot raise the descriptor limit", {{"error", nofile.status().message()}});
+  }
+
+  // Tokens are checked by both listeners; a bad file stops start-up before anything is opened.
+  std::optional<std::map<std::string, Caller>> tokens;
+  if (!flags.tokens.empty()) {
+    auto loaded = LoadTokens(flags.tokens);
+    if (!loaded.ok()) {
+      std::cerr << "kilnd: --tokens: " << loaded.status().message() << "\n";
+      return 2;
+    }
+    tokens = std::move(loaded).value();
+  }
+  if (flags.http_metrics_auth && !tokens) {
+    std::cerr << "kilnd: --http-metrics-auth needs --tokens\n";
+    return 2;
+  }
+  HttpServer::Options http_options;
+  http_options.listen = flags.http_listen;
+  http_options.max_connections = flags.http_max_connections;
+  http_options.header_timeout = *http_header_timeout;
+  http_options.read_timeout = *http_read_timeout;
+  http_options.tls_cert = flags.tls_cert;
+  http_options.tls_key = flags.tls_key;
+  http_options.client_ca = flags.client_ca;
+  http_options.tokens = tokens;
+  http_options.metrics_auth = flags.http_metrics_auth;
+  if (!flags.http_listen.empty()) {
+    // Before the store is opened or anything acts: a listener that must not start stops kilnd.
+    if (Status s = HttpServer::CheckOptions(http_options); !s.ok()) {
+      LogError("cannot start HTTP", {{"error", s.message()}});
+      return 1;
+    }
+  }
 
   std::error_code ec;
   fs::create_directories(flags.state, ec);
@@ -249,6 +324,7 @@ int RunDaemon(int argc, char** argv) {
   api_options.tls_key = flags.tls_key;
   api_options.client_ca = flags.client_ca;
   api_options.tokens_file = flags.tokens;
+  api_options.idle_timeout = *grpc_idle_timeout;
   api_options.metrics = &metrics;
   auto api = ApiServer::Start(api_options, io, reconciler, [&] { return (*store)->OpenReader(); });
   if (!api.ok()) {
@@ -283,15 +359,6 @@ int RunDaemon(int argc, char** argv) {
   });
   std::unique_ptr<HttpServer> http;
   if (!flags.http_listen.empty()) {
-    HttpServer::Options http_options;
-    http_options.listen = flags.http_listen;
-    http_options.max_connections = flags.http_max_connections;
-    StatusOr<Duration> read_timeout = ParseDuration(flags.http_read_timeout);
-    if (!read_timeout.ok()) {
-      std::cerr << "kilnd: --http-read-timeout: " << read_timeout.status().message() << "\n";
-      return 2;
-    }
-    http_options.read_timeout = *read_timeout;
     HttpServer::Sources sources;
     sources.metrics = [&] { return metrics.Render(); };
     sources.reader = http_reader->get();
