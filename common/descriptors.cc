@@ -26,7 +26,8 @@ Status SetCloseOnExec(int fd) {
 Status MarkInheritedCloseOnExec() {
 #ifdef CLOSE_RANGE_CLOEXEC
   if (::close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) == 0) return Status::Ok();
-  if (errno != ENOSYS && errno != EINVAL) return ErrnoError(errno, "close_range(3, ~0, CLOSE_RANGE_CLOEXEC)");
+  if (errno != ENOSYS && errno != EINVAL)
+    return ErrnoError(errno, "close_range(3, ~0, CLOSE_RANGE_CLOEXEC)");
 #endif
   // Kernels before 5.11: one by one. Collected first, so the directory's own descriptor (which
   // is close-on-exec) is not touched while the listing runs.

@@ -27,8 +27,8 @@ namespace kiln {
 // REQUIRES: `fn` owns (captures by value) everything it reads; it may outlive the caller.
 // REQUIRES: not called on `io`'s thread.
 template <typename T>
-StatusOr<T> RunOnIo(boost::asio::io_context& io, std::function<StatusOr<T>()> fn, Duration queue_timeout,
-                    const std::function<bool()>& stopping) {
+StatusOr<T> RunOnIo(boost::asio::io_context& io, std::function<StatusOr<T>()> fn,
+                    Duration queue_timeout, const std::function<bool()>& stopping) {
   struct Call {
     std::mutex mu;  // guards state and result
     std::condition_variable done;
@@ -59,7 +59,8 @@ StatusOr<T> RunOnIo(boost::asio::io_context& io, std::function<StatusOr<T>()> fn
                                    : "kilnd is busy; the call was not run, try again");
     }
     if (call->state == State::kRunning && stop) {
-      return UnavailableError("kilnd is shutting down while the call runs; see its events for the outcome");
+      return UnavailableError(
+          "kilnd is shutting down while the call runs; see its events for the outcome");
     }
     call->done.wait_for(lock, std::chrono::milliseconds(50));
   }

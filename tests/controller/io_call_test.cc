@@ -17,7 +17,8 @@ TEST_CASE("a call still queued at its deadline is cancelled and never runs", "[i
   {
     std::string request = "web";  // owned by the caller, gone when it returns
     StatusOr<int> r = RunOnIo<int>(
-        io, [runs, request]() -> StatusOr<int> { return ++*runs + static_cast<int>(request.size()); },
+        io,
+        [runs, request]() -> StatusOr<int> { return ++*runs + static_cast<int>(request.size()); },
         Duration(50), nullptr);
     REQUIRE_FALSE(r.ok());
     CHECK(r.status().code() == StatusCode::kUnavailable);
@@ -45,7 +46,8 @@ TEST_CASE("a mutating call retried after a timeout is applied once", "[io_call]"
   CHECK(rollbacks->load() == 1);
 }
 
-TEST_CASE("a call that has started is waited for past the deadline, and its result returned", "[io_call]") {
+TEST_CASE("a call that has started is waited for past the deadline, and its result returned",
+          "[io_call]") {
   boost::asio::io_context io;
   auto guard = boost::asio::make_work_guard(io);
   std::thread reconciler([&] { io.run(); });

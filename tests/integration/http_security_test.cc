@@ -47,7 +47,8 @@ Reply Exchange(Stream& stream, const std::string& target, const std::string& tok
   http::response<http::string_body> res;
   http::read(stream, buffer, res, ec);
   if (ec) return {};
-  return {static_cast<int>(res.result_int()), res.body(), std::string(res[http::field::content_type]),
+  return {static_cast<int>(res.result_int()), res.body(),
+          std::string(res[http::field::content_type]),
           std::string(res[http::field::www_authenticate])};
 }
 
@@ -56,7 +57,8 @@ Reply Get(int port, const std::string& target, const std::string& token = "") {
   beast::tcp_stream stream(io);
   stream.expires_after(10s);
   beast::error_code ec;
-  stream.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)), ec);
+  stream.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)),
+                 ec);
   if (ec) return {};
   return Exchange(stream, target, token);
 }
@@ -112,10 +114,12 @@ struct Fixture {
   int port = 0;
 };
 
-TEST_CASE("with --tokens, /api/v1 and the dashboard need a token; health and metrics do not", "[http][security]") {
+TEST_CASE("with --tokens, /api/v1 and the dashboard need a token; health and metrics do not",
+          "[http][security]") {
   TempDir tmp;
   Fixture f({"--tokens", WriteTokens(tmp).string()});
-  for (const char* path : {"/api/v1/services", "/api/v1/services/web", "/api/v1/events?since=0", "/"}) {
+  for (const char* path :
+       {"/api/v1/services", "/api/v1/services/web", "/api/v1/events?since=0", "/"}) {
     INFO(path);
     Reply none = Get(f.port, path);
     CHECK(none.status == 401);
@@ -157,14 +161,15 @@ TEST_CASE("--http-metrics-auth without --tokens is a usage error", "[http][secur
 
 TEST_CASE("HTTPS with the certificate the gRPC listener uses", "[http][security]") {
   TempDir tmp;
-  RunResult cert = Run({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout",
-                        (tmp / "key.pem").string(), "-out", (tmp / "cert.pem").string()});
+  RunResult cert =
+      Run({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout",
+           (tmp / "key.pem").string(), "-out", (tmp / "cert.pem").string()});
   INFO(cert.err);
   REQUIRE(cert.exit_code == 0);
   Fixture f({"--tls-cert", (tmp / "cert.pem").string(), "--tls-key", (tmp / "key.pem").string()});
-  CHECK(f.h.kilnd().Stderr().find("HTTP listening listen=127.0.0.1:0 port=" + std::to_string(f.port) +
-                                  " tls=true") != std::string::npos);
+  CHECK(f.h.kilnd().Stderr().find("HTTP listening listen=127.0.0.1:0 port=" +
+                                  std::to_string(f.port) + " tls=true") != std::string::npos);
   Reply alive = GetTls(f.port, "/healthz", tmp / "cert.pem");
   CHECK(alive.status == 200);
   CHECK(alive.body == "{\"status\":\"alive\"}");
@@ -173,16 +178,18 @@ TEST_CASE("HTTPS with the certificate the gRPC listener uses", "[http][security]
   CHECK(Get(f.port, "/healthz").status == 0);
 }
 
-TEST_CASE("HTTP off loopback without TLS and tokens refuses to start, before it acts", "[http][security]") {
+TEST_CASE("HTTP off loopback without TLS and tokens refuses to start, before it acts",
+          "[http][security]") {
   KilndHarness h;
   h.Declare("web", "1.0", 1, kPolicy);
   h.Start({}, "0.0.0.0:0");
   CHECK(h.kilnd().Wait(20s) == 1);
   const std::string err = h.kilnd().Stderr();
   INFO(err);
-  CHECK(err.find("cannot start HTTP error=\"refusing to serve HTTP on 0.0.0.0:0 without TLS and tokens: "
-                 "anyone who can reach it could read every service, instance and event. Give "
-                 "--tls-cert, --tls-key and --tokens, or listen on 127.0.0.1\"") != std::string::npos);
+  CHECK(err.find(
+            "cannot start HTTP error=\"refusing to serve HTTP on 0.0.0.0:0 without TLS and tokens: "
+            "anyone who can reach it could read every service, instance and event. Give "
+            "--tls-cert, --tls-key and --tokens, or listen on 127.0.0.1\"") != std::string::npos);
   CHECK_FALSE(std::filesystem::exists(h.state() / "kiln.db"));
   CHECK(h.InstanceProcesses().empty());
 }
@@ -215,7 +222,8 @@ TEST_CASE("a client that does not send its headers in time is dropped", "[http][
   asio::io_context io;
   tcp::socket slow(io);
   slow.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(f.port)));
-  asio::write(slow, asio::buffer(std::string("GET /healthz HTTP/1.1\r\nHost: x\r\n")));  // never ends
+  asio::write(slow,
+              asio::buffer(std::string("GET /healthz HTTP/1.1\r\nHost: x\r\n")));  // never ends
   CHECK(WaitForPeer(slow, 20s) == Next::kClosed);
   CHECK(Get(f.port, "/healthz").status == 200);
 }
@@ -236,8 +244,8 @@ TEST_CASE("idle gRPC TCP connections are closed, and the API still answers", "[g
   }
   RunResult st = Run({BinPath("kilnctl"), "--addr", "127.0.0.1:" + std::to_string(port), "status"});
   CHECK(st.exit_code == 0);
-  // No handshake within the server's deadline: each is closed (the read ends; it would block forever
-  // if the server kept the connection).
+  // No handshake within the server's deadline: each is closed (the read ends; it would block
+  // forever if the server kept the connection).
   int closed = 0;
   for (auto& s : idle) {
     Next next = Next::kData;

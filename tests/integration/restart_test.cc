@@ -32,7 +32,8 @@ int HttpStatus(int port, const std::string& target) {
   beast::tcp_stream stream(io);
   stream.expires_after(10s);
   beast::error_code ec;
-  stream.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)), ec);
+  stream.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)),
+                 ec);
   if (ec) return 0;
   http::request<http::empty_body> req{http::verb::get, target, 11};
   req.set(http::field::host, "127.0.0.1");
@@ -47,7 +48,8 @@ int HttpStatus(int port, const std::string& target) {
 std::map<int, std::string> OpenFds(pid_t pid) {
   std::map<int, std::string> out;
   std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+  for (const auto& e :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
     std::error_code ec2;
     auto target = std::filesystem::read_symlink(e.path(), ec2);
     if (!ec2) out[std::atoi(e.path().filename().c_str())] = target.string();
@@ -68,7 +70,8 @@ std::map<std::string, int> TcpSocketPorts(pid_t pid) {
       in >> sl >> local >> remote >> st >> queues >> tr >> retr >> uid >> timeout >> inode;
       size_t colon = local.rfind(':');
       if (colon == std::string::npos) continue;
-      out["socket:[" + inode + "]"] = static_cast<int>(std::stoi(local.substr(colon + 1), nullptr, 16));
+      out["socket:[" + inode + "]"] =
+          static_cast<int>(std::stoi(local.substr(colon + 1), nullptr, 16));
     }
   }
   return out;
@@ -77,7 +80,8 @@ std::map<std::string, int> TcpSocketPorts(pid_t pid) {
 // What `instance` (pid, running on `port`) holds that it did not open itself: descriptors it
 // shares with kilnd (kcmp), kilnd's files (the store, other instances' logs), kilnd's kinds of
 // descriptor (inotify, pidfds, unix sockets) and TCP sockets on any port but its own.
-std::string Leaks(pid_t instance, const std::string& name, int port, pid_t kilnd, const std::filesystem::path& state) {
+std::string Leaks(pid_t instance, const std::string& name, int port, pid_t kilnd,
+                  const std::filesystem::path& state) {
   std::string problems;
   const auto fds = OpenFds(instance);
   const auto kilnd_fds = OpenFds(kilnd);
@@ -89,7 +93,8 @@ std::string Leaks(pid_t instance, const std::string& name, int port, pid_t kilnd
       long same = ::syscall(SYS_kcmp, instance, kilnd, KCMP_FILE, fd, kfd);
       if (same == 0) problems += where + "is kilnd's fd " + std::to_string(kfd) + "; ";
     }
-    if (target.rfind(state.string(), 0) == 0 && target != own_log) problems += where + "a file of kilnd's; ";
+    if (target.rfind(state.string(), 0) == 0 && target != own_log)
+      problems += where + "a file of kilnd's; ";
     if (target.find("inotify") != std::string::npos || target.find("pidfd") != std::string::npos) {
       problems += where + "kilnd's kind of descriptor; ";
     }
@@ -98,8 +103,8 @@ std::string Leaks(pid_t instance, const std::string& name, int port, pid_t kilnd
       if (it == tcp_ports.end()) {
         problems += where + "a socket that is not TCP (kilnd's unix socket?); ";
       } else if (it->second != port) {
-        problems += where + "a TCP socket on port " + std::to_string(it->second) + ", not the instance's " +
-                    std::to_string(port) + "; ";
+        problems += where + "a TCP socket on port " + std::to_string(it->second) +
+                    ", not the instance's " + std::to_string(port) + "; ";
       }
     }
   }
@@ -115,8 +120,9 @@ std::string AllLeaks(KilndHarness& h, const std::string& service) {
   return problems;
 }
 
-TEST_CASE("instances hold no descriptor of kilnd's, and kilnd restarts on the same ports while they run",
-          "[restart]") {
+TEST_CASE(
+    "instances hold no descriptor of kilnd's, and kilnd restarts on the same ports while they run",
+    "[restart]") {
   KilndHarness h;
   h.Declare("web", "1.0", 2, kPolicy);
   h.Start({"--grpc-listen", "127.0.0.1:0"});
@@ -128,7 +134,8 @@ TEST_CASE("instances hold no descriptor of kilnd's, and kilnd restarts on the sa
   REQUIRE(WaitFor([&] { return h.Healthy("web") == 2; }));
   // Traffic on every listener first, so that kilnd holds connections and readers as it runs.
   REQUIRE(HttpStatus(http_port, "/api/v1/services") == 200);
-  REQUIRE(Run({BinPath("kilnctl"), "--addr", "127.0.0.1:" + std::to_string(grpc_port), "status"}).exit_code == 0);
+  REQUIRE(Run({BinPath("kilnctl"), "--addr", "127.0.0.1:" + std::to_string(grpc_port), "status"})
+              .exit_code == 0);
   // Instances started after the listeners and the traffic: what could have leaked did.
   h.Declare("web", "2.0", 2, kPolicy);
   REQUIRE(WaitFor([&] { return h.Healthy("web", 2) == 2 && h.Live("web").size() == 2; }, 60s));
@@ -139,7 +146,8 @@ TEST_CASE("instances hold no descriptor of kilnd's, and kilnd restarts on the sa
   REQUIRE(instances.size() == 2);
 
   const std::string http_listen = "127.0.0.1:" + std::to_string(http_port);
-  const std::vector<std::string> same_grpc = {"--grpc-listen", "127.0.0.1:" + std::to_string(grpc_port)};
+  const std::vector<std::string> same_grpc = {"--grpc-listen",
+                                              "127.0.0.1:" + std::to_string(grpc_port)};
   for (const char* how : {"SIGTERM", "SIGKILL"}) {
     INFO("after " << how);
     if (std::string(how) == "SIGTERM") {
@@ -155,7 +163,8 @@ TEST_CASE("instances hold no descriptor of kilnd's, and kilnd restarts on the sa
     CHECK(h.HttpPort() == http_port);
     CHECK(HttpStatus(http_port, "/healthz") == 200);
     CHECK(HttpStatus(http_port, "/api/v1/services") == 200);
-    RunResult st = Run({BinPath("kilnctl"), "--addr", "127.0.0.1:" + std::to_string(grpc_port), "status"});
+    RunResult st =
+        Run({BinPath("kilnctl"), "--addr", "127.0.0.1:" + std::to_string(grpc_port), "status"});
     INFO(st.out << st.err);
     CHECK(st.exit_code == 0);
     CHECK(st.out.find("web") != std::string::npos);
@@ -177,27 +186,31 @@ TEST_CASE("kilnd's own descriptors are all close-on-exec", "[restart]") {
   // An HTTP connection kilnd holds open while we look.
   asio::io_context io;
   tcp::socket held(io);
-  held.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(http_port)));
+  held.connect(
+      tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(http_port)));
   std::string problems;
-  CHECK(WaitFor([&] {
-    problems.clear();
-    int sockets = 0;
-    for (const auto& [fd, target] : OpenFds(h.kilnd().pid())) {
-      if (fd <= 2) continue;
-      std::ifstream info("/proc/" + std::to_string(h.kilnd().pid()) + "/fdinfo/" + std::to_string(fd));
-      std::string key, flags;
-      while (info >> key >> flags && key != "flags:") {
-      }
-      sockets += target.rfind("socket:", 0) == 0;
-      // fdinfo's flags are octal; O_CLOEXEC is 02000000.
-      if (key != "flags:") continue;  // closed meanwhile
-      if ((std::stoul(flags, nullptr, 8) & 02000000) == 0) {
-        problems += "fd " + std::to_string(fd) + " -> " + target + " is not close-on-exec; ";
-      }
-    }
-    // The HTTP and gRPC listeners, the unix socket and the held connection at least.
-    return sockets >= 4 && problems.empty();
-  }, 10s));
+  CHECK(WaitFor(
+      [&] {
+        problems.clear();
+        int sockets = 0;
+        for (const auto& [fd, target] : OpenFds(h.kilnd().pid())) {
+          if (fd <= 2) continue;
+          std::ifstream info("/proc/" + std::to_string(h.kilnd().pid()) + "/fdinfo/" +
+                             std::to_string(fd));
+          std::string key, flags;
+          while (info >> key >> flags && key != "flags:") {
+          }
+          sockets += target.rfind("socket:", 0) == 0;
+          // fdinfo's flags are octal; O_CLOEXEC is 02000000.
+          if (key != "flags:") continue;  // closed meanwhile
+          if ((std::stoul(flags, nullptr, 8) & 02000000) == 0) {
+            problems += "fd " + std::to_string(fd) + " -> " + target + " is not close-on-exec; ";
+          }
+        }
+        // The HTTP and gRPC listeners, the unix socket and the held connection at least.
+        return sockets >= 4 && problems.empty();
+      },
+      10s));
   INFO(problems);
   CHECK(problems.empty());
 }
@@ -205,16 +218,18 @@ TEST_CASE("kilnd's own descriptors are all close-on-exec", "[restart]") {
 TEST_CASE("kilnd raises its soft descriptor limit to the hard one", "[restart]") {
   TempDir tmp;
   std::filesystem::create_directories(tmp / "m");
-  Child kilnd({"/bin/sh", "-c",
-               "ulimit -S -n 256 && exec " + BinPath("kilnd") + " --manifests " + (tmp / "m").string() +
-                   " --state " + (tmp / "state").string() + " --http-listen ''"},
-              tmp.path());
+  Child kilnd(
+      {"/bin/sh", "-c",
+       "ulimit -S -n 256 && exec " + BinPath("kilnd") + " --manifests " + (tmp / "m").string() +
+           " --state " + (tmp / "state").string() + " --http-listen ''"},
+      tmp.path());
   REQUIRE(kilnd.WaitForStderr("kilnd ready", 30s));
   std::string log = kilnd.Stderr();
   INFO(log);
   size_t at = log.find("descriptor limit soft_before=256 soft=");
   REQUIRE(at != std::string::npos);
-  const std::string rest = log.substr(at + std::string("descriptor limit soft_before=256 soft=").size());
+  const std::string rest =
+      log.substr(at + std::string("descriptor limit soft_before=256 soft=").size());
   const std::string soft = rest.substr(0, rest.find(' '));
   const size_t hard_at = rest.find("hard=");
   REQUIRE(hard_at != std::string::npos);
