@@ -5,7 +5,9 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <functional>
+#include <mutex>
 #include <sys/stat.h>
+#include <thread>
 
 #include <cstdio>
 #include <filesystem>
@@ -332,18 +334,52 @@ int RunDaemon(int argc, char** argv) {
     return 1;
   }
 
-  // HTTP: metrics, health, /api/v1 and the dashboard, on this thread with its own reader.
+  // HTTP: metrics, health, /api/v1 and the dashboard, on a thread of its own with its own
+  // reader, so that slow clients, TLS handshakes and store reads never hold up the reconciler,
+  // and /healthz answers while it works. What HTTP shows of the reconciler's state is a snapshot
+  // the reconciler's thread publishes.
   bool shutting_down = false;
+  struct Published {
+    std::mutex mu;  // guards everything below
+    std::string store_error;
+    bool manifests_loaded = false;
+    bool shutting_down = false;
+    size_t queue_depth = 0;
+    int64_t queue_retries = 0;
+    std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
+  } published;
+  auto publish = [&] {
+    std::lock_guard lock(published.mu);
+    published.store_error = last_store_error;
+    published.manifests_loaded = reconciler.manifests_loaded();
+    published.shutting_down = shutting_down;
+    published.queue_depth = queue.Depth();
+    published.queue_retries = queue.Retries();
+    published.at = std::chrono::steady_clock::now();
+  };
+  publish();
+  boost::asio::steady_timer publish_timer(io);
+  std::function<void()> publish_every = [&] {
+    publish_timer.expires_after(std::chrono::milliseconds(200));
+    publish_timer.async_wait([&](const boost::system::error_code& err) {
+      if (err) return;
+      publish();
+      publish_every();
+    });
+  };
+  publish_every();
   auto http_reader = (*store)->OpenReader();
   if (!http_reader.ok()) {
     LogError("cannot open a reader for HTTP", {{"error", http_reader.status().message()}});
     return 1;
   }
   metrics.SetCollector("kiln_workqueue_depth", [&] {
-    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(queue.Depth())}};
+    std::lock_guard lock(published.mu);
+    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(published.queue_depth)}};
   });
   metrics.SetCollector("kiln_workqueue_retries_total", [&] {
-    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(queue.Retries())}};
+    std::lock_guard lock(published.mu);
+    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(published.queue_retries)}};
   });
   metrics.SetCollector("kiln_instances", [&] {
     std::vector<std::pair<Labels, double>> out;
@@ -357,31 +393,49 @@ int RunDaemon(int argc, char** argv) {
     }
     return out;
   });
+  boost::asio::io_context http_io;
   std::unique_ptr<HttpServer> http;
   if (!flags.http_listen.empty()) {
     HttpServer::Sources sources;
     sources.metrics = [&] { return metrics.Render(); };
     sources.reader = http_reader->get();
     sources.readiness = [&] {
-      const bool store_ok = last_store_error.empty();
-      const bool loaded = reconciler.manifests_loaded();
+      std::lock_guard lock(published.mu);
+      const bool store_ok = published.store_error.empty();
+      const bool loaded = published.manifests_loaded;
+      // A reconciler that has not published for this long is stuck in one step.
+      const auto silent = std::chrono::steady_clock::now() - published.at;
+      const bool responsive = silent < std::chrono::seconds(10);
       HttpServer::Readiness r;
-      r.ready = store_ok && loaded && !shutting_down;
-      nlohmann::json j = {{"ready", r.ready},
-                          {"checks",
-                           {{"store_writable", {{"ok", store_ok}, {"error", last_store_error}}},
-                            {"manifests_loaded", {{"ok", loaded}}},
-                            {"not_shutting_down", {{"ok", !shutting_down}}}}}};
+      r.ready = store_ok && loaded && responsive && !published.shutting_down;
+      nlohmann::json j = {
+          {"ready", r.ready},
+          {"checks",
+           {{"store_writable", {{"ok", store_ok}, {"error", published.store_error}}},
+            {"manifests_loaded", {{"ok", loaded}}},
+            {"reconciler_responsive",
+             {{"ok", responsive},
+              {"silent_ms", std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()}}},
+            {"not_shutting_down", {{"ok", !published.shutting_down}}}}}};
       r.json = j.dump();
       return r;
     };
-    auto started = HttpServer::Start(io, http_options, std::move(sources));
+    auto started = HttpServer::Start(http_io, http_options, std::move(sources));
     if (!started.ok()) {
       LogError("cannot start HTTP", {{"error", started.status().message()}});
       return 1;
     }
     http = std::move(started).value();
   }
+  // Stopped and joined before anything its handlers use goes (declared after all of it).
+  struct HttpThread {
+    boost::asio::io_context& io;
+    std::thread thread;
+    ~HttpThread() {
+      io.stop();
+      if (thread.joinable()) thread.join();
+    }
+  } http_thread{http_io, http ? std::thread([&http_io] { http_io.run(); }) : std::thread()};
 
   // Events are pruned by count, on the reconciler's thread like every write.
   boost::asio::steady_timer prune_timer(io);
@@ -402,6 +456,7 @@ int RunDaemon(int argc, char** argv) {
     // Finish nothing new: the current step has already run (one thread); instances keep running.
     LogInfo("shutting down; instances keep running", {{"signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"}});
     shutting_down = true;
+    publish();
     io.stop();
   });
   LogInfo("kilnd ready", {{"version", kVersion}, {"pid", static_cast<int64_t>(::getpid())}});

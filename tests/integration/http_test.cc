@@ -69,6 +69,7 @@ TEST_CASE("health and readiness say which check failed", "[http]") {
   CHECK(j["ready"] == true);
   CHECK(j["checks"]["store_writable"]["ok"] == true);
   CHECK(j["checks"]["manifests_loaded"]["ok"] == true);
+  CHECK(j["checks"]["reconciler_responsive"]["ok"] == true);
 }
 
 TEST_CASE("metrics pass promtool and count what happened", "[http]") {
