@@ -14,6 +14,7 @@
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
 
+#include "common/descriptors.h"
 #include "common/duration.h"
 #include "common/unique_fd.h"
 #include "deploy/proc.h"
@@ -44,6 +45,20 @@ std::string TimeoutReason(const ProbeTarget& t) {
   return "timeout after " + FormatDuration(t.check.timeout);
 }
 
+// Opens `s` close-on-exec before it connects: Asio 1.74 opens sockets without SOCK_CLOEXEC, and a
+// probe's socket open while an instance is spawned (on this same thread) would stay in it.
+error_code OpenCloseOnExec(tcp::socket& s, const tcp::endpoint& ep) {
+  error_code ec;
+  s.open(ep.protocol(), ec);
+  if (ec) return ec;
+  if (!SetCloseOnExec(s.native_handle()).ok()) {
+    ec = boost::system::errc::make_error_code(boost::system::errc::bad_file_descriptor);
+    error_code ignored;
+    s.close(ignored);
+  }
+  return ec;
+}
+
 std::string ConnectFailure(const error_code& ec, const std::string& where) {
   if (ec == asio::error::connection_refused) return "connect refused " + where;
   return "connect to " + where + " failed: " + ec.message();
@@ -61,7 +76,11 @@ class HttpProbe final : public ProbeOp, public std::enable_shared_from_this<Http
     where_ = Endpoint(target_, port) + target_.check.http_path;
     if (ec) return Finish(false, "bad probe address " + target_.host);
     stream_.expires_after(target_.check.timeout);
-    stream_.async_connect(tcp::endpoint(addr, static_cast<uint16_t>(port)),
+    const tcp::endpoint ep(addr, static_cast<uint16_t>(port));
+    if (error_code open_ec = OpenCloseOnExec(stream_.socket(), ep); open_ec) {
+      return Finish(false, "cannot open a socket to probe " + where_ + ": " + open_ec.message());
+    }
+    stream_.async_connect(ep,
                           [self = shared_from_this(), port](const error_code& ec) {
                             if (ec) {
                               return self->Fail(ec, ConnectFailure(ec, Endpoint(self->target_, port)));
@@ -134,7 +153,11 @@ class TcpProbe final : public ProbeOp, public std::enable_shared_from_this<TcpPr
       error_code ignored;
       self->socket_.close(ignored);
     });
-    socket_.async_connect(tcp::endpoint(addr, static_cast<uint16_t>(port)),
+    const tcp::endpoint ep(addr, static_cast<uint16_t>(port));
+    if (error_code open_ec = OpenCloseOnExec(socket_, ep); open_ec) {
+      return Finish(false, "cannot open a socket to probe " + Endpoint(target_, port) + ": " + open_ec.message());
+    }
+    socket_.async_connect(ep,
                           [self = shared_from_this(), port](const error_code& ec) {
                             std::string where = Endpoint(self->target_, port);
                             if (self->timed_out_) return self->Finish(false, TimeoutReason(self->target_));

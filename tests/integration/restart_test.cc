@@ -100,6 +100,12 @@ std::string Leaks(pid_t instance, const std::string& name, int port, pid_t kilnd
     }
     if (target.rfind("socket:", 0) == 0) {
       auto it = tcp_ports.find(target);
+      std::error_code gone;
+      const auto now = std::filesystem::read_symlink(
+          "/proc/" + std::to_string(instance) + "/fd/" + std::to_string(fd), gone);
+      if (it == tcp_ports.end() && (gone || now.string() != target)) {
+        continue;  // a probe's connection, closed since the descriptors were listed
+      }
       if (it == tcp_ports.end()) {
         problems += where + "a socket that is not TCP (kilnd's unix socket?); ";
       } else if (it->second != port) {
