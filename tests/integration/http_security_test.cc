@@ -63,12 +63,18 @@ Reply Get(int port, const std::string& target, const std::string& token = "") {
   return Exchange(stream, target, token);
 }
 
-// GET over TLS, trusting only `ca` (the server's self-signed certificate).
-Reply GetTls(int port, const std::string& target, const std::filesystem::path& ca) {
+// GET over TLS, trusting only `ca`; with `client` (a PEM certificate beside its ".key"), also
+// presenting a client certificate.
+Reply GetTls(int port, const std::string& target, const std::filesystem::path& ca,
+             const std::string& client = "") {
   asio::io_context io;
   ssl::context ctx(ssl::context::tls_client);
   ctx.load_verify_file(ca.string());
   ctx.set_verify_mode(ssl::verify_peer);
+  if (!client.empty()) {
+    ctx.use_certificate_chain_file(client + ".pem");
+    ctx.use_private_key_file(client + ".key", ssl::context::pem);
+  }
   beast::ssl_stream<beast::tcp_stream> stream(io, ctx);
   beast::get_lowest_layer(stream).expires_after(10s);
   beast::error_code ec;
@@ -176,6 +182,31 @@ TEST_CASE("HTTPS with the certificate the gRPC listener uses", "[http][security]
   CHECK(GetTls(f.port, "/api/v1/services", tmp / "cert.pem").status == 200);
   // Plain HTTP to the HTTPS port gets no HTTP answer.
   CHECK(Get(f.port, "/healthz").status == 0);
+}
+
+TEST_CASE("with --client-ca, HTTPS serves only clients with a certificate that CA signed",
+          "[http][security]") {
+  TempDir tmp;
+  auto sh = [&](const std::string& cmd) {
+    RunResult r = Run({"/bin/sh", "-c", "cd " + tmp.path().string() + " && " + cmd});
+    INFO(cmd << "\n" << r.out << r.err);
+    REQUIRE(r.exit_code == 0);
+  };
+  const std::string req = "/usr/bin/openssl req -newkey rsa:2048 -nodes -days 2 ";
+  const std::string sign =
+      "/usr/bin/openssl x509 -req -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 ";
+  sh(req + "-x509 -subj /CN=kiln-test-ca -keyout ca.key -out ca.pem");
+  sh(req + "-subj /CN=127.0.0.1 -keyout server.key -out server.csr");
+  sh("echo subjectAltName=IP:127.0.0.1 > san.ext && " + sign +
+     "-in server.csr -extfile san.ext -out server.pem");
+  sh(req + "-subj /CN=client -keyout client.key -out client.csr");
+  sh(sign + "-in client.csr -out client.pem");
+  sh(req + "-x509 -subj /CN=stranger -keyout stranger.key -out stranger.pem");
+  Fixture f({"--tls-cert", (tmp / "server.pem").string(), "--tls-key",
+             (tmp / "server.key").string(), "--client-ca", (tmp / "ca.pem").string()});
+  CHECK(GetTls(f.port, "/healthz", tmp / "ca.pem", (tmp / "client").string()).status == 200);
+  CHECK(GetTls(f.port, "/healthz", tmp / "ca.pem").status == 0);
+  CHECK(GetTls(f.port, "/healthz", tmp / "ca.pem", (tmp / "stranger").string()).status == 0);
 }
 
 TEST_CASE("HTTP off loopback without TLS and tokens refuses to start, before it acts",
