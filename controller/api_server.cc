@@ -21,6 +21,7 @@
 
 #include "common/duration.h"
 #include "common/logging.h"
+#include "controller/io_call.h"
 #include "controller/manifest.h"
 #include "controller/metrics.h"
 #include "controller/reconciler.h"
@@ -437,8 +438,12 @@ class KilnApi final : public pb::Kiln::Service {
  public:
   KilnApi(boost::asio::io_context& io, Reconciler& reconciler,
           std::vector<std::unique_ptr<StateReader>> readers,
-          std::optional<std::map<std::string, Caller>> tokens, int max_streams)
-      : io_(io), reconciler_(reconciler), tokens_(std::move(tokens)), max_streams_(max_streams) {
+          std::optional<std::map<std::string, Caller>> tokens, int max_streams, Duration command_timeout)
+      : io_(io),
+        reconciler_(reconciler),
+        tokens_(std::move(tokens)),
+        max_streams_(max_streams),
+        command_timeout_(command_timeout) {
     for (auto& r : readers) readers_.push_back({std::move(r), std::make_unique<std::mutex>()});
   }
 
@@ -493,12 +498,12 @@ class KilnApi final : public pb::Kiln::Service {
     if (!req->service().empty()) {
       names.push_back(req->service());
     } else {
-      auto all = OnIo([&]() -> StatusOr<std::vector<std::string>> { return reconciler_.ServiceNames(); });
+      auto all = OnIo([this]() -> StatusOr<std::vector<std::string>> { return reconciler_.ServiceNames(); });
       if (!all.ok()) return ToGrpc(all.status());
       names = *all;
     }
     for (const auto& name : names) {
-      auto next = OnIo([&]() -> StatusOr<Reconciler::NextStep> { return reconciler_.Plan(name); });
+      auto next = OnIo([this, name]() -> StatusOr<Reconciler::NextStep> { return reconciler_.Plan(name); });
       if (!next.ok()) {
         if (!req->service().empty()) return ToGrpc(next.status());
         pb::PlanStep* step = resp->add_steps();  // e.g. retired: nothing declared to plan for
@@ -547,7 +552,9 @@ class KilnApi final : public pb::Kiln::Service {
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     if (req->to_revision() < 0) return grpc::Status(grpc::INVALID_ARGUMENT, "to_revision must be 0 or more");
     const std::string actor = Actor(ctx);
-    auto rev = OnIo([&] { return reconciler_.Rollback(req->service(), req->to_revision(), req->reason(), actor); });
+    auto rev = OnIo([this, service = req->service(), to = req->to_revision(), reason = req->reason(), actor] {
+      return reconciler_.Rollback(service, to, reason, actor);
+    });
     if (!rev.ok()) return ToGrpc(rev.status());
     FillRevision(*rev, resp->mutable_revision());
     return grpc::Status::OK;
@@ -557,8 +564,8 @@ class KilnApi final : public pb::Kiln::Service {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     const std::string actor = Actor(ctx);
-    auto s = OnIo([&]() -> StatusOr<bool> {
-      RETURN_IF_ERROR(reconciler_.Unpin(req->service(), actor));
+    auto s = OnIo([this, service = req->service(), actor]() -> StatusOr<bool> {
+      RETURN_IF_ERROR(reconciler_.Unpin(service, actor));
       return true;
     });
     if (!s.ok()) return ToGrpc(s.status());
@@ -570,21 +577,23 @@ class KilnApi final : public pb::Kiln::Service {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     const std::string actor = Actor(ctx);
-    return Command([&] { return reconciler_.Pause(req->service(), req->reason(), actor); });
+    return Command([this, service = req->service(), reason = req->reason(), actor] {
+      return reconciler_.Pause(service, reason, actor);
+    });
   }
 
   grpc::Status Resume(ServerContext* ctx, const pb::ResumeRequest* req, pb::ResumeResponse*) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     const std::string actor = Actor(ctx);
-    return Command([&] { return reconciler_.Resume(req->service(), actor); });
+    return Command([this, service = req->service(), actor] { return reconciler_.Resume(service, actor); });
   }
 
   grpc::Status Promote(ServerContext* ctx, const pb::PromoteRequest* req, pb::PromoteResponse*) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     const std::string actor = Actor(ctx);
-    return Command([&] { return reconciler_.Promote(req->service(), actor); });
+    return Command([this, service = req->service(), actor] { return reconciler_.Promote(service, actor); });
   }
 
   grpc::Status ReplaceInstance(ServerContext* ctx, const pb::ReplaceInstanceRequest* req,
@@ -593,7 +602,9 @@ class KilnApi final : public pb::Kiln::Service {
     if (req->instance().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "instance is required");
     const std::string actor = Actor(ctx);
     resp->set_instance(req->instance());
-    return Command([&] { return reconciler_.ReplaceInstance(req->instance(), req->reason(), actor); });
+    return Command([this, instance = req->instance(), reason = req->reason(), actor] {
+      return reconciler_.ReplaceInstance(instance, reason, actor);
+    });
   }
 
   grpc::Status WatchEvents(ServerContext* ctx, const pb::WatchEventsRequest* req,
@@ -655,16 +666,12 @@ class KilnApi final : public pb::Kiln::Service {
     if (!tokens_) return grpc::Status::OK;
     auto md = ctx->client_metadata();
     auto it = md.find("authorization");
-    if (it == md.end()) return grpc::Status(grpc::UNAUTHENTICATED, "missing authorization: Bearer <token>");
-    std::string value(it->second.data(), it->second.size());
-    if (value.rfind("Bearer ", 0) != 0) {
-      return grpc::Status(grpc::UNAUTHENTICATED, "authorization must be \"Bearer <token>\"");
-    }
-    auto caller = tokens_->find(value.substr(7));
-    if (caller == tokens_->end()) return grpc::Status(grpc::UNAUTHENTICATED, "unknown token");
-    if (mutating && caller->second.role != Role::kOperator) {
+    std::string_view value = it == md.end() ? std::string_view() : std::string_view(it->second.data(), it->second.size());
+    StatusOr<Caller> caller = AuthenticateBearer(*tokens_, value);
+    if (!caller.ok()) return ToGrpc(caller.status());
+    if (mutating && caller->role != Role::kOperator) {
       return grpc::Status(grpc::PERMISSION_DENIED,
-                          caller->second.name + " is a viewer; this call needs the operator role");
+                          caller->name + " is a viewer; this call needs the operator role");
     }
     return grpc::Status::OK;
   }
@@ -675,35 +682,27 @@ class KilnApi final : public pb::Kiln::Service {
       auto md = ctx->client_metadata();
       auto it = md.find("authorization");
       if (it != md.end()) {
-        auto c = tokens_->find(std::string(it->second.data(), it->second.size()).substr(7));
-        if (c != tokens_->end()) return c->second.name;
+        auto c = AuthenticateBearer(*tokens_, std::string_view(it->second.data(), it->second.size()));
+        if (c.ok()) return c->name;
       }
     }
     std::string peer = ctx->peer();
     return peer.rfind("unix:", 0) == 0 ? "local" : peer;
   }
 
-  // Runs `fn` on the reconciler's thread and waits for it.
-  template <typename T>
-  StatusOr<T> OnIo(const std::function<StatusOr<T>()>& fn) {
-    auto task = std::make_shared<std::packaged_task<StatusOr<T>()>>(fn);
-    std::future<StatusOr<T>> result = task->get_future();
-    boost::asio::post(io_, [task] { (*task)(); });
-    for (int waited_ms = 0; result.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready;
-         waited_ms += 100) {
-      if (stopping_ || waited_ms >= 30'000) {
-        return UnavailableError("kilnd is busy or shutting down; try again");
-      }
-    }
-    return result.get();
-  }
+  // Runs `fn` on the reconciler's thread and waits for it (RunOnIo: a call still queued after
+  // command_timeout_ is cancelled and never runs, so a client may retry it).
+  // REQUIRES: `fn` captures by value; it may run after the handler has returned. `this` is
+  // safe: the io_context stops before the API is destroyed.
   template <typename F>
   auto OnIo(F fn) -> decltype(fn()) {
     using R = decltype(fn());
-    return OnIo<typename std::decay_t<decltype(std::declval<R>().value())>>(std::function<R()>(fn));
+    using T = typename std::decay_t<decltype(std::declval<R>().value())>;
+    return RunOnIo<T>(io_, std::function<R()>(std::move(fn)), command_timeout_,
+                      [this] { return stopping_.load(); });
   }
-  grpc::Status Command(const std::function<Status()>& fn) {
-    auto r = OnIo([&]() -> StatusOr<bool> {
+  grpc::Status Command(std::function<Status()> fn) {
+    auto r = OnIo([fn = std::move(fn)]() -> StatusOr<bool> {
       RETURN_IF_ERROR(fn());
       return true;
     });
@@ -731,6 +730,7 @@ class KilnApi final : public pb::Kiln::Service {
   std::atomic<size_t> next_{0};
   std::optional<std::map<std::string, Caller>> tokens_;
   const int max_streams_;
+  const Duration command_timeout_;
   std::atomic<int> streams_{0};
   std::atomic<bool> stopping_{false};
 };
@@ -816,13 +816,23 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
     readers.push_back(std::move(r));
   }
   auto impl = std::make_unique<Impl>();
-  impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), std::move(tokens), o.max_streams);
+  impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), std::move(tokens), o.max_streams,
+                                        o.command_timeout);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.SetMaxReceiveMessageSize(o.max_message_bytes);
   builder.SetMaxSendMessageSize(o.max_message_bytes);
+  // Bounded connections (gRPC 1.51 has no cap on their number): a connection must finish its
+  // handshake (TLS and the HTTP/2 preface) quickly, and one that carries no call for
+  // idle_timeout is closed. Calls run on at most max_threads threads, so a flood of them queues
+  // rather than spawning a thread each.
+  builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, static_cast<int>(o.handshake_timeout.count()));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, static_cast<int>(o.idle_timeout.count()));
+  grpc::ResourceQuota quota("kilnd");
+  quota.SetMaxThreads(o.max_threads);
+  builder.SetResourceQuota(quota);
   if (!o.unix_socket.empty()) {
     ::unlink(o.unix_socket.c_str());  // a stale socket of an earlier kilnd
     builder.AddListeningPort("unix:" + o.unix_socket, grpc::InsecureServerCredentials());

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "common/clock.h"
 #include "common/status.h"
 #include "storage/state_store.h"
 
@@ -38,6 +39,12 @@ class ApiServer {
     int max_streams = 64;     // concurrent WatchEvents streams
     int readers = 4;          // reader connections
     int max_message_bytes = 4 << 20;
+    // A mutating call waits this long for the reconciler's thread; if it has not started by
+    // then it is cancelled (never runs) and the client gets UNAVAILABLE, safe to retry.
+    Duration command_timeout{30'000};
+    Duration handshake_timeout{5'000};  // TLS and HTTP/2 preface of a new connection
+    Duration idle_timeout{300'000};     // a connection with no call for this long is closed
+    int max_threads = 128;              // threads running calls (WatchEvents streams included)
     Metrics* metrics = nullptr;  // counts requests by method and code
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;

@@ -7,7 +7,9 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <functional>
+#include <mutex>
 #include <sys/stat.h>
+#include <thread>
 
 #include <cstdio>
 #include <filesystem>
@@ -17,6 +19,7 @@
 #include <iostream>
 
 #include "common/clock.h"
+#include "common/descriptors.h"
 #include "common/duration.h"
 #include "common/logging.h"
 #include "common/sha256.h"
@@ -26,6 +29,7 @@
 #include "controller/manifest.h"
 #include "controller/manifest_watcher.h"
 #include "controller/reconciler.h"
+#include "controller/tokens.h"
 #include "controller/work_queue.h"
 #include "deploy/artifact_store.h"
 #include "deploy/process_driver.h"
@@ -50,9 +54,12 @@ struct DaemonFlags {
   std::string grpc_listen;
   std::string tls_cert, tls_key, client_ca, tokens;
   int64_t event_retention = 100'000;
-  std::string http_listen = "127.0.0.1:9090";
+  std::string http_listen = "127.0.0.1:" + std::to_string(HttpServer::kDefaultPort);
+  std::string http_header_timeout = "5s";
   std::string http_read_timeout = "10s";
   int http_max_connections = 256;
+  bool http_metrics_auth = false;
+  std::string grpc_idle_timeout = "5m";
   std::string log_format = "text";
   std::string log_level = "info";
 };
@@ -117,15 +124,25 @@ int RunDaemon(int argc, char** argv) {
                  "re-hash every artifact in use this often, and at start-up (0s: only on start)");
   app.add_option("--grpc-listen", flags.grpc_listen,
                  "also serve the API on TCP HOST:PORT (off loopback only with TLS and tokens)");
-  app.add_option("--tls-cert", flags.tls_cert, "PEM certificate for the TCP listener");
-  app.add_option("--tls-key", flags.tls_key, "PEM private key for the TCP listener");
+  app.add_option("--grpc-idle-timeout", flags.grpc_idle_timeout,
+                 "close a gRPC TCP connection with no call for this long");
+  app.add_option("--tls-cert", flags.tls_cert, "PEM certificate for the gRPC TCP and HTTP listeners");
+  app.add_option("--tls-key", flags.tls_key, "PEM private key for the gRPC TCP and HTTP listeners");
   app.add_option("--client-ca", flags.client_ca, "PEM CA: require client certificates it signed");
-  app.add_option("--tokens", flags.tokens, "file of \"TOKEN ROLE NAME\" lines (viewer|operator)");
+  app.add_option("--tokens", flags.tokens,
+                 "file of \"TOKEN ROLE NAME\" lines (viewer|operator); the API, /api/v1 and the "
+                 "dashboard then need one");
   app.add_option("--http-listen", flags.http_listen,
-                 "metrics, health, /api/v1 and the dashboard on HOST:PORT (\"\" for none)");
-  app.add_option("--http-read-timeout", flags.http_read_timeout, "drop an HTTP client that sends nothing for this long");
-  app.add_option("--http-max-connections", flags.http_max_connections, "HTTP connections at once")
+                 "metrics, health, /api/v1 and the dashboard on HOST:PORT (\"\" for none; off "
+                 "loopback only with TLS and tokens)");
+  app.add_option("--http-header-timeout", flags.http_header_timeout,
+                 "an HTTP client must send a request's headers within this");
+  app.add_option("--http-read-timeout", flags.http_read_timeout,
+                 "an HTTP request's body, and writing the response, within this");
+  app.add_option("--http-max-connections", flags.http_max_connections,
+                 "HTTP connections at once (at the cap, a new one evicts the longest idle)")
       ->check(CLI::Range(1, 100000));
+  app.add_flag("--http-metrics-auth", flags.http_metrics_auth, "with --tokens, /metrics needs a token too");
   app.add_option("--event-retention", flags.event_retention, "events kept (older ones are pruned)")
       ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
   app.add_option("--log-format", flags.log_format, "text or json")
@@ -161,7 +178,67 @@ int RunDaemon(int argc, char** argv) {
     }
   }
 
+  StatusOr<Duration> http_header_timeout = ParseDuration(flags.http_header_timeout);
+  StatusOr<Duration> http_read_timeout = ParseDuration(flags.http_read_timeout);
+  StatusOr<Duration> grpc_idle_timeout = ParseDuration(flags.grpc_idle_timeout);
+  for (const auto& [flag, d] : {std::pair{"--http-header-timeout", &http_header_timeout},
+                                {"--http-read-timeout", &http_read_timeout},
+                                {"--grpc-idle-timeout", &grpc_idle_timeout}}) {
+    if (!d->ok() || **d <= Duration(0)) {
+      std::cerr << "kilnd: " << flag << ": "
+                << (d->ok() ? std::string("must be more than 0") : d->status().message()) << "\n";
+      return 2;
+    }
+  }
+
   SetupLogging(*ParseLogFormat(flags.log_format), *ParseLogLevel(flags.log_level));
+
+  // Nothing kilnd holds may reach an instance, including what it inherited itself.
+  if (Status s = MarkInheritedCloseOnExec(); !s.ok()) {
+    LogWarn("cannot mark inherited descriptors close-on-exec", {{"error", s.message()}});
+  }
+
+  // Many connections and instances need many descriptors; the soft limit a shell gives (1024)
+  // is not what the administrator allows.
+  if (auto nofile = RaiseNofileLimit(); nofile.ok()) {
+    LogInfo("descriptor limit", {{"soft_before", static_cast<int64_t>(nofile->soft_before)},
+                                 {"soft", static_cast<int64_t>(nofile->soft)},
+                                 {"hard", static_cast<int64_t>(nofile->hard)}});
+  } else {
+    LogWarn("cannot raise the descriptor limit", {{"error", nofile.status().message()}});
+  }
+
+  // Tokens are checked by both listeners; a bad file stops start-up before anything is opened.
+  std::optional<std::map<std::string, Caller>> tokens;
+  if (!flags.tokens.empty()) {
+    auto loaded = LoadTokens(flags.tokens);
+    if (!loaded.ok()) {
+      std::cerr << "kilnd: --tokens: " << loaded.status().message() << "\n";
+      return 2;
+    }
+    tokens = std::move(loaded).value();
+  }
+  if (flags.http_metrics_auth && !tokens) {
+    std::cerr << "kilnd: --http-metrics-auth needs --tokens\n";
+    return 2;
+  }
+  HttpServer::Options http_options;
+  http_options.listen = flags.http_listen;
+  http_options.max_connections = flags.http_max_connections;
+  http_options.header_timeout = *http_header_timeout;
+  http_options.read_timeout = *http_read_timeout;
+  http_options.tls_cert = flags.tls_cert;
+  http_options.tls_key = flags.tls_key;
+  http_options.client_ca = flags.client_ca;
+  http_options.tokens = tokens;
+  http_options.metrics_auth = flags.http_metrics_auth;
+  if (!flags.http_listen.empty()) {
+    // Before the store is opened or anything acts: a listener that must not start stops kilnd.
+    if (Status s = HttpServer::CheckOptions(http_options); !s.ok()) {
+      LogError("cannot start HTTP", {{"error", s.message()}});
+      return 1;
+    }
+  }
 
   std::error_code ec;
   fs::create_directories(flags.state, ec);
@@ -296,6 +373,7 @@ int RunDaemon(int argc, char** argv) {
   api_options.tls_key = flags.tls_key;
   api_options.client_ca = flags.client_ca;
   api_options.tokens_file = flags.tokens;
+  api_options.idle_timeout = *grpc_idle_timeout;
   api_options.metrics = &metrics;
   auto api = ApiServer::Start(api_options, io, reconciler, [&] { return (*store)->OpenReader(); });
   if (!api.ok()) {
@@ -303,18 +381,60 @@ int RunDaemon(int argc, char** argv) {
     return 1;
   }
 
-  // HTTP: metrics, health, /api/v1 and the dashboard, on this thread with its own reader.
+  // HTTP: metrics, health, /api/v1 and the dashboard, on a thread of its own with its own
+  // reader, so that slow clients, TLS handshakes and store reads never hold up the reconciler,
+  // and /healthz answers while it works. What HTTP shows of the reconciler's state is a snapshot
+  // the reconciler's thread publishes.
   bool shutting_down = false;
+  struct Published {
+    std::mutex mu;  // guards everything below
+    std::string store_error;
+    bool manifests_loaded = false;
+    bool recovered = false;
+    std::string recovery_error;
+    std::string local_probe_error;
+    int64_t local_probe_error_ms = 0;
+    bool shutting_down = false;
+    size_t queue_depth = 0;
+    int64_t queue_retries = 0;
+    std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
+  } published;
+  auto publish = [&] {
+    std::lock_guard lock(published.mu);
+    published.store_error = last_store_error;
+    published.manifests_loaded = reconciler.manifests_loaded();
+    published.recovered = recovered;
+    published.recovery_error = recovery_error;
+    published.local_probe_error = reconciler.local_probe_error().message;
+    published.local_probe_error_ms = reconciler.local_probe_error().time_ms;
+    published.shutting_down = shutting_down;
+    published.queue_depth = queue.Depth();
+    published.queue_retries = queue.Retries();
+    published.at = std::chrono::steady_clock::now();
+  };
+  publish();
+  boost::asio::steady_timer publish_timer(io);
+  std::function<void()> publish_every = [&] {
+    publish_timer.expires_after(std::chrono::milliseconds(200));
+    publish_timer.async_wait([&](const boost::system::error_code& err) {
+      if (err) return;
+      publish();
+      publish_every();
+    });
+  };
+  publish_every();
   auto http_reader = (*store)->OpenReader();
   if (!http_reader.ok()) {
     LogError("cannot open a reader for HTTP", {{"error", http_reader.status().message()}});
     return 1;
   }
   metrics.SetCollector("kiln_workqueue_depth", [&] {
-    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(queue.Depth())}};
+    std::lock_guard lock(published.mu);
+    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(published.queue_depth)}};
   });
   metrics.SetCollector("kiln_workqueue_retries_total", [&] {
-    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(queue.Retries())}};
+    std::lock_guard lock(published.mu);
+    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(published.queue_retries)}};
   });
   metrics.SetCollector("kiln_service_crash_loop_failures", [&] {
     std::vector<std::pair<Labels, double>> out;
@@ -349,46 +469,56 @@ int RunDaemon(int argc, char** argv) {
     }
     return out;
   });
+  boost::asio::io_context http_io;
   std::unique_ptr<HttpServer> http;
   if (!flags.http_listen.empty()) {
-    HttpServer::Options http_options;
-    http_options.listen = flags.http_listen;
-    http_options.max_connections = flags.http_max_connections;
-    StatusOr<Duration> read_timeout = ParseDuration(flags.http_read_timeout);
-    if (!read_timeout.ok()) {
-      std::cerr << "kilnd: --http-read-timeout: " << read_timeout.status().message() << "\n";
-      return 2;
-    }
-    http_options.read_timeout = *read_timeout;
     HttpServer::Sources sources;
     sources.metrics = [&] { return metrics.Render(); };
     sources.reader = http_reader->get();
     sources.readiness = [&] {
-      const bool store_ok = last_store_error.empty();
-      const bool loaded = reconciler.manifests_loaded();
+      std::lock_guard lock(published.mu);
+      const bool store_ok = published.store_error.empty();
+      const bool loaded = published.manifests_loaded;
+      // A reconciler that has not published for this long is stuck in one step.
+      const auto silent = std::chrono::steady_clock::now() - published.at;
+      const bool responsive = silent < std::chrono::seconds(10);
       // Probes kilnd could not run lately (its own descriptors or memory ran out).
-      const auto& local = reconciler.local_probe_error();
-      const bool probes_ok =
-          local.message.empty() || ToUnixMillis(clock.SystemNow()) - local.time_ms > 30'000;
+      const bool probes_ok = published.local_probe_error.empty() ||
+                             ToUnixMillis(clock.SystemNow()) - published.local_probe_error_ms > 30'000;
       HttpServer::Readiness r;
-      r.ready = store_ok && loaded && recovered && probes_ok && !shutting_down;
-      nlohmann::json j = {{"ready", r.ready},
-                          {"checks",
-                           {{"store_writable", {{"ok", store_ok}, {"error", last_store_error}}},
-                            {"recovered", {{"ok", recovered}, {"error", recovery_error}}},
-                            {"manifests_loaded", {{"ok", loaded}}},
-                            {"probes_runnable", {{"ok", probes_ok}, {"error", probes_ok ? "" : local.message}}},
-                            {"not_shutting_down", {{"ok", !shutting_down}}}}}};
+      r.ready = store_ok && loaded && published.recovered && probes_ok && responsive &&
+                !published.shutting_down;
+      nlohmann::json j = {
+          {"ready", r.ready},
+          {"checks",
+           {{"store_writable", {{"ok", store_ok}, {"error", published.store_error}}},
+            {"recovered", {{"ok", published.recovered}, {"error", published.recovery_error}}},
+            {"manifests_loaded", {{"ok", loaded}}},
+            {"probes_runnable",
+             {{"ok", probes_ok}, {"error", probes_ok ? "" : published.local_probe_error}}},
+            {"reconciler_responsive",
+             {{"ok", responsive},
+              {"silent_ms", std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()}}},
+            {"not_shutting_down", {{"ok", !published.shutting_down}}}}}};
       r.json = j.dump();
       return r;
     };
-    auto started = HttpServer::Start(io, http_options, std::move(sources));
+    auto started = HttpServer::Start(http_io, http_options, std::move(sources));
     if (!started.ok()) {
       LogError("cannot start HTTP", {{"error", started.status().message()}});
       return 1;
     }
     http = std::move(started).value();
   }
+  // Stopped and joined before anything its handlers use goes (declared after all of it).
+  struct HttpThread {
+    boost::asio::io_context& io;
+    std::thread thread;
+    ~HttpThread() {
+      io.stop();
+      if (thread.joinable()) thread.join();
+    }
+  } http_thread{http_io, http ? std::thread([&http_io] { http_io.run(); }) : std::thread()};
 
   // Events are pruned by count, on the reconciler's thread like every write.
   boost::asio::steady_timer prune_timer(io);
@@ -437,6 +567,7 @@ int RunDaemon(int argc, char** argv) {
     // Finish nothing new: the current step has already run (one thread); instances keep running.
     LogInfo("shutting down; instances keep running", {{"signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"}});
     shutting_down = true;
+    publish();
     io.stop();
   });
   LogInfo("kilnd ready", {{"version", kVersion}, {"pid", static_cast<int64_t>(::getpid())}});

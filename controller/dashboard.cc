@@ -1,4 +1,8 @@
-// The dashboard: one page, no external resources, polling /api/v1 once a second.
+// The dashboard: one page, no external resources, polling /api/v1 once a second. With kilnd
+// --tokens the page holds no data until it is given a token: it asks for one (or takes it from
+// a "#token=..." fragment, which browsers never send to a server), keeps it in sessionStorage
+// (this tab only, gone when it closes) and sends it as "Authorization: Bearer" with every
+// request. No cookie, so no request is authorised by the browser on its own.
 
 #include "controller/http_server.h"
 
@@ -32,10 +36,16 @@ const char* DashboardHtml() {
   .bar .new { background:var(--ok); } .bar .old { background:var(--accent); }
   .error { color:var(--bad); white-space:pre-wrap; }
   #events td { font-family:ui-monospace, monospace; font-size:12px; }
+  #login { display:flex; gap:.5rem; align-items:baseline; }
+  #login[hidden], #signout[hidden] { display:none; }
+  #login input { background:var(--panel); color:var(--text); border:1px solid #30363d; border-radius:4px; padding:.15rem .4rem; }
+  button { background:var(--panel); color:var(--text); border:1px solid #30363d; border-radius:4px; cursor:pointer; }
 </style>
 </head>
 <body>
-<header><h1>kiln</h1><span class="dim" id="updated">loading…</span><span class="error" id="fetch-error"></span></header>
+<header><h1>kiln</h1><span class="dim" id="updated">loading…</span><span class="error" id="fetch-error"></span>
+  <form id="login" hidden><label for="token">kilnd needs a token</label><input id="token" type="password" autocomplete="off" size="28"><button type="submit">sign in</button></form>
+  <button id="signout" type="button" hidden>sign out</button></header>
 <main>
   <div id="services"></div>
   <section><h2>Recent events</h2><table id="events"><thead><tr><th>seq</th><th>time</th><th>service</th><th>kind</th><th>instance</th><th>actor</th><th>message</th></tr></thead><tbody></tbody></table></section>
@@ -49,6 +59,33 @@ const age = (ms) => { ms = Number(ms); if (!ms) return "-"; const s = Math.max(0
   return s < 120 ? s + "s" : s < 7200 ? Math.round(s / 60) + "m" : Math.round(s / 3600) + "h"; };
 let lastSeq = 0;
 const events = [];
+const tokenKey = "kiln-token";
+if (location.hash.startsWith("#token=")) {
+  sessionStorage.setItem(tokenKey, decodeURIComponent(location.hash.slice(7)));
+  history.replaceState(null, "", location.pathname + location.search);  // out of the address bar
+}
+class NeedToken extends Error {}
+async function api(path) {
+  const token = sessionStorage.getItem(tokenKey);
+  const r = await fetch(path, { cache: "no-store", headers: token ? { Authorization: "Bearer " + token } : {} });
+  if (r.status === 401) {
+    sessionStorage.removeItem(tokenKey);
+    throw new NeedToken(token ? "the token was refused" : "");
+  }
+  $("#signout").hidden = !token;
+  return r.json();
+}
+$("#login").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(tokenKey, $("#token").value.trim());
+  $("#token").value = "";
+  $("#login").hidden = true;
+  refresh();
+});
+$("#signout").addEventListener("click", () => {
+  sessionStorage.removeItem(tokenKey);
+  location.reload();
+});
 
 function serviceHtml(s) {
   const sum = s.summary, r = s.rollout || {};
@@ -77,11 +114,11 @@ function serviceHtml(s) {
 
 async function refresh() {
   try {
-    const list = await (await fetch("/api/v1/services")).json();
+    const list = await api("/api/v1/services");
     const details = await Promise.all((list.services || []).map((s) =>
-      fetch("/api/v1/services/" + encodeURIComponent(s.name)).then((r) => r.json())));
+      api("/api/v1/services/" + encodeURIComponent(s.name))));
     $("#services").innerHTML = details.map((d) => serviceHtml(d.service)).join("") || "<section>no services</section>";
-    const ev = await (await fetch("/api/v1/events?since=" + lastSeq)).json();
+    const ev = await api("/api/v1/events?since=" + lastSeq);
     for (const e of ev.events || []) { events.unshift(e); lastSeq = Math.max(lastSeq, Number(e.seq)); }
     events.length = Math.min(events.length, 200);
     $("#events tbody").innerHTML = events.map((e) => `<tr><td>${esc(e.seq)}</td><td>${new Date(Number(e.time_unix_ms)).toLocaleTimeString()}</td>
@@ -89,6 +126,14 @@ async function refresh() {
     $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
     $("#fetch-error").textContent = "";
   } catch (err) {
+    if (err instanceof NeedToken) {
+      $("#login").hidden = false;
+      $("#services").innerHTML = "";
+      $("#events tbody").innerHTML = "";
+      $("#updated").textContent = "";
+      $("#fetch-error").textContent = err.message;
+      return;
+    }
     $("#fetch-error").textContent = "cannot reach kilnd: " + err;
   }
 }

@@ -29,4 +29,30 @@ StatusOr<std::map<std::string, Caller>> LoadTokens(const std::string& path) {
   return tokens;
 }
 
+const Caller* FindCaller(const std::map<std::string, Caller>& tokens, std::string_view presented) {
+  const Caller* found = nullptr;
+  for (const auto& [token, caller] : tokens) {
+    unsigned char diff = token.size() == presented.size() ? 0 : 1;
+    for (size_t i = 0; i < token.size(); ++i) {
+      diff |= static_cast<unsigned char>(token[i] ^ (i < presented.size() ? presented[i] : 0));
+    }
+    if (diff == 0) found = &caller;
+  }
+  return found;
+}
+
+StatusOr<Caller> AuthenticateBearer(const std::map<std::string, Caller>& tokens,
+                                    std::string_view authorization) {
+  if (authorization.empty()) {
+    return Status(StatusCode::kUnauthenticated, "missing authorization: Bearer <token>");
+  }
+  constexpr std::string_view kBearer = "Bearer ";
+  if (authorization.substr(0, kBearer.size()) != kBearer) {
+    return Status(StatusCode::kUnauthenticated, "authorization must be \"Bearer <token>\"");
+  }
+  const Caller* caller = FindCaller(tokens, authorization.substr(kBearer.size()));
+  if (caller == nullptr) return Status(StatusCode::kUnauthenticated, "unknown token");
+  return *caller;
+}
+
 }  // namespace kiln

@@ -5,6 +5,7 @@
 
 #include <map>
 #include <string>
+#include <string_view>
 
 #include "common/status.h"
 
@@ -19,5 +20,14 @@ struct Caller {
 
 // Errors name the file and line.
 StatusOr<std::map<std::string, Caller>> LoadTokens(const std::string& path);
+
+// The caller a presented token belongs to, or nullptr. Compares against every token in time
+// that does not depend on where the presented one first differs.
+const Caller* FindCaller(const std::map<std::string, Caller>& tokens, std::string_view presented);
+
+// The caller of an "Authorization: Bearer <token>" header value, or why there is none
+// (UNAUTHENTICATED, with a message for the client).
+StatusOr<Caller> AuthenticateBearer(const std::map<std::string, Caller>& tokens,
+                                    std::string_view authorization);
 
 }  // namespace kiln

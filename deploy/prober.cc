@@ -16,6 +16,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/descriptors.h"
 #include "common/duration.h"
 #include "common/unique_fd.h"
 #include "deploy/proc.h"
@@ -54,6 +55,20 @@ bool IsLocalError(const error_code& ec) {
   return ec.category() == boost::system::system_category() && IsLocalError(ec.value());
 }
 
+// Opens `s` close-on-exec before it connects: Asio 1.74 opens sockets without SOCK_CLOEXEC, and a
+// probe's socket open while an instance is spawned (on this same thread) would stay in it.
+error_code OpenCloseOnExec(tcp::socket& s, const tcp::endpoint& ep) {
+  error_code ec;
+  s.open(ep.protocol(), ec);
+  if (ec) return ec;
+  if (!SetCloseOnExec(s.native_handle()).ok()) {
+    ec = boost::system::errc::make_error_code(boost::system::errc::bad_file_descriptor);
+    error_code ignored;
+    s.close(ignored);
+  }
+  return ec;
+}
+
 std::string ConnectFailure(const error_code& ec, const std::string& where) {
   if (ec == asio::error::connection_refused) return "connect refused " + where;
   return "connect to " + where + " failed: " + ec.message();
@@ -71,7 +86,15 @@ class HttpProbe final : public ProbeOp, public std::enable_shared_from_this<Http
     where_ = Endpoint(target_, port) + target_.check.http_path;
     if (ec) return Finish(false, "bad probe address " + target_.host);
     stream_.expires_after(target_.check.timeout);
-    stream_.async_connect(tcp::endpoint(addr, static_cast<uint16_t>(port)),
+    const tcp::endpoint ep(addr, static_cast<uint16_t>(port));
+    if (error_code open_ec = OpenCloseOnExec(stream_.socket(), ep); open_ec) {
+      // Reported from the event loop, like every other result.
+      return asio::post(stream_.get_executor(), [self = shared_from_this(), open_ec] {
+        self->Finish(false, "cannot open a socket to probe " + self->where_ + ": " + open_ec.message(),
+                     IsLocalError(open_ec));
+      });
+    }
+    stream_.async_connect(ep,
                           [self = shared_from_this(), port](const error_code& ec) {
                             if (ec) {
                               return self->Fail(ec, ConnectFailure(ec, Endpoint(self->target_, port)));
@@ -145,7 +168,16 @@ class TcpProbe final : public ProbeOp, public std::enable_shared_from_this<TcpPr
       error_code ignored;
       self->socket_.close(ignored);
     });
-    socket_.async_connect(tcp::endpoint(addr, static_cast<uint16_t>(port)),
+    const tcp::endpoint ep(addr, static_cast<uint16_t>(port));
+    if (error_code open_ec = OpenCloseOnExec(socket_, ep); open_ec) {
+      return asio::post(socket_.get_executor(), [self = shared_from_this(), open_ec, port] {
+        self->Finish(false,
+                     "cannot open a socket to probe " + Endpoint(self->target_, port) + ": " +
+                         open_ec.message(),
+                     IsLocalError(open_ec));
+      });
+    }
+    socket_.async_connect(ep,
                           [self = shared_from_this(), port](const error_code& ec) {
                             std::string where = Endpoint(self->target_, port);
                             if (self->timed_out_) return self->Finish(false, TimeoutReason(self->target_));

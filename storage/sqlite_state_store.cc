@@ -1,7 +1,10 @@
 #include "storage/sqlite_state_store.h"
 
+#include <algorithm>
 #include <array>
 #include <charconv>
+#include <cstdio>
+#include <vector>
 
 namespace kiln {
 namespace {
@@ -262,10 +265,23 @@ StatusOr<std::vector<T>> CollectRows(sqlite::Database& db, sqlite::Statement& s,
   return out;
 }
 
+// The tables a Kiln database had before it carried PRAGMA application_id; frozen: every
+// database made since is marked, so later migrations never need to be listed here.
+constexpr std::array<std::string_view, 5> kUnmarkedKilnTables = {"services", "revisions", "instances",
+                                                                 "events", "rollouts"};
+
+std::string Hex32(int64_t v) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "0x%08x", static_cast<uint32_t>(v));
+  return buf;
+}
+
 Status ApplyMigrations(sqlite::Database& db, int from, int to) {
   for (int v = from; v < to; ++v) {
     RETURN_IF_ERROR(db.Exec("BEGIN IMMEDIATE"));
-    Status s = db.Exec(kMigrations[static_cast<size_t>(v)]);
+    // The mark goes in with the first write, in the same transaction.
+    Status s = db.Exec("PRAGMA application_id = " + std::to_string(SqliteStateStore::kApplicationId));
+    if (s.ok()) s = db.Exec(kMigrations[static_cast<size_t>(v)]);
     if (s.ok()) s = db.Exec("PRAGMA user_version = " + std::to_string(v + 1));
     if (s.ok()) s = db.Exec("COMMIT");
     if (!s.ok()) {
@@ -334,6 +350,7 @@ StatusOr<std::unique_ptr<SqliteStateStore>> SqliteStateStore::Open(const Options
   ASSIGN_OR_RETURN(sqlite::Database db,
                    sqlite::Database::Open(options.path, options.read_only, /*create=*/true));
   std::unique_ptr<SqliteStateStore> store(new SqliteStateStore(std::move(db), options));
+  RETURN_IF_ERROR(store->CheckOwnership());
   RETURN_IF_ERROR(store->Configure());
   if (!options.read_only) RETURN_IF_ERROR(store->Migrate());
   ASSIGN_OR_RETURN(auto version, store->db_.QueryInt("read schema version", "PRAGMA user_version"));
@@ -345,10 +362,47 @@ StatusOr<std::unique_ptr<SqliteStateStore>> SqliteStateStore::Open(const Options
   return store;
 }
 
-Status SqliteStateStore::Configure() {
+Status SqliteStateStore::CheckOwnership() {
   sqlite3_busy_timeout(db_.raw(), options_.busy_timeout_ms);
   // The first read of the file: a file that is not a database fails here, before any write.
   RETURN_IF_ERROR(db_.QueryInt("read database", "SELECT count(*) FROM sqlite_master").status());
+  ASSIGN_OR_RETURN(auto app_id, db_.QueryInt("read application_id", "PRAGMA application_id"));
+  if (app_id.value_or(0) == kApplicationId) return Status::Ok();
+  ASSIGN_OR_RETURN(auto version, db_.QueryInt("read schema version", "PRAGMA user_version"));
+  std::vector<std::string> tables;
+  {
+    const std::string sql =
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' "
+        "ESCAPE '\\' ORDER BY name";
+    ASSIGN_OR_RETURN(sqlite::Statement * s, db_.Prepare(sql, "list tables"));
+    while (true) {
+      ASSIGN_OR_RETURN(bool row, db_.Step(*s, "list tables"));
+      if (!row) break;
+      tables.push_back(s->Text(0));
+    }
+  }
+  const bool unmarked = app_id.value_or(0) == 0;
+  if (unmarked && tables.empty() && version.value_or(0) == 0) return Status::Ok();  // new: ours to make
+  bool only_kiln_tables = !tables.empty();
+  for (const auto& t : tables) {
+    only_kiln_tables &= std::find(kUnmarkedKilnTables.begin(), kUnmarkedKilnTables.end(), t) !=
+                        kUnmarkedKilnTables.end();
+  }
+  if (unmarked && version.value_or(0) >= 1 && only_kiln_tables &&
+      std::find(tables.begin(), tables.end(), "services") != tables.end()) {
+    return Status::Ok();  // a Kiln database from before the mark: Migrate() marks it
+  }
+  std::string listed;
+  for (size_t i = 0; i < tables.size() && i < 8; ++i) listed += (i ? ", " : "") + tables[i];
+  if (tables.size() > 8) listed += ", ... (" + std::to_string(tables.size()) + " in all)";
+  return FailedPreconditionError(
+      db_.path() + " is not a Kiln state database (application_id " + Hex32(app_id.value_or(0)) +
+      ", user_version " + std::to_string(version.value_or(0)) + ", tables: " +
+      (listed.empty() ? "none" : listed) +
+      "); refusing to use it. Move it away or give --state a directory of its own");
+}
+
+Status SqliteStateStore::Configure() {
   if (!options_.read_only) RETURN_IF_ERROR(db_.Exec("PRAGMA journal_mode = WAL"));
   // The WAL and its index outlive a clean close: a restart on a full disk can then still open
   // the database (creating them needs space), serve status and wait for space.
@@ -367,12 +421,19 @@ Status SqliteStateStore::Migrate() {
                                    " was written by a newer kiln; this build knows up to " +
                                    std::to_string(CurrentSchemaVersion()));
   }
+  ASSIGN_OR_RETURN(auto app_id, db_.QueryInt("read application_id", "PRAGMA application_id"));
+  if (app_id.value_or(0) != kApplicationId && v == CurrentSchemaVersion()) {
+    // A current Kiln database from before the mark: nothing to migrate, mark it alone.
+    RETURN_IF_ERROR(db_.Exec("PRAGMA application_id = " + std::to_string(kApplicationId))
+                        .WithContext("marking the database as Kiln's"));
+  }
   return ApplyMigrations(db_, v, CurrentSchemaVersion());
 }
 
 Status CreateDatabaseAtSchemaVersionForTest(const std::string& path, int version) {
   ASSIGN_OR_RETURN(sqlite::Database db, sqlite::Database::Open(path, false, true));
-  return ApplyMigrations(db, 0, version);
+  RETURN_IF_ERROR(ApplyMigrations(db, 0, version));
+  return db.Exec("PRAGMA application_id = 0");  // as made before Kiln marked its databases
 }
 
 StatusOr<std::unique_ptr<StateReader>> SqliteStateStore::OpenReader() const {

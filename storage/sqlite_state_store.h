@@ -12,9 +12,12 @@
 namespace kiln {
 
 // StateStore on one SQLite file (DESIGN.md "State"): WAL, synchronous=FULL, foreign keys,
-// a busy timeout, migrations by PRAGMA user_version.
+// a busy timeout, migrations by PRAGMA user_version, marked as Kiln's by PRAGMA application_id.
 class SqliteStateStore final : public StateStore {
  public:
+  // PRAGMA application_id of every Kiln state database: "KILN" in ASCII.
+  static constexpr int32_t kApplicationId = 0x4B494C4E;
+
   struct Options {
     std::string path;                // e.g. STATE/kiln.db
     const Clock* clock = nullptr;    // required; timestamps of rows and events
@@ -26,9 +29,14 @@ class SqliteStateStore final : public StateStore {
     int64_t event_aggregation_window_ms = 10 * 60 * 1000;
   };
 
-  // Opens or creates the database and migrates it to the current schema. A file that is not a
-  // database, or a schema newer than this build knows, fails with a message naming the path;
-  // the file is left as it was.
+  // Opens or creates the database and migrates it to the current schema. What it opens:
+  //  - a new or empty file (application_id 0, no tables): initialised and marked as Kiln's;
+  //  - a file marked as Kiln's (application_id kApplicationId);
+  //  - a Kiln database from before the mark (application_id 0, user_version >= 1, only Kiln's
+  //    tables): marked, once, then migrated.
+  // Anything else (another program's database, a file that is not a database, a schema newer
+  // than this build knows) fails with a message naming the path and what it holds, before any
+  // byte of the file is written: its journal mode and contents stay as they were.
   static StatusOr<std::unique_ptr<SqliteStateStore>> Open(const Options& options);
 
   // A reader on its own connection to the same file, for the API and HTTP servers.
@@ -81,6 +89,8 @@ class SqliteStateStore final : public StateStore {
   SqliteStateStore(sqlite::Database db, Options options)
       : db_(std::move(db)), options_(std::move(options)) {}
 
+  // Refuses a database that is not Kiln's (see Open); reads only.
+  Status CheckOwnership();
   Status Configure();
   Status Migrate();
   int64_t NowMs() const;

@@ -69,6 +69,7 @@ TEST_CASE("health and readiness say which check failed", "[http]") {
   CHECK(j["ready"] == true);
   CHECK(j["checks"]["store_writable"]["ok"] == true);
   CHECK(j["checks"]["manifests_loaded"]["ok"] == true);
+  CHECK(j["checks"]["reconciler_responsive"]["ok"] == true);
 }
 
 TEST_CASE("metrics pass promtool and count what happened", "[http]") {
@@ -132,24 +133,7 @@ TEST_CASE("unknown paths are 404, wrong methods 405, huge headers 431", "[http]"
   CHECK(head.status == 200);
 }
 
-TEST_CASE("a slow client is dropped and connections are capped", "[http]") {
-  HttpFixture f({"--http-read-timeout", "300ms", "--http-max-connections", "2"});
-  asio::io_context io;
-  tcp::socket slow(io), second(io), third(io);
-  tcp::endpoint ep(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(f.port));
-  slow.connect(ep);
-  asio::write(slow, asio::buffer(std::string("GET /healthz HTTP/1.1\r\n")));  // and then nothing
-  second.connect(ep);
-  third.connect(ep);  // over the cap of 2: closed by the server
-  char byte;
-  beast::error_code ec;
-  third.read_some(asio::buffer(&byte, 1), ec);
-  CHECK(ec == asio::error::eof);
-  auto begin = std::chrono::steady_clock::now();
-  slow.read_some(asio::buffer(&byte, 1), ec);  // the server gives up on it
-  CHECK(ec);
-  CHECK(std::chrono::steady_clock::now() - begin < 5s);
-}
+// Slow clients and the connection cap: http_security_test.cc.
 
 TEST_CASE("the dashboard shows a rollout live in a real browser", "[http][browser]") {
   HttpFixture f;
@@ -164,6 +148,25 @@ TEST_CASE("the dashboard shows a rollout live in a real browser", "[http][browse
   CHECK(browser.Wait(90s) == 0);
   CHECK(browser.Stdout().find("UPDATED") != std::string::npos);
   INFO(browser.Stdout() << browser.Stderr());
+  CHECK(std::filesystem::exists(shots + "/dashboard-after.png"));
+}
+
+TEST_CASE("with --tokens the dashboard takes its token from the link and shows the rollout", "[http][browser]") {
+  TempDir tokens_dir;
+  const std::string token = "viewer-token-0123456789abcdef";
+  WriteFile(tokens_dir / "tokens", token + " viewer alice\n");
+  HttpFixture f({"--tokens", (tokens_dir / "tokens").string()});
+  const std::string shots = std::string(KILN_BIN_DIR) + "/../screenshots/tokens";
+  std::filesystem::create_directories(shots);
+  // The fragment stays in the browser: the page keeps the token and sends it as a header.
+  Child browser({"/usr/bin/node", SourcePath("tests/browser/dashboard.mjs"),
+                 "http://127.0.0.1:" + std::to_string(f.port) + "/#token=" + token, shots},
+                f.h.tmp().path());
+  INFO(browser.Stdout() << browser.Stderr());
+  REQUIRE(browser.WaitForStdout("READY", 60s));
+  f.h.Declare("web", "2.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+  CHECK(browser.Wait(90s) == 0);
+  CHECK(browser.Stdout().find("UPDATED") != std::string::npos);
   CHECK(std::filesystem::exists(shots + "/dashboard-after.png"));
 }
 

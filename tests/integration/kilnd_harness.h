@@ -50,21 +50,27 @@ class KilndHarness {
                   "\nhealth: " + health + "\nupdate: " + update + "\n");
   }
 
-  void Start(const std::vector<std::string>& extra = {}) {
+  // `http_listen` is kilnd's --http-listen (port 0: kilnd picks one; HttpPort() reads it back).
+  void Start(const std::vector<std::string>& extra = {}, const std::string& http_listen = "127.0.0.1:0") {
     std::vector<std::string> argv = {BinPath("kilnd"), "--manifests", manifests().string(), "--state",
                                      state().string(), "--port-range",
                                      std::to_string(PortWindow()) + "-" +
                                          std::to_string(PortWindow() + kPortWindowSize - 1),
                                      "--resync", "2s", "--stop-grace", "2s", "--http-listen",
-                                     "127.0.0.1:0"};
+                                     http_listen};
     argv.insert(argv.end(), extra.begin(), extra.end());
     kilnd_ = std::make_unique<Child>(argv, tmp_.path());
   }
   std::string UnixAddr() const { return "unix:" + (state() / "kiln.sock").string(); }
   // The TCP port kilnd logged for --grpc-listen HOST:0.
   int TcpPort() { return LoggedPort("tcp_port="); }
-  // The HTTP port kilnd logged (the harness asks for 127.0.0.1:0).
-  int HttpPort() { return LoggedPort("HTTP listening listen=127.0.0.1:0 port="); }
+  // The HTTP port kilnd logged.
+  int HttpPort() {
+    if (!kilnd_->WaitForStderr("HTTP listening listen=", std::chrono::seconds(10))) return 0;
+    std::string log = kilnd_->Stderr();
+    size_t at = log.find(" port=", log.find("HTTP listening listen="));
+    return at == std::string::npos ? 0 : std::atoi(log.c_str() + at + 6);
+  }
   int LoggedPort(const std::string& key) {
     if (!kilnd_->WaitForStderr(key, std::chrono::seconds(10))) return 0;
     std::string log = kilnd_->Stderr();

@@ -374,6 +374,105 @@ TEST_CASE("a database made by schema version 1 is migrated on open", "[store]") 
   CHECK(web->conditions == "[]");  // the column version 2 added
   CHECK((*store)->ListInstances("web", false)->size() == 1);
   CHECK((*store)->GetLatestRollout("web").status().code() == StatusCode::kNotFound);
+  // Made before Kiln marked its databases: adopted, and marked from now on.
+  CHECK(*sqlite::Database::Open(path, true, false)->QueryInt("a", "PRAGMA application_id") ==
+        SqliteStateStore::kApplicationId);
+}
+
+TEST_CASE("a new database is marked as Kiln's", "[store]") {
+  StoreFixture f;
+  auto db = sqlite::Database::Open(f.path(), true, false);
+  REQUIRE(db.ok());
+  CHECK(*db->QueryInt("a", "PRAGMA application_id") == SqliteStateStore::kApplicationId);
+  CHECK(*db->QueryInt("v", "PRAGMA user_version") == SqliteStateStore::CurrentSchemaVersion());
+}
+
+TEST_CASE("an unmarked Kiln database at the current schema is adopted and marked", "[store]") {
+  TempDir tmp;
+  std::string path = (tmp / "kiln.db").string();
+  REQUIRE(CreateDatabaseAtSchemaVersionForTest(path, SqliteStateStore::CurrentSchemaVersion()).ok());
+  REQUIRE(*sqlite::Database::Open(path, true, false)->QueryInt("a", "PRAGMA application_id") == 0);
+  FakeClock clock;
+  auto store = SqliteStateStore::Open({.path = path, .clock = &clock});
+  REQUIRE(store.ok());
+  CHECK(*sqlite::Database::Open(path, true, false)->QueryInt("a", "PRAGMA application_id") ==
+        SqliteStateStore::kApplicationId);
+}
+
+// Another program's database in rollback-journal mode, with one table and a row.
+void MakeForeignDatabase(const std::string& path, const std::string& extra_sql = "") {
+  auto db = sqlite::Database::Open(path, false, true);
+  REQUIRE(db.ok());
+  REQUIRE(db->Exec("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);"
+                   "INSERT INTO notes (body) VALUES ('keep me');" + extra_sql)
+              .ok());
+}
+
+std::string JournalMode(const std::string& path) {
+  sqlite3* raw = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  std::string mode;
+  sqlite3_exec(
+      raw, "PRAGMA journal_mode",
+      [](void* out, int, char** values, char**) {
+        *static_cast<std::string*>(out) = values[0] ? values[0] : "";
+        return 0;
+      },
+      &mode, nullptr);
+  sqlite3_close(raw);
+  return mode;
+}
+
+TEST_CASE("another program's database is refused before a byte of it is written", "[store]") {
+  TempDir tmp;
+  std::string path = (tmp / "kiln.db").string();
+  MakeForeignDatabase(path);
+  REQUIRE(JournalMode(path) == "delete");
+  const std::string before = ReadFile(path);
+  FakeClock clock;
+  auto store = SqliteStateStore::Open({.path = path, .clock = &clock});
+  REQUIRE_FALSE(store.ok());
+  CHECK(store.status().code() == StatusCode::kFailedPrecondition);
+  CHECK(store.status().message() ==
+        path + " is not a Kiln state database (application_id 0x00000000, user_version 0, tables: "
+               "notes); refusing to use it. Move it away or give --state a directory of its own");
+  CHECK(JournalMode(path) == "delete");
+  CHECK(ReadFile(path) == before);
+  CHECK_FALSE(std::filesystem::exists(path + "-wal"));
+  // A reader refuses it too.
+  auto reader = SqliteStateStore::Open({.path = path, .clock = &clock, .read_only = true});
+  CHECK(reader.status().code() == StatusCode::kFailedPrecondition);
+}
+
+TEST_CASE("Kiln's tables beside another program's, or another program's mark, are refused", "[store]") {
+  TempDir tmp;
+  FakeClock clock;
+  SECTION("an unmarked Kiln schema with a foreign table") {
+    std::string path = (tmp / "kiln.db").string();
+    REQUIRE(CreateDatabaseAtSchemaVersionForTest(path, 1).ok());
+    MakeForeignDatabase(path);
+    const std::string before = ReadFile(path);
+    auto store = SqliteStateStore::Open({.path = path, .clock = &clock});
+    REQUIRE_FALSE(store.ok());
+    CHECK(store.status().message().find("tables: events, instances, notes, revisions, services)") !=
+          std::string::npos);
+    CHECK(ReadFile(path) == before);
+  }
+  SECTION("another application's id on an empty database") {
+    std::string path = (tmp / "other.db").string();
+    {
+      auto db = sqlite::Database::Open(path, false, true);
+      REQUIRE(db->Exec("PRAGMA application_id = " + std::to_string(0x4750534D)).ok());  // GeoPackage
+    }
+    const std::string before = ReadFile(path);
+    auto store = SqliteStateStore::Open({.path = path, .clock = &clock});
+    REQUIRE_FALSE(store.ok());
+    CHECK(store.status().message() ==
+          path + " is not a Kiln state database (application_id 0x4750534d, user_version 0, "
+                 "tables: none); refusing to use it. Move it away or give --state a directory of "
+                 "its own");
+    CHECK(ReadFile(path) == before);
+  }
 }
 
 TEST_CASE("a database from a newer kiln is refused, not touched", "[store]") {
@@ -382,6 +481,7 @@ TEST_CASE("a database from a newer kiln is refused, not touched", "[store]") {
   {
     auto db = sqlite::Database::Open(path, false, true);
     REQUIRE(db->Exec("PRAGMA user_version = 99").ok());
+    REQUIRE(db->Exec("PRAGMA application_id = " + std::to_string(SqliteStateStore::kApplicationId)).ok());
   }
   FakeClock clock;
   auto store = SqliteStateStore::Open({.path = path, .clock = &clock});
