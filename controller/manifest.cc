@@ -750,7 +750,7 @@ std::string ServiceSpecToJson(const ServiceSpec& s) {
       {"line", s.line},
       {"column", s.column},
   };
-  return j.dump();
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 StatusOr<ServiceSpec> ServiceSpecFromJson(std::string_view text) {
