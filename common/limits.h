@@ -20,6 +20,9 @@ inline constexpr size_t kMaxManifestNodes = 100'000;
 // Errors reported per file; the rest are counted in one last error.
 inline constexpr size_t kMaxManifestErrorsPerFile = 50;
 
+// Keys of the manifest's own mappings (env names have their own limit below).
+inline constexpr size_t kMaxKeyBytes = 128;
+
 // Fields of a service.
 inline constexpr size_t kMaxServiceNameBytes = 63;
 inline constexpr size_t kMaxVersionBytes = 128;

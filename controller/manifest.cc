@@ -212,12 +212,22 @@ class FileParser {
         continue;
       }
       std::string key = k->text;
+      if (key.size() > kMaxKeyBytes) {
+        // Not named in the error: a key path of kilobytes helps nobody.
+        Add(k, map, path,
+            "unknown key of " + std::to_string(key.size()) + " bytes (keys are at most " +
+                std::to_string(kMaxKeyBytes) + ")");
+        continue;
+      }
       std::string key_path = Join(path, key);
       if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
         std::string msg = "unknown key";
         std::string best;
         size_t best_d = 3;
         for (const auto& a : allowed) {
+          // Lengths further apart than the best distance so far cannot beat it.
+          const size_t gap = key.size() > a.size() ? key.size() - a.size() : a.size() - key.size();
+          if (gap >= best_d) continue;
           size_t d = EditDistance(key, a);
           if (d < best_d) {
             best_d = d;

@@ -114,19 +114,29 @@ class TreeBuilder {
   bool OnScalar(fy_event* e) {
     fy_token* t = e->scalar.value;
     std::string_view text = TokenText(t);
+    const fy_scalar_style style = fy_token_scalar_style(t);
+    // libfyaml marks a quoted scalar after its opening quote; errors point at the quote.
+    std::optional<fy_mark> mark;
+    if (const fy_mark* m = fy_event_start_mark(e)) {
+      mark = *m;
+      if ((style == FYSS_SINGLE_QUOTED || style == FYSS_DOUBLE_QUOTED) && mark->column > 0) {
+        --mark->column;
+      }
+    }
     if (text.size() > limits_.max_scalar_bytes) {
-      return Fail(fy_event_start_mark(e), "a string longer than " +
-                                              std::to_string(limits_.max_scalar_bytes) + " bytes");
+      return Fail(mark ? &*mark : nullptr, "a string longer than " +
+                                               std::to_string(limits_.max_scalar_bytes) + " bytes");
     }
     if (!Count(e, 1)) return false;
-    const bool plain = fy_token_scalar_style(t) == FYSS_PLAIN && e->scalar.tag == nullptr;
+    const bool plain = style == FYSS_PLAIN && e->scalar.tag == nullptr;
     YamlNode* n = NewNode(e, plain && IsNullSpelling(text) ? YamlNode::Kind::kNull
                                                            : YamlNode::Kind::kScalar);
     n->text = std::string(text);
     n->plain = plain;
-    // libfyaml marks a quoted scalar after its opening quote; errors point at the quote.
-    const fy_scalar_style style = fy_token_scalar_style(t);
-    if ((style == FYSS_SINGLE_QUOTED || style == FYSS_DOUBLE_QUOTED) && n->column > 1) --n->column;
+    if (mark) {
+      n->line = mark->line + 1;
+      n->column = mark->column + 1;
+    }
     if (e->scalar.anchor != nullptr) anchors_[std::string(TokenText(e->scalar.anchor))] = {n, 1};
     Attach(n, 1);
     return true;
