@@ -21,7 +21,6 @@
 #include "common/clock.h"
 #include "common/duration.h"
 #include "common/logging.h"
-#include "common/sha256.h"
 #include "controller/api_server.h"
 #include "controller/http_server.h"
 #include "controller/metrics.h"
@@ -59,22 +58,30 @@ struct DaemonFlags {
 
 // Hashes artifacts once per (path, size, mtime, inode): manifest reloads do not re-read
 // unchanged binaries. One entry per path, so the cache stays as large as the manifests' paths.
+// Hashing is copying into the content-addressed store (ArtifactStore::Put hashes while it
+// copies): the reconciler's later Put of the same digest then finds it stored and reads
+// nothing, so no artifact is ever read on the event thread in the common case.
 // Used by the manifest loader's thread only.
 class CachingHasher {
  public:
+  explicit CachingHasher(ArtifactStore& store) : store_(store) {}
+
   StatusOr<std::string> operator()(const fs::path& p) {
     struct stat st {};
-    // Sha256File refuses what is not a regular file, or too large; its errors name the path.
-    if (::stat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return Sha256File(p);
+    // Put refuses what is not a regular file, or too large; its errors name the path.
+    if (::stat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return store_.Put(p);
     Stamp stamp{st.st_size, st.st_mtim.tv_sec * 1'000'000'000LL + st.st_mtim.tv_nsec, st.st_ino};
     auto it = cache_.find(p.string());
-    if (it != cache_.end() && it->second.first == stamp) return it->second.second;
-    ASSIGN_OR_RETURN(std::string digest, Sha256File(p));
+    if (it != cache_.end() && it->second.first == stamp && store_.Has(it->second.second)) {
+      return it->second.second;
+    }
+    ASSIGN_OR_RETURN(std::string digest, store_.Put(p));
     cache_[p.string()] = {stamp, digest};
     return digest;
   }
 
  private:
+  ArtifactStore& store_;
   using Stamp = std::tuple<off_t, int64_t, ino_t>;
   std::map<std::string, std::pair<Stamp, std::string>> cache_;
 };
@@ -290,7 +297,7 @@ int RunDaemon(int argc, char** argv) {
   // Loads read files and hash artifacts on the loader's thread; the reconciler gets each result
   // on this (the event) thread. Until the first arrives, it works from the desired state the
   // store remembers, and /readyz says the manifests are not loaded yet.
-  CachingHasher hasher;
+  CachingHasher hasher(*artifacts);
   ArtifactHasher hash_fn = [&hasher](const fs::path& p) { return hasher(p); };
   BackgroundLoader loader(
       io, [&] { return LoadManifestDir(flags.manifests, hash_fn); },
