@@ -39,15 +39,19 @@ class TreeBuilder {
       case FYET_DOCUMENT_START:
         anchors_.clear();  // anchors are scoped to their document
         return true;
-      case FYET_SCALAR: return OnScalar(e);
-      case FYET_ALIAS: return OnAlias(e);
+      case FYET_SCALAR:
+        return OnScalar(e);
+      case FYET_ALIAS:
+        return OnAlias(e);
       case FYET_SEQUENCE_START:
         return OnStart(e, YamlNode::Kind::kSequence, e->sequence_start.anchor);
       case FYET_MAPPING_START:
         return OnStart(e, YamlNode::Kind::kMapping, e->mapping_start.anchor);
       case FYET_SEQUENCE_END:
-      case FYET_MAPPING_END: return OnEnd();
-      default: return true;
+      case FYET_MAPPING_END:
+        return OnEnd();
+      default:
+        return true;
     }
   }
 
@@ -124,13 +128,13 @@ class TreeBuilder {
       }
     }
     if (text.size() > limits_.max_scalar_bytes) {
-      return Fail(mark ? &*mark : nullptr, "a string longer than " +
-                                               std::to_string(limits_.max_scalar_bytes) + " bytes");
+      return Fail(mark ? &*mark : nullptr,
+                  "a string longer than " + std::to_string(limits_.max_scalar_bytes) + " bytes");
     }
     if (!Count(e, 1)) return false;
     const bool plain = style == FYSS_PLAIN && e->scalar.tag == nullptr;
-    YamlNode* n = NewNode(e, plain && IsNullSpelling(text) ? YamlNode::Kind::kNull
-                                                           : YamlNode::Kind::kScalar);
+    YamlNode* n =
+        NewNode(e, plain && IsNullSpelling(text) ? YamlNode::Kind::kNull : YamlNode::Kind::kScalar);
     n->text = std::string(text);
     n->plain = plain;
     if (mark) {
@@ -146,8 +150,8 @@ class TreeBuilder {
     std::string name(TokenText(e->alias.anchor));
     auto it = anchors_.find(name);
     if (it == anchors_.end()) {
-      return Fail(fy_event_start_mark(e), "alias *" + name +
-                                              " refers to no complete anchored node before it");
+      return Fail(fy_event_start_mark(e),
+                  "alias *" + name + " refers to no complete anchored node before it");
     }
     if (!Count(e, it->second.expanded)) return false;
     Attach(it->second.node, it->second.expanded);
@@ -156,8 +160,8 @@ class TreeBuilder {
 
   bool OnStart(fy_event* e, YamlNode::Kind kind, fy_token* anchor) {
     if (static_cast<int>(open_.size()) >= limits_.max_depth) {
-      return Fail(fy_event_start_mark(e), "nested deeper than " +
-                                              std::to_string(limits_.max_depth) + " levels");
+      return Fail(fy_event_start_mark(e),
+                  "nested deeper than " + std::to_string(limits_.max_depth) + " levels");
     }
     if (!Count(e, 1)) return false;
     open_.push_back({NewNode(e, kind), 1, std::string(TokenText(anchor))});

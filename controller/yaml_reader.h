@@ -25,7 +25,7 @@ struct YamlNode {
   bool plain = false;  // a scalar written without quotes, block style or tag: may be a number
   int line = 0;        // 1-based; 0 when the node has no place in the text (an empty value)
   int column = 0;      // 1-based, in characters
-  std::vector<const YamlNode*> items;                               // kSequence
+  std::vector<const YamlNode*> items;                                // kSequence
   std::vector<std::pair<const YamlNode*, const YamlNode*>> entries;  // kMapping, in order,
                                                                      // duplicate keys kept
 };
@@ -43,9 +43,9 @@ struct YamlError {
 };
 
 struct YamlStream {
-  std::deque<YamlNode> nodes;            // owns every node; stable addresses
+  std::deque<YamlNode> nodes;              // owns every node; stable addresses
   std::vector<const YamlNode*> documents;  // one root per document, in order
-  std::optional<YamlError> error;        // the first error; parsing stops there
+  std::optional<YamlError> error;          // the first error; parsing stops there
 };
 
 // Parses every document of `text`. REQUIRES: `text` is valid UTF-8 (the caller reports bad

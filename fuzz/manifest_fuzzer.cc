@@ -11,9 +11,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "common/limits.h"
 #include "controller/desired_set.h"
@@ -43,7 +42,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   for (const kiln::ManifestError& e : file.errors) {
     if (e.file != path) Violated("error names another file", e.file);
-    nlohmann::json j = {{"file", e.file}, {"line", e.line},       {"column", e.column},
+    nlohmann::json j = {{"file", e.file},    {"line", e.line},       {"column", e.column},
                         {"key", e.key_path}, {"message", e.message}, {"error", e.ToString()}};
     (void)j.dump();  // throws (and so aborts) on bytes that are not UTF-8
   }

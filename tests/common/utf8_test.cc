@@ -17,11 +17,14 @@ TEST_CASE("UTF-8 validation follows RFC 3629", "[utf8]") {
   CHECK(FindInvalidUtf8("\xf4\x90\x80\x80") == 0u);  // above U+10FFFF
   CHECK(FindInvalidUtf8("\xc3") == 0u);              // cut short
   CHECK(FindInvalidUtf8("\xe2\x82") == 0u);
-  CHECK(FindInvalidUtf8("a\x80") == 1u);             // a lone continuation byte
+  CHECK(FindInvalidUtf8("a\x80") == 1u);  // a lone continuation byte
 }
 
 TEST_CASE("sanitising and truncating keep text valid", "[utf8]") {
-  CHECK(SanitizeUtf8("a\xff" "b") == "a\xef\xbf\xbd" "b");
+  CHECK(SanitizeUtf8("a\xff"
+                     "b") ==
+        "a\xef\xbf\xbd"
+        "b");
   CHECK(SanitizeUtf8("\xc3\xa9") == "\xc3\xa9");
   CHECK(IsValidUtf8(SanitizeUtf8("\xed\xa0\x80\xc0")));
   CHECK(TruncateUtf8("abc", 5) == "abc");
