@@ -2,7 +2,7 @@
 STATE ?= .kiln-state
 MANIFESTS ?= examples/manifests
 
-.PHONY: deps configure build test run bench asan clean
+.PHONY: deps configure build test run bench asan fuzz clean
 
 deps:
 	@scripts/install-deps
@@ -30,5 +30,21 @@ asan: deps
 	@cmake --build --preset asan
 	@ctest --preset asan
 
+# The manifest loader under libFuzzer + ASan + UBSan (clang), FUZZ_SECONDS long, from the committed
+# seeds in fuzz/corpus/manifest (new inputs go to build-fuzz/corpus, never into the repository).
+# Fails on a crash, a leak, an input slower than 1 s or more than 512 MB; the input that did it is
+# written to build-fuzz/crashes/ (commit it to fuzz/corpus/manifest as a regression seed).
+# fuzz/lsan.supp says which leak inside libfyaml itself is known and why it is suppressed.
+FUZZ_SECONDS ?= 60
+fuzz:
+	@scripts/install-deps --fuzz
+	@cmake --preset fuzz >/dev/null
+	@cmake --build --preset fuzz
+	@mkdir -p build-fuzz/corpus/manifest build-fuzz/crashes
+	LSAN_OPTIONS=suppressions=$(CURDIR)/fuzz/lsan.supp:print_suppressions=0 \
+	  build-fuzz/bin/manifest_fuzzer build-fuzz/corpus/manifest fuzz/corpus/manifest \
+	  -max_total_time=$(FUZZ_SECONDS) -timeout=1 -rss_limit_mb=512 -malloc_limit_mb=512 \
+	  -max_len=131072 -print_final_stats=1 -artifact_prefix=build-fuzz/crashes/
+
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz

@@ -453,7 +453,9 @@ int Validate(const std::string& dir, const std::string& output, std::ostream& ou
                              {"message", e.message},
                              {"error", e.ToString()}});
     }
-    out << j.dump(2) << "\n";
+    // Names and messages come from files on disk: a byte that is not UTF-8 must not abort the
+    // dump (nlohmann::json throws by default); it becomes U+FFFD.
+    out << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     return errors.empty() ? 0 : 1;
   }
 

@@ -1,13 +1,11 @@
 #include "common/sha256.h"
 
-#include <fcntl.h>
 #include <openssl/evp.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 
-#include "common/unique_fd.h"
+#include "common/regular_file.h"
 
 namespace kiln {
 
@@ -41,20 +39,14 @@ std::string Sha256Hex(std::string_view data) {
   return h.HexDigest();
 }
 
-StatusOr<std::string> Sha256File(const std::filesystem::path& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return ErrnoError(errno, "cannot read " + path.string());
+StatusOr<std::string> Sha256File(const std::filesystem::path& path, uint64_t max_bytes) {
+  const std::string what = "cannot read " + path.string();
+  ASSIGN_OR_RETURN(RegularFile f, OpenRegularFile(path, max_bytes, what));
   Sha256Hasher h;
-  char buf[1 << 16];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, "cannot read " + path.string());
-    }
-    if (n == 0) break;
-    h.Update(buf, static_cast<size_t>(n));
-  }
+  RETURN_IF_ERROR(ReadChunks(f, max_bytes, what, [&](const char* data, size_t size) {
+    h.Update(data, size);
+    return Status::Ok();
+  }));
   return h.HexDigest();
 }
 

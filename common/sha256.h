@@ -4,6 +4,7 @@
 #include <string>
 #include <string_view>
 
+#include "common/limits.h"
 #include "common/status.h"
 
 struct evp_md_ctx_st;
@@ -29,8 +30,10 @@ class Sha256Hasher {
 // Lower-case hex SHA-256 of bytes (OpenSSL libcrypto).
 std::string Sha256Hex(std::string_view data);
 
-// Lower-case hex SHA-256 of a file's contents, read in chunks. Errors name the path.
-StatusOr<std::string> Sha256File(const std::filesystem::path& path);
+// Lower-case hex SHA-256 of a regular file's contents, read in chunks. A FIFO, a device or
+// a file larger than `max_bytes` is refused, not read. Errors name the path.
+StatusOr<std::string> Sha256File(const std::filesystem::path& path,
+                                 uint64_t max_bytes = kMaxArtifactBytes);
 
 // True for 64 lower- or upper-case hex digits.
 bool IsSha256Hex(std::string_view s);

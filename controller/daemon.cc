@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -11,7 +12,10 @@
 #include <sys/stat.h>
 #include <thread>
 
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
+#include <thread>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -22,7 +26,6 @@
 #include "common/descriptors.h"
 #include "common/duration.h"
 #include "common/logging.h"
-#include "common/sha256.h"
 #include "controller/api_server.h"
 #include "controller/http_server.h"
 #include "controller/metrics.h"
@@ -65,24 +68,86 @@ struct DaemonFlags {
 };
 
 // Hashes artifacts once per (path, size, mtime, inode): manifest reloads do not re-read
-// unchanged binaries.
+// unchanged binaries. One entry per path, so the cache stays as large as the manifests' paths.
+// Hashing is copying into the content-addressed store (ArtifactStore::Put hashes while it
+// copies): the reconciler's later Put of the same digest then finds it stored and reads
+// nothing, so no artifact is ever read on the event thread in the common case.
+// Used by the manifest loader's thread only.
 class CachingHasher {
  public:
+  explicit CachingHasher(ArtifactStore& store) : store_(store) {}
+
   StatusOr<std::string> operator()(const fs::path& p) {
     struct stat st {};
-    if (::stat(p.c_str(), &st) != 0) return Sha256File(p);  // its error names the path
-    Key key{p.string(), st.st_size, st.st_mtim.tv_sec * 1'000'000'000LL + st.st_mtim.tv_nsec,
-            st.st_ino};
-    auto it = cache_.find(key);
-    if (it != cache_.end()) return it->second;
-    ASSIGN_OR_RETURN(std::string digest, Sha256File(p));
-    cache_[key] = digest;
+    // Put refuses what is not a regular file, or too large; its errors name the path.
+    if (::stat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return store_.Put(p);
+    Stamp stamp{st.st_size, st.st_mtim.tv_sec * 1'000'000'000LL + st.st_mtim.tv_nsec, st.st_ino};
+    auto it = cache_.find(p.string());
+    if (it != cache_.end() && it->second.first == stamp && store_.Has(it->second.second)) {
+      return it->second.second;
+    }
+    ASSIGN_OR_RETURN(std::string digest, store_.Put(p));
+    cache_[p.string()] = {stamp, digest};
     return digest;
   }
 
  private:
-  using Key = std::tuple<std::string, off_t, int64_t, ino_t>;
-  std::map<Key, std::string> cache_;
+  ArtifactStore& store_;
+  using Stamp = std::tuple<off_t, int64_t, ino_t>;
+  std::map<std::string, std::pair<Stamp, std::string>> cache_;
+};
+
+// Runs manifest loads (reading files, hashing artifacts: seconds for a large artifact) on a
+// thread of its own, never on the event thread, and hands each result to `apply` on the event
+// thread. One load at a time; requests that arrive during a load are folded into one more load
+// after it, so the last change is always read.
+class BackgroundLoader {
+ public:
+  BackgroundLoader(boost::asio::io_context& io, std::function<ManifestSet()> load,
+                   std::function<void(ManifestSet)> apply)
+      : io_(io), load_(std::move(load)), apply_(std::move(apply)), thread_([this] { Run(); }) {}
+  ~BackgroundLoader() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_one();
+    thread_.join();
+  }
+  BackgroundLoader(const BackgroundLoader&) = delete;
+  BackgroundLoader& operator=(const BackgroundLoader&) = delete;
+
+  // Any thread.
+  void Request() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_ = true;
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return pending_ || stopping_; });
+        if (stopping_) return;
+        pending_ = false;
+      }
+      ManifestSet set = load_();
+      boost::asio::post(io_, [this, set = std::move(set)]() mutable { apply_(std::move(set)); });
+    }
+  }
+
+  boost::asio::io_context& io_;
+  std::function<ManifestSet()> load_;
+  std::function<void(ManifestSet)> apply_;
+  std::mutex mu_;  // guards pending_ and stopping_
+  std::condition_variable cv_;
+  bool pending_ = false;
+  bool stopping_ = false;
+  std::thread thread_;  // last: starts once everything above is initialised
 };
 
 // Logs what a manifest load found: each service with its template hash.
@@ -353,16 +418,20 @@ int RunDaemon(int argc, char** argv) {
   };
   try_recover();
 
-  CachingHasher hasher;
+  // Loads read files and hash artifacts on the loader's thread; the reconciler gets each result
+  // on this (the event) thread. Until the first arrives, it works from the desired state the
+  // store remembers, and /readyz says the manifests are not loaded yet.
+  CachingHasher hasher(*artifacts);
   ArtifactHasher hash_fn = [&hasher](const fs::path& p) { return hasher(p); };
-  auto load = [&] {
-    ManifestSet set = LoadManifestDir(flags.manifests, hash_fn);
-    LogManifestSet(set);
-    metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
-    reconciler.ApplyManifests(set);
-  };
-  load();
-  ManifestWatcher watcher(io, flags.manifests, Duration(50), load);
+  BackgroundLoader loader(
+      io, [&] { return LoadManifestDir(flags.manifests, hash_fn); },
+      [&](ManifestSet set) {
+        LogManifestSet(set);
+        metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
+        reconciler.ApplyManifests(set);
+      });
+  loader.Request();
+  ManifestWatcher watcher(io, flags.manifests, Duration(50), [&] { loader.Request(); });
   watcher.Start();
   queue.Start();
 

@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <unistd.h>
-#include <yaml-cpp/yaml.h>
 
 #include <nlohmann/json.hpp>
 
@@ -12,8 +11,11 @@
 #include <set>
 
 #include "common/duration.h"
+#include "common/limits.h"
+#include "common/regular_file.h"
 #include "common/sha256.h"
-#include "common/unique_fd.h"
+#include "common/utf8.h"
+#include "controller/yaml_reader.h"
 
 namespace kiln {
 namespace fs = std::filesystem;
@@ -47,32 +49,53 @@ size_t EditDistance(std::string_view a, std::string_view b) {
   return prev[b.size()];
 }
 
+// Quotes a value for an error message: control characters escaped (messages reach terminals),
+// and long values cut, so an error never carries a megabyte of someone's file.
 std::string Quote(std::string_view s) {
+  constexpr size_t kMaxShown = 80;
+  static constexpr char kHex[] = "0123456789abcdef";
+  const std::string_view shown = TruncateUtf8(s, kMaxShown);
   std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out.push_back('\\');
-    if (c == '\n') {
+  for (char ch : shown) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(ch);
+    } else if (c == '\n') {
       out += "\\n";
-      continue;
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || c == 0x7f) {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 0xf]);
+    } else {
+      out.push_back(ch);
     }
-    out.push_back(c);
   }
-  return out + "\"";
+  out += "\"";
+  if (shown.size() < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
+  return out;
 }
 
 // How a node reads in an error: "a mapping", "a list", "nothing", or its quoted text.
-std::string Describe(const YAML::Node& n) {
-  switch (n.Type()) {
-    case YAML::NodeType::Map: return "a mapping";
-    case YAML::NodeType::Sequence: return "a list";
-    case YAML::NodeType::Null: return "nothing";
-    case YAML::NodeType::Scalar: return Quote(n.Scalar());
-    default: return "nothing";
+std::string Describe(const YamlNode* n) {
+  switch (n->kind) {
+    case YamlNode::Kind::kMapping: return "a mapping";
+    case YamlNode::Kind::kSequence: return "a list";
+    case YamlNode::Kind::kNull: return "nothing";
+    case YamlNode::Kind::kScalar: return Quote(n->text);
   }
+  return "nothing";
 }
 
-// A quoted scalar ('3', "true") is a string: yaml-cpp tags non-plain scalars "!".
-bool IsPlainScalar(const YAML::Node& n) { return n.IsScalar() && n.Tag() != "!"; }
+bool IsMap(const YamlNode* n) { return n->kind == YamlNode::Kind::kMapping; }
+bool IsSequence(const YamlNode* n) { return n->kind == YamlNode::Kind::kSequence; }
+bool IsScalar(const YamlNode* n) { return n->kind == YamlNode::Kind::kScalar; }
+bool IsNull(const YamlNode* n) { return n->kind == YamlNode::Kind::kNull; }
+
+// A quoted scalar ('3', "true") is a string, never a number or a boolean.
+bool IsPlainScalar(const YamlNode* n) { return IsScalar(n) && n->plain; }
 
 std::optional<int64_t> ParseInteger(std::string_view s) {
   if (s.empty() || s.size() > 12) return std::nullopt;
@@ -86,8 +109,14 @@ std::optional<int64_t> ParseInteger(std::string_view s) {
   return s[0] == '-' ? -v : v;
 }
 
+bool HasControlCharacter(std::string_view s) {
+  return std::any_of(s.begin(), s.end(), [](char c) {
+    return static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+  });
+}
+
 bool IsValidServiceName(std::string_view s) {
-  if (s.empty() || s.size() > 63) return false;
+  if (s.empty() || s.size() > kMaxServiceNameBytes) return false;
   for (char c : s) {
     if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-')) return false;
   }
@@ -110,8 +139,8 @@ std::string Join(const std::string& prefix, std::string_view key) {
 // One entry of a mapping, with the key's node kept for its position.
 struct Entry {
   std::string key;
-  YAML::Node key_node;
-  YAML::Node value;
+  const YamlNode* key_node;
+  const YamlNode* value;
 };
 
 // Parses the documents of one file, collecting every error.
@@ -119,60 +148,86 @@ class FileParser {
  public:
   FileParser(ManifestFile& file, const ArtifactHasher& hasher) : file_(file), hasher_(hasher) {}
 
-  void ParseText(const std::string& text) {
-    std::vector<YAML::Node> docs;
-    try {
-      docs = YAML::LoadAll(text);
-    } catch (const YAML::ParserException& e) {
-      AddAt(e.mark, "", "invalid YAML: " + e.msg);
-      return;
-    } catch (const YAML::Exception& e) {
-      AddAt(e.mark, "", "invalid YAML: " + e.msg);
+  // REQUIRES: `text` is valid UTF-8.
+  void ParseText(std::string_view text) {
+    YamlLimits limits;
+    limits.max_depth = kMaxManifestDepth;
+    limits.max_scalar_bytes = kMaxManifestScalarBytes;
+    limits.max_nodes = kMaxManifestNodes;
+    YamlStream stream = ParseYaml(text, limits);
+    if (stream.error) {
+      // The parser cannot go on after an error: no service of this file is read.
+      AddAt(stream.error->line, stream.error->column, "",
+            "invalid YAML: " + SanitizeUtf8(stream.error->message));
       return;
     }
-    for (const YAML::Node& doc : docs) {
-      if (doc.IsNull()) continue;  // an empty document between `---` separators
+    for (const YamlNode* doc : stream.documents) {
+      if (IsNull(doc)) continue;  // an empty document between `---` separators
       ParseService(doc);
     }
   }
 
+  // Adds the note about errors beyond the per-file limit.
+  void Finish() {
+    if (suppressed_ == 0) return;
+    file_.errors.push_back({file_.path, suppressed_line_, suppressed_column_, "",
+                            "and " + std::to_string(suppressed_) +
+                                " more errors in this file from here on (only the first " +
+                                std::to_string(kMaxManifestErrorsPerFile) + " are reported)"});
+  }
+
  private:
-  void AddAt(const YAML::Mark& m, std::string key_path, std::string message) {
+  void AddAt(int line, int column, std::string key_path, std::string message) {
+    if (file_.errors.size() >= kMaxManifestErrorsPerFile) {
+      if (suppressed_++ == 0) {
+        suppressed_line_ = line;
+        suppressed_column_ = column;
+      }
+      return;
+    }
     ManifestError e;
     e.file = file_.path;
-    if (m.line >= 0) {
-      e.line = m.line + 1;
-      e.column = m.column + 1;
+    if (line > 0) {
+      e.line = line;
+      e.column = column;
     }
     e.key_path = std::move(key_path);
     e.message = std::move(message);
     file_.errors.push_back(std::move(e));
   }
   // Errors point at the value; a null value has no position, so they point at its key.
-  void Add(const YAML::Node& at, const YAML::Node& fallback, std::string key_path, std::string m) {
-    YAML::Mark mark = at.Mark();
-    if (mark.line < 0) mark = fallback.Mark();
-    AddAt(mark, std::move(key_path), std::move(m));
+  void Add(const YamlNode* at, const YamlNode* fallback, std::string key_path, std::string m) {
+    const YamlNode* where = at->line > 0 ? at : fallback;
+    AddAt(where->line, where->column, std::move(key_path), std::move(m));
   }
 
   // Returns the entries of a mapping, reporting duplicate and unknown keys.
-  std::vector<Entry> Entries(const YAML::Node& map, const std::string& path,
+  std::vector<Entry> Entries(const YamlNode* map, const std::string& path,
                              const std::vector<std::string>& allowed) {
     std::vector<Entry> out;
     std::set<std::string> seen;
-    for (auto it = map.begin(); it != map.end(); ++it) {
-      const YAML::Node k = it->first;  // a copy: the iterator yields temporaries
-      if (!k.IsScalar()) {
+    for (const auto& [k, value] : map->entries) {
+      if (!IsScalar(k)) {
         Add(k, map, path, "keys must be plain names, got " + Describe(k));
         continue;
       }
-      std::string key = k.Scalar();
+      std::string key = k->text;
+      if (key.size() > kMaxKeyBytes) {
+        // Not named in the error: a key path of kilobytes helps nobody.
+        Add(k, map, path,
+            "unknown key of " + std::to_string(key.size()) + " bytes (keys are at most " +
+                std::to_string(kMaxKeyBytes) + ")");
+        continue;
+      }
       std::string key_path = Join(path, key);
       if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
         std::string msg = "unknown key";
         std::string best;
         size_t best_d = 3;
         for (const auto& a : allowed) {
+          // Lengths further apart than the best distance so far cannot beat it.
+          const size_t gap = key.size() > a.size() ? key.size() - a.size() : a.size() - key.size();
+          if (gap >= best_d) continue;
           size_t d = EditDistance(key, a);
           if (d < best_d) {
             best_d = d;
@@ -187,29 +242,46 @@ class FileParser {
         Add(k, map, key_path, "duplicate key");
         continue;
       }
-      out.push_back({key, k, it->second});
+      out.push_back({key, k, value});
     }
     return out;
   }
 
+  // The documented field limits (common/limits.h): false, with an error naming the field.
+  bool WithinBytes(const YamlNode* at, const YamlNode* fallback, const std::string& path,
+                   std::string_view value, size_t max) {
+    if (value.size() <= max) return true;
+    Add(at, fallback, path,
+        "is " + std::to_string(value.size()) + " bytes; the limit is " + std::to_string(max));
+    return false;
+  }
+  bool WithinCount(const YamlNode* at, const YamlNode* fallback, const std::string& path,
+                   size_t count, size_t max, std::string_view what) {
+    if (count <= max) return true;
+    Add(at, fallback, path,
+        "has " + std::to_string(count) + " " + std::string(what) + "; the limit is " +
+            std::to_string(max));
+    return false;
+  }
+
   bool ExpectMap(const Entry& e, const std::string& path) {
-    if (e.value.IsMap()) return true;
+    if (IsMap(e.value)) return true;
     Add(e.value, e.key_node, path, "expected a mapping, got " + Describe(e.value));
     return false;
   }
 
   bool GetString(const Entry& e, const std::string& path, std::string* out) {
-    if (!e.value.IsScalar()) {
+    if (!IsScalar(e.value)) {
       Add(e.value, e.key_node, path, "expected a string, got " + Describe(e.value));
       return false;
     }
-    *out = e.value.Scalar();
+    *out = e.value->text;
     return true;
   }
 
   bool GetInt(const Entry& e, const std::string& path, int64_t min, int64_t max, int* out) {
     std::optional<int64_t> v;
-    if (IsPlainScalar(e.value)) v = ParseInteger(e.value.Scalar());
+    if (IsPlainScalar(e.value)) v = ParseInteger(e.value->text);
     if (!v) {
       Add(e.value, e.key_node, path, "expected an integer, got " + Describe(e.value));
       return false;
@@ -226,7 +298,7 @@ class FileParser {
 
   bool GetBool(const Entry& e, const std::string& path, bool* out) {
     if (IsPlainScalar(e.value)) {
-      const std::string& s = e.value.Scalar();
+      const std::string& s = e.value->text;
       if (s == "true") {
         *out = true;
         return true;
@@ -241,12 +313,12 @@ class FileParser {
   }
 
   bool GetDuration(const Entry& e, const std::string& path, bool allow_zero, Duration* out) {
-    if (!e.value.IsScalar()) {
+    if (!IsScalar(e.value)) {
       Add(e.value, e.key_node, path,
           "expected a duration like 500ms, 2s or 10m, got " + Describe(e.value));
       return false;
     }
-    StatusOr<Duration> d = ParseDuration(e.value.Scalar());
+    StatusOr<Duration> d = ParseDuration(e.value->text);
     if (!d.ok()) {
       Add(e.value, e.key_node, path, d.status().message());
       return false;
@@ -260,10 +332,10 @@ class FileParser {
   }
 
   bool GetCountOrPercent(const Entry& e, const std::string& path, CountOrPercent* out) {
-    std::string s = e.value.IsScalar() ? e.value.Scalar() : "";
+    std::string s = IsScalar(e.value) ? e.value->text : "";
     bool percent = !s.empty() && s.back() == '%';
     if (percent) s.pop_back();
-    std::optional<int64_t> v = e.value.IsScalar() ? ParseInteger(s) : std::nullopt;
+    std::optional<int64_t> v = IsScalar(e.value) ? ParseInteger(s) : std::nullopt;
     if (!v) {
       Add(e.value, e.key_node, path,
           "expected a count or a percentage, got " + Describe(e.value));
@@ -281,21 +353,30 @@ class FileParser {
 
   bool GetStringList(const Entry& e, const std::string& path, bool allow_empty,
                      std::vector<std::string>* out) {
-    if (!e.value.IsSequence()) {
+    if (!IsSequence(e.value)) {
       Add(e.value, e.key_node, path, "expected a list of strings, got " + Describe(e.value));
+      return false;
+    }
+    if (!WithinCount(e.value, e.key_node, path, e.value->items.size(), kMaxCommandArgs,
+                     "arguments")) {
       return false;
     }
     bool ok = true;
     std::vector<std::string> v;
-    for (size_t i = 0; i < e.value.size(); ++i) {
-      const YAML::Node& item = e.value[i];
-      if (!item.IsScalar()) {
+    for (size_t i = 0; i < e.value->items.size(); ++i) {
+      const YamlNode* item = e.value->items[i];
+      if (!IsScalar(item)) {
         Add(item, e.value, path + "[" + std::to_string(i) + "]",
             "expected a string, got " + Describe(item));
         ok = false;
         continue;
       }
-      v.push_back(item.Scalar());
+      if (!WithinBytes(item, e.value, path + "[" + std::to_string(i) + "]", item->text,
+                       kMaxCommandArgBytes)) {
+        ok = false;
+        continue;
+      }
+      v.push_back(item->text);
     }
     if (ok && v.empty() && !allow_empty) {
       Add(e.value, e.key_node, path, "must not be empty");
@@ -307,11 +388,19 @@ class FileParser {
 
   void ParseEnv(const Entry& e, std::map<std::string, std::string>* out) {
     if (!ExpectMap(e, "env")) return;
+    if (!WithinCount(e.value, e.key_node, "env", e.value->entries.size(), kMaxEnvVars,
+                     "variables")) {
+      return;
+    }
     std::set<std::string> seen;
-    for (auto it = e.value.begin(); it != e.value.end(); ++it) {
-      const YAML::Node k = it->first;  // a copy: the iterator yields temporaries
-      const YAML::Node v = it->second;
-      std::string name = k.IsScalar() ? k.Scalar() : "";
+    for (const auto& [k, v] : e.value->entries) {
+      std::string name = IsScalar(k) ? k->text : "";
+      if (name.size() > kMaxEnvNameBytes) {
+        Add(k, e.value, "env",
+            "a variable name is " + std::to_string(name.size()) + " bytes; the limit is " +
+                std::to_string(kMaxEnvNameBytes));
+        continue;
+      }
       std::string path = "env." + name;
       if (!IsValidEnvName(name)) {
         Add(k, e.value, path, "environment variable names are letters, digits and '_', got " +
@@ -326,11 +415,12 @@ class FileParser {
         Add(k, e.value, path, "duplicate key");
         continue;
       }
-      if (!v.IsScalar()) {
+      if (!IsScalar(v)) {
         Add(v, k, path, "expected a string, got " + Describe(v));
         continue;
       }
-      (*out)[name] = v.Scalar();
+      if (!WithinBytes(v, k, path, v->text, kMaxEnvValueBytes)) continue;
+      (*out)[name] = v->text;
     }
   }
 
@@ -348,12 +438,16 @@ class FileParser {
       if (he.key == "http") {
         h->kind = ProbeKind::kHttp;
         h->http_path = "/";
-        if (he.value.IsNull()) continue;  // `http:` alone probes GET / on the instance's port
+        if (IsNull(he.value)) continue;  // `http:` alone probes GET / on the instance's port
         if (!ExpectMap(he, path)) continue;
         for (const Entry& pe : Entries(he.value, path, kHttpKeys)) {
           std::string p2 = path + "." + pe.key;
           if (pe.key == "path") {
-            if (GetString(pe, p2, &h->http_path) && h->http_path.rfind('/', 0) != 0) {
+            if (!GetString(pe, p2, &h->http_path) ||
+                !WithinBytes(pe.value, pe.key_node, p2, h->http_path, kMaxHealthPathBytes)) {
+              continue;
+            }
+            if (h->http_path.rfind('/', 0) != 0) {
               Add(pe.value, pe.key_node, p2, "must start with '/', got " + Quote(h->http_path));
             }
           } else {
@@ -362,7 +456,7 @@ class FileParser {
         }
       } else if (he.key == "tcp") {
         h->kind = ProbeKind::kTcp;
-        if (he.value.IsNull()) continue;
+        if (IsNull(he.value)) continue;
         if (!ExpectMap(he, path)) continue;
         for (const Entry& pe : Entries(he.value, path, kTcpKeys)) {
           GetInt(pe, path + "." + pe.key, 1, 65535, &h->port);
@@ -385,7 +479,7 @@ class FileParser {
 
   void ParseUpdate(const Entry& e, UpdatePolicy* u) {
     if (!ExpectMap(e, "update")) return;
-    std::map<std::string, YAML::Node> given;
+    std::map<std::string, const YamlNode*> given;
     for (const Entry& ue : Entries(e.value, "update", kUpdateKeys)) {
       std::string path = "update." + ue.key;
       given[ue.key] = ue.key_node;
@@ -437,8 +531,8 @@ class FileParser {
     }
   }
 
-  void ParseService(const YAML::Node& doc) {
-    if (!doc.IsMap()) {
+  void ParseService(const YamlNode* doc) {
+    if (!IsMap(doc)) {
       Add(doc, doc, "", "expected a service document (a mapping), got " + Describe(doc));
       return;
     }
@@ -458,12 +552,17 @@ class FileParser {
           continue;
         }
         has_name = true;
-        s.line = e.value.Mark().line + 1;
-        s.column = e.value.Mark().column + 1;
+        s.line = e.value->line;
+        s.column = e.value->column;
       } else if (e.key == "version") {
         version_given = true;
-        if (GetString(e, "version", &s.tmpl.version) && s.tmpl.version.empty()) {
+        if (!GetString(e, "version", &s.tmpl.version)) continue;
+        if (s.tmpl.version.empty()) {
           Add(e.value, e.key_node, "version", "must not be empty");
+        } else if (WithinBytes(e.value, e.key_node, "version", s.tmpl.version, kMaxVersionBytes) &&
+                   HasControlCharacter(s.tmpl.version)) {
+          Add(e.value, e.key_node, "version",
+              "must not contain control characters, got " + Quote(s.tmpl.version));
         }
       } else if (e.key == "replicas") {
         GetInt(e, "replicas", 0, 100'000, &s.replicas);
@@ -475,14 +574,14 @@ class FileParser {
         command = e;
         GetStringList(e, "command", /*allow_empty=*/false, &s.tmpl.command);
       } else if (e.key == "env") {
-        if (!e.value.IsNull()) ParseEnv(e, &s.tmpl.env);
+        if (!IsNull(e.value)) ParseEnv(e, &s.tmpl.env);
       } else if (e.key == "port") {
         port = e;
         GetInt(e, "port", 1, 65535, &s.tmpl.port);
       } else if (e.key == "health") {
         ParseHealth(e, &s.tmpl.health);
       } else if (e.key == "update") {
-        if (!e.value.IsNull()) ParseUpdate(e, &s.update);
+        if (!IsNull(e.value)) ParseUpdate(e, &s.update);
       } else if (e.key == "history_limit") {
         GetInt(e, "history_limit", 1, 1000, &s.history_limit);
       }
@@ -497,7 +596,8 @@ class FileParser {
     } else if (!artifact && !image) {
       Add(doc, doc, "", "a service needs an artifact (process driver) or an image (container driver)");
     } else if (image) {
-      if (GetString(*image, "image", &s.tmpl.image)) {
+      if (GetString(*image, "image", &s.tmpl.image) &&
+          WithinBytes(image->value, image->key_node, "image", s.tmpl.image, kMaxImageBytes)) {
         size_t at = s.tmpl.image.find("@sha256:");
         if (at == std::string::npos || at == 0 || !IsSha256Hex(s.tmpl.image.substr(at + 8))) {
           Add(image->value, image->key_node, "image",
@@ -512,7 +612,17 @@ class FileParser {
       if (!command) s.tmpl.command = {"{artifact}"};
       ParseArtifact(*artifact, &s);
     }
-    if (file_.errors.size() == errors_before) file_.services.push_back(std::move(s));
+    if (file_.errors.size() != errors_before || suppressed_ > 0) return;
+    // One bound on the whole: what a revision stores and the API sends back for it.
+    const size_t template_bytes = s.tmpl.Canonical().size();
+    if (template_bytes > kMaxTemplateBytes) {
+      Add(doc, doc, "",
+          "the service's template (version, command, env, health) is " +
+              std::to_string(template_bytes) + " bytes as JSON; the limit is " +
+              std::to_string(kMaxTemplateBytes));
+      return;
+    }
+    file_.services.push_back(std::move(s));
   }
 
   void ParseArtifact(const Entry& e, ServiceSpec* s) {
@@ -537,6 +647,10 @@ class FileParser {
     }
     std::string raw;
     if (!GetString(*path_entry, "artifact.path", &raw)) return;
+    if (!WithinBytes(path_entry->value, path_entry->key_node, "artifact.path", raw,
+                     kMaxArtifactPathBytes)) {
+      return;
+    }
     if (raw.empty()) {
       Add(path_entry->value, path_entry->key_node, "artifact.path", "must not be empty");
       return;
@@ -561,29 +675,44 @@ class FileParser {
 
   ManifestFile& file_;
   const ArtifactHasher& hasher_;
+  size_t suppressed_ = 0;  // errors beyond kMaxManifestErrorsPerFile, counted only
+  int suppressed_line_ = 0;
+  int suppressed_column_ = 0;
 };
 
-void ParseInto(ManifestFile& file, const std::string& text, const ArtifactHasher& hasher) {
+// Checks what the YAML parser must never see (too many bytes, bytes that are not UTF-8) before
+// parsing, so a bad byte is reported at its place instead of escaping into JSON later.
+void ParseInto(ManifestFile& file, std::string_view text, const ArtifactHasher& hasher) {
   file.sha256 = Sha256Hex(text);
-  FileParser(file, hasher).ParseText(text);
-}
-
-StatusOr<std::string> ReadWholeFile(const fs::path& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return ErrnoError(errno, "cannot read");
-  std::string out;
-  char buf[1 << 16];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, "cannot read");
-    }
-    if (n == 0) break;
-    out.append(buf, static_cast<size_t>(n));
-    if (out.size() > (16u << 20)) return InvalidArgumentError("larger than 16 MiB; not a manifest");
+  if (text.size() > kMaxManifestFileBytes) {
+    file.errors.push_back({file.path, 0, 0, "",
+                           "is " + std::to_string(text.size()) +
+                               " bytes; a manifest file is limited to " +
+                               std::to_string(kMaxManifestFileBytes) + " bytes (1 MiB)"});
+    return;
   }
-  return out;
+  if (std::optional<size_t> bad = FindInvalidUtf8(text)) {
+    // Everything before the bad byte is valid: count lines, and characters within the line.
+    int line = 1, column = 1;
+    for (size_t i = 0; i < *bad; ++i) {
+      const auto c = static_cast<unsigned char>(text[i]);
+      if (c == '\n') {
+        ++line;
+        column = 1;
+      } else if ((c & 0xC0) != 0x80) {
+        ++column;
+      }
+    }
+    static constexpr char kHex[] = "0123456789ABCDEF";
+    const auto b = static_cast<unsigned char>(text[*bad]);
+    file.errors.push_back({file.path, line, column, "",
+                           std::string("invalid UTF-8: byte 0x") + kHex[b >> 4] + kHex[b & 0xF] +
+                               " is not part of a valid character; manifests are UTF-8 text"});
+    return;
+  }
+  FileParser parser(file, hasher);
+  parser.ParseText(text);
+  parser.Finish();
 }
 
 }  // namespace
@@ -631,7 +760,7 @@ std::string ServiceSpecToJson(const ServiceSpec& s) {
       {"line", s.line},
       {"column", s.column},
   };
-  return j.dump();
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 StatusOr<ServiceSpec> ServiceSpecFromJson(std::string_view text) {
@@ -724,6 +853,12 @@ ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
   auto dir_error = [&](std::string message) {
     set.dir_errors.push_back({set.dir, 0, 0, "", std::move(message)});
   };
+  // Paths end up in errors, events and stored specs, all of which are JSON: they must be text.
+  if (!IsValidUtf8(set.dir)) {
+    set.dir = SanitizeUtf8(set.dir);
+    dir_error("the directory's path is not valid UTF-8");
+    return set;
+  }
   std::error_code ec;
   if (!fs::exists(dir, ec)) {
     dir_error(ec ? "cannot read manifest directory: " + ec.message()
@@ -753,7 +888,14 @@ ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
   for (const fs::path& p : paths) {
     ManifestFile file;
     file.path = p.string();
-    StatusOr<std::string> text = ReadWholeFile(p);
+    if (!IsValidUtf8(file.path)) {
+      file.path = SanitizeUtf8(file.path);
+      file.errors.push_back({file.path, 0, 0, "", "the file name is not valid UTF-8; rename it"});
+      set.files.push_back(std::move(file));
+      continue;
+    }
+    // Only regular files are read, and only up to the size limit (a FIFO would block).
+    StatusOr<std::string> text = ReadRegularFile(p, kMaxManifestFileBytes, "cannot read");
     if (!text.ok()) {
       file.errors.push_back({file.path, 0, 0, "", text.status().message()});
     } else {

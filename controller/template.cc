@@ -42,7 +42,9 @@ std::string Template::Canonical() const {
       {"port", port},
       {"health", std::move(h)},
   };
-  return t.dump();  // nlohmann::json orders object keys; dump() adds no whitespace
+  // nlohmann::json orders object keys; dump(-1) adds no whitespace. The loader admits only
+  // UTF-8, so `replace` changes nothing here; it keeps a stray byte from throwing.
+  return t.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 std::string Template::Hash() const { return Sha256Hex(Canonical()); }

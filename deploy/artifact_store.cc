@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 
+#include "common/regular_file.h"
 #include "common/sha256.h"
 #include "common/unique_fd.h"
 
@@ -36,12 +37,12 @@ Status FsyncDir(const fs::path& dir) {
 
 }  // namespace
 
-StatusOr<ArtifactStore> ArtifactStore::Open(const fs::path& root) {
+StatusOr<ArtifactStore> ArtifactStore::Open(const fs::path& root, uint64_t max_bytes) {
   std::error_code ec;
   fs::create_directories(root / "sha256", ec);
   if (!ec) fs::create_directories(root / "tmp", ec);
   if (ec) return ErrnoError(ec.value(), "create artifact store " + root.string());
-  return ArtifactStore(root);
+  return ArtifactStore(root, max_bytes);
 }
 
 fs::path ArtifactStore::PathFor(const std::string& sha256) const { return root_ / "sha256" / sha256; }
@@ -54,8 +55,8 @@ bool ArtifactStore::Has(const std::string& sha256) const {
 StatusOr<std::string> ArtifactStore::Put(const fs::path& source, const std::string& pin) {
   // Content addressing: bytes with this digest are already here (verified when they were put).
   if (!pin.empty() && Has(pin)) return pin;
-  UniqueFd in(::open(source.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!in) return ErrnoError(errno, "cannot read artifact " + source.string());
+  const std::string what = "cannot read artifact " + source.string();
+  ASSIGN_OR_RETURN(RegularFile in, OpenRegularFile(source, max_bytes_, what));
 
   // A unique temporary in the store's own file system, so the final rename is atomic.
   static std::atomic<uint64_t> counter{0};
@@ -69,18 +70,11 @@ StatusOr<std::string> ArtifactStore::Put(const fs::path& source, const std::stri
   };
 
   Sha256Hasher hasher;
-  char buf[1 << 16];
-  for (;;) {
-    ssize_t n = ::read(in.get(), buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return discard(ErrnoError(errno, "cannot read artifact " + source.string()));
-    }
-    if (n == 0) break;
-    hasher.Update(buf, static_cast<size_t>(n));
-    Status w = WriteAll(out.get(), buf, static_cast<size_t>(n), tmp);
-    if (!w.ok()) return discard(w);
-  }
+  Status copied = ReadChunks(in, max_bytes_, what, [&](const char* data, size_t size) {
+    hasher.Update(data, size);
+    return WriteAll(out.get(), data, size, tmp);
+  });
+  if (!copied.ok()) return discard(copied);
   std::string hex = hasher.HexDigest();
 
   if (!pin.empty() && pin != hex) {
@@ -103,7 +97,7 @@ Status ArtifactStore::Verify(const std::string& sha256) const {
   fs::path p = PathFor(sha256);
   std::error_code ec;
   if (!fs::exists(p, ec)) return NotFoundError("artifact " + p.string() + " is missing");
-  ASSIGN_OR_RETURN(std::string actual, Sha256File(p));
+  ASSIGN_OR_RETURN(std::string actual, Sha256File(p, max_bytes_));
   if (actual != sha256) {
     return DataLossError("artifact " + p.string() + " no longer matches its digest: it hashes to " +
                          actual);

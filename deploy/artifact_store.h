@@ -7,20 +7,24 @@
 #include <set>
 #include <string>
 
+#include "common/limits.h"
 #include "common/status.h"
 
 namespace kiln {
 
 class ArtifactStore {
  public:
-  // `root` is STATE/artifacts; created when missing.
-  static StatusOr<ArtifactStore> Open(const std::filesystem::path& root);
+  // `root` is STATE/artifacts; created when missing. Artifacts larger than `max_bytes` are
+  // refused (docs/manifests.md "Limits").
+  static StatusOr<ArtifactStore> Open(const std::filesystem::path& root,
+                                      uint64_t max_bytes = kMaxArtifactBytes);
 
   // Copies `source` into the store, hashing while copying, and returns its digest. With `pin`,
   // a different digest is refused (naming both digests and the path) and nothing is stored.
   // A crash never leaves a partial file under a digest (write to a temporary, fsync, rename), and
   // concurrent puts of the same content are safe. With a pin that is already stored, nothing is
-  // read or copied.
+  // read or copied. Only a regular file of at most max_bytes is read: a FIFO, a device or a
+  // file that grows past the limit while it is copied is refused, and nothing is stored.
   StatusOr<std::string> Put(const std::filesystem::path& source, const std::string& pin = "");
 
   // Where the artifact with this digest is (whether or not it exists).
@@ -28,7 +32,8 @@ class ArtifactStore {
   bool Has(const std::string& sha256) const;
 
   // Re-hashes the stored file: DATA_LOSS when its bytes no longer match its digest (tampering,
-  // disk corruption), NOT_FOUND when it is missing.
+  // disk corruption), NOT_FOUND when it is missing. Something other than a regular file of at
+  // most max_bytes in its place is refused unread (FAILED_PRECONDITION).
   Status Verify(const std::string& sha256) const;
 
   // Removes every stored artifact whose digest is not in `keep`; returns how many.
@@ -37,8 +42,10 @@ class ArtifactStore {
   const std::filesystem::path& root() const { return root_; }
 
  private:
-  explicit ArtifactStore(std::filesystem::path root) : root_(std::move(root)) {}
+  ArtifactStore(std::filesystem::path root, uint64_t max_bytes)
+      : root_(std::move(root)), max_bytes_(max_bytes) {}
   std::filesystem::path root_;
+  uint64_t max_bytes_;
 };
 
 }  // namespace kiln

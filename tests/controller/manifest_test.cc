@@ -1,9 +1,12 @@
 #include "controller/manifest.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
+#include "common/limits.h"
 #include "common/sha256.h"
 #include "tests/test_util.h"
 
@@ -338,6 +341,213 @@ TEST_CASE("an empty file and empty documents declare nothing", "[manifest]") {
   ManifestSet set = f.Load();
   CHECK(set.ok());
   CHECK(set.Services().empty());
+}
+
+
+// Hostile manifests: each must end in an error that says what is wrong, never a crash, a hang
+// or unbounded memory (the fuzz target in fuzz/ keeps looking for more).
+
+TEST_CASE("invalid UTF-8 is an error at the bad byte, not a crash", "[manifest]") {
+  Fixture f;
+  f.Write("bad.yaml", "name: web\nversion: \"1.\xff\"\nartifact: {path: ../artifacts/app}\n");
+  f.Write("overlong.yaml", "# \xc3\xa9t\xc3\xa9\nname: \xc0\xafx\n");
+  f.Write("surrogate.yaml", "name: w\xed\xa0\x80\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 3);
+  CHECK(errors[0] == "bad.yaml:2:13: invalid UTF-8: byte 0xFF is not part of a valid character; "
+                     "manifests are UTF-8 text");
+  // Columns count characters: "# été" is 5 of them.
+  CHECK(errors[1].rfind("overlong.yaml:2:7: invalid UTF-8: byte 0xC0", 0) == 0);
+  CHECK(errors[2].rfind("surrogate.yaml:1:8: invalid UTF-8: byte 0xED", 0) == 0);
+  // Everything a loaded set says can be written as JSON.
+  CHECK_NOTHROW(nlohmann::json(errors).dump());
+}
+
+TEST_CASE("a file name that is not UTF-8 is an error, its file is not read", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", kMinimal);
+  f.Write("w\xfe.yaml", std::string(kMinimal).replace(6, 3, "api"));
+  ManifestSet set = f.Load();
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 1);
+  CHECK(errors[0] == "w\xef\xbf\xbd.yaml: the file name is not valid UTF-8; rename it");
+  REQUIRE(set.Services().size() == 1);
+  CHECK(set.Services()[0]->name == "web");
+}
+
+TEST_CASE("token soup that hung or exhausted yaml-cpp is an error", "[manifest]") {
+  for (const char* text : {",", "{:", "[:", "[[[", "a: [1, 2\n", "- {a: [b, {c: ,]}"}) {
+    INFO(text);
+    Fixture f;
+    f.Write("soup.yaml", text);
+    auto errors = f.Errors();
+    REQUIRE(errors.size() == 1);
+    CHECK(errors[0].rfind("soup.yaml:", 0) == 0);
+    CHECK(errors[0].find(": invalid YAML: ") != std::string::npos);
+  }
+}
+
+TEST_CASE("alias bombs, deep nesting and huge scalars stop at the documented limits",
+          "[manifest]") {
+  // Nine levels of nine aliases: 9^9 (387 million) nodes if expanded.
+  std::string bomb = "name: web\nversion: \"1\"\nartifact: {path: ../artifacts/app}\n";
+  bomb += "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n";
+  for (int i = 1; i < 9; ++i) {
+    std::string prev = "*a" + std::to_string(i - 1);
+    bomb += "x" + std::to_string(i) + ": &a" + std::to_string(i) + " [";
+    for (int k = 0; k < 9; ++k) bomb += (k ? ", " : "") + prev;
+    bomb += "]\n";
+  }
+  Fixture f;
+  f.Write("bomb.yaml", bomb);
+  f.Write("deep.yaml", std::string(100'000, '[') + std::string(100'000, ']'));
+  f.Write("huge.yaml", "name: web\nversion: \"" + std::string(kMaxManifestScalarBytes + 1, 'v') +
+                           "\"\n");
+  f.Write("self.yaml", "a: &x [1, *x]\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 4);
+  CHECK(errors[0].rfind("bomb.yaml:", 0) == 0);
+  CHECK(errors[0].find("invalid YAML: more than 100000 nodes in one file (each alias counts as a "
+                       "copy of what it refers to)") != std::string::npos);
+  CHECK(errors[1] == "deep.yaml:1:33: invalid YAML: nested deeper than 32 levels");
+  CHECK(errors[2] == "huge.yaml:2:10: invalid YAML: a string longer than 65536 bytes");
+  CHECK(errors[3] == "self.yaml:1:12: invalid YAML: alias *x refers to no complete anchored node "
+                     "before it");
+}
+
+TEST_CASE("anchors and aliases within bounds load", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", "name: web\nversion: &v \"1.2\"\nartifact: {path: ../artifacts/app}\n"
+                      "command: [\"{artifact}\", *v]\nenv: {VERSION: *v}\n");
+  ManifestSet set = f.Load();
+  INFO((set.AllErrors().empty() ? "" : set.AllErrors()[0].ToString()));
+  REQUIRE(set.ok());
+  const ServiceSpec& s = *set.Services().at(0);
+  CHECK(s.tmpl.command == std::vector<std::string>{"{artifact}", "1.2"});
+  CHECK(s.tmpl.env.at("VERSION") == "1.2");
+}
+
+TEST_CASE("only regular files are read: FIFOs and devices are errors, not hangs", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", kMinimal);
+  REQUIRE(::mkfifo((f.dir() / "fifo.yaml").c_str(), 0600) == 0);
+  REQUIRE(::mkfifo((f.tmp / "artifacts/pipe").c_str(), 0600) == 0);
+  f.Write("zero.yaml", "name: z\nversion: \"1\"\nartifact: {path: /dev/zero}\n");
+  f.Write("random.yaml", "name: r\nversion: \"1\"\nartifact: {path: /dev/urandom}\n");
+  f.Write("pipe.yaml", "name: p\nversion: \"1\"\nartifact: {path: ../artifacts/pipe}\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 4);
+  CHECK(errors[0] == "fifo.yaml: cannot read: not a regular file (a FIFO)");
+  CHECK(errors[1] == "pipe.yaml:3:18: artifact.path: cannot read " +
+                         (f.tmp / "artifacts/pipe").string() + ": not a regular file (a FIFO)");
+  CHECK(errors[2] == "random.yaml:3:18: artifact.path: cannot read /dev/urandom: not a regular "
+                     "file (a character device)");
+  CHECK(errors[3] == "zero.yaml:3:18: artifact.path: cannot read /dev/zero: not a regular file (a "
+                     "character device)");
+  // The good file still loads.
+  REQUIRE(f.Load().Services().size() == 1);
+}
+
+TEST_CASE("a manifest file over 1 MiB is refused unparsed", "[manifest]") {
+  Fixture f;
+  f.Write("big.yaml", std::string(kMinimal) + "# " + std::string(kMaxManifestFileBytes, 'x') + "\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 1);
+  CHECK(errors[0] == "big.yaml: cannot read: larger than the limit of 1048576 bytes");
+  ManifestFile direct = ParseManifest("big.yaml", std::string(kMaxManifestFileBytes + 1, ' '), {});
+  REQUIRE(direct.errors.size() == 1);
+  CHECK(direct.errors[0].message ==
+        "is 1048577 bytes; a manifest file is limited to 1048576 bytes (1 MiB)");
+}
+
+TEST_CASE("every field limit is an error naming the field", "[manifest]") {
+  struct Case {
+    std::string body;  // after the three-line header
+    std::string error;
+  };
+  const std::string header = "name: web\nversion: \"1\"\nartifact: {path: ../artifacts/app}\n";
+  auto list = [](size_t n, const std::string& item) {
+    std::string out = "[";
+    for (size_t i = 0; i < n; ++i) out += (i ? ", " : "") + item;
+    return out + "]";
+  };
+  std::string many_env = "{";
+  for (size_t i = 0; i <= kMaxEnvVars; ++i) many_env += (i ? ", V" : "V") + std::to_string(i) + ": x";
+  many_env += "}";
+  const Case cases[] = {
+      {"command: " + list(kMaxCommandArgs + 1, "a") + "\n",
+       "w.yaml:4:10: command: has 257 arguments; the limit is 256"},
+      {"command: [a, " + std::string(kMaxCommandArgBytes + 1, 'x') + "]\n",
+       "w.yaml:4:14: command[1]: is 4097 bytes; the limit is 4096"},
+      {"health: {exec: " + list(kMaxCommandArgs + 1, "a") + "}\n",
+       "w.yaml:4:16: health.exec: has 257 arguments; the limit is 256"},
+      {"health: {http: {path: /" + std::string(kMaxHealthPathBytes, 'p') + "}}\n",
+       "w.yaml:4:23: health.http.path: is 1025 bytes; the limit is 1024"},
+      {"env: " + many_env + "\n", "w.yaml:4:6: env: has 129 variables; the limit is 128"},
+      {"env: {" + std::string(kMaxEnvNameBytes + 1, 'N') + ": x}\n",
+       "w.yaml:4:7: env: a variable name is 129 bytes; the limit is 128"},
+      {"env: {BIG: " + std::string(kMaxEnvValueBytes + 1, 'v') + "}\n",
+       "w.yaml:4:12: env.BIG: is 4097 bytes; the limit is 4096"},
+      {"env: {" + [] {
+         std::string e;
+         for (int i = 0; i < 20; ++i) e += (i ? ", V" : "V") + std::to_string(i) + ": " + std::string(4000, 'v');
+         return e;
+       }() + "}\n",
+       "w.yaml:1:1: the service's template (version, command, env, health) is 80436 bytes as JSON; "
+       "the limit is 65536"},
+  };
+  for (const Case& c : cases) {
+    Fixture f;
+    f.Write("w.yaml", header + c.body);
+    INFO(c.error);
+    auto errors = f.Errors();
+    REQUIRE(errors.size() == 1);
+    CHECK(errors[0] == c.error);
+  }
+
+  Fixture f;
+  f.Write("v.yaml", "name: web\nversion: \"" + std::string(kMaxVersionBytes + 1, 'v') +
+                        "\"\nartifact: {path: ../artifacts/app}\n");
+  f.Write("c.yaml", "name: api\nversion: \"1\\e[31m\"\nartifact: {path: ../artifacts/app}\n");
+  f.Write("i.yaml", "name: img\nversion: \"1\"\nimage: " + std::string(kMaxImageBytes, 'i') +
+                        "@sha256:" + std::string(64, 'a') + "\n");
+  f.Write("p.yaml", "name: pth\nversion: \"1\"\nartifact: {path: " +
+                        std::string(kMaxArtifactPathBytes + 1, 'p') + "}\n");
+  f.Write("n.yaml", "name: " + std::string(kMaxServiceNameBytes + 1, 'n') +
+                        "\nversion: \"1\"\nartifact: {path: ../artifacts/app}\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 5);
+  CHECK(errors[0] == "c.yaml:2:10: version: must not contain control characters, got \"1\\x1b[31m\"");
+  CHECK(errors[1] == "i.yaml:3:8: image: is 584 bytes; the limit is 512");
+  CHECK(errors[2].rfind("n.yaml:1:7: name: must be 1 to 63 characters", 0) == 0);
+  CHECK(errors[3] == "p.yaml:3:18: artifact.path: is 4097 bytes; the limit is 4096");
+  CHECK(errors[4] == "v.yaml:2:10: version: is 129 bytes; the limit is 128");
+}
+
+TEST_CASE("errors quote at most 80 bytes of a value, and at most 50 errors per file",
+          "[manifest]") {
+  Fixture f;
+  f.Write("long.yaml", "name: web\nversion: \"1\"\nartifact: {path: ../artifacts/app}\nreplicas: " +
+                           std::string(1000, '9') + "x\n");
+  std::string many = "name: api\nversion: \"1\"\nartifact: {path: ../artifacts/app}\n";
+  for (int i = 0; i < 200; ++i) many += "bogus" + std::to_string(i) + ": 1\n";
+  f.Write("many.yaml", many);
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 2 + kMaxManifestErrorsPerFile);
+  CHECK(errors[0] == "long.yaml:4:11: replicas: expected an integer, got \"" + std::string(80, '9') +
+                         "\"... (1001 bytes)");
+  CHECK(errors[1] == "many.yaml:4:1: bogus0: unknown key");
+  CHECK(errors.back() == "many.yaml:54:1: and 150 more errors in this file from here on (only the "
+                         "first 50 are reported)");
+}
+
+TEST_CASE("a long unknown key is reported without its text", "[manifest]") {
+  // Found by the fuzzer: suggesting a near key compared every byte of a 32 KB key.
+  Fixture f;
+  f.Write("w.yaml", std::string(kMinimal) + std::string(kMaxKeyBytes + 1, 'k') + ": 1\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 1);
+  CHECK(errors[0] == "w.yaml:4:1: unknown key of 129 bytes (keys are at most 128)");
 }
 
 }  // namespace

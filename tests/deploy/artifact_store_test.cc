@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <thread>
 
+#include "common/limits.h"
 #include "common/sha256.h"
 #include "tests/test_util.h"
 
@@ -115,6 +116,59 @@ TEST_CASE("collect removes artifacts no retained revision references", "[artifac
   CHECK_FALSE(store->Has(digests[0]));
   CHECK(store->Has(digests[1]));
   CHECK_FALSE(store->Has(digests[2]));
+}
+
+
+TEST_CASE("put and verify read only regular files, up to the size limit", "[artifacts]") {
+  TempDir tmp;
+  auto store = ArtifactStore::Open(tmp / "artifacts", /*max_bytes=*/1024);
+  REQUIRE(store.ok());
+  REQUIRE(::mkfifo((tmp / "pipe").c_str(), 0600) == 0);
+
+  // A FIFO with no writer would block a plain open() and read() forever.
+  auto fifo = store->Put(tmp / "pipe");
+  REQUIRE_FALSE(fifo.ok());
+  CHECK(fifo.status().message() ==
+        "cannot read artifact " + (tmp / "pipe").string() + ": not a regular file (a FIFO)");
+  auto zero = store->Put("/dev/zero");
+  REQUIRE_FALSE(zero.ok());
+  CHECK(zero.status().message() ==
+        "cannot read artifact /dev/zero: not a regular file (a character device)");
+
+  WriteFile(tmp / "big", std::string(1025, 'x'));
+  auto big = store->Put(tmp / "big");
+  REQUIRE_FALSE(big.ok());
+  CHECK(big.status().message() ==
+        "cannot read artifact " + (tmp / "big").string() + ": larger than the limit of 1024 bytes");
+  WriteFile(tmp / "fits", std::string(1024, 'x'));
+  CHECK(store->Put(tmp / "fits").ok());
+  CHECK(CountFiles(tmp / "artifacts/sha256") == 1);
+  CHECK(CountFiles(tmp / "artifacts/tmp") == 0);
+
+  // Something other than the stored file in its place is refused unread.
+  const std::string digest = Sha256Hex("abc");
+  REQUIRE(::mkfifo(store->PathFor(digest).c_str(), 0600) == 0);
+  Status v = store->Verify(digest);
+  CHECK(v.code() == StatusCode::kFailedPrecondition);
+  CHECK(v.message().find("not a regular file (a FIFO)") != std::string::npos);
+}
+
+TEST_CASE("the default artifact limit is 1 GiB", "[artifacts]") {
+  TempDir tmp;
+  auto store = ArtifactStore::Open(tmp / "artifacts");
+  REQUIRE(store.ok());
+  // Sparse: one byte over the limit without writing a gigabyte.
+  {
+    WriteFile(tmp / "huge", "");
+    std::filesystem::resize_file(tmp / "huge", kMaxArtifactBytes + 1);
+  }
+  auto r = store->Put(tmp / "huge");
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().message() == "cannot read artifact " + (tmp / "huge").string() +
+                                    ": larger than the limit of 1073741824 bytes");
+  auto h = Sha256File(tmp / "huge");
+  REQUIRE_FALSE(h.ok());
+  CHECK(h.status().message().find("larger than the limit of 1073741824 bytes") != std::string::npos);
 }
 
 }  // namespace

@@ -43,6 +43,23 @@ TEST_CASE("kilnctl validate reports every error and exits 1", "[kilnctl]") {
   CHECK(r.err.find("kilnctl: 3 errors in 2 places") != std::string::npos);
 }
 
+TEST_CASE("kilnctl validate -o json on invalid UTF-8 prints JSON with the error", "[kilnctl]") {
+  TempDir tmp;
+  WriteFile(tmp / "m/a.yaml", "name: a\nversion: \"1\xff\"\nimage: x@sha256:" +
+                                  std::string(64, 'f') + "\n");
+  WriteFile(tmp / "m/\xfe.yaml", "name: b\n");
+  RunResult r = Run({BinPath("kilnctl"), "-o", "json", "validate", (tmp / "m").string()});
+  INFO(r.err);
+  CHECK(r.exit_code == 1);
+  nlohmann::json doc = nlohmann::json::parse(r.out);  // throws (fails) when it is not JSON
+  REQUIRE(doc["errors"].size() == 2);
+  CHECK(doc["errors"][0]["error"] ==
+        (tmp / "m/a.yaml").string() +
+            ":2:12: invalid UTF-8: byte 0xFF is not part of a valid character; manifests are UTF-8 "
+            "text");
+  CHECK(doc["errors"][1]["file"] == (tmp / "m/\xef\xbf\xbd.yaml").string());
+}
+
 TEST_CASE("kilnctl validate on a missing directory fails clearly", "[kilnctl]") {
   TempDir tmp;
   RunResult r = Run({BinPath("kilnctl"), "validate", (tmp / "nope").string()});

@@ -387,10 +387,11 @@ TEST_CASE("a new database is marked as Kiln's", "[store]") {
   CHECK(*db->QueryInt("v", "PRAGMA user_version") == SqliteStateStore::CurrentSchemaVersion());
 }
 
-TEST_CASE("an unmarked Kiln database at the current schema is adopted and marked", "[store]") {
+TEST_CASE("an unmarked Kiln database (schema 3, the last before the mark) is adopted and marked",
+          "[store]") {
   TempDir tmp;
   std::string path = (tmp / "kiln.db").string();
-  REQUIRE(CreateDatabaseAtSchemaVersionForTest(path, SqliteStateStore::CurrentSchemaVersion()).ok());
+  REQUIRE(CreateDatabaseAtSchemaVersionForTest(path, 3).ok());
   REQUIRE(*sqlite::Database::Open(path, true, false)->QueryInt("a", "PRAGMA application_id") == 0);
   FakeClock clock;
   auto store = SqliteStateStore::Open({.path = path, .clock = &clock});
