@@ -602,7 +602,6 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
   StatusOr<std::vector<RunningInstance>> DoList() {
     // Instance name -> its processes.
     std::map<std::string, std::set<pid_t>> groups;
-    std::map<pid_t, std::map<std::string, std::string>> envs;
     if (cgroup_base) {
       std::error_code ec;
       for (const auto& entry : fs::directory_iterator(*cgroup_base, ec)) {
@@ -624,7 +623,6 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
       auto inst = env.find("KILN_INSTANCE");
       if (inst == env.end() || inst->second.empty()) continue;
       groups[inst->second].insert(pid);
-      envs[pid] = std::move(env);
     }
     std::vector<RunningInstance> out;
     for (const auto& [name, pids] : groups) {
