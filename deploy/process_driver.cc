@@ -584,7 +584,7 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     w->kill_timer.async_wait([weak, w](const boost::system::error_code& ec) {
       auto self = weak.lock();
       if (!self || ec || !self->Current(w)) return;  // it ended in time
-      LogWarn("instance ignored SIGTERM; killing every process of it",
+      LogWarn("instance still runs after SIGTERM and the grace period; killing every process of it",
               {{"service", w->service},
                {"revision", w->revision},
                {"instance", w->handle.instance},
