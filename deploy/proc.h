@@ -39,9 +39,6 @@ StatusOr<std::string> ReadCgroupV2(pid_t pid);
 // a zombie (a zombie has exited; only its parent's wait is missing).
 bool IsAlive(pid_t pid, uint64_t start_time);
 
-// pidfd_send_signal(2): signals exactly the process the pidfd refers to, never a reused pid.
-int PidfdSendSignal(int pidfd, int sig);
-
 // pidfd_open(2): a file descriptor that refers to this very process (not to whatever reuses its
 // pid later), readable once it exits. -1 with errno set on failure. (glibc 2.36's <sys/pidfd.h>
 // lacks C linkage for C++, hence the syscall.)

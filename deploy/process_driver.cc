@@ -239,13 +239,15 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
       return;
     }
     // The leader's process group first (safe: the leader has not been waited for, so its pid
-    // and group id are not reused), then whatever carries the instance's identity elsewhere
-    // (setsid, setpgid).
-    if (!w->leader_done && w->pidfd.is_open()) {
-      proc::PidfdSendSignal(w->pidfd.native_handle(), sig);
-      ::kill(-w->leader.pid, sig);
+    // and group id are not reused; a session leader never leaves its group), then whatever
+    // carries the instance's identity elsewhere (setsid, setpgid), each process once.
+    const bool group_signalled = !w->leader_done && w->pidfd.is_open();
+    if (group_signalled) ::kill(-w->leader.pid, sig);
+    for (pid_t pid : Members(w->handle.instance, std::nullopt)) {
+      StatusOr<proc::Stat> st = proc::ReadStat(pid);
+      if (group_signalled && st.ok() && st->pgrp == w->leader.pid) continue;
+      ::kill(pid, sig);
     }
-    for (pid_t pid : Members(w->handle.instance, std::nullopt)) ::kill(pid, sig);
   }
 
   std::shared_ptr<Watch> NewWatch(const InstanceHandle& handle, ProcessId leader, UniqueFd pidfd,

@@ -110,7 +110,7 @@ StatusOr<Spawned> SpawnIntoCgroup(const SpawnRequest& r, const CStrings& argv,
   const int max_fd = nofile.rlim_cur == RLIM_INFINITY || nofile.rlim_cur > (1 << 20)
                          ? (1 << 20)
                          : static_cast<int>(nofile.rlim_cur);
-  const ChildPlan plan{r.path.c_str(), argv.ptrs.data(), env.ptrs.data(), null_fd.get(),
+  const ChildPlan plan{r.path.c_str(), argv.ptrs.data(),   env.ptrs.data(), null_fd.get(),
                        log_fd.get(),   status_write.get(), max_fd};
 
   int pidfd = -1;
@@ -149,9 +149,12 @@ StatusOr<Spawned> SpawnIntoCgroup(const SpawnRequest& r, const CStrings& argv,
   ::waitid(P_PID, static_cast<id_t>(out.pid), &si, WEXITED);
   if (n != static_cast<ssize_t>(sizeof failure)) return InternalError("the new process failed");
   switch (failure.step) {
-    case kStepSetsid: return ErrnoError(failure.err, "cannot start a new session");
-    case kStepStdio: return ErrnoError(failure.err, "cannot set up stdin/stdout/stderr");
-    default: return ErrnoError(failure.err, "cannot execute " + r.path);
+    case kStepSetsid:
+      return ErrnoError(failure.err, "cannot start a new session");
+    case kStepStdio:
+      return ErrnoError(failure.err, "cannot set up stdin/stdout/stderr");
+    default:
+      return ErrnoError(failure.err, "cannot execute " + r.path);
   }
 }
 
@@ -172,7 +175,8 @@ StatusOr<Spawned> SpawnPlain(const SpawnRequest& r, const CStrings& argv, const 
   sigfillset(&all);
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setsigdefault(&attr, &all);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  posix_spawnattr_setflags(&attr,
+                           POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
   pid_t pid = -1;
   int rc = posix_spawn(&pid, r.path.c_str(), &actions, &attr, argv.ptrs.data(), env.ptrs.data());
   posix_spawn_file_actions_destroy(&actions);

@@ -16,10 +16,10 @@
 namespace kiln {
 
 struct SpawnRequest {
-  std::string path;                // what to execute: absolute or relative to the working dir
-  std::vector<std::string> argv;   // argv[0] first
-  std::vector<std::string> env;    // "KEY=value", the whole environment
-  std::filesystem::path log;       // stdout and stderr, appended
+  std::string path;               // what to execute: absolute or relative to the working dir
+  std::vector<std::string> argv;  // argv[0] first
+  std::vector<std::string> env;   // "KEY=value", the whole environment
+  std::filesystem::path log;      // stdout and stderr, appended
   // When >= 0, a cgroup v2 directory: the process is created in it (clone3 CLONE_INTO_CGROUP),
   // so even what it forks in its first instruction is in it.
   int cgroup_fd = -1;
