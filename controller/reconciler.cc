@@ -204,9 +204,11 @@ Status Reconciler::Recover() {
     known.insert(inst.name);
     auto found = by_name.find(inst.name);
     InstanceHandle handle{inst.name, inst.handle, inst.host, inst.port};
-    if (found != by_name.end() && (inst.handle.empty() || inst.handle != found->second.handle.id)) {
-      handle = found->second.handle;  // started, but kilnd stopped before recording its handle
-    }
+    // The recorded handle (the leader's pid + start time) is the instance: what List() found
+    // under its name stands in only when none was recorded (started, but kilnd stopped before
+    // recording it). A leader that is gone is gone even if processes it left behind run; the
+    // driver kills those when asked to adopt it.
+    if (found != by_name.end() && inst.handle.empty()) handle = found->second.handle;
     const bool adopted = !handle.id.empty() && driver_.Adopt(handle).ok();
     Status s;
     if (inst.state == InstanceState::kPending) {

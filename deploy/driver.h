@@ -27,9 +27,15 @@ struct InstanceSpec {
 };
 
 // How the driver finds a running instance again, also after kilnd restarts.
+// An instance is its leader (the process or container the driver started) and everything that
+// leader started. The instance ends when its leader ends: the driver then ends the rest too.
+// Until that is done, what the leader left behind still counts as the instance's (IsRunning, List,
+// Stop), but it is no longer an instance one may adopt.
 struct InstanceHandle {
   std::string instance;
-  std::string id;  // driver-specific and opaque to callers: "pid:<pid>:<start time>" for process
+  // Driver-specific and opaque to callers; names the leader. For the process driver
+  // "pid:<pid>:<start time>", and "pid:0:0" from List() for an instance whose leader is gone.
+  std::string id;
   std::string host;
   int port = 0;
 };
@@ -65,21 +71,28 @@ class Driver {
   virtual void SetExitCallback(ExitFn fn) = 0;
 
   // Starts an instance. On error nothing of it is left running and the message names the
-  // instance and the cause.
+  // instance and the cause. INVALID_ARGUMENT means the same spec can never start on this driver
+  // (executable missing or not executable, no artifact for the process driver): retrying cannot
+  // help. Any other code may succeed on a later try.
   virtual void Start(const InstanceSpec& spec, StartFn done) = 0;
 
-  // Asks the instance to stop (SIGTERM), forces it after `grace` (SIGKILL), reports how it ended.
-  // Stopping an instance that is already gone reports success with what is known.
+  // Asks every process of the instance to stop (SIGTERM), forces what remains after `grace`
+  // (SIGKILL), and reports how the leader ended once no process of the instance remains.
+  // Stopping an instance that is already gone reports success with what is known; stopping one
+  // whose leader is gone ends what it left behind.
   virtual void Stop(const InstanceHandle& handle, Duration grace, StopFn done) = 0;
 
-  // Whether the instance behind the handle is still running (false once it exited, or when the
-  // handle's process was replaced by another one).
+  // Whether any process of the instance remains: its leader (never a process that merely reuses
+  // the handle's pid), or what the leader left behind. True means a Stop has work to do.
   virtual StatusOr<bool> IsRunning(const InstanceHandle& handle) = 0;
 
-  // Everything running with this controller's identity, known to the store or not.
+  // Every instance with any process running under this controller's identity, known to the store
+  // or not, each once, with its leader's handle (see InstanceHandle for one whose leader is gone).
   virtual StatusOr<std::vector<RunningInstance>> List() = 0;
 
-  // Takes over watching an instance started by an earlier kilnd. NOT_FOUND when it is gone.
+  // Takes over watching an instance started by an earlier kilnd. NOT_FOUND when its leader is
+  // gone (or the handle's pid belongs to another process now); whatever that leader left
+  // behind is then being killed, and no exit is reported for it.
   virtual Status Adopt(const InstanceHandle& handle) = 0;
 };
 

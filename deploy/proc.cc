@@ -50,6 +50,8 @@ StatusOr<Stat> ReadStat(pid_t pid) {
   if (fields.size() < 20) return InternalError("cannot parse /proc/" + std::to_string(pid) + "/stat");
   Stat s;
   s.state = fields[0].empty() ? '?' : fields[0][0];
+  s.ppid = static_cast<pid_t>(std::strtol(std::string(fields[1]).c_str(), nullptr, 10));
+  s.pgrp = static_cast<pid_t>(std::strtol(std::string(fields[2]).c_str(), nullptr, 10));
   s.session = static_cast<pid_t>(std::strtol(std::string(fields[3]).c_str(), nullptr, 10));
   s.start_time = std::strtoull(std::string(fields[19]).c_str(), nullptr, 10);  // field 22
   return s;
@@ -82,6 +84,26 @@ std::vector<pid_t> ListPids() {
   }
   ::closedir(dir);
   return pids;
+}
+
+StatusOr<std::string> ReadCgroupV2(pid_t pid) {
+  std::optional<std::string> text = Slurp("/proc/" + std::to_string(pid) + "/cgroup");
+  if (!text) return NotFoundError("no process " + std::to_string(pid));
+  // One line per hierarchy, "ID:CONTROLLERS:PATH"; the v2 one is "0::PATH".
+  size_t start = 0;
+  while (start < text->size()) {
+    size_t end = text->find('\n', start);
+    if (end == std::string::npos) end = text->size();
+    std::string_view line(text->data() + start, end - start);
+    if (line.substr(0, 3) == "0::") return std::string(line.substr(3));
+    start = end + 1;
+  }
+  return NotFoundError("process " + std::to_string(pid) + " is in no cgroup v2");
+}
+
+bool IsAlive(pid_t pid, uint64_t start_time) {
+  StatusOr<Stat> st = ReadStat(pid);
+  return st.ok() && st->start_time == start_time && st->state != 'Z';
 }
 
 int PidfdOpen(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }

@@ -2,7 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,15 +12,20 @@
 #include <boost/asio/steady_timer.hpp>
 #include <cerrno>
 #include <charconv>
+#include <algorithm>
 #include <cstring>
 #include <map>
+#include <optional>
+#include <set>
 
 #include "common/logging.h"
 #include "common/sha256.h"
 #include "common/unique_fd.h"
 #include "deploy/artifact_store.h"
+#include "deploy/cgroup.h"
 #include "deploy/port_allocator.h"
 #include "deploy/proc.h"
+#include "deploy/spawn.h"
 
 namespace kiln {
 namespace asio = boost::asio;
@@ -53,7 +58,10 @@ StatusOr<ProcessId> DecodeId(const InstanceHandle& h) {
   ProcessId p;
   auto r1 = std::from_chars(s.data(), s.data() + colon, p.pid);
   auto r2 = std::from_chars(s.data() + colon + 1, s.data() + s.size(), p.start_time);
-  if (r1.ec != std::errc() || r2.ec != std::errc() || p.pid <= 0) return bad();
+  // pid 0 (with start time 0): an instance whose leader is gone, as List() reports it.
+  if (r1.ec != std::errc() || r2.ec != std::errc() || p.pid < 0 || (p.pid == 0 && p.start_time != 0)) {
+    return bad();
+  }
   return p;
 }
 
@@ -63,10 +71,36 @@ void ReplaceAll(std::string& s, std::string_view from, const std::string& to) {
   }
 }
 
-// Whether `id` still names a live process (not a zombie, same start time).
-bool Alive(ProcessId id) {
-  StatusOr<proc::Stat> st = proc::ReadStat(id.pid);
-  return st.ok() && st->start_time == id.start_time && st->state != 'Z';
+// An instance name is also the name of its cgroup and log file.
+bool ValidCgroupName(const std::string& name) {
+  return !name.empty() && name.size() < 200 && name != "." && name != ".." &&
+         name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
+}
+
+// Which of an instance's processes is its leader (the one the driver started). It started a
+// session when it was spawned, so it leads one; it is the root of the instance's process tree
+// while it runs (its parent is not of the instance); and it is the oldest such root (processes it
+// left behind and that were reparented started after it). nullopt when no process qualifies:
+// the leader is gone.
+std::optional<pid_t> PickLeader(const std::map<pid_t, proc::Stat>& members) {
+  std::optional<pid_t> best;
+  auto followers = [&](pid_t leader) {
+    return std::count_if(members.begin(), members.end(),
+                         [&](const auto& m) { return m.second.session == leader; });
+  };
+  for (const auto& [pid, st] : members) {
+    if (st.session != pid || members.count(st.ppid)) continue;
+    if (!best) {
+      best = pid;
+      continue;
+    }
+    const proc::Stat& b = members.at(*best);
+    if (st.start_time < b.start_time ||
+        (st.start_time == b.start_time && followers(pid) > followers(*best))) {
+      best = pid;
+    }
+  }
+  return best;
 }
 
 }  // namespace
@@ -87,77 +121,283 @@ std::string ControllerIdForStateDir(const fs::path& state_dir) {
 }
 
 struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
-  // One watched process.
+  // One instance: its leader while it runs, then whatever it left behind until that is gone too.
   struct Watch {
     InstanceHandle handle;
-    ProcessId id;
-    asio::posix::stream_descriptor pidfd;
-    asio::steady_timer kill_timer;
+    std::string service;  // for log lines; empty when unknown
+    int64_t revision = 0;
+    ProcessId leader;                // pid 0: unknown (gone before this driver saw it)
+    std::optional<fs::path> cgroup;  // the instance's own cgroup, when it has one
+    asio::posix::stream_descriptor pidfd;  // the leader's, open until its exit is recorded
+    asio::steady_timer kill_timer;         // a stop's grace period
+    asio::steady_timer retry_timer;        // another look at a group that could not be watched
+    std::vector<std::shared_ptr<asio::posix::stream_descriptor>> member_fds;
+    uint64_t drain_pass = 0;
+    bool leader_done = false;  // the leader's exit is recorded in `exit`
+    ExitInfo exit;
+    bool stopping = false;
+    bool killing = false;   // SIGKILL sent; whatever is found later gets it too
+    bool silent = false;    // removing the leftovers of an instance that ended earlier: no report
+    bool owns_port = false;
     StopFn stop_done;  // set while a Stop is in progress
 
-    Watch(asio::io_context& io, int fd) : pidfd(io, fd), kill_timer(io) {}
+    Watch(asio::io_context& io, int fd) : pidfd(io), kill_timer(io), retry_timer(io) {
+      if (fd >= 0) pidfd.assign(fd);
+    }
   };
 
   Impl(asio::io_context& io_in, Options o)
-      : io(io_in), options(std::move(o)), ports(options.port_first, options.port_last) {}
+      : io(io_in), options(std::move(o)), ports(options.port_first, options.port_last) {
+    if (options.isolation == Isolation::kSession) {
+      LogInfo("process driver: instances are kept together by session and environment",
+              {{"mode", "session"}, {"why", "cgroups turned off"}});
+      return;
+    }
+    StatusOr<fs::path> base = PrepareCgroupBase();
+    if (base.ok()) {
+      cgroup_base = *base;
+      LogInfo("process driver: each instance runs in a cgroup of its own",
+              {{"mode", "cgroup"}, {"cgroup", base->string()}});
+    } else {
+      Log(options.isolation == Isolation::kCgroup ? LogLevel::kError : LogLevel::kInfo,
+          "process driver: instances are kept together by session and environment",
+          {{"mode", "session"}, {"why", base.status().message()}});
+    }
+  }
 
   ~Impl() {
     // Instances keep running; only our watching ends.
     for (auto& [name, w] : watches) {
       boost::system::error_code ignored;
       w->pidfd.close(ignored);
+      for (auto& m : w->member_fds) m->close(ignored);
       w->kill_timer.cancel();
+      w->retry_timer.cancel();
+    }
+    if (cgroup_base) (void)cgroup::Remove(*cgroup_base);  // only succeeds when it is empty
+  }
+
+  StatusOr<fs::path> PrepareCgroupBase() {
+    fs::path parent = options.cgroup_parent;
+    if (parent.empty()) {
+      ASSIGN_OR_RETURN(parent, cgroup::OwnCgroupDir());
+    }
+    // Moving a process between cgroups (CLONE_INTO_CGROUP included) needs write access to the
+    // common ancestor's cgroup.procs: here, kilnd's own cgroup.
+    if (::access((parent / "cgroup.procs").c_str(), W_OK) != 0) {
+      return ErrnoError(errno, "cannot move processes out of " + parent.string());
+    }
+    fs::path base = parent / ("kiln-" + options.controller_id);
+    if (::mkdir(base.c_str(), 0755) != 0 && errno != EEXIST) {
+      return ErrnoError(errno, "cannot make cgroup " + base.string());
+    }
+    if (::access((base / "cgroup.procs").c_str(), W_OK) != 0) {
+      return ErrnoError(errno, "cannot use cgroup " + base.string());
+    }
+    return base;
+  }
+
+  std::optional<fs::path> CgroupDirOf(const std::string& instance) const {
+    if (!cgroup_base || !ValidCgroupName(instance)) return std::nullopt;
+    fs::path dir = *cgroup_base / instance;
+    struct stat st {};
+    if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return std::nullopt;
+    return dir;
+  }
+
+  // The processes of an instance, its leader included while it runs: its cgroup's, or else every
+  // process with this controller's KILN_CONTROLLER and the instance's KILN_INSTANCE (exited ones
+  // excluded).
+  std::vector<pid_t> Members(const std::string& instance,
+                             const std::optional<fs::path>& cgroup_dir) const {
+    if (cgroup_dir) return cgroup::Procs(*cgroup_dir);
+    std::vector<pid_t> out;
+    for (pid_t pid : proc::ListPids()) {
+      std::map<std::string, std::string> env = proc::ReadEnviron(pid);
+      auto ctl = env.find("KILN_CONTROLLER");
+      auto inst = env.find("KILN_INSTANCE");
+      if (ctl == env.end() || ctl->second != options.controller_id || inst == env.end() ||
+          inst->second != instance) {
+        continue;
+      }
+      StatusOr<proc::Stat> st = proc::ReadStat(pid);
+      if (st.ok() && st->state != 'Z') out.push_back(pid);
+    }
+    return out;
+  }
+
+  // Sends `sig` to every process of the instance.
+  void Signal(const std::shared_ptr<Watch>& w, int sig) {
+    if (w->cgroup) {
+      if (sig == SIGKILL) {
+        Status s = cgroup::KillAll(*w->cgroup);
+        if (s.ok()) return;
+        LogWarn("cannot kill an instance's cgroup at once; killing its processes one by one",
+                {{"instance", w->handle.instance}, {"error", s.message()}});
+      }
+      for (pid_t pid : cgroup::Procs(*w->cgroup)) ::kill(pid, sig);
+      return;
+    }
+    // The leader's process group first (safe: the leader has not been waited for, so its pid
+    // and group id are not reused; a session leader never leaves its group), then whatever
+    // carries the instance's identity elsewhere (setsid, setpgid), each process once.
+    const bool group_signalled = !w->leader_done && w->pidfd.is_open();
+    if (group_signalled) ::kill(-w->leader.pid, sig);
+    for (pid_t pid : Members(w->handle.instance, std::nullopt)) {
+      StatusOr<proc::Stat> st = proc::ReadStat(pid);
+      if (group_signalled && st.ok() && st->pgrp == w->leader.pid) continue;
+      ::kill(pid, sig);
     }
   }
 
-  Status Track(const InstanceHandle& handle, ProcessId id, UniqueFd pidfd) {
+  std::shared_ptr<Watch> NewWatch(const InstanceHandle& handle, ProcessId leader, UniqueFd pidfd,
+                                  std::optional<fs::path> cgroup_dir) {
     auto w = std::make_shared<Watch>(io, pidfd.release());
     w->handle = handle;
-    w->id = id;
-    if (handle.port > 0) ports.Reserve(handle.port);
+    w->leader = leader;
+    w->cgroup = std::move(cgroup_dir);
+    w->exit.instance = handle.instance;
     watches[handle.instance] = w;
+    return w;
+  }
+
+  void Track(const InstanceHandle& handle, ProcessId id, UniqueFd pidfd,
+             std::optional<fs::path> cgroup_dir, std::string service, int64_t revision) {
+    auto w = NewWatch(handle, id, std::move(pidfd), std::move(cgroup_dir));
+    w->service = std::move(service);
+    w->revision = revision;
+    if (handle.port > 0) {
+      ports.Reserve(handle.port);
+      w->owns_port = true;
+    }
+    ArmLeader(w);
+  }
+
+  bool Current(const std::shared_ptr<Watch>& w) const {
+    auto it = watches.find(w->handle.instance);
+    return it != watches.end() && it->second == w;
+  }
+
+  void ArmLeader(const std::shared_ptr<Watch>& w) {
     std::weak_ptr<Impl> weak = weak_from_this();
     w->pidfd.async_wait(asio::posix::stream_descriptor::wait_read,
                         [weak, w](const boost::system::error_code& ec) {
                           auto self = weak.lock();
                           if (!self || ec) return;  // driver gone or watch cancelled
-                          self->OnExited(w);
+                          self->OnLeaderReady(w);
                         });
-    return Status::Ok();
   }
 
-  void OnExited(const std::shared_ptr<Watch>& w) {
+  // How the leader ended, or nullopt while it still runs. Readiness of the pidfd is only a hint:
+  // an exit is what the kernel reports as one.
+  std::optional<ExitInfo> LeaderExit(const std::shared_ptr<Watch>& w) {
     ExitInfo info;
     info.instance = w->handle.instance;
     siginfo_t si{};
-    // Reaps it when it is our child; a process started by an earlier kilnd is not (ECHILD).
-    if (::waitid(kIdTypePidfd, static_cast<id_t>(w->pidfd.native_handle()), &si, WEXITED | WNOHANG) ==
-            0 &&
-        si.si_pid != 0) {
+    int rc;
+    do {
+      // Reaps it when it is our child.
+      rc = ::waitid(kIdTypePidfd, static_cast<id_t>(w->pidfd.native_handle()), &si,
+                    WEXITED | WNOHANG);
+    } while (rc != 0 && errno == EINTR);
+    if (rc == 0) {
+      if (si.si_pid == 0) return std::nullopt;  // our child, still running
       if (si.si_code == CLD_EXITED) {
         info.exit_code = si.si_status;
       } else {
         info.signal = si.si_status;
       }
-    } else {
-      info.status_known = false;
+      return info;
     }
-    // Whatever the instance left behind in its process group goes with it. Only safe while the
-    // group's pid cannot have been reused: the leader is ours and was reaped just now.
-    if (info.status_known) ::kill(-w->id.pid, SIGKILL);
-    w->kill_timer.cancel();
+    // Not our child (started by an earlier kilnd; ECHILD): only /proc can say it has exited.
+    if (proc::IsAlive(w->leader.pid, w->leader.start_time)) return std::nullopt;
+    info.status_known = false;
+    return info;
+  }
+
+  void OnLeaderReady(const std::shared_ptr<Watch>& w) {
+    if (!Current(w) || w->leader_done) return;
+    std::optional<ExitInfo> exit = LeaderExit(w);
+    if (!exit) {
+      LogDebug("instance pidfd ready but its process runs; still watching",
+               {{"instance", w->handle.instance}, {"pid", static_cast<int64_t>(w->leader.pid)}});
+      ArmLeader(w);
+      return;
+    }
+    w->leader_done = true;
+    w->exit = *exit;
     boost::system::error_code ignored;
     w->pidfd.close(ignored);
-    ports.Release(w->handle.port);
+    LogInfo("instance leader ended", {{"service", w->service},
+                                      {"revision", w->revision},
+                                      {"instance", w->handle.instance},
+                                      {"pid", static_cast<int64_t>(w->leader.pid)},
+                                      {"how", exit->Describe()}});
+    // Whatever the instance left behind goes with it; a stop gives it its grace period first.
+    if (!w->stopping) w->killing = true;
+    Drain(w);
+  }
+
+  // REQUIRES: the leader's end is recorded (or it is unknown). Finishes once no process of the
+  // instance remains, looking again each time all the ones it knew have exited.
+  void Drain(const std::shared_ptr<Watch>& w) {
+    if (!Current(w)) return;
+    if (w->killing) Signal(w, SIGKILL);
+    std::vector<pid_t> members = Members(w->handle.instance, w->cgroup);
+    boost::system::error_code ignored;
+    for (auto& m : w->member_fds) m->close(ignored);
+    w->member_fds.clear();
+    if (members.empty()) return Finish(w);
+    const uint64_t pass = ++w->drain_pass;
+    auto pending = std::make_shared<size_t>(0);
+    std::weak_ptr<Impl> weak = weak_from_this();
+    for (pid_t pid : members) {
+      int fd = proc::PidfdOpen(pid);
+      if (fd < 0) continue;  // gone already
+      auto sd = std::make_shared<asio::posix::stream_descriptor>(io, fd);
+      w->member_fds.push_back(sd);
+      ++*pending;
+      sd->async_wait(asio::posix::stream_descriptor::wait_read,
+                     [weak, w, pass, pending](const boost::system::error_code& ec) {
+                       auto self = weak.lock();
+                       if (!self || ec) return;
+                       if (--*pending == 0 && w->drain_pass == pass) self->Drain(w);
+                     });
+    }
+    if (*pending == 0) {
+      // Every one of them exited between the listing and the pidfd_open: look again soon.
+      w->retry_timer.expires_after(std::chrono::milliseconds(5));
+      w->retry_timer.async_wait([weak, w](const boost::system::error_code& ec) {
+        auto self = weak.lock();
+        if (self && !ec) self->Drain(w);
+      });
+    }
+  }
+
+  void Finish(const std::shared_ptr<Watch>& w) {
+    w->kill_timer.cancel();
+    w->retry_timer.cancel();
+    boost::system::error_code ignored;
+    w->pidfd.close(ignored);
+    if (w->cgroup) {
+      Status removed = cgroup::Remove(*w->cgroup);
+      if (!removed.ok()) {
+        LogWarn("cannot remove an instance's cgroup",
+                {{"instance", w->handle.instance}, {"error", removed.message()}});
+      }
+    }
+    if (w->owns_port) ports.Release(w->handle.port);
     watches.erase(w->handle.instance);
-    LogInfo("instance process ended", {{"instance", info.instance},
-                                       {"pid", static_cast<int64_t>(w->id.pid)},
-                                       {"how", info.Describe()}});
+    LogInfo("instance process ended", {{"service", w->service},
+                                       {"revision", w->revision},
+                                       {"instance", w->handle.instance},
+                                       {"pid", static_cast<int64_t>(w->leader.pid)},
+                                       {"how", w->exit.Describe()}});
     if (w->stop_done) {
       auto done = std::move(w->stop_done);
-      done(info);
-    } else if (exit_fn) {
-      exit_fn(info);
+      done(w->exit);
+    } else if (!w->silent && exit_fn) {
+      exit_fn(w->exit);
     }
   }
 
@@ -165,6 +405,9 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     auto fail = [&](const Status& s) { return s.WithContext("start " + spec.instance); };
     if (watches.count(spec.instance)) {
       return fail(AlreadyExistsError("instance is already running"));
+    }
+    if (!ValidCgroupName(spec.instance)) {
+      return fail(InvalidArgumentError("not a usable instance name"));
     }
     if (options.artifacts == nullptr || spec.artifact_sha256.empty()) {
       return fail(InvalidArgumentError("the process driver needs an artifact"));
@@ -196,96 +439,126 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     env["KILN_REVISION"] = std::to_string(spec.revision);
     env["KILN_INSTANCE"] = spec.instance;
     env["PORT"] = std::to_string(port);
-    std::vector<std::string> env_strings;
-    for (const auto& [k, v] : env) env_strings.push_back(k + "=" + v);
 
-    std::vector<char*> cargv, cenv;
-    for (auto& a : argv) cargv.push_back(a.data());
-    cargv.push_back(nullptr);
-    for (auto& e : env_strings) cenv.push_back(e.data());
-    cenv.push_back(nullptr);
+    SpawnRequest req;
+    StatusOr<std::string> path = FindExecutable(argv[0], env["PATH"]);
+    if (!path.ok()) return release_port(path.status());
+    req.path = *path;
+    req.argv = argv;
+    for (const auto& [k, v] : env) req.env.push_back(k + "=" + v);
+    req.log = options.log_dir / (spec.instance + ".log");
 
-    const fs::path log = options.log_dir / (spec.instance + ".log");
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    posix_spawn_file_actions_adddup2(&actions, 1, 2);
-    posix_spawnattr_t attr;
-    posix_spawnattr_init(&attr);
-    // A new session: the instance is its own process group, apart from kilnd's terminal and
-    // signals. The default signal mask and dispositions, whatever kilnd uses.
-    sigset_t none, all;
-    sigemptyset(&none);
-    sigfillset(&all);
-    posix_spawnattr_setsigmask(&attr, &none);
-    posix_spawnattr_setsigdefault(&attr, &all);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-    pid_t pid = -1;
-    const bool search_path = argv[0].find('/') == std::string::npos;
-    int rc = search_path ? posix_spawnp(&pid, cargv[0], &actions, &attr, cargv.data(), cenv.data())
-                         : posix_spawn(&pid, cargv[0], &actions, &attr, cargv.data(), cenv.data());
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attr);
-    if (rc != 0) {
-      // Missing, not executable or not a program: the same spec fails the same way every time.
-      const bool permanent = rc == ENOENT || rc == EACCES || rc == ENOEXEC || rc == ENOTDIR ||
-                             rc == ELOOP || rc == ENAMETOOLONG;
-      Status error = ErrnoError(rc, "cannot execute " + argv[0]);
-      return release_port(permanent ? InvalidArgumentError(error.message()) : error);
+    std::optional<fs::path> cgroup_dir;
+    UniqueFd cgroup_fd;
+    if (cgroup_base) {
+      fs::path dir = *cgroup_base / spec.instance;
+      if (::mkdir(dir.c_str(), 0755) != 0) {
+        if (errno != EEXIST) return release_port(ErrnoError(errno, "cannot make cgroup " + dir.string()));
+        if (!cgroup::Procs(dir).empty()) {
+          return release_port(AlreadyExistsError("processes of the instance run in " + dir.string()));
+        }
+      }
+      cgroup_fd = UniqueFd(::open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+      if (!cgroup_fd) {
+        Status s = ErrnoError(errno, "cannot open cgroup " + dir.string());
+        (void)cgroup::Remove(dir);
+        return release_port(s);
+      }
+      cgroup_dir = dir;
+      req.cgroup_fd = cgroup_fd.get();
     }
-
-    // The pidfd first, then the start time: the pidfd pins the process we read about.
-    UniqueFd pidfd(proc::PidfdOpen(pid));
+    StatusOr<Spawned> spawned = SpawnProcess(req);
+    if (!spawned.ok() && spawned.status().code() == StatusCode::kUnimplemented && cgroup_dir) {
+      LogError("process driver: instances are kept together by session and environment from now on",
+               {{"mode", "session"}, {"why", spawned.status().message()}});
+      (void)cgroup::Remove(*cgroup_dir);
+      cgroup_base.reset();
+      cgroup_dir.reset();
+      req.cgroup_fd = -1;
+      spawned = SpawnProcess(req);
+    }
+    cgroup_fd.reset();
+    if (!spawned.ok()) {
+      if (cgroup_dir) (void)cgroup::Remove(*cgroup_dir);
+      return release_port(spawned.status());
+    }
+    const pid_t pid = spawned->pid;
+    // Our unreaped child: its /proc entry stays, as a zombie at worst, until we wait for it.
     StatusOr<proc::Stat> st = proc::ReadStat(pid);
-    if (!pidfd || !st.ok()) {
-      // It exited at once (or cannot be watched): report it as a failed start, leave nothing.
+    if (!st.ok()) {
       ::kill(-pid, SIGKILL);
-      int status = 0;
-      ::waitpid(pid, &status, 0);
-      std::string how = WIFEXITED(status) ? "exited with code " + std::to_string(WEXITSTATUS(status))
-                                          : "died at once";
-      return release_port(FailedPreconditionError(argv[0] + " " + how + " before it could be watched"));
+      ::waitpid(pid, nullptr, 0);
+      if (cgroup_dir) {
+        (void)cgroup::KillAll(*cgroup_dir);
+        (void)cgroup::Remove(*cgroup_dir);
+      }
+      return release_port(st.status());
     }
     InstanceHandle handle;
     handle.instance = spec.instance;
     handle.id = EncodeId({pid, st->start_time});
     handle.host = "127.0.0.1";
     handle.port = port;
-    RETURN_IF_ERROR(Track(handle, {pid, st->start_time}, std::move(pidfd)));
+    Track(handle, {pid, st->start_time}, std::move(spawned->pidfd), cgroup_dir, spec.service,
+          spec.revision);
     LogInfo("instance process started", {{"service", spec.service},
                                          {"revision", spec.revision},
                                          {"instance", spec.instance},
                                          {"pid", static_cast<int64_t>(pid)},
-                                         {"port", port}});
+                                         {"port", port},
+                                         {"cgroup", cgroup_dir ? cgroup_dir->string() : ""}});
     return handle;
   }
 
   Status DoAdopt(const InstanceHandle& handle) {
-    if (watches.count(handle.instance)) return Status::Ok();
+    if (auto it = watches.find(handle.instance); it != watches.end()) {
+      if (!it->second->silent) return Status::Ok();
+      return NotFoundError("instance " + handle.instance + " is gone");
+    }
     ASSIGN_OR_RETURN(ProcessId id, DecodeId(handle));
-    UniqueFd pidfd(proc::PidfdOpen(id.pid));
-    if (!pidfd) {
-      return NotFoundError("instance " + handle.instance + " (pid " + std::to_string(id.pid) +
-                           ") is gone");
+    std::optional<fs::path> cgroup_dir = CgroupDirOf(handle.instance);
+    std::string gone;
+    if (id.pid <= 0) {
+      gone = "instance " + handle.instance + " is gone: its leader process exited";
+    } else {
+      UniqueFd pidfd(proc::PidfdOpen(id.pid));
+      StatusOr<proc::Stat> st = pidfd ? proc::ReadStat(id.pid) : StatusOr<proc::Stat>(NotFoundError(""));
+      if (!st.ok() || st->state == 'Z') {
+        gone = "instance " + handle.instance + " (pid " + std::to_string(id.pid) + ") is gone";
+      } else if (st->start_time != id.start_time) {
+        gone = "instance " + handle.instance + " is gone: pid " + std::to_string(id.pid) +
+               " now belongs to another process";
+      } else {
+        std::map<std::string, std::string> env = proc::ReadEnviron(id.pid);
+        Track(handle, id, std::move(pidfd), cgroup_dir, env["KILN_SERVICE"],
+              std::atoll(env["KILN_REVISION"].c_str()));
+        return Status::Ok();
+      }
     }
-    StatusOr<proc::Stat> st = proc::ReadStat(id.pid);
-    if (!st.ok() || st->state == 'Z') {
-      return NotFoundError("instance " + handle.instance + " (pid " + std::to_string(id.pid) +
-                           ") is gone");
+    // The instance ended with its leader. What it left behind is no instance: it goes too.
+    std::vector<pid_t> leftovers = Members(handle.instance, cgroup_dir);
+    if (leftovers.empty()) {
+      if (cgroup_dir) (void)cgroup::Remove(*cgroup_dir);
+      return NotFoundError(gone);
     }
-    if (st->start_time != id.start_time) {
-      return NotFoundError("instance " + handle.instance + " is gone: pid " +
-                           std::to_string(id.pid) + " now belongs to another process");
-    }
-    return Track(handle, id, std::move(pidfd));
+    LogWarn("killing the processes an instance left behind when its leader ended",
+            {{"instance", handle.instance}, {"processes", static_cast<int64_t>(leftovers.size())}});
+    auto w = NewWatch(handle, {0, 0}, UniqueFd(), cgroup_dir);
+    w->leader_done = true;
+    w->exit.status_known = false;
+    w->silent = true;
+    w->killing = true;
+    Drain(w);
+    return NotFoundError(gone + "; killing the " + std::to_string(leftovers.size()) +
+                         " processes it left behind");
   }
 
   void DoStop(const InstanceHandle& handle, Duration grace, StopFn done) {
     auto it = watches.find(handle.instance);
     if (it == watches.end()) {
-      Status adopted = DoAdopt(handle);
-      if (!adopted.ok()) {
+      (void)DoAdopt(handle);  // also takes on the leftovers of one whose leader is gone
+      it = watches.find(handle.instance);
+      if (it == watches.end()) {
         // Already gone: the stop is done.
         ExitInfo info;
         info.instance = handle.instance;
@@ -293,7 +566,6 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
         asio::post(io, [done = std::move(done), info] { done(info); });
         return;
       }
-      it = watches.find(handle.instance);
     }
     std::shared_ptr<Watch> w = it->second;
     if (w->stop_done) {
@@ -306,19 +578,85 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
       return;
     }
     w->stop_done = std::move(done);
-    ::kill(-w->id.pid, SIGTERM);
+    if (w->stopping || w->killing) return;  // already on its way out
+    w->stopping = true;
+    Signal(w, SIGTERM);
     w->kill_timer.expires_after(grace);
-    w->kill_timer.async_wait([w](const boost::system::error_code& ec) {
-      if (ec) return;  // it ended in time
-      LogWarn("instance ignored SIGTERM; killing it",
-              {{"instance", w->handle.instance}, {"pid", static_cast<int64_t>(w->id.pid)}});
-      ::kill(-w->id.pid, SIGKILL);
+    std::weak_ptr<Impl> weak = weak_from_this();
+    w->kill_timer.async_wait([weak, w](const boost::system::error_code& ec) {
+      auto self = weak.lock();
+      if (!self || ec || !self->Current(w)) return;  // it ended in time
+      LogWarn("instance still runs after SIGTERM and the grace period; killing every process of it",
+              {{"service", w->service},
+               {"revision", w->revision},
+               {"instance", w->handle.instance},
+               {"pid", static_cast<int64_t>(w->leader.pid)}});
+      w->killing = true;
+      self->Signal(w, SIGKILL);
+      // The leader may be long gone; the rest is drained. Otherwise its exit drains.
+      if (w->leader_done) self->Drain(w);
     });
+    // A leader that already ended (drain in progress or not started): its leftovers got the
+    // SIGTERM; the drain in progress notices their exits.
+    if (w->leader_done && w->member_fds.empty()) Drain(w);
+  }
+
+  StatusOr<std::vector<RunningInstance>> DoList() {
+    // Instance name -> its processes.
+    std::map<std::string, std::set<pid_t>> groups;
+    if (cgroup_base) {
+      std::error_code ec;
+      for (const auto& entry : fs::directory_iterator(*cgroup_base, ec)) {
+        if (!entry.is_directory(ec)) continue;
+        const std::string name = entry.path().filename().string();
+        std::vector<pid_t> procs = cgroup::Procs(entry.path());
+        if (procs.empty()) {
+          // An instance that ended while no kilnd watched it: nothing is left to stop.
+          if (!watches.count(name)) (void)cgroup::Remove(entry.path());
+          continue;
+        }
+        groups[name].insert(procs.begin(), procs.end());
+      }
+    }
+    for (pid_t pid : proc::ListPids()) {
+      std::map<std::string, std::string> env = proc::ReadEnviron(pid);
+      auto ctl = env.find("KILN_CONTROLLER");
+      if (ctl == env.end() || ctl->second != options.controller_id) continue;
+      auto inst = env.find("KILN_INSTANCE");
+      if (inst == env.end() || inst->second.empty()) continue;
+      groups[inst->second].insert(pid);
+    }
+    std::vector<RunningInstance> out;
+    for (const auto& [name, pids] : groups) {
+      std::map<pid_t, proc::Stat> members;
+      for (pid_t pid : pids) {
+        StatusOr<proc::Stat> st = proc::ReadStat(pid);
+        if (st.ok() && st->state != 'Z') members[pid] = *st;
+      }
+      if (members.empty()) continue;
+      std::optional<pid_t> leader = PickLeader(members);
+      RunningInstance r;
+      r.handle.instance = name;
+      r.handle.id = leader ? EncodeId({*leader, members[*leader].start_time}) : EncodeId({0, 0});
+      r.handle.host = "127.0.0.1";
+      // Identity from the leader's environment, else from any process of it that has one.
+      std::map<std::string, std::string> env;
+      if (leader) env = proc::ReadEnviron(*leader);
+      for (auto it = members.begin(); env.count("KILN_SERVICE") == 0 && it != members.end(); ++it) {
+        env = proc::ReadEnviron(it->first);
+      }
+      r.handle.port = std::atoi(env["PORT"].c_str());
+      r.service = env["KILN_SERVICE"];
+      r.revision = std::atoll(env["KILN_REVISION"].c_str());
+      out.push_back(std::move(r));
+    }
+    return out;
   }
 
   asio::io_context& io;
   Options options;
   PortAllocator ports;
+  std::optional<fs::path> cgroup_base;  // kiln-<controller id>, in cgroup mode
   std::map<std::string, std::shared_ptr<Watch>> watches;
   ExitFn exit_fn;
 };
@@ -346,30 +684,29 @@ void ProcessDriver::Stop(const InstanceHandle& handle, Duration grace, StopFn do
 
 StatusOr<bool> ProcessDriver::IsRunning(const InstanceHandle& handle) {
   ASSIGN_OR_RETURN(ProcessId id, DecodeId(handle));
-  return Alive(id);
+  if (id.pid > 0 && proc::IsAlive(id.pid, id.start_time)) return true;
+  // The leader is gone; what it left behind still has to be stopped.
+  return !impl_->Members(handle.instance, impl_->CgroupDirOf(handle.instance)).empty();
 }
 
 Status ProcessDriver::Adopt(const InstanceHandle& handle) { return impl_->DoAdopt(handle); }
 
-StatusOr<std::vector<RunningInstance>> ProcessDriver::List() {
-  std::vector<RunningInstance> out;
-  for (pid_t pid : proc::ListPids()) {
-    StatusOr<proc::Stat> st = proc::ReadStat(pid);
-    // Instances are session leaders; their own children inherit the environment but are not.
-    if (!st.ok() || st->session != pid || st->state == 'Z') continue;
-    std::map<std::string, std::string> env = proc::ReadEnviron(pid);
-    auto ctl = env.find("KILN_CONTROLLER");
-    if (ctl == env.end() || ctl->second != impl_->options.controller_id) continue;
-    RunningInstance r;
-    r.handle.instance = env["KILN_INSTANCE"];
-    r.handle.id = EncodeId({pid, st->start_time});
-    r.handle.host = "127.0.0.1";
-    r.handle.port = std::atoi(env["PORT"].c_str());
-    r.service = env["KILN_SERVICE"];
-    r.revision = std::atoll(env["KILN_REVISION"].c_str());
-    out.push_back(std::move(r));
-  }
-  return out;
+StatusOr<std::vector<RunningInstance>> ProcessDriver::List() { return impl_->DoList(); }
+
+ProcessDriver::Isolation ProcessDriver::isolation() const {
+  return impl_->cgroup_base ? Isolation::kCgroup : Isolation::kSession;
+}
+
+fs::path ProcessDriver::CgroupDirForTest(const std::string& instance) const {
+  return impl_->cgroup_base ? *impl_->cgroup_base / instance : fs::path();
+}
+
+void ProcessDriver::PidfdReadyForTest(const std::string& instance) {
+  auto it = impl_->watches.find(instance);
+  if (it == impl_->watches.end() || it->second->leader_done) return;
+  boost::system::error_code ignored;
+  it->second->pidfd.cancel(ignored);  // the wait in progress ends without effect
+  impl_->OnLeaderReady(it->second);
 }
 
 size_t ProcessDriver::WatchedCountForTest() const { return impl_->watches.size(); }

@@ -2,8 +2,13 @@
 // instances. It listens on $PORT (or --port) and answers:
 //   GET /healthz  200 "ok" (503 once --unhealthy-after has passed)
 //   GET /         200 "<version>\n"
-// Flags make it misbehave on purpose: become unhealthy, exit with a code, ignore SIGTERM, or
-// take a while before it listens.
+// Flags make it misbehave on purpose: become unhealthy, exit with a code, ignore SIGTERM, take a
+// while before it listens, or leave processes of its own behind (a child that ignores SIGTERM, a
+// child in a session of its own). --check-fds only reports whether it inherited any descriptor
+// beyond 0-2 (exit 0: none).
+
+#include <dirent.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <boost/asio.hpp>
@@ -11,6 +16,7 @@
 #include <boost/beast/http.hpp>
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <memory>
@@ -96,6 +102,42 @@ void Accept(tcp::acceptor& acceptor, const Config& config) {
   });
 }
 
+// Forks a child that sleeps until it is killed. It keeps the environment (KILN_*) and, unless
+// it starts a session of its own, the session and process group.
+void ForkSleeper(bool ignore_sigterm, bool new_session) {
+  pid_t pid = ::fork();
+  if (pid < 0) {
+    std::perror("kiln-testsvc: fork");
+    std::exit(2);
+  }
+  if (pid > 0) {
+    std::cout << "kiln-testsvc: child " << pid << (ignore_sigterm ? " ignoring SIGTERM" : "")
+              << (new_session ? " in a session of its own" : "") << std::endl;
+    return;
+  }
+  if (ignore_sigterm) std::signal(SIGTERM, SIG_IGN);
+  if (new_session) ::setsid();
+  for (;;) ::pause();
+}
+
+// Exit 0 when only 0, 1 and 2 are open; else the others are listed on stderr.
+int CheckFds() {
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return 2;
+  int extra = 0;
+  while (dirent* e = ::readdir(dir)) {
+    std::string name = e->d_name;
+    if (name == "." || name == ".." || name == "0" || name == "1" || name == "2") continue;
+    if (std::atoi(name.c_str()) == ::dirfd(dir)) continue;
+    char target[512] = {};
+    ssize_t n = ::readlink(("/proc/self/fd/" + name).c_str(), target, sizeof target - 1);
+    std::cerr << "kiln-testsvc: inherited fd " << name << " -> " << (n > 0 ? target : "?") << "\n";
+    ++extra;
+  }
+  ::closedir(dir);
+  return extra == 0 ? 0 : 1;
+}
+
 std::optional<kiln::Duration> ParseFlagDuration(const std::string& flag, const std::string& text) {
   if (text.empty()) return std::nullopt;
   auto d = kiln::ParseDuration(text);
@@ -120,7 +162,15 @@ int main(int argc, char** argv) {
   app.add_option("--exit-code", config.exit_code, "exit code for --exit-after");
   app.add_flag("--ignore-sigterm", config.ignore_sigterm, "ignore SIGTERM (only SIGKILL stops it)");
   app.add_option("--start-delay", start_delay, "wait this long before listening");
+  bool child_ignoring_sigterm = false, child_setsid = false, check_fds = false;
+  app.add_flag("--child-ignoring-sigterm", child_ignoring_sigterm,
+               "fork a child that ignores SIGTERM and sleeps");
+  app.add_flag("--child-setsid", child_setsid, "fork a child that starts its own session and sleeps");
+  app.add_flag("--check-fds", check_fds, "exit 0 if only descriptors 0-2 were inherited, else 1");
   CLI11_PARSE(app, argc, argv);
+  if (check_fds) return CheckFds();
+  if (child_ignoring_sigterm) ForkSleeper(/*ignore_sigterm=*/true, /*new_session=*/false);
+  if (child_setsid) ForkSleeper(/*ignore_sigterm=*/false, /*new_session=*/true);
   config.unhealthy_after = ParseFlagDuration("--unhealthy-after", unhealthy_after);
   config.exit_after = ParseFlagDuration("--exit-after", exit_after);
   config.start_delay = ParseFlagDuration("--start-delay", start_delay).value_or(kiln::Duration(0));

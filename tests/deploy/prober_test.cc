@@ -104,6 +104,20 @@ TEST_CASE("http, tcp and exec probes pass against a healthy service", "[prober]"
   CHECK(e.reason == "exec exited with code 0");
 }
 
+TEST_CASE("an exec probe holds no descriptor of kilnd's", "[prober]") {
+  ProbeFixture f;
+  // What kilnd might hold without close-on-exec: a pipe (a library's, a listener's...).
+  int leaked[2];
+  REQUIRE(::pipe(leaked) == 0);
+  ProbeTarget exec = f.Target(ProbeKind::kExec);
+  exec.check.exec = {testing::TestServicePath(), "--check-fds"};
+  ProbeResult e = f.Once(exec);
+  ::close(leaked[0]);
+  ::close(leaked[1]);
+  CHECK(e.reason == "exec exited with code 0");
+  CHECK(e.healthy);
+}
+
 TEST_CASE("probes fail with the reason", "[prober]") {
   ProbeFixture f({"--unhealthy-after", "0s"});
   std::string where = "127.0.0.1:" + std::to_string(f.handle.port);

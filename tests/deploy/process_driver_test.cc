@@ -2,13 +2,18 @@
 
 #include "deploy/process_driver.h"
 
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <boost/asio/ip/tcp.hpp>
 #include <catch2/catch.hpp>
 #include <set>
 #include <thread>
 
+#include "deploy/cgroup.h"
 #include "deploy/proc.h"
 #include "deploy/prober.h"
 #include "tests/deploy/deploy_test_util.h"
@@ -21,32 +26,98 @@ using testing::PortWindow;
 using testing::RunUntil;
 using testing::TempDir;
 
+using Isolation = ProcessDriver::Isolation;
+
+const char* Name(Isolation i) { return i == Isolation::kCgroup ? "cgroup" : "session"; }
+
 struct DriverFixture {
-  DriverFixture() : store(*ArtifactStore::Open(tmp / "artifacts")) {
+  explicit DriverFixture(Isolation isolation = Isolation::kAuto)
+      : store(*ArtifactStore::Open(tmp / "artifacts")), isolation(isolation) {
     svc_digest = *store.Put(testing::TestServicePath());
     driver = MakeDriver();
     driver->SetExitCallback([this](const ExitInfo& e) { exits.push_back(e); });
   }
   ~DriverFixture() {
-    // Leave nothing running, whatever the test did.
+    // Leave nothing running, whatever the test did: every process of every instance.
     if (!driver) driver = MakeDriver();
     auto running = driver->List();
-    if (running.ok()) {
-      for (const auto& r : *running) {
-        StatusOr<bool> alive = driver->IsRunning(r.handle);
-        if (alive.ok() && *alive) ::kill(-std::stoi(r.handle.id.substr(4)), SIGKILL);
-      }
+    if (!running.ok()) return;
+    size_t stopped = 0;
+    for (const auto& r : *running) {
+      driver->Stop(r.handle, 0ms, [&](StatusOr<ExitInfo>) { ++stopped; });
     }
+    RunUntil(io, [&] { return stopped == running->size(); });
   }
 
   std::unique_ptr<ProcessDriver> MakeDriver() {
+    return std::make_unique<ProcessDriver>(io, MakeOptions());
+  }
+
+  ProcessDriver::Options MakeOptions() {
     ProcessDriver::Options o;
     o.log_dir = tmp / "logs";
     o.artifacts = &store;
     o.port_first = PortWindow();
     o.port_last = PortWindow() + testing::kPortWindowSize - 1;
-    o.controller_id = ControllerIdForStateDir(tmp.path());
-    return std::make_unique<ProcessDriver>(io, o);
+    o.controller_id = ControllerId();
+    o.isolation = isolation;
+    return o;
+  }
+
+  // Starts the instance from another process that exits right after, like a kilnd that stopped:
+  // the instance is not this process's child, as after a real restart of kilnd.
+  StatusOr<InstanceHandle> StartElsewhere(const InstanceSpec& spec) {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0) return InternalError("pipe");
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(p[0]);
+      boost::asio::io_context other_io;
+      ProcessDriver other(other_io, MakeOptions());
+      std::string out;
+      other.Start(spec, [&](StatusOr<InstanceHandle> r) {
+        out = r.ok() ? r->id + " " + std::to_string(r->port) : "! " + r.status().message();
+      });
+      while (out.empty()) other_io.run_one();  // its watch of the instance keeps it busy
+      ssize_t ignored = ::write(p[1], out.data(), out.size());
+      (void)ignored;
+      ::_exit(0);
+    }
+    ::close(p[1]);
+    std::string out;
+    char buf[256];
+    for (ssize_t n; (n = ::read(p[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+    ::close(p[0]);
+    ::waitpid(pid, nullptr, 0);
+    size_t space = out.find(' ');
+    if (out.empty() || out[0] == '!' || space == std::string::npos) return InternalError(out);
+    InstanceHandle h{spec.instance, out.substr(0, space), "127.0.0.1", std::stoi(out.substr(space + 1))};
+    if (proc::ReadStat(PidOfId(h.id))->ppid == ::getpid()) return InternalError("still our child");
+    return h;
+  }
+  static pid_t PidOfId(const std::string& id) { return std::stoi(id.substr(4)); }
+
+  // kilnd "restarts": the driver goes away, the instances stay; a new one takes over.
+  void Restart() {
+    driver.reset();
+    driver = MakeDriver();
+    driver->SetExitCallback([this](const ExitInfo& e) { exits.push_back(e); });
+  }
+
+  std::string ControllerId() const { return ControllerIdForStateDir(tmp.path()); }
+
+  // Every live process that carries the instance's identity, wherever it is.
+  std::set<pid_t> ProcessesOf(const std::string& instance) const {
+    std::set<pid_t> out;
+    for (pid_t pid : proc::ListPids()) {
+      auto env = proc::ReadEnviron(pid);
+      auto st = proc::ReadStat(pid);
+      if (st.ok() && st->state != 'Z' && env["KILN_CONTROLLER"] == ControllerId() &&
+          env["KILN_INSTANCE"] == instance) {
+        out.insert(pid);
+      }
+    }
+    return out;
   }
 
   InstanceSpec Spec(const std::string& instance, std::vector<std::string> extra = {}) {
@@ -94,11 +165,26 @@ struct DriverFixture {
   boost::asio::io_context io;
   ArtifactStore store;
   std::string svc_digest;
+  Isolation isolation;
   std::unique_ptr<ProcessDriver> driver;
   std::vector<ExitInfo> exits;
 };
 
 pid_t PidOf(const InstanceHandle& h) { return std::stoi(h.id.substr(4)); }
+
+std::set<std::string> OpenFds(pid_t pid) {
+  std::set<std::string> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    out.insert(e.path().filename().string());
+  }
+  return out;
+}
+
+// A non-blocking wait that lets the io_context run for a while, for things that must NOT happen.
+void RunFor(boost::asio::io_context& io, std::chrono::milliseconds how_long) {
+  RunUntil(io, [] { return false; }, how_long);
+}
 
 TEST_CASE("start runs the artifact from the store with kiln's environment - stop ends it",
           "[driver]") {
@@ -319,6 +405,204 @@ TEST_CASE("changing the artifact's source after the put does not change what run
   CHECK(f.WaitHealthy(*h));  // still the real service
   CHECK(f.store.Verify(digest).ok());
   REQUIRE(f.StopSync(*h, 5s).ok());
+}
+
+TEST_CASE("an instance holds only stdin, stdout and stderr, whatever kilnd leaves open",
+          "[driver]") {
+  auto isolation = GENERATE(Isolation::kCgroup, Isolation::kSession);
+  DriverFixture f(isolation);
+  INFO("mode " << Name(isolation));
+  REQUIRE(f.driver->isolation() == isolation);  // this machine has a writable cgroup v2
+  // What kilnd might hold without close-on-exec: a listening socket and a pipe.
+  int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(listener >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  REQUIRE(::listen(listener, 4) == 0);
+  int leaked[2];
+  REQUIRE(::pipe(leaked) == 0);
+
+  // A program that opens nothing itself, found through the instance's PATH; Start returns
+  // once it has exec'd.
+  auto spec = f.Spec("web-1");
+  spec.command = {"sleep", "600"};
+  auto h = f.StartSync(spec);
+  ::close(listener);
+  ::close(leaked[0]);
+  ::close(leaked[1]);
+  REQUIRE(h.ok());
+  pid_t pid = PidOf(*h);
+  CHECK(std::filesystem::read_symlink("/proc/" + std::to_string(pid) + "/exe").filename() == "sleep");
+  CHECK(OpenFds(pid) == std::set<std::string>{"0", "1", "2"});
+  const std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd/";
+  CHECK(std::filesystem::read_symlink(fd_dir + "0") == "/dev/null");
+  CHECK(std::filesystem::read_symlink(fd_dir + "1") == f.tmp / "logs/web-1.log");
+  CHECK(std::filesystem::read_symlink(fd_dir + "2") == f.tmp / "logs/web-1.log");
+  REQUIRE(f.StopSync(*h, 5s).ok());
+}
+TEST_CASE("a ready pidfd is not an exit while the kernel reports none", "[driver]") {
+  DriverFixture f;
+  auto h = f.StartSync(f.Spec("web-1"));
+  REQUIRE(h.ok());
+  REQUIRE(f.WaitHealthy(*h));
+
+  // Our child: waitid(WNOHANG) says "still running" (si_pid == 0).
+  f.driver->PidfdReadyForTest("web-1");
+  RunFor(f.io, 200ms);
+  CHECK(f.exits.empty());
+  CHECK(f.driver->WatchedCountForTest() == 1);
+  CHECK(*f.driver->IsRunning(*h));
+
+  // The watch goes on: the real exit is reported, once.
+  ::kill(PidOf(*h), SIGKILL);
+  REQUIRE(RunUntil(f.io, [&] { return f.exits.size() == 1; }));
+  CHECK(f.exits[0].instance == "web-1");
+  CHECK(f.exits[0].signal == SIGKILL);
+
+  // Adopted, not our child (waitid: ECHILD): /proc says it runs.
+  auto a = f.StartElsewhere(f.Spec("web-2"));
+  REQUIRE(a.ok());
+  REQUIRE(f.driver->Adopt(*a).ok());
+  f.driver->PidfdReadyForTest("web-2");
+  RunFor(f.io, 200ms);
+  CHECK(f.exits.size() == 1);
+  CHECK(f.driver->WatchedCountForTest() == 1);
+  ::kill(PidOf(*a), SIGKILL);
+  REQUIRE(RunUntil(f.io, [&] { return f.exits.size() == 2; }));
+  CHECK(f.exits[1].instance == "web-2");
+  CHECK_FALSE(f.exits[1].status_known);
+  RunFor(f.io, 100ms);
+  CHECK(f.exits.size() == 2);
+  CHECK(f.driver->WatchedCountForTest() == 0);
+}
+
+TEST_CASE("stopping an adopted instance ends every process of it, also those ignoring SIGTERM",
+          "[driver]") {
+  auto isolation = GENERATE(Isolation::kCgroup, Isolation::kSession);
+  DriverFixture f(isolation);
+  INFO("mode " << Name(isolation));
+  REQUIRE(f.driver->isolation() == isolation);
+  // The leader exits on SIGTERM; its child ignores SIGTERM. Started by an earlier kilnd.
+  auto h = f.StartElsewhere(f.Spec("web-1", {"--child-ignoring-sigterm"}));
+  REQUIRE(h.ok());
+  REQUIRE(RunUntil(f.io, [&] { return f.ProcessesOf("web-1").size() == 2; }));
+  const std::set<pid_t> before = f.ProcessesOf("web-1");
+  if (isolation == Isolation::kCgroup) {
+    const auto dir = f.driver->CgroupDirForTest("web-1");
+    CHECK(proc::ReadCgroupV2(PidOf(*h)).ok());
+    for (pid_t pid : before) {
+      CHECK(std::filesystem::path(*proc::ReadCgroupV2(pid)).filename() == "web-1");
+    }
+    CHECK(std::filesystem::exists(dir));
+  }
+
+  REQUIRE(f.driver->Adopt(*h).ok());
+  auto stopped = f.StopSync(*h, 300ms);
+  REQUIRE(stopped.ok());
+  CHECK(f.ProcessesOf("web-1").empty());
+  for (pid_t pid : before) CHECK_FALSE(proc::IsAlive(pid, proc::ReadStat(pid).ok() ? proc::ReadStat(pid)->start_time : 0));
+  CHECK_FALSE(*f.driver->IsRunning(*h));
+  CHECK(f.driver->List()->empty());
+  CHECK(f.driver->WatchedCountForTest() == 0);
+  CHECK(f.exits.empty());
+  if (isolation == Isolation::kCgroup) CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
+}
+
+TEST_CASE("the end of an adopted instance's leader takes what it left behind with it", "[driver]") {
+  auto isolation = GENERATE(Isolation::kCgroup, Isolation::kSession);
+  DriverFixture f(isolation);
+  INFO("mode " << Name(isolation));
+  auto h = f.StartElsewhere(f.Spec("web-1", {"--child-ignoring-sigterm"}));
+  REQUIRE(h.ok());
+  REQUIRE(RunUntil(f.io, [&] { return f.ProcessesOf("web-1").size() == 2; }));
+  REQUIRE(f.driver->Adopt(*h).ok());
+  ::kill(PidOf(*h), SIGKILL);  // the leader crashes; its child stays
+  REQUIRE(RunUntil(f.io, [&] { return f.exits.size() == 1; }));
+  CHECK(f.exits[0].instance == "web-1");
+  CHECK(f.ProcessesOf("web-1").empty());  // reported once nothing of it runs
+  CHECK(f.driver->WatchedCountForTest() == 0);
+  if (isolation == Isolation::kCgroup) CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
+}
+
+TEST_CASE("processes left behind while kilnd was down are found, and killed on adoption",
+          "[driver]") {
+  auto isolation = GENERATE(Isolation::kCgroup, Isolation::kSession);
+  DriverFixture f(isolation);
+  INFO("mode " << Name(isolation));
+  auto h = f.StartElsewhere(f.Spec("web-1", {"--child-ignoring-sigterm"}));
+  REQUIRE(h.ok());
+  REQUIRE(RunUntil(f.io, [&] { return f.ProcessesOf("web-1").size() == 2; }));
+  // kilnd is down; the leader dies, its child stays.
+  ::kill(PidOf(*h), SIGKILL);
+  REQUIRE(RunUntil(f.io, [&] { return f.ProcessesOf("web-1").size() == 1; }));
+
+  auto listed = f.driver->List();
+  REQUIRE(listed.ok());
+  REQUIRE(listed->size() == 1);  // the instance, not "nothing running"
+  CHECK((*listed)[0].handle.instance == "web-1");
+  CHECK((*listed)[0].handle.id == "pid:0:0");  // its leader is gone
+  CHECK((*listed)[0].service == "web");
+  CHECK(*f.driver->IsRunning(*h));  // something of it must still be stopped
+
+  Status adopted = f.driver->Adopt(*h);
+  CHECK(adopted.code() == StatusCode::kNotFound);
+  CHECK(adopted.message() == "instance web-1 (pid " + std::to_string(PidOf(*h)) +
+                                 ") is gone; killing the 1 processes it left behind");
+  REQUIRE(RunUntil(f.io, [&] { return f.ProcessesOf("web-1").empty(); }));
+  REQUIRE(RunUntil(f.io, [&] { return f.driver->WatchedCountForTest() == 0; }));
+  CHECK(f.exits.empty());  // not an exit of a watched instance: recovery marks it gone
+  CHECK(f.driver->List()->empty());
+  if (isolation == Isolation::kCgroup) CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
+}
+
+TEST_CASE("a child in a session of its own is not taken for the instance", "[driver]") {
+  auto isolation = GENERATE(Isolation::kCgroup, Isolation::kSession);
+  DriverFixture f(isolation);
+  INFO("mode " << Name(isolation));
+  auto h = f.StartElsewhere(f.Spec("web-1", {"--child-setsid"}));
+  REQUIRE(h.ok());
+  REQUIRE(RunUntil(f.io, [&] { return f.ProcessesOf("web-1").size() == 2; }));
+  std::set<pid_t> procs = f.ProcessesOf("web-1");
+  procs.erase(PidOf(*h));
+  const pid_t child = *procs.begin();
+  REQUIRE(proc::ReadStat(child)->session == child);  // a session leader too
+  const uint64_t child_start = proc::ReadStat(child)->start_time;
+
+  auto listed = f.driver->List();
+  REQUIRE(listed.ok());
+  REQUIRE(listed->size() == 1);
+  CHECK((*listed)[0].handle.id == h->id);  // the leader's pid and start time
+  CHECK((*listed)[0].handle.port == h->port);
+  CHECK((*listed)[0].revision == 1);
+  REQUIRE(f.driver->Adopt((*listed)[0].handle).ok());
+
+  auto stopped = f.StopSync(*h, 5s);
+  REQUIRE(stopped.ok());
+  CHECK(f.ProcessesOf("web-1").empty());  // the leader and the child
+  CHECK_FALSE(proc::IsAlive(child, child_start));
+  CHECK(f.driver->List()->empty());
+}
+
+TEST_CASE("the cgroup v2 mount is found in mountinfo", "[driver]") {
+  const std::string hybrid =
+      "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+      "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+      "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
+  auto m = cgroup::FindV2Mount(hybrid);
+  REQUIRE(m.ok());
+  CHECK(m->mount_point == "/sys/fs/cgroup/unified");
+  CHECK(m->root == "/");
+  auto pure = cgroup::FindV2Mount(
+      "25 30 0:23 /kubepods/pod1 /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n");
+  REQUIRE(pure.ok());
+  CHECK(pure->mount_point == "/sys/fs/cgroup");
+  CHECK(pure->root == "/kubepods/pod1");
+  CHECK(cgroup::FindV2Mount("1 0 0:1 / /a\\040b rw - cgroup2 none rw\n")->mount_point == "/a b");
+  CHECK(cgroup::FindV2Mount("32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n")
+            .status()
+            .code() == StatusCode::kNotFound);
 }
 
 }  // namespace
