@@ -422,6 +422,7 @@ int RunDaemon(int argc, char** argv) {
   // on this (the event) thread. Until the first arrives, it works from the desired state the
   // store remembers, and /readyz says the manifests are not loaded yet.
   CachingHasher hasher(*artifacts);
+  std::function<void()> publish_now;  // what HTTP shows, refreshed at once (set below)
   ArtifactHasher hash_fn = [&hasher](const fs::path& p) { return hasher(p); };
   BackgroundLoader loader(
       io, [&] { return LoadManifestDir(flags.manifests, hash_fn); },
@@ -429,6 +430,7 @@ int RunDaemon(int argc, char** argv) {
         LogManifestSet(set);
         metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
         reconciler.ApplyManifests(set);
+        if (publish_now) publish_now();  // readiness says so at once, not up to 200 ms later
       });
   loader.Request();
   ManifestWatcher watcher(io, flags.manifests, Duration(50), [&] { loader.Request(); });
@@ -482,6 +484,7 @@ int RunDaemon(int argc, char** argv) {
     published.at = std::chrono::steady_clock::now();
   };
   publish();
+  publish_now = publish;
   boost::asio::steady_timer publish_timer(io);
   std::function<void()> publish_every = [&] {
     publish_timer.expires_after(std::chrono::milliseconds(200));
