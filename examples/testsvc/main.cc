@@ -2,8 +2,11 @@
 // instances. It listens on $PORT (or --port) and answers:
 //   GET /healthz  200 "ok" (503 once --unhealthy-after has passed)
 //   GET /         200 "<version>\n"
-// Flags make it misbehave on purpose: become unhealthy, exit with a code, ignore SIGTERM, or
-// take a while before it listens.
+// Flags make it misbehave on purpose: become unhealthy, exit with a code, ignore SIGTERM, take a
+// while before it listens, or leave a child behind that ignores SIGTERM (as worker processes of
+// real services do), optionally in a session of its own.
+
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <boost/asio.hpp>
@@ -34,6 +37,8 @@ struct Config {
   int exit_code = 1;
   bool ignore_sigterm = false;
   kiln::Duration start_delay{0};
+  bool spawn_child = false;
+  bool child_setsid = false;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 };
 
@@ -120,6 +125,10 @@ int main(int argc, char** argv) {
   app.add_option("--exit-code", config.exit_code, "exit code for --exit-after");
   app.add_flag("--ignore-sigterm", config.ignore_sigterm, "ignore SIGTERM (only SIGKILL stops it)");
   app.add_option("--start-delay", start_delay, "wait this long before listening");
+  app.add_flag("--spawn-child", config.spawn_child,
+               "fork a child that ignores SIGTERM and sleeps until killed (only SIGKILL stops it)");
+  app.add_flag("--child-setsid", config.child_setsid,
+               "with --spawn-child: the child calls setsid() and leads a session of its own");
   CLI11_PARSE(app, argc, argv);
   config.unhealthy_after = ParseFlagDuration("--unhealthy-after", unhealthy_after);
   config.exit_after = ParseFlagDuration("--exit-after", exit_after);
@@ -133,6 +142,21 @@ int main(int argc, char** argv) {
     config.port = std::atoi(env);
   }
   if (config.ignore_sigterm) std::signal(SIGTERM, SIG_IGN);
+  if (config.spawn_child) {
+    // Before any thread or socket exists, so the child holds nothing but what it inherits.
+    pid_t child = ::fork();
+    if (child < 0) {
+      std::perror("kiln-testsvc: fork");
+      return 3;
+    }
+    if (child == 0) {
+      std::signal(SIGTERM, SIG_IGN);
+      if (config.child_setsid && ::setsid() < 0) std::_Exit(4);
+      for (;;) ::pause();
+    }
+    std::cout << "kiln-testsvc: child " << child << (config.child_setsid ? " (own session)" : "")
+              << " ignores SIGTERM" << std::endl;
+  }
 
   asio::io_context io;
   asio::signal_set signals(io);
