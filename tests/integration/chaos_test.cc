@@ -32,6 +32,7 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "common/sha256.h"
 #include "kiln/v1/kiln.grpc.pb.h"
@@ -233,12 +234,12 @@ class ChaosRun {
       h_.Kill9();
       step_ += "; SIGKILL of kilnd after " + std::to_string(kill_after.count()) + " ms";
       if (!Restart()) break;
-      CheckIteration(e);
+      const std::string converged = CheckIteration(e);
       ++done_;
       counts_[ActionName(a)]++;
       std::cerr << "chaos[" << iteration_ << "/" << s_.iterations << "] " << step_ << " -> "
                 << std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - t0).count()
-                << " ms, violations so far " << violations_.size() << std::endl;
+                << " ms: " << converged << "; violations so far " << violations_.size() << std::endl;
     }
     elapsed_ = SteadyClock::now() - began;
     if (!violations_.empty() && !s_.keep_dir.empty()) Keep();
@@ -273,9 +274,11 @@ class ChaosRun {
     static const char* kStrategies[] = {"rolling", "rolling", "rolling", "rolling", "blue-green",
                                         "recreate"};
     std::string strategy = kStrategies[Uniform(0, 5)];
-    return "{strategy: " + strategy + ", max_surge: " + std::to_string(Uniform(1, 2)) +
-           ", max_unavailable: " + std::to_string(Uniform(0, 1)) +
-           ", healthy_deadline: 30s, progress_deadline: 60s}";
+    // max_surge and max_unavailable only apply to rolling (and canary).
+    std::string counts = strategy != "rolling" ? ""
+                                               : ", max_surge: " + std::to_string(Uniform(1, 2)) +
+                                                     ", max_unavailable: " + std::to_string(Uniform(0, 1));
+    return "{strategy: " + strategy + counts + ", healthy_deadline: 30s, progress_deadline: 60s}";
   }
 
   int Uniform(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng_); }
@@ -525,7 +528,8 @@ class ChaosRun {
   // ------------------------------------------------------------------------------------------
   // Checking
 
-  void CheckIteration(const Expectation& e) {
+  // Returns what it converged to, for the progress line.
+  std::string CheckIteration(const Expectation& e) {
     Snapshot snap;
     std::string why = "never read";
     const auto deadline = SteadyClock::now() + s_.converge_timeout;
@@ -552,6 +556,11 @@ class ChaosRun {
       current_.pinned = snap.service.pinned_revision > 0;
       if (why.empty()) available_.emplace(current_.revision, current_.hash);
     }
+    if (!why.empty()) return "NOT converged";
+    std::string seen = "revision " + std::to_string(current_.revision) + " (" + current_.version +
+                       (current_.pinned ? ", pinned" : "") + "):";
+    for (const InstanceRecord* i : snap.Live()) seen += " " + i->name + "/r" + std::to_string(i->revision);
+    return seen;
   }
 
   // Integrity, immutable revisions, ids never reused.
@@ -629,10 +638,14 @@ class ChaosRun {
     }
   }
 
+  struct Problem {
+    std::string what;
+    std::string instance;
+    pid_t pid = 0;  // the process concerned, if any
+  };
   // One pass over /proc against the store: every problem seen, by kind.
-  std::map<std::string, std::vector<std::pair<std::string, std::string>>> ProcessProblems(
-      const Snapshot& snap) {
-    std::map<std::string, std::vector<std::pair<std::string, std::string>>> out;  // kind -> (what, instance)
+  std::map<std::string, std::vector<Problem>> ProcessProblems(const Snapshot& snap) {
+    std::map<std::string, std::vector<Problem>> out;
     std::map<std::string, const InstanceRecord*> rows;
     for (const auto& i : snap.instances) rows[i.name] = &i;
     auto procs = h_.ControllerProcesses();
@@ -646,14 +659,14 @@ class ChaosRun {
                               std::to_string(p.ppid) + ", pgrp " + std::to_string(p.pgrp) +
                               ", session " + std::to_string(p.session) + ")";
       if (row == rows.end()) {
-        out["orphaned"].push_back({who + " runs, but the store has no such instance", p.instance});
+        out["orphaned"].push_back({who + " runs, but the store has no such instance", p.instance, p.pid});
         continue;
       }
       const InstanceRecord& r = *row->second;
       if (!IsLive(r.state)) {
         out["orphaned"].push_back({who + " runs, but " + r.name + " is " +
                                        std::string(InstanceStateName(r.state)) + " (" + r.reason + ")",
-                                   p.instance});
+                                   p.instance, p.pid});
         continue;
       }
       if (r.state == InstanceState::kPending || r.state == InstanceState::kDraining) continue;
@@ -664,16 +677,16 @@ class ChaosRun {
       if (p.session == p.pid && leader_runs) {
         out["duplicated"].push_back({who + " runs as " + r.name + " beside its recorded process " +
                                          r.handle,
-                                     p.instance});
+                                     p.instance, p.pid});
       } else if (!leader_runs) {
         out["pid_mismatch"].push_back({who + " runs as " + r.name + ", whose row (" +
                                            std::string(InstanceStateName(r.state)) + ") says " +
                                            r.handle + ", which is not running",
-                                       p.instance});
+                                       p.instance, p.pid});
       } else {
         out["orphaned"].push_back({who + " carries " + r.name +
                                        "'s identity outside its process tree (" + r.handle + ")",
-                                   p.instance});
+                                   p.instance, p.pid});
       }
     }
     for (const auto& [name, pids] : leaders) {
@@ -682,7 +695,7 @@ class ChaosRun {
       for (pid_t p : pids) list += " " + std::to_string(p);
       out["duplicated"].push_back({name + " has " + std::to_string(pids.size()) +
                                        " session leaders:" + list,
-                                   name});
+                                   name, pids.back()});
     }
     for (const InstanceRecord* i : snap.Live()) {
       if (i->state == InstanceState::kPending || i->state == InstanceState::kDraining) continue;
@@ -690,30 +703,41 @@ class ChaosRun {
       if (running.count({pid, start}) == 0) {
         out["lost"].push_back({i->name + " is " + std::string(InstanceStateName(i->state)) +
                                    " in the store (handle \"" + i->handle + "\") but that process is not running",
-                               i->name});
+                               i->name, pid});
       }
     }
     return out;
   }
 
   // Waits (bounded: a stop takes at most stop-grace) for /proc and the store to agree, then
-  // records whatever still disagrees.
+  // records whatever still disagrees. A problem is recorded once, not again at every later
+  // iteration; orphans are killed once recorded, so that each finding stands on its own.
   void CheckProcesses() {
-    std::map<std::string, std::vector<std::pair<std::string, std::string>>> problems;
+    std::map<std::string, std::vector<Problem>> problems;
+    auto fresh = [&] {
+      for (const auto& [kind, list] : problems) {
+        for (const auto& p : list) {
+          if (!reported_.count({kind, p.instance, p.pid})) return true;
+        }
+      }
+      return false;
+    };
     const auto deadline = SteadyClock::now() + 8s;
     do {
       Snapshot snap = Read();
       if (!snap.ok) {
-        problems = {{"store_unreadable", {{snap.error, ""}}}};
+        problems = {{"store_unreadable", {{snap.error, "", 0}}}};
       } else {
         problems = ProcessProblems(snap);
       }
-      if (problems.empty()) return;
+      if (!fresh()) break;
       std::this_thread::sleep_for(200ms);
     } while (SteadyClock::now() < deadline);
     for (const auto& [kind, list] : problems) {
-      for (const auto& [what, instance] : list) {
-        Record(kind, step_, what + " (still so 8 s after convergence)", {instance});
+      for (const auto& p : list) {
+        if (!reported_.insert({kind, p.instance, p.pid}).second) continue;
+        Record(kind, step_, p.what + " (still so 8 s after convergence)", {p.instance});
+        if (kind == "orphaned" && p.pid > 0) ::kill(p.pid, SIGKILL);
       }
     }
   }
@@ -881,6 +905,7 @@ class ChaosRun {
   std::map<int64_t, RevisionRecord> revisions_seen_;
   std::map<int64_t, std::pair<int64_t, int64_t>> ids_seen_;  // id -> (revision, created_ms)
   int64_t max_id_seen_ = 0;
+  std::set<std::tuple<std::string, std::string, pid_t>> reported_;  // (kind, instance, pid)
   std::vector<Violation> violations_;
   SteadyClock::duration elapsed_{};
 };
