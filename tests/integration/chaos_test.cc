@@ -246,6 +246,17 @@ class ChaosRun {
   }
 
   int done() const { return done_; }
+  KilndHarness& harness() { return h_; }
+  // kind -> what, from one pass over /proc and the store.
+  std::map<std::string, std::vector<std::string>> ProcessProblemsForTest() {
+    std::map<std::string, std::vector<std::string>> out;
+    Snapshot snap = Read();
+    if (!snap.ok) return {{"store_unreadable", {snap.error}}};
+    for (const auto& [kind, list] : ProcessProblems(snap)) {
+      for (const auto& p : list) out[kind].push_back(p.what);
+    }
+    return out;
+  }
   const std::vector<Violation>& violations() const { return violations_; }
 
   std::string Report() const {
@@ -923,6 +934,49 @@ TEST_CASE("chaos: SIGKILL of kilnd during rollouts, scaling and rollbacks orphan
   INFO(report);
   CHECK(run.done() == settings.iterations);
   CHECK(run.violations().empty());
+}
+
+// The checks themselves can fail: each kind of problem, made by hand, is seen.
+TEST_CASE("chaos: the /proc checks see an orphan, a duplicate and a lost instance", "[chaos]") {
+  Settings settings;
+  settings.seed = 1;
+  settings.iterations = 0;  // the cold start and its checks only
+  ChaosRun run(settings);
+  run.Go();
+  INFO(run.Report());
+  REQUIRE(run.violations().empty());
+  KilndHarness& h = run.harness();
+  CHECK(run.ProcessProblemsForTest().empty());
+
+  auto live = h.Live(kService);
+  REQUIRE(live.size() == 3);
+  h.Kill9();  // nothing changes the store from here on
+  const std::string id = "KILN_CONTROLLER=" + ControllerIdForStateDir(h.state());
+  // Unknown to the store.
+  Child orphan({"/usr/bin/env", id, "KILN_INSTANCE=web-999999", "/bin/sleep", "60"}, h.tmp().path());
+  // A second session leader running as a live instance.
+  Child twin({"/usr/bin/setsid", "/usr/bin/env", id, "KILN_INSTANCE=" + live[1].name, "/bin/sleep", "60"},
+             h.tmp().path());
+  // A live instance whose process is gone.
+  const pid_t victim = ParseHandle(live[2].handle).first;
+  REQUIRE(victim > 0);
+  ::kill(-victim, SIGKILL);
+
+  std::map<std::string, std::vector<std::string>> problems;
+  auto has = [&](const std::string& kind, const std::string& text) {
+    for (const auto& what : problems[kind]) {
+      if (what.find(text) != std::string::npos) return true;
+    }
+    return false;
+  };
+  CHECK(WaitFor([&] {
+    problems = run.ProcessProblemsForTest();
+    return has("orphaned", "web-999999") && has("duplicated", live[1].name) && has("lost", live[2].name);
+  }, 10s));
+  for (const auto& [kind, list] : problems) {
+    for (const auto& what : list) UNSCOPED_INFO(kind << ": " << what);
+  }
+  CHECK(problems.size() == 3);
 }
 
 }  // namespace
