@@ -733,7 +733,8 @@ class ChaosRun {
       }
       return false;
     };
-    const auto deadline = SteadyClock::now() + 8s;
+    // A stop takes at most --stop-grace (1 s) and its exit is recorded right after; 5 s is ample.
+    const auto deadline = SteadyClock::now() + 5s;
     do {
       Snapshot snap = Read();
       if (!snap.ok) {
@@ -747,7 +748,7 @@ class ChaosRun {
     for (const auto& [kind, list] : problems) {
       for (const auto& p : list) {
         if (!reported_.insert({kind, p.instance, p.pid}).second) continue;
-        Record(kind, step_, p.what + " (still so 8 s after convergence)", {p.instance});
+        Record(kind, step_, p.what + " (still so 5 s after convergence)", {p.instance});
         if (kind == "orphaned" && p.pid > 0) ::kill(p.pid, SIGKILL);
       }
     }
