@@ -2,7 +2,7 @@
 STATE ?= .kiln-state
 MANIFESTS ?= examples/manifests
 
-.PHONY: deps configure build test run bench asan fuzz clean
+.PHONY: deps configure build test chaos run bench asan fuzz clean
 
 deps:
 	@scripts/install-deps
@@ -15,6 +15,12 @@ build: configure
 
 test: build
 	@ctest --preset default
+
+# The long chaos run: kilnd SIGKILLed CHAOS_ITERATIONS times at random moments (the short version
+# runs in `make test`). KILN_CHAOS_SEED=N repeats a run's choices; see docs/testing.md.
+CHAOS_ITERATIONS ?= 200
+chaos: build
+	@KILN_CHAOS_ITERATIONS=$(CHAOS_ITERATIONS) build/bin/kiln_chaos_tests --durations yes "[chaos]"
 
 run: build
 	@mkdir -p $(STATE)

@@ -7,9 +7,11 @@
 
 #include <functional>
 #include <memory>
+#include <sstream>
 #include <thread>
 
 #include "common/clock.h"
+#include "deploy/cgroup.h"
 #include "deploy/proc.h"
 #include "deploy/process_driver.h"
 #include "storage/sqlite_state_store.h"
@@ -56,11 +58,13 @@ class KilndHarness {
                                      state().string(), "--port-range",
                                      std::to_string(PortWindow()) + "-" +
                                          std::to_string(PortWindow() + kPortWindowSize - 1),
-                                     "--resync", "2s", "--stop-grace", "2s", "--http-listen",
+                                     "--resync", "2s", "--stop-grace", stop_grace_, "--http-listen",
                                      http_listen};
     argv.insert(argv.end(), extra.begin(), extra.end());
     kilnd_ = std::make_unique<Child>(argv, tmp_.path());
   }
+  // kilnd's --stop-grace for the next Start() (default 2s).
+  void SetStopGrace(const std::string& grace) { stop_grace_ = grace; }
   std::string UnixAddr() const { return "unix:" + (state() / "kiln.sock").string(); }
   // The TCP port kilnd logged for --grpc-listen HOST:0.
   int TcpPort() { return LoggedPort("tcp_port="); }
@@ -161,14 +165,77 @@ class KilndHarness {
     return problems;
   }
 
+  // One process carrying this kilnd's identity: an instance's leader or anything it started
+  // (children inherit the environment), wherever it went since (own session, reparented).
+  struct InstanceProcess {
+    pid_t pid = 0;
+    pid_t ppid = 0;
+    pid_t pgrp = 0;
+    pid_t session = 0;
+    uint64_t start_time = 0;  // clock ticks after boot, as in the process driver's handles
+    std::string instance;     // its KILN_INSTANCE
+  };
+  // Every live (not zombie) process in /proc with this kilnd's KILN_CONTROLLER, leaders or not.
+  std::vector<InstanceProcess> ControllerProcesses() {
+    std::vector<InstanceProcess> out;
+    const std::string id = ControllerIdForStateDir(state());
+    for (pid_t pid : proc::ListPids()) {
+      auto env = proc::ReadEnviron(pid);
+      if (env["KILN_CONTROLLER"] != id) continue;
+      // "pid (comm) state ppid pgrp session ..." with starttime as field 22; comm may hold ')'.
+      std::string stat = ReadFile("/proc/" + std::to_string(pid) + "/stat");
+      size_t close = stat.rfind(')');
+      if (close == std::string::npos) continue;  // gone meanwhile
+      std::istringstream fields(stat.substr(close + 2));
+      std::string field;
+      std::vector<std::string> f;
+      while (fields >> field) f.push_back(field);
+      if (f.size() < 20 || f[0] == "Z" || f[0] == "X") continue;
+      InstanceProcess p;
+      p.pid = pid;
+      p.ppid = static_cast<pid_t>(std::stol(f[1]));
+      p.pgrp = static_cast<pid_t>(std::stol(f[2]));
+      p.session = static_cast<pid_t>(std::stol(f[3]));
+      p.start_time = std::stoull(f[19]);
+      p.instance = env["KILN_INSTANCE"];
+      out.push_back(std::move(p));
+    }
+    return out;
+  }
+
+  // Kills every process of this kilnd's instances: the leaders' groups, and whatever escaped
+  // them (children in their own session, or left behind when their leader stopped).
   void KillInstances() {
     for (const auto& [pid, name] : InstanceProcesses()) ::kill(-pid, SIGKILL);
+    for (const auto& p : ControllerProcesses()) ::kill(p.pid, SIGKILL);
+    RemoveCgroups();
+  }
+
+  // The instances' cgroups (the process driver makes one per instance under
+  // <kilnd's cgroup>/kiln-<controller id>), removed once their processes are gone, so test runs
+  // leave nothing behind in /sys/fs/cgroup.
+  void RemoveCgroups() {
+    auto own = cgroup::OwnCgroupDir();  // kilnd ran in the test's own cgroup
+    if (!own.ok()) return;
+    const auto parent = *own / ("kiln-" + ControllerIdForStateDir(state()));
+    std::error_code ec;
+    if (!std::filesystem::is_directory(parent, ec)) return;
+    WaitFor([&] {
+      std::error_code it_ec;
+      for (const auto& e : std::filesystem::directory_iterator(parent, it_ec)) {
+        if (!e.is_directory()) continue;
+        (void)cgroup::KillAll(e.path());
+        (void)cgroup::Remove(e.path());
+      }
+      return cgroup::Remove(parent).ok() && !std::filesystem::exists(parent, it_ec);
+    }, std::chrono::seconds(5));
   }
 
  private:
   TempDir tmp_;
   FakeClock clock_;  // only for the read-only store's timestamps, which it never writes
   std::unique_ptr<Child> kilnd_;
+  std::string stop_grace_ = "2s";
 };
 
 }  // namespace kiln::testing
