@@ -120,7 +120,7 @@ struct Fixture {
   int port = 0;
 };
 
-TEST_CASE("with --tokens, /api/v1 and the dashboard need a token; health and metrics do not",
+TEST_CASE("with --tokens, /api/v1 and the dashboard need a token, health and metrics do not",
           "[http][security]") {
   TempDir tmp;
   Fixture f({"--tokens", WriteTokens(tmp).string()});
@@ -148,7 +148,7 @@ TEST_CASE("with --tokens, /api/v1 and the dashboard need a token; health and met
   CHECK(Get(f.port, "/metrics").status == 200);
 }
 
-TEST_CASE("--http-metrics-auth puts /metrics behind a token too", "[http][security]") {
+TEST_CASE("http-metrics-auth puts /metrics behind a token too", "[http][security]") {
   TempDir tmp;
   Fixture f({"--tokens", WriteTokens(tmp).string(), "--http-metrics-auth"});
   CHECK(Get(f.port, "/metrics").status == 401);
@@ -158,7 +158,7 @@ TEST_CASE("--http-metrics-auth puts /metrics behind a token too", "[http][securi
   CHECK(Get(f.port, "/healthz").status == 200);
 }
 
-TEST_CASE("--http-metrics-auth without --tokens is a usage error", "[http][security]") {
+TEST_CASE("http-metrics-auth without tokens is a usage error", "[http][security]") {
   KilndHarness h;
   h.Start({"--http-metrics-auth"});
   CHECK(h.kilnd().Wait(20s) == 2);

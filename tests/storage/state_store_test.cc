@@ -239,7 +239,7 @@ TEST_CASE("events append with increasing seq and read after a cursor", "[store]"
   CHECK(*f.store->AppendEvent({.kind = "x"}) == 11);  // seqs are never reused after pruning
 }
 
-TEST_CASE("repeated events fold into one counted row; pruning keeps its watermark", "[store]") {
+TEST_CASE("repeated events fold into one counted row, and pruning keeps its watermark", "[store]") {
   StoreFixture f;
   auto append = [&](const std::string& key, const std::string& msg) {
     EventRecord e{.kind = "instance_exited", .service = "web", .message = msg, .aggregate_key = key};
