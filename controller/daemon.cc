@@ -265,7 +265,9 @@ int RunDaemon(int argc, char** argv) {
 
   // Many connections and instances need many descriptors; the soft limit a shell gives (1024)
   // is not what the administrator allows.
+  uint64_t instance_nofile_soft = 0;  // what instances get: the limit kilnd was started with
   if (auto nofile = RaiseNofileLimit(); nofile.ok()) {
+    instance_nofile_soft = nofile->soft_before;
     LogInfo("descriptor limit", {{"soft_before", static_cast<int64_t>(nofile->soft_before)},
                                  {"soft", static_cast<int64_t>(nofile->soft)},
                                  {"hard", static_cast<int64_t>(nofile->hard)}});
@@ -341,6 +343,7 @@ int RunDaemon(int argc, char** argv) {
   driver_options.port_first = port_first;
   driver_options.port_last = port_last;
   driver_options.controller_id = ControllerIdForStateDir(flags.state);
+  driver_options.instance_nofile_soft = instance_nofile_soft;
   ProcessDriver driver(io, driver_options);
   Prober prober(io);
 

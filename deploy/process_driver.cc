@@ -447,6 +447,7 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     req.argv = argv;
     for (const auto& [k, v] : env) req.env.push_back(k + "=" + v);
     req.log = options.log_dir / (spec.instance + ".log");
+    req.nofile_soft = options.instance_nofile_soft;
 
     std::optional<fs::path> cgroup_dir;
     UniqueFd cgroup_fd;

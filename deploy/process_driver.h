@@ -51,6 +51,9 @@ class ProcessDriver final : public Driver {
     // Where the controller's cgroup kiln-<controller_id> is made; empty: in kilnd's own cgroup
     // (under systemd that needs Delegate=yes, and KillMode=process so instances outlive kilnd).
     std::filesystem::path cgroup_parent;
+    // The soft RLIMIT_NOFILE instances start with (kilnd raises its own to the hard limit at
+    // start; instances get what kilnd was started with). 0: inherit kilnd's.
+    uint64_t instance_nofile_soft = 0;
   };
 
   ProcessDriver(boost::asio::io_context& io, Options options);

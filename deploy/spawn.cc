@@ -54,6 +54,7 @@ struct ChildPlan {
   int log_fd;
   int status_fd;
   int max_fd;  // for kernels before close_range (5.9)
+  rlimit nofile;  // rlim_cur 0: leave it as it is
 };
 
 [[noreturn]] void ChildFail(const ChildPlan& plan, int step) {
@@ -84,6 +85,7 @@ struct ChildPlan {
       if (fd != plan.status_fd) ::close(fd);
     }
   }
+  if (plan.nofile.rlim_cur > 0) ::setrlimit(RLIMIT_NOFILE, &plan.nofile);  // best effort
   sigset_t none;
   sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);
@@ -119,8 +121,10 @@ StatusOr<Spawned> SpawnIntoCgroup(const SpawnRequest& r, const CStrings& argv,
   const int max_fd = nofile.rlim_cur == RLIM_INFINITY || nofile.rlim_cur > (1 << 20)
                          ? (1 << 20)
                          : static_cast<int>(nofile.rlim_cur);
+  rlimit child_nofile = nofile;
+  child_nofile.rlim_cur = r.nofile_soft > 0 && r.nofile_soft < nofile.rlim_cur ? r.nofile_soft : 0;
   const ChildPlan plan{r.path.c_str(), argv.ptrs.data(),   env.ptrs.data(), null_fd.get(),
-                       log_fd.get(),   status_write.get(), max_fd};
+                       log_fd.get(),   status_write.get(), max_fd,          child_nofile};
 
   int pidfd = -1;
   clone_args args{};
@@ -193,6 +197,15 @@ StatusOr<Spawned> SpawnPlain(const SpawnRequest& r, const CStrings& argv, const 
   if (rc != 0) return ExecError(rc, "cannot execute " + r.path);
   Spawned out;
   out.pid = pid;
+  if (r.nofile_soft > 0) {
+    // posix_spawn cannot set a limit in the child: set it from outside at once (it may already
+    // have exec'd; only a program that reads its limit in its first instructions sees kilnd's).
+    rlimit nofile{};
+    if (::prlimit(pid, RLIMIT_NOFILE, nullptr, &nofile) == 0 && r.nofile_soft < nofile.rlim_cur) {
+      nofile.rlim_cur = r.nofile_soft;
+      ::prlimit(pid, RLIMIT_NOFILE, &nofile, nullptr);
+    }
+  }
   // Our unreaped child: its pid cannot be reused before we wait for it.
   out.pidfd = UniqueFd(proc::PidfdOpen(pid));
   if (!out.pidfd) {

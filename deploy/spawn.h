@@ -23,6 +23,10 @@ struct SpawnRequest {
   // When >= 0, a cgroup v2 directory: the process is created in it (clone3 CLONE_INTO_CGROUP),
   // so even what it forks in its first instruction is in it.
   int cgroup_fd = -1;
+  // When > 0, the soft RLIMIT_NOFILE the process gets (kilnd raises its own to the hard limit;
+  // programs written for the usual 1024, select() users among them, get what they were started
+  // with before). 0: inherit kilnd's.
+  uint64_t nofile_soft = 0;
 };
 
 struct Spawned {

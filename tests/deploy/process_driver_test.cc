@@ -10,6 +10,8 @@
 
 #include <boost/asio/ip/tcp.hpp>
 #include <catch2/catch.hpp>
+#include <fstream>
+#include <sstream>
 #include <set>
 #include <thread>
 
@@ -61,8 +63,10 @@ struct DriverFixture {
     o.port_last = PortWindow() + testing::kPortWindowSize - 1;
     o.controller_id = ControllerId();
     o.isolation = isolation;
+    o.instance_nofile_soft = instance_nofile_soft;
     return o;
   }
+  uint64_t instance_nofile_soft = 0;
 
   // Starts the instance from another process that exits right after, like a kilnd that stopped:
   // the instance is not this process's child, as after a real restart of kilnd.
@@ -442,6 +446,30 @@ TEST_CASE("an instance holds only stdin, stdout and stderr, whatever kilnd leave
   CHECK(std::filesystem::read_symlink(fd_dir + "2") == f.tmp / "logs/web-1.log");
   REQUIRE(f.StopSync(*h, 5s).ok());
 }
+TEST_CASE("instances start with the descriptor limit kilnd was started with, not its raised one",
+          "[driver]") {
+  auto isolation = GENERATE(Isolation::kCgroup, Isolation::kSession);
+  DriverFixture f(isolation);
+  INFO("mode " << Name(isolation));
+  f.instance_nofile_soft = 777;
+  f.Restart();
+  auto spec = f.Spec("web-1");
+  spec.command = {"sleep", "600"};
+  auto h = f.StartSync(spec);
+  REQUIRE(h.ok());
+  std::ifstream limits("/proc/" + std::to_string(PidOf(*h)) + "/limits");
+  std::string line, nofile;
+  while (std::getline(limits, line)) {
+    if (line.rfind("Max open files", 0) == 0) nofile = line;
+  }
+  INFO(nofile);
+  std::istringstream fields(nofile.substr(std::string("Max open files").size()));
+  std::string soft;
+  fields >> soft;
+  CHECK(soft == "777");
+  REQUIRE(f.StopSync(*h, 5s).ok());
+}
+
 TEST_CASE("a ready pidfd is not an exit while the kernel reports none", "[driver]") {
   DriverFixture f;
   auto h = f.StartSync(f.Spec("web-1"));
