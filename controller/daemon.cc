@@ -150,8 +150,17 @@ class BackgroundLoader {
   std::thread thread_;  // last: starts once everything above is initialised
 };
 
-// Logs what a manifest load found: each service with its template hash.
-void LogManifestSet(const ManifestSet& set) {
+// Logs what a manifest load found: each service with its template hash. A load that finds what
+// the last one found (a missing directory is read again every second) logs nothing.
+void LogManifestSet(const ManifestSet& set, std::string& last_logged) {
+  std::string summary = set.dir + "|" + std::to_string(set.AllErrors().size());
+  for (const ServiceSpec* s : set.Services()) {
+    summary += "|" + s->name + "=" + s->tmpl.Hash() + "x" + std::to_string(s->replicas) + "," +
+               std::string(StrategyName(s->update.strategy));
+  }
+  for (const auto& e : set.AllErrors()) summary += "|" + e.ToString();
+  if (summary == last_logged) return;
+  last_logged = std::move(summary);
   for (const ServiceSpec* s : set.Services()) {
     LogInfo("service loaded", {{"service", s->name},
                                {"version", s->tmpl.version},
@@ -426,11 +435,12 @@ int RunDaemon(int argc, char** argv) {
   // store remembers, and /readyz says the manifests are not loaded yet.
   CachingHasher hasher(*artifacts);
   std::function<void()> publish_now;  // what HTTP shows, refreshed at once (set below)
+  std::string last_logged_set;
   ArtifactHasher hash_fn = [&hasher](const fs::path& p) { return hasher(p); };
   BackgroundLoader loader(
       io, [&] { return LoadManifestDir(flags.manifests, hash_fn); },
       [&](ManifestSet set) {
-        LogManifestSet(set);
+        LogManifestSet(set, last_logged_set);
         metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
         reconciler.ApplyManifests(set);
         if (publish_now) publish_now();  // readiness says so at once, not up to 200 ms later
