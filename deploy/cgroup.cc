@@ -16,20 +16,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::optional<std::string> ReadSmallFile(const fs::path& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return std::nullopt;
-  std::string out;
-  char buf[4096];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return std::nullopt;
-    if (n == 0) break;
-    out.append(buf, static_cast<size_t>(n));
-  }
-  return out;
-}
 
 // mountinfo escapes space, tab, newline and backslash as \ooo.
 std::string Unescape(std::string_view s) {
@@ -82,7 +68,7 @@ StatusOr<V2Mount> FindV2Mount(std::string_view mountinfo) {
 }
 
 StatusOr<fs::path> OwnCgroupDir() {
-  std::optional<std::string> mountinfo = ReadSmallFile("/proc/self/mountinfo");
+  std::optional<std::string> mountinfo = proc::ReadSmallFile("/proc/self/mountinfo");
   if (!mountinfo) return ErrnoError(errno, "read /proc/self/mountinfo");
   ASSIGN_OR_RETURN(V2Mount mount, FindV2Mount(*mountinfo));
   ASSIGN_OR_RETURN(std::string own, proc::ReadCgroupV2(::getpid()));
@@ -106,7 +92,7 @@ StatusOr<fs::path> OwnCgroupDir() {
 
 std::vector<pid_t> Procs(const fs::path& dir) {
   std::vector<pid_t> out;
-  std::optional<std::string> text = ReadSmallFile(dir / "cgroup.procs");
+  std::optional<std::string> text = proc::ReadSmallFile((dir / "cgroup.procs").string());
   if (!text) return out;
   size_t start = 0;
   while (start < text->size()) {

@@ -11,10 +11,8 @@
 #include "common/unique_fd.h"
 
 namespace kiln::proc {
-namespace {
 
-// Reads a small /proc file whole; nullopt when the process is gone or the file unreadable.
-std::optional<std::string> Slurp(const std::string& path) {
+std::optional<std::string> ReadSmallFile(const std::string& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return std::nullopt;
   std::string out;
@@ -22,16 +20,15 @@ std::optional<std::string> Slurp(const std::string& path) {
   for (;;) {
     ssize_t n = ::read(fd.get(), buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
+    if (n < 0) return std::nullopt;
+    if (n == 0) break;
     out.append(buf, static_cast<size_t>(n));
   }
   return out;
 }
 
-}  // namespace
-
 StatusOr<Stat> ReadStat(pid_t pid) {
-  std::optional<std::string> text = Slurp("/proc/" + std::to_string(pid) + "/stat");
+  std::optional<std::string> text = ReadSmallFile("/proc/" + std::to_string(pid) + "/stat");
   if (!text) return NotFoundError("no process " + std::to_string(pid));
   // "pid (comm) state ppid pgrp session ..." where comm may hold spaces and ')'.
   size_t close = text->rfind(')');
@@ -59,7 +56,7 @@ StatusOr<Stat> ReadStat(pid_t pid) {
 
 std::map<std::string, std::string> ReadEnviron(pid_t pid) {
   std::map<std::string, std::string> env;
-  std::optional<std::string> text = Slurp("/proc/" + std::to_string(pid) + "/environ");
+  std::optional<std::string> text = ReadSmallFile("/proc/" + std::to_string(pid) + "/environ");
   if (!text) return env;
   size_t start = 0;
   while (start < text->size()) {
@@ -87,7 +84,7 @@ std::vector<pid_t> ListPids() {
 }
 
 StatusOr<std::string> ReadCgroupV2(pid_t pid) {
-  std::optional<std::string> text = Slurp("/proc/" + std::to_string(pid) + "/cgroup");
+  std::optional<std::string> text = ReadSmallFile("/proc/" + std::to_string(pid) + "/cgroup");
   if (!text) return NotFoundError("no process " + std::to_string(pid));
   // One line per hierarchy, "ID:CONTROLLERS:PATH"; the v2 one is "0::PATH".
   size_t start = 0;

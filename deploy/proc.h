@@ -14,6 +14,9 @@
 
 namespace kiln::proc {
 
+// Reads a small file (of /proc, /sys) whole; nullopt when it is gone or cannot be read.
+std::optional<std::string> ReadSmallFile(const std::string& path);
+
 struct Stat {
   char state = '?';          // R, S, D, Z, ...
   pid_t ppid = 0;

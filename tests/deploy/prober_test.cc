@@ -201,6 +201,11 @@ TEST_CASE("watching reports healthy, then unhealthy past the threshold", "[probe
 
 TEST_CASE("a probe kilnd cannot run for want of descriptors is kilnd's error, not the instance's",
           "[prober]") {
+#if defined(__SANITIZE_ADDRESS__)
+  // The sanitizers' runtime needs descriptors of its own (it checks memory through a pipe), so
+  // with none left it reports errors that are not there. `make test` runs this without them.
+  return;
+#endif
   ProbeFixture f;
   REQUIRE(f.UntilHealthy(f.Target(ProbeKind::kHttp)).healthy);
   // Use up this process's descriptors: a lower soft limit, then /dev/null until it is reached.
