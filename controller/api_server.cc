@@ -20,6 +20,8 @@
 #include <thread>
 
 #include "common/duration.h"
+#include "common/limits.h"
+#include "common/utf8.h"
 #include "common/logging.h"
 #include "controller/io_call.h"
 #include "controller/manifest.h"
@@ -204,6 +206,20 @@ std::string ReadFileOrEmpty(const std::string& path) {
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+// An operator's reason is stored with the revision or event and shown in every status of the
+// service: bounded, and text.
+grpc::Status CheckReason(const std::string& reason) {
+  if (reason.size() > kMaxReasonBytes) {
+    return grpc::Status(grpc::INVALID_ARGUMENT, "reason: " + std::to_string(reason.size()) +
+                                                    " bytes; at most " + std::to_string(kMaxReasonBytes));
+  }
+  if (auto bad = FindInvalidUtf8(reason)) {
+    return grpc::Status(grpc::INVALID_ARGUMENT,
+                        "reason: not UTF-8 text (byte " + std::to_string(*bad) + ")");
+  }
+  return grpc::Status::OK;
 }
 
 bool IsLoopback(const std::string& host) {
@@ -551,6 +567,7 @@ class KilnApi final : public pb::Kiln::Service {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     if (req->to_revision() < 0) return grpc::Status(grpc::INVALID_ARGUMENT, "to_revision must be 0 or more");
+    if (grpc::Status bad = CheckReason(req->reason()); !bad.ok()) return bad;
     const std::string actor = Actor(ctx);
     auto rev = OnIo([this, service = req->service(), to = req->to_revision(), reason = req->reason(), actor] {
       return reconciler_.Rollback(service, to, reason, actor);
@@ -576,6 +593,7 @@ class KilnApi final : public pb::Kiln::Service {
   grpc::Status Pause(ServerContext* ctx, const pb::PauseRequest* req, pb::PauseResponse*) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
+    if (grpc::Status bad = CheckReason(req->reason()); !bad.ok()) return bad;
     const std::string actor = Actor(ctx);
     return Command([this, service = req->service(), reason = req->reason(), actor] {
       return reconciler_.Pause(service, reason, actor);
@@ -600,6 +618,7 @@ class KilnApi final : public pb::Kiln::Service {
                                pb::ReplaceInstanceResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->instance().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "instance is required");
+    if (grpc::Status bad = CheckReason(req->reason()); !bad.ok()) return bad;
     const std::string actor = Actor(ctx);
     resp->set_instance(req->instance());
     return Command([this, instance = req->instance(), reason = req->reason(), actor] {

@@ -259,6 +259,17 @@ TEST_CASE("bad requests get codes that say what to do", "[api]") {
     pb::ListInstancesResponse r;
     CHECK(stub->ListInstances(&c.ctx, q, &r).error_code() == grpc::INVALID_ARGUMENT);
   }
+  {
+    // A reason is stored and shown in every status of the service: it is bounded, and text.
+    Ctx c;
+    pb::RollbackRequest q;
+    q.set_service("web");
+    q.set_reason(std::string(3'900'000, 'x'));
+    pb::RollbackResponse r;
+    grpc::Status s = stub->Rollback(&c.ctx, q, &r);
+    CHECK(s.error_code() == grpc::INVALID_ARGUMENT);
+    CHECK(s.error_message() == "reason: 3900000 bytes; at most 1024");
+  }
 }
 
 TEST_CASE("tokens: no token, wrong token, viewer and operator", "[api]") {
