@@ -359,7 +359,6 @@ int RunDaemon(int argc, char** argv) {
   Reconciler* reconciler_ptr = nullptr;
   WorkQueue::Options queue_options;
   queue_options.resync = *resync;
-  std::string last_store_error;  // readiness: the store refused the last write
   // Start-up recovery could not be recorded yet (a full disk): no pass acts until it is.
   bool recovered = false;
   std::string recovery_error;
@@ -372,11 +371,6 @@ int RunDaemon(int argc, char** argv) {
         metrics.Observe("kiln_reconcile_duration_seconds", {},
                         std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count());
         metrics.Add("kiln_reconcile_passes_total", {{"result", s.ok() ? "ok" : "error"}});
-        if (s.ok()) {
-          last_store_error.clear();
-        } else if (s.message().find(store_options.path) != std::string::npos) {
-          last_store_error = s.message();
-        }
         return s;
       },
       [&] { return reconciler_ptr->ServiceNames(); });
@@ -485,7 +479,8 @@ int RunDaemon(int argc, char** argv) {
   } published;
   auto publish = [&] {
     std::lock_guard lock(published.mu);
-    published.store_error = last_store_error;
+    // Whether the store took the last write (of a pass, an exit, a probe result, a command).
+    published.store_error = (*store)->WriteFailure().message();
     published.manifests_loaded = reconciler.manifests_loaded();
     published.recovered = recovered;
     published.recovery_error = recovery_error;

@@ -42,6 +42,7 @@ StatusOr<Database> Database::Open(const std::string& path, bool read_only, bool 
 }
 
 Status Database::Error(int rc, std::string_view what) const {
+  ++failures_;
   return ErrorStatus(rc, path_, what, sqlite3_errmsg(raw()));
 }
 

@@ -112,6 +112,9 @@ class Database {
   int64_t LastInsertRowid() const { return sqlite3_last_insert_rowid(raw()); }
 
   Status Error(int rc, std::string_view what) const;
+  // How many SQLite calls on this connection have failed (Error() counts them): tells a failure
+  // of the database itself from one a caller returned inside a transaction.
+  uint64_t failures() const { return failures_; }
 
  private:
   struct Closer {
@@ -122,6 +125,7 @@ class Database {
   std::string path_;
   std::unique_ptr<sqlite3, Closer> db_;
   std::unordered_map<std::string, Statement> cache_;
+  mutable uint64_t failures_ = 0;
 };
 
 }  // namespace kiln::sqlite

@@ -468,10 +468,13 @@ Status SqliteStateStore::Transaction(const std::function<Status()>& fn) {
   std::lock_guard lock(mu_);
   if (tx_depth_ > 0) return fn();
   const auto begin = std::chrono::steady_clock::now();
-  RETURN_IF_ERROR(db_.Exec("BEGIN IMMEDIATE"));
-  ++tx_depth_;
-  Status s = fn();
-  --tx_depth_;
+  const uint64_t failures_before = db_.failures();
+  Status s = db_.Exec("BEGIN IMMEDIATE");
+  if (s.ok()) {
+    ++tx_depth_;
+    s = fn();
+    --tx_depth_;
+  }
   if (s.ok()) {
     s = db_.Exec("COMMIT");
     if (s.ok() && options_.on_commit) {
@@ -479,6 +482,13 @@ Status SqliteStateStore::Transaction(const std::function<Status()>& fn) {
     }
   }
   if (!s.ok() && !sqlite3_get_autocommit(db_.raw())) (void)db_.Exec("ROLLBACK");
+  // A failure of SQLite itself (full disk, I/O error, busy) is the store failing; an error the
+  // caller returned (an illegal transition, a missing row) is not.
+  if (s.ok()) {
+    write_failure_ = Status::Ok();
+  } else if (db_.failures() > failures_before) {
+    write_failure_ = s;
+  }
   return s;
 }
 

@@ -47,6 +47,13 @@ class SqliteStateStore final : public StateStore {
   // The schema version this build writes.
   static int CurrentSchemaVersion();
 
+  // The error of the last write transaction when SQLite itself refused it (full disk, I/O
+  // error, busy); OK once one commits again. For readiness: whether the store takes writes.
+  Status WriteFailure() const {
+    std::lock_guard lock(mu_);
+    return write_failure_;
+  }
+
   // Runs raw SQL on this connection (PRAGMA max_page_count to simulate a full disk, ...).
   Status ExecForTest(std::string_view sql);
 
@@ -100,6 +107,7 @@ class SqliteStateStore final : public StateStore {
   // Guards db_ and tx_depth_. Recursive because Snapshot/Transaction callbacks call the other
   // methods on the same thread.
   mutable std::recursive_mutex mu_;
+  Status write_failure_;  // guarded by mu_
   sqlite::Database db_;
   Options options_;
   int tx_depth_ = 0;

@@ -10,6 +10,7 @@
 
 #include <catch2/catch.hpp>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "common/unique_fd.h"
 #include "tests/integration/kilnd_harness.h"
@@ -103,6 +104,11 @@ TEST_CASE("kilnd restarted on a full disk serves status and recovers when space 
   INFO(ready);
   CHECK(StatusOf(ready) == 503);
   CHECK(ready.find("\"recovered\":{\"error\":\"") != std::string::npos);
+  auto checks = nlohmann::json::parse(ready.substr(ready.find("\r\n\r\n") + 4), nullptr, false);
+  REQUIRE(checks.is_object());
+  CHECK(checks["checks"]["store_writable"]["ok"] == false);
+  CHECK(checks["checks"]["store_writable"]["error"].get<std::string>().find("disk is full") !=
+        std::string::npos);
   RunResult status = Run({BinPath("kilnctl"), "--addr", h.UnixAddr(), "status", "web"});
   CHECK(status.exit_code == 0);
   CHECK(status.out.find("Service:    web") != std::string::npos);

@@ -530,6 +530,19 @@ TEST_CASE("a full disk refuses the write and keeps what was committed", "[store]
   CHECK(full.code() == StatusCode::kResourceExhausted);
   CHECK(full.message().find(f.path()) == 0);
   CHECK(full.message().find("database or disk is full") != std::string::npos);
+  // Readiness asks the store whether it takes writes: not now. An error of the caller's own
+  // does not change that answer; a commit that goes through does.
+  CHECK(f.store->WriteFailure().code() == StatusCode::kResourceExhausted);
+  CHECK(f.store->Transaction([] { return FailedPreconditionError("a rule said no"); }).code() ==
+        StatusCode::kFailedPrecondition);
+  CHECK(f.store->WriteFailure().code() == StatusCode::kResourceExhausted);
+  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = 1000000").ok());
+  REQUIRE(f.store->Transaction([&] { return f.store->AppendEvent({.kind = "after"}).status(); }).ok());
+  CHECK(f.store->WriteFailure().ok());
+  CHECK(f.store->Transaction([] { return FailedPreconditionError("a rule said no"); }).code() ==
+        StatusCode::kFailedPrecondition);
+  CHECK(f.store->WriteFailure().ok());
+  ++written;
 
   // Reopen: everything committed before the failure is intact, the failed write is absent.
   f.store.reset();
