@@ -2,45 +2,20 @@
 // on nothing it cannot record, and recovers once there is space. The state directory is a small
 // tmpfs of its own (the test needs root to mount it, as CI and `make test` have).
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <sys/mount.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "common/unique_fd.h"
+#include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
 
 namespace kiln::testing {
 namespace {
 
 using namespace std::chrono_literals;
-
-// GET over plain HTTP/1.0; the whole response (status line, headers, body), "" when unreachable.
-std::string HttpGet(int port, const std::string& target) {
-  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return "";
-  const std::string req = "GET " + target + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  if (::write(fd.get(), req.data(), req.size()) != static_cast<ssize_t>(req.size())) return "";
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(fd.get(), buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
-  return out;
-}
-
-// The status code of a response from HttpGet; 0 when there was none.
-int StatusOf(const std::string& response) {
-  size_t sp = response.find(' ');
-  return sp == std::string::npos ? 0 : std::atoi(response.c_str() + sp + 1);
-}
 
 // Fills the file system holding `dir` with one file; removing it frees the space again.
 void Fill(const std::filesystem::path& file) {
@@ -99,12 +74,12 @@ TEST_CASE("kilnd restarted on a full disk serves status and recovers when space 
   REQUIRE(h.kilnd().WaitForStderr("cannot record start-up recovery", 20s));
   const int port = h.HttpPort();
   REQUIRE(port > 0);
-  std::string ready;
-  REQUIRE(WaitFor([&] { return !(ready = HttpGet(port, "/readyz")).empty(); }));
-  INFO(ready);
-  CHECK(StatusOf(ready) == 503);
-  CHECK(ready.find("\"recovered\":{\"error\":\"") != std::string::npos);
-  auto checks = nlohmann::json::parse(ready.substr(ready.find("\r\n\r\n") + 4), nullptr, false);
+  HttpReply ready;
+  REQUIRE(WaitFor([&] { return (ready = HttpRequest(port, "/readyz")).status != 0; }));
+  INFO(ready.body);
+  CHECK(ready.status == 503);
+  CHECK(ready.body.find("\"recovered\":{\"error\":\"") != std::string::npos);
+  auto checks = nlohmann::json::parse(ready.body, nullptr, false);
   REQUIRE(checks.is_object());
   CHECK(checks["checks"]["store_writable"]["ok"] == false);
   CHECK(checks["checks"]["store_writable"]["error"].get<std::string>().find("disk is full") !=
@@ -119,7 +94,7 @@ TEST_CASE("kilnd restarted on a full disk serves status and recovers when space 
   std::filesystem::remove(fill);
   REQUIRE(WaitFor([&] { return h.Healthy("web") == 2; }, 60s));
   CHECK(h.kilnd().WaitForStderr("start-up recovery recorded", 10s));
-  CHECK(WaitFor([&] { return StatusOf(HttpGet(port, "/readyz")) == 200; }));
+  CHECK(WaitFor([&] { return HttpRequest(port, "/readyz").status == 200; }));
   CHECK(WaitFor([&] { return h.TrackingProblems({"web"}).empty(); }));
   INFO(h.TrackingProblems({"web"}));
 }

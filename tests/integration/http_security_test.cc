@@ -12,6 +12,7 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
 
 namespace kiln::testing {
@@ -28,39 +29,15 @@ const char* kPolicy = "{strategy: rolling, max_surge: 1, max_unavailable: 0}";
 const char* kViewer = "viewer-token-0123456789abcdef";
 const char* kOperator = "operator-token-0123456789abcdef";
 
-struct Reply {
-  int status = 0;  // 0: no response
-  std::string body;
-  std::string content_type;
-  std::string www_authenticate;
-};
+using Reply = HttpReply;
 
-template <class Stream>
-Reply Exchange(Stream& stream, const std::string& target, const std::string& token) {
-  http::request<http::empty_body> req{http::verb::get, target, 11};
-  req.set(http::field::host, "127.0.0.1");
-  if (!token.empty()) req.set(http::field::authorization, "Bearer " + token);
-  beast::error_code ec;
-  http::write(stream, req, ec);
-  if (ec) return {};
-  beast::flat_buffer buffer;
-  http::response<http::string_body> res;
-  http::read(stream, buffer, res, ec);
-  if (ec) return {};
-  return {static_cast<int>(res.result_int()), res.body(),
-          std::string(res[http::field::content_type]),
-          std::string(res[http::field::www_authenticate])};
+HttpHeaders Bearer(const std::string& token) {
+  if (token.empty()) return {};
+  return {{"Authorization", "Bearer " + token}};
 }
 
 Reply Get(int port, const std::string& target, const std::string& token = "") {
-  asio::io_context io;
-  beast::tcp_stream stream(io);
-  stream.expires_after(10s);
-  beast::error_code ec;
-  stream.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)),
-                 ec);
-  if (ec) return {};
-  return Exchange(stream, target, token);
+  return HttpRequest(port, target, http::verb::get, Bearer(token));
 }
 
 // GET over TLS, trusting only `ca`; with `client` (a PEM certificate beside its ".key"), also
@@ -82,7 +59,7 @@ Reply GetTls(int port, const std::string& target, const std::filesystem::path& c
       tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)), ec);
   if (!ec) stream.handshake(ssl::stream_base::client, ec);
   if (ec) return {};
-  return Exchange(stream, target, "");
+  return HttpExchange(stream, target);
 }
 
 // What a connection the test holds does next, waiting at most `timeout`: closed by the peer,

@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
 
 namespace kiln::testing {
@@ -19,30 +20,14 @@ namespace http = beast::http;
 using tcp = asio::ip::tcp;
 using namespace std::chrono_literals;
 
-struct Reply {
-  int status = 0;
-  std::string body;
-  std::string content_type;
-  std::string allow;
-};
+using Reply = HttpReply;
 
+// `extra_header_value` pads the request with an X-Padding header (for the header size limit).
 Reply Request(int port, const std::string& target, http::verb method = http::verb::get,
               const std::string& extra_header_value = "") {
-  asio::io_context io;
-  beast::tcp_stream stream(io);
-  stream.expires_after(10s);
-  stream.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)));
-  http::request<http::string_body> req{method, target, 11};
-  req.set(http::field::host, "127.0.0.1");
-  if (!extra_header_value.empty()) req.set("X-Padding", extra_header_value);
-  http::write(stream, req);
-  beast::flat_buffer buffer;
-  http::response<http::string_body> res;
-  beast::error_code ec;
-  http::read(stream, buffer, res, ec);
-  if (ec) return {};
-  return {static_cast<int>(res.result_int()), res.body(), std::string(res[http::field::content_type]),
-          std::string(res[http::field::allow])};
+  HttpHeaders headers;
+  if (!extra_header_value.empty()) headers.push_back({"X-Padding", extra_header_value});
+  return HttpRequest(port, target, method, headers);
 }
 
 struct HttpFixture {

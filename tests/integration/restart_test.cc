@@ -14,6 +14,7 @@
 #include <set>
 #include <sstream>
 
+#include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
 
 namespace kiln::testing {
@@ -27,23 +28,7 @@ using namespace std::chrono_literals;
 
 const char* kPolicy = "{strategy: rolling, max_surge: 1, max_unavailable: 0}";
 
-int HttpStatus(int port, const std::string& target) {
-  asio::io_context io;
-  beast::tcp_stream stream(io);
-  stream.expires_after(10s);
-  beast::error_code ec;
-  stream.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(port)),
-                 ec);
-  if (ec) return 0;
-  http::request<http::empty_body> req{http::verb::get, target, 11};
-  req.set(http::field::host, "127.0.0.1");
-  http::write(stream, req, ec);
-  if (ec) return 0;
-  beast::flat_buffer buffer;
-  http::response<http::string_body> res;
-  http::read(stream, buffer, res, ec);
-  return ec ? 0 : static_cast<int>(res.result_int());
-}
+int HttpStatus(int port, const std::string& target) { return HttpRequest(port, target).status; }
 
 std::map<int, std::string> OpenFds(pid_t pid) {
   std::map<int, std::string> out;
