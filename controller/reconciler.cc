@@ -390,6 +390,12 @@ Status Reconciler::CheckArtifact(const std::string& service, const std::string& 
   return HandleArtifactDrift(digest, v);
 }
 
+StatusOr<std::string> Reconciler::ArtifactOf(const std::string& service, int64_t revision) {
+  ASSIGN_OR_RETURN(RevisionRecord r, store_.GetRevision(service, revision));
+  ASSIGN_OR_RETURN(Template t, Template::FromCanonical(r.template_json));
+  return t.artifact_sha256;
+}
+
 std::vector<std::string> Reconciler::ArtifactsInUse() {
   // What runs, not what the manifests declare: a new template's artifact is stored (and hashed
   // while copied) only when its revision is written.
@@ -399,9 +405,8 @@ std::vector<std::string> Reconciler::ArtifactsInUse() {
     std::set<std::pair<std::string, int64_t>> seen;
     for (const InstanceRecord& inst : *live) {
       if (!seen.insert({inst.service, inst.revision}).second) continue;
-      auto rev = store_.GetRevision(inst.service, inst.revision);
-      auto t = rev.ok() ? Template::FromCanonical(rev->template_json) : StatusOr<Template>(rev.status());
-      if (t.ok() && !t->artifact_sha256.empty()) digests.insert(t->artifact_sha256);
+      StatusOr<std::string> digest = ArtifactOf(inst.service, inst.revision);
+      if (digest.ok() && !digest->empty()) digests.insert(*digest);
     }
   }
   return {digests.begin(), digests.end()};
@@ -446,9 +451,7 @@ Status Reconciler::HandleArtifactDrift(const std::string& digest, const Status& 
     for (const auto& inst : live) {
       auto key = std::make_pair(inst.service, inst.revision);
       if (!digest_of.count(key)) {
-        ASSIGN_OR_RETURN(RevisionRecord r, store_.GetRevision(inst.service, inst.revision));
-        ASSIGN_OR_RETURN(Template t, Template::FromCanonical(r.template_json));
-        digest_of[key] = t.artifact_sha256;
+        ASSIGN_OR_RETURN(digest_of[key], ArtifactOf(inst.service, inst.revision));
       }
       if (digest_of[key] != digest) continue;
       affected.insert(inst.service);
@@ -1129,9 +1132,8 @@ Status Reconciler::Reconcile(const std::string& name) {
     std::set<int64_t> revisions;
     for (const auto& inst : to_start) revisions.insert(inst.revision);
     for (int64_t rev : revisions) {
-      StatusOr<RevisionRecord> r = store_.GetRevision(name, rev);
-      StatusOr<Template> t = r.ok() ? Template::FromCanonical(r->template_json) : StatusOr<Template>(r.status());
-      Status checked = t.ok() ? CheckArtifact(name, t->artifact_sha256) : t.status();
+      StatusOr<std::string> digest = ArtifactOf(name, rev);
+      Status checked = digest.ok() ? CheckArtifact(name, *digest) : digest.status();
       if (!checked.ok()) {
         // The intents stay pending; the next pass (after backoff) starts them once it is fixed.
         for (const auto& inst : to_fail) StopInstance(inst, false);

@@ -120,6 +120,8 @@ class Reconciler {
   Status Event(const std::string& kind, const std::string& service, int64_t revision,
                const std::string& instance, const std::string& actor, const std::string& message);
   StatusOr<std::string> HashOf(const std::string& service, int64_t revision);
+  // The artifact digest a revision runs ("" for an image).
+  StatusOr<std::string> ArtifactOf(const std::string& service, int64_t revision);
   StatusOr<int64_t> EnsureDesiredRevision(const DesiredService& d, ServiceRecord& svc);
   Status RetireStep(const std::string& name);
   Status WriteRollbackRevision(ServiceRecord& svc, const RevisionRecord& from,
