@@ -30,6 +30,8 @@ TEST_CASE("kilnd loads manifests, opens its store and stops cleanly on SIGTERM",
                (tmp / "state").string(), "--http-listen", ""},
               tmp.path());
   REQUIRE(kilnd.WaitForStderr("kilnd ready", 20s));
+  // Manifests load off the main thread: "ready" may come first.
+  REQUIRE(kilnd.WaitForStderr("manifests loaded", 20s));
   std::string log = kilnd.Stderr();
   CHECK(log.find("service loaded service=web version=1.0 replicas=2 strategy=rolling "
                  "template_hash=") != std::string::npos);
@@ -54,6 +56,7 @@ TEST_CASE("kilnd logs every manifest error and keeps running", "[kilnd]") {
                (tmp / "state").string(), "--log-format", "json", "--http-listen", ""},
               tmp.path());
   REQUIRE(kilnd.WaitForStderr("kilnd ready", 20s));
+  REQUIRE(kilnd.WaitForStderr(R"("msg":"manifests loaded")", 20s));
   std::string log = kilnd.Stderr();
   CHECK(log.find(R"("msg":"manifest error")") != std::string::npos);
   CHECK(log.find("bad.yaml:3:11: replicas: expected an integer, got \\\"lots\\\"") != std::string::npos);
