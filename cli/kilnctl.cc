@@ -15,7 +15,7 @@
 #include <thread>
 
 #include "common/status.h"
-#include "controller/manifest.h"
+#include "spec/manifest.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "kiln/version.h"
 

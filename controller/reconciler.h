@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "common/clock.h"
-#include "controller/desired_set.h"
+#include "spec/desired_set.h"
 #include "controller/work_queue.h"
 #include "deploy/artifact_store.h"
 #include "deploy/driver.h"

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "controller/manifest.h"
+#include "spec/manifest.h"
 #include "storage/state_store.h"
 
 namespace kiln {

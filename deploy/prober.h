@@ -10,7 +10,7 @@
 #include <optional>
 #include <string>
 
-#include "deploy/health_check.h"
+#include "spec/health_check.h"
 
 namespace boost::asio {
 class io_context;

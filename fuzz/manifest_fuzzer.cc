@@ -15,8 +15,8 @@
 #include <string>
 
 #include "common/limits.h"
-#include "controller/desired_set.h"
-#include "controller/manifest.h"
+#include "spec/desired_set.h"
+#include "spec/manifest.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "controller/manifest.h"
+#include "spec/manifest.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -15,7 +15,7 @@
 #include "common/regular_file.h"
 #include "common/sha256.h"
 #include "common/utf8.h"
-#include "controller/yaml_reader.h"
+#include "spec/yaml_reader.h"
 
 namespace kiln {
 namespace fs = std::filesystem;

@@ -46,7 +46,4 @@ class Metrics {
   std::map<std::string, Family> families_;
 };
 
-// kiln's metrics, declared with their help texts.
-void DeclareKilnMetrics(Metrics& m);
-
 }  // namespace kiln

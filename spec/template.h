@@ -10,7 +10,7 @@
 
 #include "common/clock.h"
 #include "common/status.h"
-#include "deploy/health_check.h"
+#include "spec/health_check.h"
 
 namespace kiln {
 

@@ -15,7 +15,7 @@
 
 #include "common/clock.h"
 #include "common/status.h"
-#include "controller/tokens.h"
+#include "api/tokens.h"
 
 namespace boost::asio {
 class io_context;

@@ -1,4 +1,4 @@
-#include "controller/yaml_reader.h"
+#include "spec/yaml_reader.h"
 
 #include <libfyaml.h>
 

@@ -11,7 +11,7 @@
 
 #include "common/clock.h"
 #include "common/status.h"
-#include "controller/template.h"
+#include "spec/template.h"
 
 namespace kiln {
 

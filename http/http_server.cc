@@ -1,4 +1,4 @@
-#include "controller/http_server.h"
+#include "http/http_server.h"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -16,7 +16,7 @@
 
 #include "common/descriptors.h"
 #include "common/logging.h"
-#include "controller/api_server.h"
+#include "api/api_server.h"
 #include "storage/state_store.h"
 
 namespace kiln {

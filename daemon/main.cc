@@ -1,3 +1,3 @@
-#include "controller/daemon.h"
+#include "daemon/daemon.h"
 
 int main(int argc, char** argv) { return kiln::RunDaemon(argc, argv); }

@@ -1,4 +1,4 @@
-#include "controller/manifest.h"
+#include "spec/manifest.h"
 
 #include <sys/stat.h>
 #include <unistd.h>

@@ -4,7 +4,7 @@
 // (this tab only, gone when it closes) and sends it as "Authorization: Bearer" with every
 // request. No cookie, so no request is authorised by the browser on its own.
 
-#include "controller/http_server.h"
+#include "http/http_server.h"
 
 namespace kiln {
 

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "controller/manifest.h"
+#include "spec/manifest.h"
 
 namespace kiln {
 

@@ -1,8 +1,8 @@
-#include "controller/template.h"
+#include "spec/template.h"
 
 #include <catch2/catch.hpp>
 
-#include "controller/manifest.h"
+#include "spec/manifest.h"
 #include "tests/test_util.h"
 
 namespace kiln {

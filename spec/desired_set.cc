@@ -1,4 +1,4 @@
-#include "controller/desired_set.h"
+#include "spec/desired_set.h"
 
 #include <set>
 

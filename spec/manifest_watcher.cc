@@ -1,4 +1,4 @@
-#include "controller/manifest_watcher.h"
+#include "spec/manifest_watcher.h"
 
 #include <sys/inotify.h>
 #include <unistd.h>

@@ -1,6 +1,6 @@
 // RunOnIo: the gRPC -> reconciler-thread hop gives up safely.
 
-#include "controller/io_call.h"
+#include "api/io_call.h"
 
 #include <atomic>
 #include <catch2/catch.hpp>

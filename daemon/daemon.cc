@@ -1,4 +1,4 @@
-#include "controller/daemon.h"
+#include "daemon/daemon.h"
 
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
@@ -26,13 +26,13 @@
 #include "common/descriptors.h"
 #include "common/duration.h"
 #include "common/logging.h"
-#include "controller/api_server.h"
-#include "controller/http_server.h"
-#include "controller/metrics.h"
-#include "controller/manifest.h"
-#include "controller/manifest_watcher.h"
+#include "api/api_server.h"
+#include "http/http_server.h"
+#include "daemon/kiln_metrics.h"
+#include "spec/manifest.h"
+#include "spec/manifest_watcher.h"
 #include "controller/reconciler.h"
-#include "controller/tokens.h"
+#include "api/tokens.h"
 #include "controller/work_queue.h"
 #include "deploy/artifact_store.h"
 #include "deploy/process_driver.h"

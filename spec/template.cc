@@ -1,4 +1,4 @@
-#include "controller/template.h"
+#include "spec/template.h"
 
 #include <nlohmann/json.hpp>
 

@@ -1,4 +1,4 @@
-#include "controller/manifest_watcher.h"
+#include "spec/manifest_watcher.h"
 
 #include <boost/asio/io_context.hpp>
 #include <catch2/catch.hpp>

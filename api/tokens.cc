@@ -1,4 +1,4 @@
-#include "controller/tokens.h"
+#include "api/tokens.h"
 
 #include <fstream>
 #include <sstream>

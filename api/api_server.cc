@@ -1,4 +1,4 @@
-#include "controller/api_server.h"
+#include "api/api_server.h"
 
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
@@ -23,11 +23,11 @@
 #include "common/limits.h"
 #include "common/utf8.h"
 #include "common/logging.h"
-#include "controller/io_call.h"
-#include "controller/manifest.h"
-#include "controller/metrics.h"
+#include "api/io_call.h"
+#include "spec/manifest.h"
+#include "common/metrics.h"
 #include "controller/reconciler.h"
-#include "controller/tokens.h"
+#include "api/tokens.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 
 namespace kiln {
