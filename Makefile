@@ -2,7 +2,7 @@
 STATE ?= .kiln-state
 MANIFESTS ?= examples/manifests
 
-.PHONY: deps configure build test chaos run bench asan fuzz clean
+.PHONY: deps configure build test chaos run bench asan fuzz format format-check clean
 
 deps:
 	@scripts/install-deps
@@ -51,6 +51,15 @@ fuzz:
 	  build-fuzz/bin/manifest_fuzzer build-fuzz/corpus/manifest fuzz/corpus/manifest \
 	  -max_total_time=$(FUZZ_SECONDS) -timeout=1 -rss_limit_mb=512 -malloc_limit_mb=512 \
 	  -max_len=131072 -print_final_stats=1 -artifact_prefix=build-fuzz/crashes/
+
+# Every C++ file is formatted by .clang-format (Google style, 100 columns); CI checks it.
+SOURCES = $(shell git ls-files '*.h' '*.cc')
+format:
+	@scripts/install-deps --lint
+	@clang-format -i $(SOURCES)
+format-check:
+	@scripts/install-deps --lint
+	@clang-format --dry-run --Werror $(SOURCES)
 
 clean:
 	rm -rf build build-asan build-fuzz

@@ -19,16 +19,16 @@
 #include <sstream>
 #include <thread>
 
+#include "api/io_call.h"
+#include "api/tokens.h"
 #include "common/duration.h"
 #include "common/limits.h"
-#include "common/utf8.h"
 #include "common/logging.h"
-#include "api/io_call.h"
-#include "spec/manifest.h"
 #include "common/metrics.h"
+#include "common/utf8.h"
 #include "controller/reconciler.h"
-#include "api/tokens.h"
 #include "kiln/v1/kiln.grpc.pb.h"
+#include "spec/manifest.h"
 
 namespace kiln {
 namespace {
@@ -43,30 +43,43 @@ grpc::Status ToGrpc(const Status& s) {
 
 pb::InstanceState ToProto(InstanceState s) {
   switch (s) {
-    case InstanceState::kPending: return pb::INSTANCE_STATE_PENDING;
-    case InstanceState::kStarting: return pb::INSTANCE_STATE_STARTING;
-    case InstanceState::kHealthy: return pb::INSTANCE_STATE_HEALTHY;
-    case InstanceState::kUnhealthy: return pb::INSTANCE_STATE_UNHEALTHY;
-    case InstanceState::kDraining: return pb::INSTANCE_STATE_DRAINING;
-    case InstanceState::kTerminated: return pb::INSTANCE_STATE_TERMINATED;
-    case InstanceState::kFailed: return pb::INSTANCE_STATE_FAILED;
-    case InstanceState::kLost: return pb::INSTANCE_STATE_LOST;
+    case InstanceState::kPending:
+      return pb::INSTANCE_STATE_PENDING;
+    case InstanceState::kStarting:
+      return pb::INSTANCE_STATE_STARTING;
+    case InstanceState::kHealthy:
+      return pb::INSTANCE_STATE_HEALTHY;
+    case InstanceState::kUnhealthy:
+      return pb::INSTANCE_STATE_UNHEALTHY;
+    case InstanceState::kDraining:
+      return pb::INSTANCE_STATE_DRAINING;
+    case InstanceState::kTerminated:
+      return pb::INSTANCE_STATE_TERMINATED;
+    case InstanceState::kFailed:
+      return pb::INSTANCE_STATE_FAILED;
+    case InstanceState::kLost:
+      return pb::INSTANCE_STATE_LOST;
   }
   return pb::INSTANCE_STATE_UNSPECIFIED;
 }
 
 pb::Strategy ToProto(Strategy s) {
   switch (s) {
-    case Strategy::kRolling: return pb::STRATEGY_ROLLING;
-    case Strategy::kRecreate: return pb::STRATEGY_RECREATE;
-    case Strategy::kBlueGreen: return pb::STRATEGY_BLUE_GREEN;
-    case Strategy::kCanary: return pb::STRATEGY_CANARY;
+    case Strategy::kRolling:
+      return pb::STRATEGY_ROLLING;
+    case Strategy::kRecreate:
+      return pb::STRATEGY_RECREATE;
+    case Strategy::kBlueGreen:
+      return pb::STRATEGY_BLUE_GREEN;
+    case Strategy::kCanary:
+      return pb::STRATEGY_CANARY;
   }
   return pb::STRATEGY_UNSPECIFIED;
 }
 
 pb::Strategy StrategyFromName(const std::string& s) {
-  for (Strategy st : {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
+  for (Strategy st :
+       {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
     if (StrategyName(st) == s) return ToProto(st);
   }
   return pb::STRATEGY_UNSPECIFIED;
@@ -95,11 +108,14 @@ void FillTemplate(const Template& t, pb::Template* out) {
       h->mutable_http()->set_path(t.health.http_path);
       h->mutable_http()->set_port(t.health.port);
       break;
-    case ProbeKind::kTcp: h->mutable_tcp()->set_port(t.health.port); break;
+    case ProbeKind::kTcp:
+      h->mutable_tcp()->set_port(t.health.port);
+      break;
     case ProbeKind::kExec:
       for (const auto& c : t.health.exec) h->mutable_exec()->add_command(c);
       break;
-    case ProbeKind::kNone: break;
+    case ProbeKind::kNone:
+      break;
   }
   h->set_interval_ms(t.health.interval.count());
   h->set_timeout_ms(t.health.timeout.count());
@@ -110,7 +126,8 @@ void FillRevision(const RevisionRecord& r, pb::Revision* out) {
   out->set_service(r.service);
   out->set_number(r.number);
   out->set_template_hash(r.template_hash);
-  if (auto t = Template::FromCanonical(r.template_json); t.ok()) FillTemplate(*t, out->mutable_template_());
+  if (auto t = Template::FromCanonical(r.template_json); t.ok())
+    FillTemplate(*t, out->mutable_template_());
   out->set_source(r.source);
   out->set_manifest_file(r.manifest_file);
   out->set_manifest_sha256(r.manifest_sha256);
@@ -121,7 +138,8 @@ void FillRevision(const RevisionRecord& r, pb::Revision* out) {
   out->set_available_unix_ms(r.available_ms);
 }
 
-void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_ms, pb::Instance* out) {
+void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_ms,
+                  pb::Instance* out) {
   out->set_id(i.name);
   out->set_service(i.service);
   out->set_revision(i.revision);
@@ -157,7 +175,8 @@ void FillEvent(const EventRecord& e, pb::Event* out) {
   out->set_first_time_unix_ms(e.first_ms);
 }
 
-void FillConditions(const std::string& json, google::protobuf::RepeatedPtrField<pb::Condition>* out) {
+void FillConditions(const std::string& json,
+                    google::protobuf::RepeatedPtrField<pb::Condition>* out) {
   auto j = nlohmann::json::parse(json, nullptr, false);
   if (!j.is_array()) return;
   for (const auto& c : j) {
@@ -190,8 +209,9 @@ std::string BackoffLine(const ServiceRecord& s, int64_t now_ms) {
     parts.push_back("cannot start: " + s.start_error +
                     (s.next_start_ms > now_ms ? "; next try " + In(s.next_start_ms, now_ms) : ""));
   } else if (s.crash_count >= 2) {
-    parts.push_back("crash-looping: " + s.crash_reason +
-                    (s.next_start_ms > now_ms ? "; next start " + In(s.next_start_ms, now_ms) : ""));
+    parts.push_back(
+        "crash-looping: " + s.crash_reason +
+        (s.next_start_ms > now_ms ? "; next start " + In(s.next_start_ms, now_ms) : ""));
   }
   if (!s.retired && s.retire_at_ms > 0) {
     parts.push_back("retiring " + In(s.retire_at_ms, now_ms) + ": its manifest is gone");
@@ -213,7 +233,8 @@ std::string ReadFileOrEmpty(const std::string& path) {
 grpc::Status CheckReason(const std::string& reason) {
   if (reason.size() > kMaxReasonBytes) {
     return grpc::Status(grpc::INVALID_ARGUMENT, "reason: " + std::to_string(reason.size()) +
-                                                    " bytes; at most " + std::to_string(kMaxReasonBytes));
+                                                    " bytes; at most " +
+                                                    std::to_string(kMaxReasonBytes));
   }
   if (auto bad = FindInvalidUtf8(reason)) {
     return grpc::Status(grpc::INVALID_ARGUMENT,
@@ -230,7 +251,6 @@ bool IsLoopback(const std::string& host) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-
 
 // ---------------------------------------------------------------------------------------------
 // Views of the store shared by the gRPC API and HTTP's /api/v1.
@@ -255,7 +275,8 @@ class ViewCache {
   struct RevisionFacts {
     std::string hash, version;
   };
-  std::optional<RevisionFacts> Revision(StateReader& r, const std::string& service, int64_t number) {
+  std::optional<RevisionFacts> Revision(StateReader& r, const std::string& service,
+                                        int64_t number) {
     auto key = std::make_pair(service, number);
     {
       std::lock_guard lock(mu_);
@@ -291,8 +312,8 @@ int64_t MinHealthyMs(const ServiceRecord& s) {
 
 // Summary (and with `full`, everything of GetService) for one service.
 // `prefetched`: the service's live instances when the caller already has them.
-Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum, pb::Service* full,
-                   const std::vector<InstanceRecord>* prefetched = nullptr) {
+Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum,
+                   pb::Service* full, const std::vector<InstanceRecord>* prefetched = nullptr) {
   std::shared_ptr<const ServiceSpec> spec = Cache().Spec(s.spec);
   sum->set_name(s.name);
   sum->set_desired_revision(s.desired_revision);
@@ -380,7 +401,6 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
   return Status::Ok();
 }
 
-
 Status BuildListServices(StateReader& r, pb::ListServicesResponse* resp) {
   return r.Snapshot([&]() -> Status {
     ASSIGN_OR_RETURN(auto services, r.ListServices());
@@ -425,14 +445,16 @@ StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name) {
   return MessageJson(resp);
 }
 
-StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service, int limit) {
+StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service,
+                                 int limit) {
   ASSIGN_OR_RETURN(int64_t oldest, r.OldestEventSeq());
   if (after_seq > 0 && oldest > after_seq + 1) {
     return Status(StatusCode::kOutOfRange, "events after " + std::to_string(after_seq) +
                                                " were pruned; the oldest available is " +
                                                std::to_string(oldest));
   }
-  ASSIGN_OR_RETURN(auto events, r.ReadEvents({.after_seq = after_seq, .service = service, .limit = limit}));
+  ASSIGN_OR_RETURN(auto events,
+                   r.ReadEvents({.after_seq = after_seq, .service = service, .limit = limit}));
   std::string out = "{\"events\":[";
   for (size_t i = 0; i < events.size(); ++i) {
     pb::Event e;
@@ -444,17 +466,18 @@ StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::s
 }
 
 // Returns from an RPC handler when the caller may not make this call.
-#define RETURN_GRPC_IF_DENIED(ctx, mutating)                 \
-  do {                                                       \
-    grpc::Status denied_ = Authorize(ctx, mutating);         \
-    if (!denied_.ok()) return denied_;                       \
+#define RETURN_GRPC_IF_DENIED(ctx, mutating)         \
+  do {                                               \
+    grpc::Status denied_ = Authorize(ctx, mutating); \
+    if (!denied_.ok()) return denied_;               \
   } while (false)
 
 class KilnApi final : public pb::Kiln::Service {
  public:
   KilnApi(boost::asio::io_context& io, Reconciler& reconciler,
           std::vector<std::unique_ptr<StateReader>> readers,
-          std::optional<std::map<std::string, Caller>> tokens, int max_streams, Duration command_timeout)
+          std::optional<std::map<std::string, Caller>> tokens, int max_streams,
+          Duration command_timeout)
       : io_(io),
         reconciler_(reconciler),
         tokens_(std::move(tokens)),
@@ -475,7 +498,8 @@ class KilnApi final : public pb::Kiln::Service {
                           pb::GetServiceResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
     if (req->name().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "name is required");
-    return ToGrpc(WithReader([&](StateReader& r) { return BuildGetService(r, req->name(), resp); }));
+    return ToGrpc(
+        WithReader([&](StateReader& r) { return BuildGetService(r, req->name(), resp); }));
   }
 
   grpc::Status ListInstances(ServerContext* ctx, const pb::ListInstancesRequest* req,
@@ -508,18 +532,21 @@ class KilnApi final : public pb::Kiln::Service {
     }));
   }
 
-  grpc::Status Plan(ServerContext* ctx, const pb::PlanRequest* req, pb::PlanResponse* resp) override {
+  grpc::Status Plan(ServerContext* ctx, const pb::PlanRequest* req,
+                    pb::PlanResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
     std::vector<std::string> names;
     if (!req->service().empty()) {
       names.push_back(req->service());
     } else {
-      auto all = OnIo([this]() -> StatusOr<std::vector<std::string>> { return reconciler_.ServiceNames(); });
+      auto all = OnIo(
+          [this]() -> StatusOr<std::vector<std::string>> { return reconciler_.ServiceNames(); });
       if (!all.ok()) return ToGrpc(all.status());
       names = *all;
     }
     for (const auto& name : names) {
-      auto next = OnIo([this, name]() -> StatusOr<Reconciler::NextStep> { return reconciler_.Plan(name); });
+      auto next =
+          OnIo([this, name]() -> StatusOr<Reconciler::NextStep> { return reconciler_.Plan(name); });
       if (!next.ok()) {
         if (!req->service().empty()) return ToGrpc(next.status());
         pb::PlanStep* step = resp->add_steps();  // e.g. retired: nothing declared to plan for
@@ -566,18 +593,20 @@ class KilnApi final : public pb::Kiln::Service {
                         pb::RollbackResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
-    if (req->to_revision() < 0) return grpc::Status(grpc::INVALID_ARGUMENT, "to_revision must be 0 or more");
+    if (req->to_revision() < 0)
+      return grpc::Status(grpc::INVALID_ARGUMENT, "to_revision must be 0 or more");
     if (grpc::Status bad = CheckReason(req->reason()); !bad.ok()) return bad;
     const std::string actor = Actor(ctx);
-    auto rev = OnIo([this, service = req->service(), to = req->to_revision(), reason = req->reason(), actor] {
-      return reconciler_.Rollback(service, to, reason, actor);
-    });
+    auto rev =
+        OnIo([this, service = req->service(), to = req->to_revision(), reason = req->reason(),
+              actor] { return reconciler_.Rollback(service, to, reason, actor); });
     if (!rev.ok()) return ToGrpc(rev.status());
     FillRevision(*rev, resp->mutable_revision());
     return grpc::Status::OK;
   }
 
-  grpc::Status Unpin(ServerContext* ctx, const pb::UnpinRequest* req, pb::UnpinResponse* resp) override {
+  grpc::Status Unpin(ServerContext* ctx, const pb::UnpinRequest* req,
+                     pb::UnpinResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     const std::string actor = Actor(ctx);
@@ -600,24 +629,29 @@ class KilnApi final : public pb::Kiln::Service {
     });
   }
 
-  grpc::Status Resume(ServerContext* ctx, const pb::ResumeRequest* req, pb::ResumeResponse*) override {
+  grpc::Status Resume(ServerContext* ctx, const pb::ResumeRequest* req,
+                      pb::ResumeResponse*) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     const std::string actor = Actor(ctx);
-    return Command([this, service = req->service(), actor] { return reconciler_.Resume(service, actor); });
+    return Command(
+        [this, service = req->service(), actor] { return reconciler_.Resume(service, actor); });
   }
 
-  grpc::Status Promote(ServerContext* ctx, const pb::PromoteRequest* req, pb::PromoteResponse*) override {
+  grpc::Status Promote(ServerContext* ctx, const pb::PromoteRequest* req,
+                       pb::PromoteResponse*) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     const std::string actor = Actor(ctx);
-    return Command([this, service = req->service(), actor] { return reconciler_.Promote(service, actor); });
+    return Command(
+        [this, service = req->service(), actor] { return reconciler_.Promote(service, actor); });
   }
 
   grpc::Status ReplaceInstance(ServerContext* ctx, const pb::ReplaceInstanceRequest* req,
                                pb::ReplaceInstanceResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, true);
-    if (req->instance().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "instance is required");
+    if (req->instance().empty())
+      return grpc::Status(grpc::INVALID_ARGUMENT, "instance is required");
     if (grpc::Status bad = CheckReason(req->reason()); !bad.ok()) return bad;
     const std::string actor = Actor(ctx);
     resp->set_instance(req->instance());
@@ -629,11 +663,13 @@ class KilnApi final : public pb::Kiln::Service {
   grpc::Status WatchEvents(ServerContext* ctx, const pb::WatchEventsRequest* req,
                            grpc::ServerWriter<pb::Event>* writer) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
-    if (req->after_seq() < 0) return grpc::Status(grpc::INVALID_ARGUMENT, "after_seq must be 0 or more");
+    if (req->after_seq() < 0)
+      return grpc::Status(grpc::INVALID_ARGUMENT, "after_seq must be 0 or more");
     if (++streams_ > max_streams_) {
       --streams_;
-      return grpc::Status(grpc::RESOURCE_EXHAUSTED,
-                          "too many event streams (" + std::to_string(max_streams_) + "); try later");
+      return grpc::Status(
+          grpc::RESOURCE_EXHAUSTED,
+          "too many event streams (" + std::to_string(max_streams_) + "); try later");
     }
     struct Release {
       std::atomic<int>& n;
@@ -645,9 +681,9 @@ class KilnApi final : public pb::Kiln::Service {
       ASSIGN_OR_RETURN(int64_t oldest, r.OldestEventSeq());
       ASSIGN_OR_RETURN(int64_t latest, r.LatestEventSeq());
       if (cursor > 0 && oldest > cursor + 1) {
-        return Status(StatusCode::kOutOfRange,
-                      "events after " + std::to_string(cursor) +
-                          " were pruned; the oldest available is " + std::to_string(oldest));
+        return Status(StatusCode::kOutOfRange, "events after " + std::to_string(cursor) +
+                                                   " were pruned; the oldest available is " +
+                                                   std::to_string(oldest));
       }
       if (cursor > latest) {
         return Status(StatusCode::kOutOfRange, "no event " + std::to_string(cursor) +
@@ -661,7 +697,8 @@ class KilnApi final : public pb::Kiln::Service {
     while (!ctx->IsCancelled() && !stopping_) {
       std::vector<EventRecord> batch;
       Status s = WithReader([&](StateReader& r) -> Status {
-        ASSIGN_OR_RETURN(batch, r.ReadEvents({.after_seq = cursor, .service = req->service(), .limit = 256}));
+        ASSIGN_OR_RETURN(
+            batch, r.ReadEvents({.after_seq = cursor, .service = req->service(), .limit = 256}));
         return Status::Ok();
       });
       if (!s.ok()) return ToGrpc(s);
@@ -685,7 +722,9 @@ class KilnApi final : public pb::Kiln::Service {
     if (!tokens_) return grpc::Status::OK;
     auto md = ctx->client_metadata();
     auto it = md.find("authorization");
-    std::string_view value = it == md.end() ? std::string_view() : std::string_view(it->second.data(), it->second.size());
+    std::string_view value = it == md.end()
+                                 ? std::string_view()
+                                 : std::string_view(it->second.data(), it->second.size());
     StatusOr<Caller> caller = AuthenticateBearer(*tokens_, value);
     if (!caller.ok()) return ToGrpc(caller.status());
     if (mutating && caller->role != Role::kOperator) {
@@ -701,7 +740,8 @@ class KilnApi final : public pb::Kiln::Service {
       auto md = ctx->client_metadata();
       auto it = md.find("authorization");
       if (it != md.end()) {
-        auto c = AuthenticateBearer(*tokens_, std::string_view(it->second.data(), it->second.size()));
+        auto c =
+            AuthenticateBearer(*tokens_, std::string_view(it->second.data(), it->second.size()));
         if (c.ok()) return c->name;
       }
     }
@@ -760,9 +800,11 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
   MetricsInterceptor(grpc::experimental::ServerRpcInfo* info, Metrics* metrics)
       : method_(info->method()), metrics_(metrics) {}
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
       const auto code = static_cast<StatusCode>(methods->GetSendStatus().error_code());
-      metrics_->Add("kiln_grpc_requests_total", {{"method", method_}, {"code", std::string(StatusCodeName(code))}});
+      metrics_->Add("kiln_grpc_requests_total",
+                    {{"method", method_}, {"code", std::string(StatusCodeName(code))}});
     }
     methods->Proceed();
   }
@@ -772,10 +814,12 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
   Metrics* metrics_;
 };
 
-class MetricsInterceptorFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
+class MetricsInterceptorFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
   explicit MetricsInterceptorFactory(Metrics* m) : metrics_(m) {}
-  grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo* info) override {
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
     return new MetricsInterceptor(info, metrics_);
   }
 
@@ -814,11 +858,13 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
   if (tls && (o.tls_cert.empty() || o.tls_key.empty())) {
     return InvalidArgumentError("--tls-cert and --tls-key go together");
   }
-  if (!o.client_ca.empty() && !tls) return InvalidArgumentError("--client-ca needs --tls-cert and --tls-key");
+  if (!o.client_ca.empty() && !tls)
+    return InvalidArgumentError("--client-ca needs --tls-cert and --tls-key");
   if (!o.tcp_listen.empty()) {
     size_t colon = o.tcp_listen.rfind(':');
     if (colon == std::string::npos) {
-      return InvalidArgumentError("--grpc-listen: expected HOST:PORT, got \"" + o.tcp_listen + "\"");
+      return InvalidArgumentError("--grpc-listen: expected HOST:PORT, got \"" + o.tcp_listen +
+                                  "\"");
     }
     std::string host = o.tcp_listen.substr(0, colon);
     if (!IsLoopback(host) && !(tls && tokens)) {
@@ -835,8 +881,8 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
     readers.push_back(std::move(r));
   }
   auto impl = std::make_unique<Impl>();
-  impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), std::move(tokens), o.max_streams,
-                                        o.command_timeout);
+  impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), std::move(tokens),
+                                        o.max_streams, o.command_timeout);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -847,8 +893,10 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
   // handshake (TLS and the HTTP/2 preface) quickly, and one that carries no call for
   // idle_timeout is closed. Calls run on at most max_threads threads, so a flood of them queues
   // rather than spawning a thread each.
-  builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, static_cast<int>(o.handshake_timeout.count()));
-  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, static_cast<int>(o.idle_timeout.count()));
+  builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
+                             static_cast<int>(o.handshake_timeout.count()));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                             static_cast<int>(o.idle_timeout.count()));
   grpc::ResourceQuota quota("kilnd");
   quota.SetMaxThreads(o.max_threads);
   builder.SetResourceQuota(quota);
@@ -861,12 +909,15 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
     if (tls) {
       grpc::SslServerCredentialsOptions ssl;
       ssl.pem_key_cert_pairs.push_back({ReadFileOrEmpty(o.tls_key), ReadFileOrEmpty(o.tls_cert)});
-      if (ssl.pem_key_cert_pairs[0].private_key.empty() || ssl.pem_key_cert_pairs[0].cert_chain.empty()) {
-        return InvalidArgumentError("cannot read --tls-cert " + o.tls_cert + " or --tls-key " + o.tls_key);
+      if (ssl.pem_key_cert_pairs[0].private_key.empty() ||
+          ssl.pem_key_cert_pairs[0].cert_chain.empty()) {
+        return InvalidArgumentError("cannot read --tls-cert " + o.tls_cert + " or --tls-key " +
+                                    o.tls_key);
       }
       if (!o.client_ca.empty()) {
         ssl.pem_root_certs = ReadFileOrEmpty(o.client_ca);
-        if (ssl.pem_root_certs.empty()) return InvalidArgumentError("cannot read --client-ca " + o.client_ca);
+        if (ssl.pem_root_certs.empty())
+          return InvalidArgumentError("cannot read --client-ca " + o.client_ca);
         ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
       }
       creds = grpc::SslServerCredentials(ssl);
@@ -890,11 +941,11 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
   }
   if (!o.unix_socket.empty()) ::chmod(o.unix_socket.c_str(), 0660);
   LogInfo("gRPC API listening", {{"unix", o.unix_socket},
-                                  {"tcp", o.tcp_listen},
-                                  {"tcp_port", impl->tcp_port},
-                                  {"tls", tls},
-                                  {"mtls", !o.client_ca.empty()},
-                                  {"tokens", !o.tokens_file.empty()}});
+                                 {"tcp", o.tcp_listen},
+                                 {"tcp_port", impl->tcp_port},
+                                 {"tls", tls},
+                                 {"mtls", !o.client_ca.empty()},
+                                 {"tokens", !o.tokens_file.empty()}});
   return std::unique_ptr<ApiServer>(new ApiServer(std::move(impl)));
 }
 

@@ -27,17 +27,18 @@ class Reconciler;
 StatusOr<std::string> ServicesJson(StateReader& r);
 StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name);
 // OUT_OF_RANGE when events after `after_seq` were already pruned.
-StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service, int limit);
+StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service,
+                                 int limit);
 
 class ApiServer {
  public:
   struct Options {
-    std::string unix_socket;  // STATE/kiln.sock; made mode 0660
-    std::string tcp_listen;   // HOST:PORT, "" for none; port 0 picks one
+    std::string unix_socket;                   // STATE/kiln.sock; made mode 0660
+    std::string tcp_listen;                    // HOST:PORT, "" for none; port 0 picks one
     std::string tls_cert, tls_key, client_ca;  // PEM files; client_ca asks for client certs
-    std::string tokens_file;  // "" = no tokens: every caller may do everything
-    int max_streams = 64;     // concurrent WatchEvents streams
-    int readers = 4;          // reader connections
+    std::string tokens_file;                   // "" = no tokens: every caller may do everything
+    int max_streams = 64;                      // concurrent WatchEvents streams
+    int readers = 4;                           // reader connections
     int max_message_bytes = 4 << 20;
     // A mutating call waits this long for the reconciler's thread; if it has not started by
     // then it is cancelled (never runs) and the client gets UNAVAILABLE, safe to retry.
@@ -45,7 +46,7 @@ class ApiServer {
     Duration handshake_timeout{5'000};  // TLS and HTTP/2 preface of a new connection
     Duration idle_timeout{300'000};     // a connection with no call for this long is closed
     int max_threads = 128;              // threads running calls (WatchEvents streams included)
-    Metrics* metrics = nullptr;  // counts requests by method and code
+    Metrics* metrics = nullptr;         // counts requests by method and code
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 

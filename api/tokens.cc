@@ -22,7 +22,8 @@ StatusOr<std::map<std::string, Caller>> LoadTokens(const std::string& path) {
     if (role != "viewer" && role != "operator") {
       return InvalidArgumentError(where + "role must be viewer or operator, got \"" + role + "\"");
     }
-    if (token.size() < 16) return InvalidArgumentError(where + "a token must be at least 16 characters");
+    if (token.size() < 16)
+      return InvalidArgumentError(where + "a token must be at least 16 characters");
     if (tokens.count(token)) return InvalidArgumentError(where + "duplicate token");
     tokens[token] = {name, role == "operator" ? Role::kOperator : Role::kViewer};
   }

@@ -2,9 +2,9 @@
 // concurrent clients, beside an empty RPC (grpc.health.v1.Health/Check) on the same kilnd in the
 // same run, so the ratio shows what kiln's own work costs above gRPC's. Never fails on a time.
 
+#include <fcntl.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -40,7 +40,8 @@ struct Result {
 };
 
 // Runs `call` from kClients threads, each on its own channel, for kPhase.
-Result Load(const std::string& addr, const std::function<bool(std::shared_ptr<grpc::Channel>&)>& call) {
+Result Load(const std::string& addr,
+            const std::function<bool(std::shared_ptr<grpc::Channel>&)>& call) {
   std::vector<std::vector<double>> lat(kClients);
   std::atomic<int> errors{0};
   std::vector<std::thread> threads;
@@ -53,7 +54,9 @@ Result Load(const std::string& addr, const std::function<bool(std::shared_ptr<gr
       while (std::chrono::steady_clock::now() < deadline) {
         auto begin = std::chrono::steady_clock::now();
         bool ok = call(channel);
-        lat[t].push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - begin).count());
+        lat[t].push_back(
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - begin)
+                .count());
         if (!ok) ++errors;
       }
     });
@@ -93,18 +96,29 @@ int Main() {
   {
     std::ofstream m(dir / "m/services.yaml");
     for (int i = 0; i < kServices; ++i) {
-      m << "name: svc-" << i << "\nversion: \"1\"\nreplicas: " << kReplicas << "\nartifact: {path: " << kBin
+      m << "name: svc-" << i << "\nversion: \"1\"\nreplicas: " << kReplicas
+        << "\nartifact: {path: " << kBin
         << "/kiln-testsvc}\nhealth: {tcp: {}, interval: 5s}\n---\n";
     }
   }
-  std::vector<std::string> args = {kBin + "/kilnd", "--manifests", (dir / "m").string(), "--state",
-                                   (dir / "state").string(), "--port-range", "24000-25999", "--log-level", "warn", "--http-listen", ""};
+  std::vector<std::string> args = {kBin + "/kilnd",
+                                   "--manifests",
+                                   (dir / "m").string(),
+                                   "--state",
+                                   (dir / "state").string(),
+                                   "--port-range",
+                                   "24000-25999",
+                                   "--log-level",
+                                   "warn",
+                                   "--http-listen",
+                                   ""};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 2, (dir / "kilnd.log").c_str(), O_WRONLY | O_CREAT, 0644);
+  posix_spawn_file_actions_addopen(&actions, 2, (dir / "kilnd.log").c_str(), O_WRONLY | O_CREAT,
+                                   0644);
   char* envp[] = {nullptr};
   pid_t kilnd = -1;
   posix_spawn(&kilnd, argv[0], &actions, nullptr, argv.data(), envp);
@@ -115,11 +129,13 @@ int Main() {
   bool ready = false;
   for (int i = 0; i < 1200 && !ready; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    auto s = SqliteStateStore::Open({.path = (dir / "state/kiln.db").string(), .clock = &clock, .read_only = true});
+    auto s = SqliteStateStore::Open(
+        {.path = (dir / "state/kiln.db").string(), .clock = &clock, .read_only = true});
     if (!s.ok()) continue;
     auto live = (*s)->ListLiveInstances();
     ready = live.ok() && live->size() == kServices * kReplicas &&
-            std::all_of(live->begin(), live->end(), [](auto& x) { return x.state == InstanceState::kHealthy; });
+            std::all_of(live->begin(), live->end(),
+                        [](auto& x) { return x.state == InstanceState::kHealthy; });
   }
   const std::string addr = "unix:" + (dir / "state/kiln.sock").string();
   if (ready) {
@@ -130,18 +146,23 @@ int Main() {
       q.set_name("svc-" + std::to_string(n++ % kServices));
       pb::GetServiceResponse r;
       grpc::ClientContext ctx;
-      return pb::Kiln::NewStub(ch)->GetService(&ctx, q, &r).ok() && r.service().instances_size() == kReplicas;
+      return pb::Kiln::NewStub(ch)->GetService(&ctx, q, &r).ok() &&
+             r.service().instances_size() == kReplicas;
     });
     Result list = Load(addr, [](std::shared_ptr<grpc::Channel>& ch) {
       pb::ListServicesResponse r;
       grpc::ClientContext ctx;
-      return pb::Kiln::NewStub(ch)->ListServices(&ctx, {}, &r).ok() && r.services_size() == kServices;
+      return pb::Kiln::NewStub(ch)->ListServices(&ctx, {}, &r).ok() &&
+             r.services_size() == kServices;
     });
-    std::printf("gRPC over the unix socket, %d services x %d instances, %d concurrent clients, %llds per call:\n",
-                kServices, kReplicas, kClients, static_cast<long long>(kPhase.count()));
+    std::printf(
+        "gRPC over the unix socket, %d services x %d instances, %d concurrent clients, %llds per "
+        "call:\n",
+        kServices, kReplicas, kClients, static_cast<long long>(kPhase.count()));
     auto row = [&](const char* name, const Result& r) {
-      std::printf("  %-28s %8.0f req/s  p50 %7.0f us  p99 %7.0f us  (%.1fx the empty RPC's p50)%s\n", name, r.rps,
-                  r.p50_us, r.p99_us, r.p50_us / empty.p50_us, r.errors ? "  ERRORS" : "");
+      std::printf(
+          "  %-28s %8.0f req/s  p50 %7.0f us  p99 %7.0f us  (%.1fx the empty RPC's p50)%s\n", name,
+          r.rps, r.p50_us, r.p99_us, r.p50_us / empty.p50_us, r.errors ? "  ERRORS" : "");
     };
     row("empty RPC (Health/Check)", empty);
     row("GetService", get);

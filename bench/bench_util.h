@@ -2,15 +2,14 @@
 
 // What every benchmark prints about where it ran, and small measuring helpers.
 
+#include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include <signal.h>
-
 #include <algorithm>
-#include <filesystem>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -30,7 +29,8 @@ inline std::string CpuModel() {
 }
 
 inline void PrintMachine() {
-  std::printf("machine: %s, %ld cores, %ld MiB\n", CpuModel().c_str(), sysconf(_SC_NPROCESSORS_ONLN),
+  std::printf("machine: %s, %ld cores, %ld MiB\n", CpuModel().c_str(),
+              sysconf(_SC_NPROCESSORS_ONLN),
               sysconf(_SC_PHYS_PAGES) / 1024 * sysconf(_SC_PAGESIZE) / 1024);
 }
 

@@ -51,7 +51,8 @@ bool WaitAllUp(int first_port, int count, std::chrono::seconds limit) {
   for (int i = 0; i < count; ++i) waiting.insert(first_port + i);
   auto deadline = Clock::now() + limit;
   while (!waiting.empty() && Clock::now() < deadline) {
-    for (auto it = waiting.begin(); it != waiting.end();) it = Accepts(*it) ? waiting.erase(it) : std::next(it);
+    for (auto it = waiting.begin(); it != waiting.end();)
+      it = Accepts(*it) ? waiting.erase(it) : std::next(it);
     if (!waiting.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return waiting.empty();
@@ -91,7 +92,8 @@ double CpuSeconds(pid_t pid) {
     if (sp == std::string::npos) break;
     pos = sp + 1;
   }
-  return (std::stod(fields[11]) + std::stod(fields[12])) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  return (std::stod(fields[11]) + std::stod(fields[12])) /
+         static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
 double PlainLoop(const fs::path& dir, double* spawn_seconds) {
@@ -173,9 +175,10 @@ KilndRun Kilnd(const fs::path& dir) {
   fs::create_directories(dir / "m");
   WriteManifest(dir / "m", "1");
   auto begin = Clock::now();
-  pid_t kilnd = Spawn({kBin + "/kilnd", "--manifests", (dir / "m").string(), "--state",
-                       (dir / "state").string(), "--port-range", "25000-26999", "--log-level", "warn", "--http-listen", ""},
-                      {"PATH=/usr/bin:/bin"}, (dir / "kilnd.log").string());
+  pid_t kilnd = Spawn(
+      {kBin + "/kilnd", "--manifests", (dir / "m").string(), "--state", (dir / "state").string(),
+       "--port-range", "25000-26999", "--log-level", "warn", "--http-listen", ""},
+      {"PATH=/usr/bin:/bin"}, (dir / "kilnd.log").string());
   if (WaitConverged(dir / "state/kiln.db", 1, std::chrono::seconds(300))) {
     r.cold = bench::Seconds(Clock::now() - begin);
     r.cold_cpu = CpuSeconds(kilnd);

@@ -34,8 +34,9 @@ double PlainLoop(const std::string& binary, const std::filesystem::path& log_dir
   for (int i = 0; i < kInstances; ++i) {
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
-    std::string log = log_dir.empty() ? std::string("/dev/null")
-                                      : (log_dir / ("plain-" + std::to_string(i) + ".log")).string();
+    std::string log = log_dir.empty()
+                          ? std::string("/dev/null")
+                          : (log_dir / ("plain-" + std::to_string(i) + ".log")).string();
     posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     posix_spawn_file_actions_adddup2(&actions, 1, 2);
     posix_spawnattr_t attr;
@@ -67,14 +68,18 @@ double DriverRound(boost::asio::io_context& io, ProcessDriver& driver, const std
     s.artifact_sha256 = digest;
     s.command = {"{artifact}", "60"};
     driver.Start(s, [&](StatusOr<InstanceHandle> h) {
-      if (h.ok()) handles.push_back(*h); else ++failed;
+      if (h.ok())
+        handles.push_back(*h);
+      else
+        ++failed;
     });
   }
   while (static_cast<int>(handles.size()) + failed < kInstances) io.run_one();
   double took = bench::Seconds(std::chrono::steady_clock::now() - begin);
   if (failed) std::printf("  (%d starts failed)\n", failed);
   int stopped = 0;
-  for (const auto& h : handles) driver.Stop(h, Duration(5000), [&](StatusOr<ExitInfo>) { ++stopped; });
+  for (const auto& h : handles)
+    driver.Stop(h, Duration(5000), [&](StatusOr<ExitInfo>) { ++stopped; });
   while (stopped < static_cast<int>(handles.size())) io.run_one();
   return took;
 }

@@ -60,9 +60,17 @@ int Main() {
   Write(dir / "m", 0);
   fs::rename(dir / "m/.web.yaml.tmp", dir / "m/web.yaml");
   const std::string log = (dir / "kilnd.log").string();
-  std::vector<std::string> args = {kBin + "/kilnd", "--manifests", (dir / "m").string(), "--state",
-                                   (dir / "state").string(), "--port-range", "27000-27999",
-                                   "--log-format", "json", "--http-listen", ""};
+  std::vector<std::string> args = {kBin + "/kilnd",
+                                   "--manifests",
+                                   (dir / "m").string(),
+                                   "--state",
+                                   (dir / "state").string(),
+                                   "--port-range",
+                                   "27000-27999",
+                                   "--log-format",
+                                   "json",
+                                   "--http-listen",
+                                   ""};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -104,8 +112,9 @@ int Main() {
   auto pct = [&](double p) { return latencies[static_cast<size_t>(p * (latencies.size() - 1))]; };
   std::printf("manifest rename -> first instance of the new revision spawned, %zu changes%s:\n",
               latencies.size(), missed ? " (some missed)" : "");
-  std::printf("  median %.0f ms, p99 %.0f ms, max %.0f ms (target p99 < 50 ms; log stamps are ms)\n",
-              pct(0.5), pct(0.99), latencies.back());
+  std::printf(
+      "  median %.0f ms, p99 %.0f ms, max %.0f ms (target p99 < 50 ms; log stamps are ms)\n",
+      pct(0.5), pct(0.99), latencies.back());
   std::error_code ec;
   fs::remove_all(dir, ec);
   return 0;

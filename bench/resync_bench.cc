@@ -53,7 +53,9 @@ int Main(int argc, char** argv) {
   bench::PrintMachine();
   // The database lives on /dev/shm when there is one: setting up 100,000 instances is ~20,000
   // transactions, each an fsync on a disk. The resync being measured commits nothing.
-  fs::path base = argc > 1 ? fs::path(argv[1]) : (fs::exists("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path());
+  fs::path base = argc > 1
+                      ? fs::path(argv[1])
+                      : (fs::exists("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path());
   fs::path dir = base / ("kiln-resync-bench-" + std::to_string(getpid()));
   fs::create_directories(dir / "m");
   std::ofstream(dir / "app") << "app";
@@ -112,9 +114,10 @@ int Main(int argc, char** argv) {
     wall.push_back(bench::Seconds(std::chrono::steady_clock::now() - w0));
   }
   double c = bench::Median(cpu);
-  std::printf("full resync pass over %zu services (median of 3): CPU %.3f s, wall %.3f s, "
-              "%.1f us CPU per service pass\n",
-              names.size(), c, bench::Median(wall), c / names.size() * 1e6);
+  std::printf(
+      "full resync pass over %zu services (median of 3): CPU %.3f s, wall %.3f s, "
+      "%.1f us CPU per service pass\n",
+      names.size(), c, bench::Median(wall), c / names.size() * 1e6);
   std::printf("  target: under 50 ms per pass -> %s per service pass, %s for the full resync\n",
               c / names.size() < 0.050 ? "met" : "NOT met", c < 0.050 ? "met" : "NOT met");
   std::printf("  instances started by the steady passes: %zu (must be 0)\n",

@@ -15,9 +15,9 @@
 #include <thread>
 
 #include "common/status.h"
-#include "spec/manifest.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "kiln/version.h"
+#include "spec/manifest.h"
 
 namespace kiln {
 namespace {
@@ -71,7 +71,8 @@ std::string ToJson(const google::protobuf::Message& m) {
 }
 
 // Prints a response as JSON or YAML; false when the format is "table" (the caller prints).
-bool PrintStructured(const google::protobuf::Message& m, const std::string& format, std::ostream& out) {
+bool PrintStructured(const google::protobuf::Message& m, const std::string& format,
+                     std::ostream& out) {
   if (format == "json") {
     out << ToJson(m);
     return true;
@@ -157,7 +158,8 @@ class Client {
   }
 
   void Prepare(grpc::ClientContext& ctx, bool stream = false) const {
-    if (!stream) ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(conn_.timeout_s));
+    if (!stream)
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(conn_.timeout_s));
     if (!conn_.token.empty()) ctx.AddMetadata("authorization", "Bearer " + conn_.token);
   }
 
@@ -173,20 +175,21 @@ class Client {
 int Fail(const grpc::Status& s, const Connection& c, std::ostream& err) {
   if (s.error_code() == grpc::StatusCode::UNAVAILABLE ||
       s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
-    err << "kilnctl: cannot reach kilnd at " << c.addr << " (is it running? set --addr or KILN_ADDR): "
-        << s.error_message() << "\n";
+    err << "kilnctl: cannot reach kilnd at " << c.addr
+        << " (is it running? set --addr or KILN_ADDR): " << s.error_message() << "\n";
     return 1;
   }
   // kiln's status codes are gRPC's, one to one.
-  err << "kilnctl: " << StatusCodeName(static_cast<StatusCode>(s.error_code())) << ": " << s.error_message()
-      << "\n";
+  err << "kilnctl: " << StatusCodeName(static_cast<StatusCode>(s.error_code())) << ": "
+      << s.error_message() << "\n";
   return 1;
 }
 
 // One read call: prints the response as JSON/YAML, or the table `rows(response)` makes.
 template <typename Req, typename Resp, typename RowsFn>
 int Query(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, const Req&, Resp*),
-          const Req& req, const std::string& format, std::ostream& out, std::ostream& err, RowsFn rows) {
+          const Req& req, const std::string& format, std::ostream& out, std::ostream& err,
+          RowsFn rows) {
   grpc::ClientContext ctx;
   c.Prepare(ctx);
   Resp resp;
@@ -197,8 +200,10 @@ int Query(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, c
 }
 
 std::vector<std::string> InstanceRow(const pb::Instance& i, const std::string& indent = "") {
-  return {indent + i.id(), std::to_string(i.revision()), StateName(i.state()), i.available() ? "yes" : "no",
-          std::to_string(i.port()), std::to_string(i.pid()), Age(i.created_unix_ms()), i.reason()};
+  return {indent + i.id(),          std::to_string(i.revision()),
+          StateName(i.state()),     i.available() ? "yes" : "no",
+          std::to_string(i.port()), std::to_string(i.pid()),
+          Age(i.created_unix_ms()), i.reason()};
 }
 
 // "http 503 from 127.0.0.1:20001/healthz (failing 12s, first: connect refused ...)".
@@ -224,21 +229,24 @@ std::string ConditionsLine(const pb::ServiceSummary& s) {
 }
 
 int ShowStatus(Client& c, const std::string& service, const std::string& format, std::ostream& out,
-           std::ostream& err) {
+               std::ostream& err) {
   if (service.empty()) {
-    return Query(c, &pb::Kiln::Stub::ListServices, pb::ListServicesRequest(), format, out, err,
-                 [](const pb::ListServicesResponse& resp) {
-                   Rows rows = {{"SERVICE", "VERSION", "REVISION", "AVAILABLE", "LIVE", "PINNED", "CONDITIONS"}};
-                   for (const auto& sv : resp.services()) {
-                     rows.push_back({sv.name(), sv.version(), std::to_string(sv.target_revision()),
-                                     std::to_string(sv.available()) + "/" + std::to_string(sv.replicas()),
-                                     std::to_string(sv.live()),
-                                     sv.pinned_revision() ? "pinned to " + std::to_string(sv.pinned_revision()) : "-",
-                                     ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error") +
-                                         (sv.backoff().empty() ? "" : "; " + sv.backoff())});
-                   }
-                   return rows;
-                 });
+    return Query(
+        c, &pb::Kiln::Stub::ListServices, pb::ListServicesRequest(), format, out, err,
+        [](const pb::ListServicesResponse& resp) {
+          Rows rows = {
+              {"SERVICE", "VERSION", "REVISION", "AVAILABLE", "LIVE", "PINNED", "CONDITIONS"}};
+          for (const auto& sv : resp.services()) {
+            rows.push_back(
+                {sv.name(), sv.version(), std::to_string(sv.target_revision()),
+                 std::to_string(sv.available()) + "/" + std::to_string(sv.replicas()),
+                 std::to_string(sv.live()),
+                 sv.pinned_revision() ? "pinned to " + std::to_string(sv.pinned_revision()) : "-",
+                 ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error") +
+                     (sv.backoff().empty() ? "" : "; " + sv.backoff())});
+          }
+          return rows;
+        });
   }
   pb::GetServiceRequest req;
   req.set_name(service);
@@ -250,16 +258,24 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
   if (PrintStructured(resp, format, out)) return 0;
   const pb::Service& sv = resp.service();
   const pb::ServiceSummary& sum = sv.summary();
-  out << "Service:    " << sum.name() << (sum.retired() ? " (retired)" : "") << (sum.paused() ? " (paused)" : "") << "\n";
+  out << "Service:    " << sum.name() << (sum.retired() ? " (retired)" : "")
+      << (sum.paused() ? " (paused)" : "") << "\n";
   out << "Version:    " << sum.version() << " (revision " << sum.target_revision() << ")\n";
-  out << "Manifest:   revision " << sum.desired_revision() << " from " << sv.manifest_file() << "\n";
-  out << "Pinned:     " << (sum.pinned_revision() ? "revision " + std::to_string(sum.pinned_revision()) + " — " + sv.pin_reason() : "no") << "\n";
-  out << "Instances:  " << sum.available() << " available of " << sum.replicas() << " wanted, " << sum.live() << " live\n";
+  out << "Manifest:   revision " << sum.desired_revision() << " from " << sv.manifest_file()
+      << "\n";
+  out << "Pinned:     "
+      << (sum.pinned_revision()
+              ? "revision " + std::to_string(sum.pinned_revision()) + " — " + sv.pin_reason()
+              : "no")
+      << "\n";
+  out << "Instances:  " << sum.available() << " available of " << sum.replicas() << " wanted, "
+      << sum.live() << " live\n";
   out << "Strategy:   " << StrategyLabel(sv.update().strategy()) << "\n";
   if (sv.has_rollout()) {
     const auto& r = sv.rollout();
-    out << "Rollout:    " << r.from_revision() << " -> " << r.to_revision() << " " << RolloutStateName(r.state())
-        << (r.reason().empty() ? "" : ": " + r.reason()) << " (started " << Age(r.started_unix_ms()) << " ago)\n";
+    out << "Rollout:    " << r.from_revision() << " -> " << r.to_revision() << " "
+        << RolloutStateName(r.state()) << (r.reason().empty() ? "" : ": " + r.reason())
+        << " (started " << Age(r.started_unix_ms()) << " ago)\n";
   }
   if (!sum.manifest_error().empty()) out << "Manifest error: " << sum.manifest_error() << "\n";
   if (!sum.backoff().empty()) out << "Held back:  " << sum.backoff() << "\n";
@@ -270,7 +286,8 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
   }
   PrintTable(out, cond);
   out << "\nInstances:\n";
-  Rows inst = {{"  ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON", "LAST PROBE"}};
+  Rows inst = {
+      {"  ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON", "LAST PROBE"}};
   for (const auto& i : sv.instances()) {
     inst.push_back(InstanceRow(i, "  "));
     inst.back().push_back(ProbeCell(i));
@@ -284,29 +301,35 @@ int Instances(Client& c, const std::string& service, bool all, const std::string
   pb::ListInstancesRequest req;
   req.set_service(service);
   req.set_include_finished(all);
-  return Query(c, &pb::Kiln::Stub::ListInstances, req, format, out, err, [](const pb::ListInstancesResponse& r) {
-    Rows rows = {{"ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON"}};
-    for (const auto& i : r.instances()) rows.push_back(InstanceRow(i));
-    return rows;
-  });
+  return Query(
+      c, &pb::Kiln::Stub::ListInstances, req, format, out, err,
+      [](const pb::ListInstancesResponse& r) {
+        Rows rows = {{"ID", "REVISION", "STATE", "AVAILABLE", "PORT", "PID", "AGE", "REASON"}};
+        for (const auto& i : r.instances()) rows.push_back(InstanceRow(i));
+        return rows;
+      });
 }
 
 int History(Client& c, const std::string& service, const std::string& format, std::ostream& out,
             std::ostream& err) {
   pb::GetHistoryRequest req;
   req.set_service(service);
-  return Query(c, &pb::Kiln::Stub::GetHistory, req, format, out, err, [](const pb::GetHistoryResponse& resp) {
-    Rows rows = {{"REVISION", "VERSION", "TEMPLATE", "SOURCE", "CREATED", "AVAILABLE", "DETAIL"}};
-    for (const auto& r : resp.revisions()) {
-      std::string detail = r.source() == "rollback"
-                               ? "template of " + std::to_string(r.rolled_back_from()) + " by " + r.actor() +
-                                     (r.reason().empty() ? "" : ": " + r.reason())
-                               : r.manifest_file();
-      rows.push_back({std::to_string(r.number()), r.template_().version(), r.template_hash().substr(0, 12),
-                      r.source(), Time(r.created_unix_ms()), Time(r.available_unix_ms()), detail});
-    }
-    return rows;
-  });
+  return Query(c, &pb::Kiln::Stub::GetHistory, req, format, out, err,
+               [](const pb::GetHistoryResponse& resp) {
+                 Rows rows = {{"REVISION", "VERSION", "TEMPLATE", "SOURCE", "CREATED", "AVAILABLE",
+                               "DETAIL"}};
+                 for (const auto& r : resp.revisions()) {
+                   std::string detail =
+                       r.source() == "rollback"
+                           ? "template of " + std::to_string(r.rolled_back_from()) + " by " +
+                                 r.actor() + (r.reason().empty() ? "" : ": " + r.reason())
+                           : r.manifest_file();
+                   rows.push_back({std::to_string(r.number()), r.template_().version(),
+                                   r.template_hash().substr(0, 12), r.source(),
+                                   Time(r.created_unix_ms()), Time(r.available_unix_ms()), detail});
+                 }
+                 return rows;
+               });
 }
 
 int Plan(Client& c, const std::string& service, const std::string& format, std::ostream& out,
@@ -318,8 +341,9 @@ int Plan(Client& c, const std::string& service, const std::string& format, std::
     for (const auto& st : resp.steps()) {
       std::string instances;
       for (const auto& i : st.instances()) instances += (instances.empty() ? "" : ",") + i;
-      rows.push_back({st.service(), st.action(), st.revision() ? std::to_string(st.revision()) : "-",
-                      std::to_string(st.count()), instances.empty() ? "-" : instances, st.reason()});
+      rows.push_back(
+          {st.service(), st.action(), st.revision() ? std::to_string(st.revision()) : "-",
+           std::to_string(st.count()), instances.empty() ? "-" : instances, st.reason()});
     }
     return rows;
   });
@@ -328,7 +352,8 @@ int Plan(Client& c, const std::string& service, const std::string& format, std::
 // One mutating call: prints `done(response)` (or the response as JSON/YAML) on success.
 template <typename Req, typename Resp, typename DoneFn>
 int Mutate(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, const Req&, Resp*),
-           const Req& req, const std::string& format, std::ostream& out, std::ostream& err, DoneFn done) {
+           const Req& req, const std::string& format, std::ostream& out, std::ostream& err,
+           DoneFn done) {
   grpc::ClientContext ctx;
   c.Prepare(ctx);
   Resp resp;
@@ -380,15 +405,17 @@ int Wait(Client& c, const std::string& service, std::ostream& out, std::ostream&
 }
 
 std::string EventLine(const std::string& seq, const std::string& time, const std::string& service,
-                      const std::string& kind, const std::string& instance, const std::string& actor,
-                      const std::string& message) {
-  auto pad = [](const std::string& v, size_t w) { return v.size() >= w ? v + " " : v + std::string(w - v.size(), ' '); };
-  return pad(seq, 7) + pad(time, 21) + pad(service, 14) + pad(kind, 24) + pad(instance, 14) + pad(actor, 10) +
-         message + "\n";
+                      const std::string& kind, const std::string& instance,
+                      const std::string& actor, const std::string& message) {
+  auto pad = [](const std::string& v, size_t w) {
+    return v.size() >= w ? v + " " : v + std::string(w - v.size(), ' ');
+  };
+  return pad(seq, 7) + pad(time, 21) + pad(service, 14) + pad(kind, 24) + pad(instance, 14) +
+         pad(actor, 10) + message + "\n";
 }
 
-int Events(Client& c, int64_t since, const std::string& service, bool follow, const std::string& format,
-           std::ostream& out, std::ostream& err) {
+int Events(Client& c, int64_t since, const std::string& service, bool follow,
+           const std::string& format, std::ostream& out, std::ostream& err) {
   pb::WatchEventsRequest req;
   req.set_after_seq(since);
   req.set_service(service);
@@ -416,10 +443,10 @@ int Events(Client& c, int64_t since, const std::string& service, bool follow, co
     }
     // Fixed columns: a stream cannot know its widest cell in advance.
     // A repeated event: "(×47 in 2m)".
-    const std::string repeats =
-        e.count() > 1 ? " (\u00d7" + std::to_string(e.count()) + " in " +
-                            Age(e.first_time_unix_ms(), e.time_unix_ms()) + ")"
-                      : "";
+    const std::string repeats = e.count() > 1
+                                    ? " (\u00d7" + std::to_string(e.count()) + " in " +
+                                          Age(e.first_time_unix_ms(), e.time_unix_ms()) + ")"
+                                    : "";
     out << EventLine(std::to_string(e.seq()), Time(e.time_unix_ms()), e.service(), e.kind(),
                      e.instance().empty() ? "-" : e.instance(), e.actor(), e.message() + repeats)
         << std::flush;
@@ -434,8 +461,8 @@ int Validate(const std::string& dir, const std::string& output, std::ostream& ou
   ManifestSet set = LoadManifestDir(dir);
   std::vector<ManifestError> errors = set.AllErrors();
   if (output == "json") {
-    nlohmann::json j = {{"dir", dir}, {"services", nlohmann::json::array()},
-                        {"errors", nlohmann::json::array()}};
+    nlohmann::json j = {
+        {"dir", dir}, {"services", nlohmann::json::array()}, {"errors", nlohmann::json::array()}};
     for (const ServiceSpec* s : set.Services()) {
       j["services"].push_back({{"name", s->name},
                                {"version", s->tmpl.version},
@@ -500,7 +527,8 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   app.add_option("--tls-ca", conn.ca, "PEM CA that signed kilnd's certificate (enables TLS)");
   app.add_option("--tls-cert", conn.cert, "PEM client certificate (mutual TLS)");
   app.add_option("--tls-key", conn.key, "PEM client key (mutual TLS)");
-  app.add_option("--timeout", conn.timeout_s, "seconds to wait for kilnd")->check(CLI::Range(1, 3600));
+  app.add_option("--timeout", conn.timeout_s, "seconds to wait for kilnd")
+      ->check(CLI::Range(1, 3600));
 
   std::string service, instance, reason, validate_dir;
   int64_t to_revision = 0, since = 0;
@@ -514,9 +542,11 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   history->add_option("SERVICE", service)->required();
   auto* plan = app.add_subcommand("plan", "what the next passes would do");
   plan->add_option("SERVICE", service);
-  auto* rollback = app.add_subcommand("rollback", "roll a service back to an earlier template and pin it");
+  auto* rollback =
+      app.add_subcommand("rollback", "roll a service back to an earlier template and pin it");
   rollback->add_option("SERVICE", service)->required();
-  rollback->add_option("--to-revision", to_revision, "revision whose template to run (default: the last fully available one)");
+  rollback->add_option("--to-revision", to_revision,
+                       "revision whose template to run (default: the last fully available one)");
   rollback->add_option("--reason", reason, "why, recorded in the history");
   rollback->add_flag("--wait", wait, "follow the rollout until it completes or fails");
   auto* unpin = app.add_subcommand("unpin", "follow the manifest again");
@@ -530,7 +560,8 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   auto* promote = app.add_subcommand("promote", "let a canary rollout continue");
   promote->add_option("SERVICE", service)->required();
   promote->add_flag("--wait", wait, "follow the rollout until it completes or fails");
-  auto* replace = app.add_subcommand("replace", "replace one instance by a new one of the same revision");
+  auto* replace =
+      app.add_subcommand("replace", "replace one instance by a new one of the same revision");
   replace->add_option("INSTANCE", instance)->required();
   replace->add_option("--reason", reason);
   auto* events = app.add_subcommand("events", "the event log");
@@ -538,8 +569,9 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   events->add_option("--since", since, "events after this sequence number");
   events->add_option("--service", service, "only this service's events");
   auto* validate = app.add_subcommand(
-      "validate", "check a manifest directory without a daemon: every service with its template "
-                  "hash, or every error; exits 1 on any error");
+      "validate",
+      "check a manifest directory without a daemon: every service with its template "
+      "hash, or every error; exits 1 on any error");
   validate->add_option("DIR", validate_dir, "manifest directory")->required();
 
   try {
@@ -568,12 +600,16 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     req.set_service(service);
     req.set_to_revision(to_revision);
     req.set_reason(reason);
-    rc = Mutate(client, &pb::Kiln::Stub::Rollback, req, output, out, err, [&](const pb::RollbackResponse& r) {
-      return service + " rolled back: revision " + std::to_string(r.revision().number()) +
-             " runs the template of revision " + std::to_string(r.revision().rolled_back_from()) +
-             " (version " + r.revision().template_().version() + "); pinned until the manifest "
-             "declares a new template or `kilnctl unpin " + service + "`";
-    });
+    rc = Mutate(client, &pb::Kiln::Stub::Rollback, req, output, out, err,
+                [&](const pb::RollbackResponse& r) {
+                  return service + " rolled back: revision " +
+                         std::to_string(r.revision().number()) + " runs the template of revision " +
+                         std::to_string(r.revision().rolled_back_from()) + " (version " +
+                         r.revision().template_().version() +
+                         "); pinned until the manifest "
+                         "declares a new template or `kilnctl unpin " +
+                         service + "`";
+                });
   } else if (unpin->parsed()) {
     pb::UnpinRequest req;
     req.set_service(service);
@@ -583,11 +619,13 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     pb::PauseRequest req;
     req.set_service(service);
     req.set_reason(reason);
-    rc = Mutate(client, &pb::Kiln::Stub::Pause, req, output, out, err, [&](auto&) { return service + " paused"; });
+    rc = Mutate(client, &pb::Kiln::Stub::Pause, req, output, out, err,
+                [&](auto&) { return service + " paused"; });
   } else if (resume->parsed()) {
     pb::ResumeRequest req;
     req.set_service(service);
-    rc = Mutate(client, &pb::Kiln::Stub::Resume, req, output, out, err, [&](auto&) { return service + " resumed"; });
+    rc = Mutate(client, &pb::Kiln::Stub::Resume, req, output, out, err,
+                [&](auto&) { return service + " resumed"; });
   } else if (promote->parsed()) {
     pb::PromoteRequest req;
     req.set_service(service);

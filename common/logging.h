@@ -6,7 +6,8 @@
 //   kiln::LogInfo("instance started", {{"service", "web"}, {"revision", 3}, {"instance", id}});
 //
 // text: 2026-11-25T12:00:00.123Z info instance started service=web revision=3 instance=web-7
-// json: {"ts":"2026-11-25T12:00:00.123Z","level":"info","msg":"instance started","service":"web",...}
+// json: {"ts":"2026-11-25T12:00:00.123Z","level":"info","msg":"instance
+// started","service":"web",...}
 
 #include <cstdint>
 #include <initializer_list>
@@ -36,7 +37,7 @@ struct LogField {
 };
 using LogFields = std::initializer_list<LogField>;
 
-StatusOr<LogLevel> ParseLogLevel(std::string_view s);   // trace|debug|info|warn|error|off
+StatusOr<LogLevel> ParseLogLevel(std::string_view s);    // trace|debug|info|warn|error|off
 StatusOr<LogFormat> ParseLogFormat(std::string_view s);  // text|json
 
 // Installs the process-wide logger writing to stderr. Safe to call more than once.

@@ -3,7 +3,6 @@
 #include <cmath>
 #include <sstream>
 
-
 namespace kiln {
 namespace {
 
@@ -20,7 +19,8 @@ std::string Escape(const std::string& v) {
   return out;
 }
 
-std::string LabelText(const Labels& labels, const std::string& extra_key = "", const std::string& extra_value = "") {
+std::string LabelText(const Labels& labels, const std::string& extra_key = "",
+                      const std::string& extra_value = "") {
   std::string out;
   for (const auto& [k, v] : labels) out += (out.empty() ? "" : ",") + k + "=\"" + Escape(v) + "\"";
   if (!extra_key.empty()) out += (out.empty() ? "" : ",") + extra_key + "=\"" + extra_value + "\"";
@@ -103,7 +103,8 @@ std::string Metrics::Render() const {
         double cumulative = 0;
         for (size_t i = 0; i < f.buckets.size(); ++i) {
           cumulative += h.counts[i];
-          out += name + "_bucket" + LabelText(labels, "le", Number(f.buckets[i])) + " " + Number(cumulative) + "\n";
+          out += name + "_bucket" + LabelText(labels, "le", Number(f.buckets[i])) + " " +
+                 Number(cumulative) + "\n";
         }
         out += name + "_bucket" + LabelText(labels, "le", "+Inf") + " " + Number(h.count) + "\n";
         out += name + "_sum" + LabelText(labels) + " " + Number(h.sum) + "\n";
@@ -113,10 +114,12 @@ std::string Metrics::Render() const {
     }
     auto c = collected.find(name);
     if (c != collected.end()) {
-      for (const auto& [labels, v] : c->second) out += name + LabelText(labels) + " " + Number(v) + "\n";
+      for (const auto& [labels, v] : c->second)
+        out += name + LabelText(labels) + " " + Number(v) + "\n";
       continue;
     }
-    for (const auto& [labels, v] : f.values) out += name + LabelText(labels) + " " + Number(v) + "\n";
+    for (const auto& [labels, v] : f.values)
+      out += name + LabelText(labels) + " " + Number(v) + "\n";
   }
   return out;
 }

@@ -24,7 +24,8 @@ class Metrics {
   void Set(const std::string& name, const Labels& labels, double value);
   void Observe(const std::string& name, const Labels& labels, double value);
   // Gauges computed when scraped (they replace every series of the metric).
-  void SetCollector(const std::string& name, std::function<std::vector<std::pair<Labels, double>>()> fn);
+  void SetCollector(const std::string& name,
+                    std::function<std::vector<std::pair<Labels, double>>()> fn);
 
   std::string Render() const;
   double ValueForTest(const std::string& name, const Labels& labels) const;

@@ -66,9 +66,8 @@ bool IsFailureEvent(const std::string& kind) {
          kind == "instance_failed" || kind == "instance_unhealthy" || kind == "artifact_drift";
 }
 bool IsLifecycleEvent(const std::string& kind) {
-  return kind == "instance_created" || kind == "instance_started" ||
-         kind == "instance_draining" || kind == "instance_terminated" ||
-         kind == "instance_healthy";
+  return kind == "instance_created" || kind == "instance_started" || kind == "instance_draining" ||
+         kind == "instance_terminated" || kind == "instance_healthy";
 }
 
 // What makes two events "the same thing again": kind, revision and message, with the instance
@@ -84,8 +83,8 @@ std::string AggregateKey(const std::string& kind, int64_t revision, const std::s
   std::string key = kind + "|" + std::to_string(revision) + "|";
   for (size_t i = 0; i < message.size(); ++i) {
     // "port 20001" and "127.0.0.1:20001": ports are not what makes a failure different.
-    const bool after_port = (i >= 5 && message.compare(i - 5, 5, "port ") == 0) ||
-                            (i >= 1 && message[i - 1] == ':');
+    const bool after_port =
+        (i >= 5 && message.compare(i - 5, 5, "port ") == 0) || (i >= 1 && message[i - 1] == ':');
     if (after_port && std::isdigit(static_cast<unsigned char>(message[i]))) {
       while (i < message.size() && std::isdigit(static_cast<unsigned char>(message[i]))) ++i;
       key += '#';
@@ -121,8 +120,9 @@ std::string ProbeDetail(const InstanceRecord& inst, int64_t now_ms) {
 
 }  // namespace
 
-Reconciler::Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober, ArtifactStore& artifacts,
-                       const Clock& clock, PassScheduler& scheduler, Options options)
+Reconciler::Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober,
+                       ArtifactStore& artifacts, const Clock& clock, PassScheduler& scheduler,
+                       Options options)
     : store_(store),
       driver_(driver),
       prober_(prober),
@@ -151,8 +151,11 @@ Status Reconciler::Event(const std::string& kind, const std::string& service, in
   if (IsFailureEvent(kind) || (IsLifecycleEvent(kind) && crash_looping_.count(service))) {
     e.aggregate_key = AggregateKey(kind, revision, instance, message);
   }
-  LogInfo(message, {{"event", kind}, {"service", service}, {"revision", revision},
-                    {"instance", instance}, {"actor", actor}});
+  LogInfo(message, {{"event", kind},
+                    {"service", service},
+                    {"revision", revision},
+                    {"instance", instance},
+                    {"actor", actor}});
   RETURN_IF_ERROR(store_.AppendEvent(e).status());
   if (options_.on_event) options_.on_event(e);
   return Status::Ok();
@@ -219,14 +222,16 @@ Status Reconciler::Recover() {
         u.host = handle.host;
         u.port = handle.port;
         s = store_.Transaction([&]() -> Status {
-          RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kStarting, u).status());
+          RETURN_IF_ERROR(
+              store_.TransitionInstance(inst.name, InstanceState::kStarting, u).status());
           return Event("instance_adopted", inst.service, inst.revision, inst.name, "kilnd",
                        "instance " + inst.name + " was started before kilnd stopped; adopted");
         });
       } else {
         s = store_.Transaction([&]() -> Status {
-          RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kFailed,
-                                                    {.reason = "never started: kilnd stopped first"})
+          RETURN_IF_ERROR(store_
+                              .TransitionInstance(inst.name, InstanceState::kFailed,
+                                                  {.reason = "never started: kilnd stopped first"})
                               .status());
           return Event("instance_failed", inst.service, inst.revision, inst.name, "kilnd",
                        "instance " + inst.name + " was never started (kilnd stopped first)");
@@ -237,8 +242,9 @@ Status Reconciler::Recover() {
         StopInstance(inst, /*mark_terminated=*/true);
       } else {
         s = store_.Transaction([&]() -> Status {
-          RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kTerminated,
-                                                    {.reason = "stopped while kilnd was down"})
+          RETURN_IF_ERROR(store_
+                              .TransitionInstance(inst.name, InstanceState::kTerminated,
+                                                  {.reason = "stopped while kilnd was down"})
                               .status());
           return Event("instance_terminated", inst.service, inst.revision, inst.name, "kilnd",
                        "instance " + inst.name + " stopped");
@@ -246,8 +252,9 @@ Status Reconciler::Recover() {
       }
     } else if (!adopted) {
       s = store_.Transaction([&]() -> Status {
-        RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kLost,
-                                                  {.reason = "gone while kilnd was down"})
+        RETURN_IF_ERROR(store_
+                            .TransitionInstance(inst.name, InstanceState::kLost,
+                                                {.reason = "gone while kilnd was down"})
                             .status());
         return Event("instance_lost", inst.service, inst.revision, inst.name, "kilnd",
                      "instance " + inst.name + " was gone after kilnd restarted");
@@ -256,7 +263,8 @@ Status Reconciler::Recover() {
     RETURN_IF_ERROR(s);
     if (adopted && inst.state != InstanceState::kDraining) {
       auto rev = store_.GetRevision(inst.service, inst.revision);
-      auto tmpl = rev.ok() ? Template::FromCanonical(rev->template_json) : StatusOr<Template>(rev.status());
+      auto tmpl =
+          rev.ok() ? Template::FromCanonical(rev->template_json) : StatusOr<Template>(rev.status());
       if (tmpl.ok()) {
         InstanceRecord watched = inst;
         watched.host = handle.host;
@@ -285,7 +293,8 @@ void Reconciler::ApplyManifests(const ManifestSet& set) {
   // A broken or missing directory is reloaded on every retry: say what is wrong once per change.
   if (update.errors != logged_manifest_errors_) {
     for (const std::string& e : update.errors) LogError("manifest error", {{"error", e}});
-    if (update.errors.empty() && !logged_manifest_errors_.empty()) LogInfo("manifest errors resolved");
+    if (update.errors.empty() && !logged_manifest_errors_.empty())
+      LogInfo("manifest errors resolved");
     logged_manifest_errors_ = update.errors;
   }
   for (const std::string& name : update.changed) scheduler_.Add(name);
@@ -311,7 +320,7 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
     u.exit_code = info.exit_code;
     if (info.signal) u.exit_signal = "signal " + std::to_string(*info.signal);
     InstanceState to = inst.state == InstanceState::kDraining ? InstanceState::kTerminated
-                                                               : InstanceState::kFailed;
+                                                              : InstanceState::kFailed;
     RETURN_IF_ERROR(store_.TransitionInstance(inst.name, to, u).status());
     if (to == InstanceState::kFailed) {
       RETURN_IF_ERROR(RecordFailure(service, inst.name + " " + u.reason));
@@ -320,7 +329,8 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
                  inst.revision, inst.name, "kilnd", "instance " + inst.name + " " + u.reason);
   });
   if (!s.ok()) {
-    LogError("cannot record an exit; will retry", {{"instance", info.instance}, {"error", s.ToString()}});
+    LogError("cannot record an exit; will retry",
+             {{"instance", info.instance}, {"error", s.ToString()}});
   }
   return s.ok();
 }
@@ -330,8 +340,8 @@ void Reconciler::NoteFailure(ServiceRecord& svc, const std::string& what, int64_
   ++svc.crash_count;
   svc.last_crash_ms = now;
   svc.crash_reason = what;
-  svc.next_start_ms = now + (permanent ? options_.crash_backoff_max.count()
-                                       : BackoffMs(svc.crash_count, options_));
+  svc.next_start_ms =
+      now + (permanent ? options_.crash_backoff_max.count() : BackoffMs(svc.crash_count, options_));
   if (permanent) {
     svc.start_error = what;
     svc.start_error_revision = revision;
@@ -339,7 +349,9 @@ void Reconciler::NoteFailure(ServiceRecord& svc, const std::string& what, int64_
   if (svc.crash_count >= 2) {
     crash_looping_.insert(svc.name);
     LogWarn("crash-looping; delaying the next start",
-            {{"service", svc.name}, {"failures", svc.crash_count}, {"last_failure", what},
+            {{"service", svc.name},
+             {"failures", svc.crash_count},
+             {"last_failure", what},
              {"next_start_in_ms", svc.next_start_ms - now}});
   }
 }
@@ -385,8 +397,8 @@ Status Reconciler::CheckArtifact(const std::string& service, const std::string& 
     RememberVerified(digest, before);
     return Status::Ok();
   }
-  LogWarn("artifact no longer matches its digest", {{"service", service}, {"sha256", digest},
-                                                    {"error", v.message()}});
+  LogWarn("artifact no longer matches its digest",
+          {{"service", service}, {"sha256", digest}, {"error", v.message()}});
   return HandleArtifactDrift(digest, v);
 }
 
@@ -426,7 +438,8 @@ void Reconciler::OnArtifactVerified(const std::string& digest, const Status& ver
   LogWarn("periodic verification: artifact no longer matches its digest",
           {{"sha256", digest}, {"error", verified.message()}});
   Status s = HandleArtifactDrift(digest, verified);
-  if (!s.ok()) LogError("artifact drift not repaired", {{"sha256", digest}, {"error", s.ToString()}});
+  if (!s.ok())
+    LogError("artifact drift not repaired", {{"sha256", digest}, {"error", s.ToString()}});
 }
 
 Status Reconciler::HandleArtifactDrift(const std::string& digest, const Status& mismatch) {
@@ -441,8 +454,9 @@ Status Reconciler::HandleArtifactDrift(const std::string& digest, const Status& 
     restored = put.status();
     if (put.ok()) break;
   }
-  const std::string what = mismatch.message() + (restored.ok() ? "; restored from its source"
-                                                                : "; cannot restore: " + restored.message());
+  const std::string what =
+      mismatch.message() +
+      (restored.ok() ? "; restored from its source" : "; cannot restore: " + restored.message());
   std::set<std::string> affected;
   RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
     // Instances started from the altered bytes are drifted: replace them.
@@ -458,7 +472,8 @@ Status Reconciler::HandleArtifactDrift(const std::string& digest, const Status& 
       // Pending ones have not run anything yet; they start from the restored bytes.
       if (inst.replace_reason.empty() && inst.state != InstanceState::kDraining &&
           inst.state != InstanceState::kPending) {
-        RETURN_IF_ERROR(store_.RequestReplacement(inst.name, "artifact drift: " + mismatch.message()));
+        RETURN_IF_ERROR(
+            store_.RequestReplacement(inst.name, "artifact drift: " + mismatch.message()));
       }
     }
     for (const auto& [name, d] : desired_.services()) {
@@ -502,13 +517,18 @@ void Reconciler::OnProbe(const ProbeResult& r) {
     if (!IsLive(inst.state)) return Status::Ok();
     if (changed) RETURN_IF_ERROR(store_.RecordProbe(inst.name, r.healthy, r.reason, NowMs()));
     if (!r.transition) return Status::Ok();
-    if (r.healthy && (inst.state == InstanceState::kStarting || inst.state == InstanceState::kUnhealthy)) {
-      RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kHealthy, {.reason = r.reason}).status());
+    if (r.healthy &&
+        (inst.state == InstanceState::kStarting || inst.state == InstanceState::kUnhealthy)) {
+      RETURN_IF_ERROR(
+          store_.TransitionInstance(inst.name, InstanceState::kHealthy, {.reason = r.reason})
+              .status());
       return Event("instance_healthy", service, inst.revision, inst.name, "kilnd",
                    "instance " + inst.name + " is healthy: " + r.reason);
     }
     if (!r.healthy && inst.state == InstanceState::kHealthy) {
-      RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kUnhealthy, {.reason = r.reason}).status());
+      RETURN_IF_ERROR(
+          store_.TransitionInstance(inst.name, InstanceState::kUnhealthy, {.reason = r.reason})
+              .status());
       // Failing health past its threshold is drift: the instance is replaced, never restarted.
       RETURN_IF_ERROR(store_.RequestReplacement(inst.name, "health failing: " + r.reason));
       RETURN_IF_ERROR(RecordFailure(service, inst.name + " failed health: " + r.reason));
@@ -545,10 +565,11 @@ void Reconciler::WatchHealth(const InstanceRecord& inst, const Template& tmpl) {
 
 void Reconciler::StartInstance(const InstanceRecord& inst) {
   StatusOr<RevisionRecord> rev = store_.GetRevision(inst.service, inst.revision);
-  StatusOr<Template> tmpl = rev.ok() ? Template::FromCanonical(rev->template_json)
-                                     : StatusOr<Template>(rev.status());
+  StatusOr<Template> tmpl =
+      rev.ok() ? Template::FromCanonical(rev->template_json) : StatusOr<Template>(rev.status());
   if (!tmpl.ok()) {
-    LogError("cannot start: template unreadable", {{"instance", inst.name}, {"error", tmpl.status().ToString()}});
+    LogError("cannot start: template unreadable",
+             {{"instance", inst.name}, {"error", tmpl.status().ToString()}});
     return;
   }
   start_in_flight_.insert(inst.name);
@@ -558,10 +579,12 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
     if (!h.ok()) {
       const bool permanent = IsPermanentStartError(h.status());
       s = store_.Transaction([&]() -> Status {
-        RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kFailed,
-                                                  {.reason = h.status().message()})
+        RETURN_IF_ERROR(store_
+                            .TransitionInstance(inst.name, InstanceState::kFailed,
+                                                {.reason = h.status().message()})
                             .status());
-        RETURN_IF_ERROR(RecordFailure(inst.service, h.status().message(), permanent, inst.revision));
+        RETURN_IF_ERROR(
+            RecordFailure(inst.service, h.status().message(), permanent, inst.revision));
         return Event("instance_start_failed", inst.service, inst.revision, inst.name, "kilnd",
                      h.status().message() + (permanent ? " (retrying cannot help)" : ""));
       });
@@ -590,7 +613,8 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
       started.port = h->port;
       WatchHealth(started, t);
     }
-    if (!s.ok()) LogError("cannot record a start", {{"instance", inst.name}, {"error", s.ToString()}});
+    if (!s.ok())
+      LogError("cannot record a start", {{"instance", inst.name}, {"error", s.ToString()}});
     scheduler_.Add(inst.service);
   });
 }
@@ -615,7 +639,8 @@ void Reconciler::StopInstance(const InstanceRecord& inst, bool mark_terminated) 
       return Event("instance_terminated", inst.service, inst.revision, inst.name, "kilnd",
                    "instance " + inst.name + " " + u.reason);
     });
-    if (!s.ok()) LogError("cannot record a stop", {{"instance", inst.name}, {"error", s.ToString()}});
+    if (!s.ok())
+      LogError("cannot record a stop", {{"instance", inst.name}, {"error", s.ToString()}});
     scheduler_.Add(inst.service);
   };
   if (handle.id.empty()) {
@@ -657,7 +682,8 @@ StatusOr<int64_t> Reconciler::EnsureDesiredRevision(const DesiredService& d, Ser
   }
   // A new template: its artifact goes into the store before its revision is written.
   if (!d.spec.artifact_path.empty()) {
-    StatusOr<std::string> digest = artifacts_.Put(d.spec.artifact_path, d.spec.tmpl.artifact_sha256);
+    StatusOr<std::string> digest =
+        artifacts_.Put(d.spec.artifact_path, d.spec.tmpl.artifact_sha256);
     if (!digest.ok()) {
       return digest.status().WithContext("revision of " + svc.name + " refused");
     }
@@ -722,8 +748,9 @@ Status Reconciler::RetireStep(const std::string& name) {
     }
     for (const InstanceRecord& inst : live) {
       if (inst.state == InstanceState::kDraining) continue;
-      ASSIGN_OR_RETURN(InstanceRecord d, store_.TransitionInstance(inst.name, InstanceState::kDraining,
-                                                                   {.reason = "service retired"}));
+      ASSIGN_OR_RETURN(InstanceRecord d,
+                       store_.TransitionInstance(inst.name, InstanceState::kDraining,
+                                                 {.reason = "service retired"}));
       RETURN_IF_ERROR(Event("instance_draining", name, inst.revision, inst.name, "kilnd",
                             "stopping " + inst.name + ": service retired"));
       to_stop.push_back(d);
@@ -749,7 +776,8 @@ StatusOr<int> Reconciler::PruneHistory(const ServiceRecord& svc, int64_t target_
   for (size_t i = 0; i < revisions.size(); ++i) {
     const RevisionRecord& r = revisions[i];
     if (static_cast<int>(i) < limit || keep.count(r.number)) continue;
-    if (std::any_of(live.begin(), live.end(), [&](const auto& l) { return l.revision == r.number; })) {
+    if (std::any_of(live.begin(), live.end(),
+                    [&](const auto& l) { return l.revision == r.number; })) {
       continue;
     }
     RETURN_IF_ERROR(store_.DeleteFinalInstancesOf(svc.name, r.number).status());
@@ -777,7 +805,8 @@ void Reconciler::CollectArtifacts() {
   }
   StatusOr<int> removed = artifacts_.Collect(keep);
   if (removed.ok() && *removed > 0) {
-    LogInfo("artifacts collected", {{"removed", *removed}, {"kept", static_cast<int64_t>(keep.size())}});
+    LogInfo("artifacts collected",
+            {{"removed", *removed}, {"kept", static_cast<int64_t>(keep.size())}});
   }
 }
 
@@ -838,7 +867,8 @@ Status Reconciler::Reconcile(const std::string& name) {
 
   Status committed = store_.Transaction([&]() -> Status {
     StatusOr<ServiceRecord> existing = store_.GetService(name);
-    if (!existing.ok() && existing.status().code() != StatusCode::kNotFound) return existing.status();
+    if (!existing.ok() && existing.status().code() != StatusCode::kNotFound)
+      return existing.status();
     ServiceRecord svc;
     if (existing.ok()) svc = *existing;
     svc.name = name;
@@ -928,8 +958,9 @@ Status Reconciler::Reconcile(const std::string& name) {
         const std::string reason = "not healthy within healthy_deadline " +
                                    FormatDuration(spec.update.healthy_deadline) + " (" +
                                    ProbeDetail(inst, now) + ")";
-        ASSIGN_OR_RETURN(InstanceRecord f, store_.TransitionInstance(inst.name, InstanceState::kFailed,
-                                                                     {.reason = reason}));
+        ASSIGN_OR_RETURN(
+            InstanceRecord f,
+            store_.TransitionInstance(inst.name, InstanceState::kFailed, {.reason = reason}));
         NoteFailure(svc, inst.name + " " + reason, now);
         RETURN_IF_ERROR(Event("instance_failed", name, inst.revision, inst.name, "kilnd",
                               "instance " + inst.name + " " + reason));
@@ -954,8 +985,8 @@ Status Reconciler::Reconcile(const std::string& name) {
     // Crash-loop back-off: reset once an instance started after the last failure has run well
     // for a while; until then no new instance starts before next_start_ms.
     if (svc.crash_count > 0) {
-      const int64_t settle = spec.update.min_healthy_time.count() +
-                             options_.crash_backoff_reset_after.count();
+      const int64_t settle =
+          spec.update.min_healthy_time.count() + options_.crash_backoff_reset_after.count();
       for (const InstanceRecord& inst : live) {
         if (inst.state != InstanceState::kHealthy || inst.healthy_since_ms <= svc.last_crash_ms) {
           continue;
@@ -1010,8 +1041,8 @@ Status Reconciler::Reconcile(const std::string& name) {
                               "canaries of revision " + std::to_string(target_rev) +
                                   " are available; waiting for `kilnctl promote " + name + "`"));
       }
-      const bool done = plan.old_total == 0 && plan.new_available >= spec.replicas && plan.create == 0 &&
-                        plan.destroy.empty();
+      const bool done = plan.old_total == 0 && plan.new_available >= spec.replicas &&
+                        plan.create == 0 && plan.destroy.empty();
       const int64_t deadline_at =
           rollout.last_progress_ms + rollout.paused_ms + spec.update.progress_deadline.count();
       if (done) {
@@ -1041,7 +1072,8 @@ Status Reconciler::Reconcile(const std::string& name) {
                 nullptr));
             requeue_now = true;
           } else {
-            LogWarn("no revision to roll back to", {{"service", name}, {"error", good.status().message()}});
+            LogWarn("no revision to roll back to",
+                    {{"service", name}, {"error", good.status().message()}});
           }
         }
       } else if (rollout.state == "progressing") {
@@ -1060,11 +1092,12 @@ Status Reconciler::Reconcile(const std::string& name) {
         for (const auto& l : live) {
           if (l.name == victim) inst = &l;
         }
-        std::string why = !inst->replace_reason.empty()        ? inst->replace_reason
-                          : hashes[inst->revision] != target.template_hash ? "replaced by revision " + std::to_string(target_rev)
-                                                                     : "scaled down";
-        ASSIGN_OR_RETURN(InstanceRecord d, store_.TransitionInstance(victim, InstanceState::kDraining,
-                                                                     {.reason = why}));
+        std::string why = !inst->replace_reason.empty() ? inst->replace_reason
+                          : hashes[inst->revision] != target.template_hash
+                              ? "replaced by revision " + std::to_string(target_rev)
+                              : "scaled down";
+        ASSIGN_OR_RETURN(InstanceRecord d, store_.TransitionInstance(
+                                               victim, InstanceState::kDraining, {.reason = why}));
         RETURN_IF_ERROR(Event("instance_draining", name, d.revision, victim, "kilnd",
                               "stopping " + victim + ": " + why));
         to_stop.push_back(d);
@@ -1079,7 +1112,8 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
 
     // Conditions.
-    const int min_available = spec.replicas - spec.update.max_unavailable.Resolve(spec.replicas, false);
+    const int min_available =
+        spec.replicas - spec.update.max_unavailable.Resolve(spec.replicas, false);
     std::vector<Condition> conditions;
     conditions.push_back({"Available", plan.new_available + plan.old_available >= min_available,
                           plan.new_available + plan.old_available >= min_available
@@ -1092,7 +1126,8 @@ Status Reconciler::Reconcile(const std::string& name) {
                             "revision " + std::to_string(target_rev) + " is available"});
     } else if (rollout.state == "failed") {
       conditions.push_back({"Progressing", false,
-                            start_error ? "StartError" : "ProgressDeadlineExceeded", rollout.reason});
+                            start_error ? "StartError" : "ProgressDeadlineExceeded",
+                            rollout.reason});
     } else if (rollout.state == "paused") {
       conditions.push_back({"Progressing", false, "RolloutPaused", "paused by an operator"});
     } else if (rollout.state == "waiting_promotion") {
@@ -1184,7 +1219,8 @@ Status Reconciler::Unpin(const std::string& service, const std::string& actor) {
     ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
     if (svc.pinned_revision == 0) return FailedPreconditionError(service + " is not pinned");
     RETURN_IF_ERROR(Event("unpinned", service, svc.pinned_revision, "", actor,
-                          service + " unpinned from revision " + std::to_string(svc.pinned_revision) +
+                          service + " unpinned from revision " +
+                              std::to_string(svc.pinned_revision) +
                               "; following its manifest again"));
     svc.pinned_revision = 0;
     svc.pin_reason.clear();
@@ -1244,8 +1280,9 @@ Status Reconciler::Promote(const std::string& service, const std::string& actor)
     r->state = "progressing";
     r->last_progress_ms = NowMs();
     RETURN_IF_ERROR(store_.PutRollout(*r).status());
-    return Event("promoted", service, r->to_revision, "", actor,
-                 "canaries of revision " + std::to_string(r->to_revision) + " promoted by " + actor);
+    return Event(
+        "promoted", service, r->to_revision, "", actor,
+        "canaries of revision " + std::to_string(r->to_revision) + " promoted by " + actor);
   }));
   scheduler_.Add(service);
   return Status::Ok();
@@ -1255,7 +1292,8 @@ Status Reconciler::ReplaceInstance(const std::string& instance, const std::strin
                                    const std::string& actor) {
   RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(InstanceRecord inst, store_.GetInstance(instance));
-    const std::string why = "replacement requested by " + actor + (reason.empty() ? "" : ": " + reason);
+    const std::string why =
+        "replacement requested by " + actor + (reason.empty() ? "" : ": " + reason);
     RETURN_IF_ERROR(store_.RequestReplacement(instance, why));
     return Event("replace_requested", inst.service, inst.revision, instance, actor, why);
   }));
@@ -1281,7 +1319,7 @@ StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
     ASSIGN_OR_RETURN(next.new_revision, store_.NextRevisionNumber(service));
     svc.pinned_revision = 0;
   }
-  const int64_t target_rev = new_revision ? next.new_revision
+  const int64_t target_rev = new_revision              ? next.new_revision
                              : svc.pinned_revision > 0 ? svc.pinned_revision
                                                        : svc.desired_revision;
   std::string target_hash = d->template_hash;

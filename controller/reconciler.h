@@ -18,11 +18,11 @@
 #include <vector>
 
 #include "common/clock.h"
-#include "spec/desired_set.h"
 #include "controller/work_queue.h"
 #include "deploy/artifact_store.h"
 #include "deploy/driver.h"
 #include "deploy/prober.h"
+#include "spec/desired_set.h"
 #include "storage/state_store.h"
 
 namespace kiln {
@@ -30,8 +30,8 @@ namespace kiln {
 class Reconciler {
  public:
   struct Options {
-    Duration stop_grace{10'000};     // SIGTERM to SIGKILL
-    int final_instances_kept = 50;   // terminated/failed/lost rows kept per service
+    Duration stop_grace{10'000};    // SIGTERM to SIGKILL
+    int final_instances_kept = 50;  // terminated/failed/lost rows kept per service
     // A service whose manifest document is gone is retired only after this long; restoring the
     // document cancels it.
     Duration retire_after{60'000};
@@ -76,8 +76,8 @@ class Reconciler {
 
   // What the next pass would do for a service, without doing it.
   struct NextStep {
-    std::string summary;               // "rolling: 1 of 3 available on the target, 2 to replace"
-    int64_t new_revision = 0;          // a revision the next pass writes for a new template, or 0
+    std::string summary;       // "rolling: 1 of 3 available on the target, 2 to replace"
+    int64_t new_revision = 0;  // a revision the next pass writes for a new template, or 0
     int64_t target_revision = 0;
     int create = 0;                    // new instances of target_revision
     std::vector<std::string> destroy;  // instances to stop
@@ -115,7 +115,6 @@ class Reconciler {
                           std::optional<FileIdentity> identity);
 
  private:
-
   int64_t NowMs() const { return ToUnixMillis(clock_.SystemNow()); }
   Status Event(const std::string& kind, const std::string& service, int64_t revision,
                const std::string& instance, const std::string& actor, const std::string& message);
@@ -133,7 +132,8 @@ class Reconciler {
   StatusOr<int> PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit);
   // Removes artifacts no retained revision of any service references.
   void CollectArtifacts();
-  StatusOr<int64_t> LastAvailableRevision(const std::string& service, const std::string& except_hash);
+  StatusOr<int64_t> LastAvailableRevision(const std::string& service,
+                                          const std::string& except_hash);
   void StartInstance(const InstanceRecord& inst);
   void StopInstance(const InstanceRecord& inst, bool mark_terminated);
   void WatchHealth(const InstanceRecord& inst, const Template& tmpl);

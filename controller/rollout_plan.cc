@@ -41,7 +41,8 @@ PlanOutput PlanStep(const PlanInput& in) {
     }
   }
   auto count_available = [](const std::vector<const PlanInstance*>& v) {
-    return static_cast<int>(std::count_if(v.begin(), v.end(), [](auto* i) { return i->available; }));
+    return static_cast<int>(
+        std::count_if(v.begin(), v.end(), [](auto* i) { return i->available; }));
   };
   const int new_total = static_cast<int>(newer.size());
   const int old_total = static_cast<int>(older.size());
@@ -115,7 +116,8 @@ PlanOutput PlanStep(const PlanInput& in) {
   int unavailable = in.policy.max_unavailable.Resolve(replicas, /*round_up=*/false);
   if (!out.template_rollout) surge = std::max(surge, 1);
   if (surge == 0 && unavailable == 0) surge = 1;
-  out.create = std::max(0, std::min(replicas - new_total, replicas + surge - (new_total + old_total)));
+  out.create =
+      std::max(0, std::min(replicas - new_total, replicas + surge - (new_total + old_total)));
   // Old instances that are not healthy serve nothing: they go at once. Healthy ones serve
   // traffic even before they count as available (min_healthy_time), so they go only while enough
   // instances stay available: never fewer than replicas - max_unavailable (Kubernetes bounds

@@ -24,8 +24,8 @@ struct PlanInstance {
 struct PlanInput {
   UpdatePolicy policy;
   int replicas = 0;
-  bool paused = false;    // hold a template rollout where it is
-  bool promoted = false;  // canary: canaries accepted
+  bool paused = false;                  // hold a template rollout where it is
+  bool promoted = false;                // canary: canaries accepted
   std::vector<PlanInstance> instances;  // live ones (draining included)
 };
 
@@ -36,7 +36,7 @@ struct PlanOutput {
   bool waiting_promotion = false;    // canaries available; waiting for Promote
   bool promote_now = false;          // canaries available and auto_promote
   int new_total = 0, new_available = 0, old_total = 0, old_available = 0;
-  std::string summary;               // one line: what and why
+  std::string summary;  // one line: what and why
 };
 
 PlanOutput PlanStep(const PlanInput& in);

@@ -11,7 +11,11 @@ namespace asio = boost::asio;
 
 struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
   Impl(asio::io_context& io_in, Options o, ProcessFn p, NamesFn n)
-      : io(io_in), options(o), process(std::move(p)), all_names(std::move(n)), resync_timer(io_in) {}
+      : io(io_in),
+        options(o),
+        process(std::move(p)),
+        all_names(std::move(n)),
+        resync_timer(io_in) {}
 
   void Add(const std::string& name) {
     if (!queued.insert(name).second) return;  // already waiting: runs once
@@ -58,8 +62,8 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
       Duration delay = Backoff(name);
       ++failures[name];
       LogWarn("reconcile failed; retrying", {{"service", name},
-                                              {"error", s.ToString()},
-                                              {"retry_in_ms", static_cast<int64_t>(delay.count())}});
+                                             {"error", s.ToString()},
+                                             {"retry_in_ms", static_cast<int64_t>(delay.count())}});
       AddAfter(name, delay);
     }
   }
@@ -110,6 +114,8 @@ void WorkQueue::AddAfter(const std::string& name, Duration delay) { impl_->AddAf
 void WorkQueue::Start() { impl_->ArmResync(); }
 size_t WorkQueue::Depth() const { return impl_->queued.size(); }
 int64_t WorkQueue::Retries() const { return impl_->retries; }
-Duration WorkQueue::NextBackoffForTest(const std::string& name) const { return impl_->Backoff(name); }
+Duration WorkQueue::NextBackoffForTest(const std::string& name) const {
+  return impl_->Backoff(name);
+}
 
 }  // namespace kiln

@@ -1,43 +1,40 @@
 #include "daemon/daemon.h"
 
+#include <sys/stat.h>
+
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
-#include <functional>
-#include <mutex>
-#include <sys/stat.h>
-#include <thread>
-
 #include <condition_variable>
 #include <cstdio>
-#include <mutex>
-#include <thread>
 #include <filesystem>
-#include <map>
-#include <nlohmann/json.hpp>
-#include <tuple>
+#include <functional>
 #include <iostream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+#include <tuple>
 
+#include "api/api_server.h"
+#include "api/tokens.h"
 #include "common/clock.h"
 #include "common/descriptors.h"
 #include "common/duration.h"
 #include "common/logging.h"
-#include "api/api_server.h"
-#include "http/http_server.h"
+#include "controller/reconciler.h"
+#include "controller/work_queue.h"
 #include "daemon/kiln_metrics.h"
+#include "deploy/artifact_store.h"
+#include "deploy/prober.h"
+#include "deploy/process_driver.h"
+#include "http/http_server.h"
+#include "kiln/version.h"
 #include "spec/manifest.h"
 #include "spec/manifest_watcher.h"
-#include "controller/reconciler.h"
-#include "api/tokens.h"
-#include "controller/work_queue.h"
-#include "deploy/artifact_store.h"
-#include "deploy/process_driver.h"
-#include "deploy/prober.h"
-#include "kiln/version.h"
 #include "storage/sqlite_state_store.h"
 
 namespace kiln {
@@ -200,7 +197,8 @@ int RunDaemon(int argc, char** argv) {
                  "also serve the API on TCP HOST:PORT (off loopback only with TLS and tokens)");
   app.add_option("--grpc-idle-timeout", flags.grpc_idle_timeout,
                  "close a gRPC TCP connection with no call for this long");
-  app.add_option("--tls-cert", flags.tls_cert, "PEM certificate for the gRPC TCP and HTTP listeners");
+  app.add_option("--tls-cert", flags.tls_cert,
+                 "PEM certificate for the gRPC TCP and HTTP listeners");
   app.add_option("--tls-key", flags.tls_key, "PEM private key for the gRPC TCP and HTTP listeners");
   app.add_option("--client-ca", flags.client_ca, "PEM CA: require client certificates it signed");
   app.add_option("--tokens", flags.tokens,
@@ -216,7 +214,8 @@ int RunDaemon(int argc, char** argv) {
   app.add_option("--http-max-connections", flags.http_max_connections,
                  "HTTP connections at once (at the cap, a new one evicts the longest idle)")
       ->check(CLI::Range(1, 100000));
-  app.add_flag("--http-metrics-auth", flags.http_metrics_auth, "with --tokens, /metrics needs a token too");
+  app.add_flag("--http-metrics-auth", flags.http_metrics_auth,
+               "with --tokens, /metrics needs a token too");
   app.add_option("--event-retention", flags.event_retention, "events kept (older ones are pruned)")
       ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
   app.add_option("--log-format", flags.log_format, "text or json")
@@ -235,17 +234,18 @@ int RunDaemon(int argc, char** argv) {
   }
   int port_first = 0, port_last = 0;
   if (!ParsePortRange(flags.port_range, &port_first, &port_last)) {
-    std::cerr << "kilnd: --port-range: expected FIRST-LAST within 1-65535, got \"" << flags.port_range
-              << "\"\n";
+    std::cerr << "kilnd: --port-range: expected FIRST-LAST within 1-65535, got \""
+              << flags.port_range << "\"\n";
     return 2;
   }
   StatusOr<Duration> resync = ParseDuration(flags.resync);
   StatusOr<Duration> stop_grace = ParseDuration(flags.stop_grace);
   StatusOr<Duration> retire_after = ParseDuration(flags.retire_after);
   StatusOr<Duration> verify_artifacts = ParseDuration(flags.verify_artifacts);
-  for (const auto& [flag, d] : {std::pair{"--resync", &resync}, std::pair{"--stop-grace", &stop_grace},
-                                std::pair{"--retire-after", &retire_after},
-                                std::pair{"--verify-artifacts", &verify_artifacts}}) {
+  for (const auto& [flag, d] :
+       {std::pair{"--resync", &resync}, std::pair{"--stop-grace", &stop_grace},
+        std::pair{"--retire-after", &retire_after},
+        std::pair{"--verify-artifacts", &verify_artifacts}}) {
     if (!d->ok()) {
       std::cerr << "kilnd: " << flag << ": " << d->status().message() << "\n";
       return 2;
@@ -368,8 +368,9 @@ int RunDaemon(int argc, char** argv) {
         if (!recovered) return Status::Ok();  // recovery enqueues every service when it is done
         const auto begin = std::chrono::steady_clock::now();
         Status s = reconciler_ptr->Reconcile(name);
-        metrics.Observe("kiln_reconcile_duration_seconds", {},
-                        std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count());
+        metrics.Observe(
+            "kiln_reconcile_duration_seconds", {},
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count());
         metrics.Add("kiln_reconcile_passes_total", {{"result", s.ok() ? "ok" : "error"}});
         return s;
       },
@@ -385,16 +386,24 @@ int RunDaemon(int argc, char** argv) {
     }
   };
   rec_options.on_event = [&metrics](const EventRecord& e) {
-    if (e.kind == "rollout_completed") metrics.Add("kiln_rollouts_total", {{"result", "completed"}});
+    if (e.kind == "rollout_completed")
+      metrics.Add("kiln_rollouts_total", {{"result", "completed"}});
     if (e.kind == "rollout_failed") metrics.Add("kiln_rollouts_total", {{"result", "failed"}});
     if (e.kind == "rolled_back") {
-      metrics.Add("kiln_rollbacks_total", {{"trigger", e.actor == "auto" ? "automatic" : "manual"}});
+      metrics.Add("kiln_rollbacks_total",
+                  {{"trigger", e.actor == "auto" ? "automatic" : "manual"}});
     }
-    if (e.kind == "instance_start_failed") metrics.Add("kiln_driver_errors_total", {{"service", e.service}});
-    if (e.kind == "instance_exited") metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "exited"}});
-    if (e.kind == "instance_start_failed") metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "start_failed"}});
-    if (e.kind == "instance_failed") metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "failed"}});
-    if (e.kind == "instance_unhealthy") metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "unhealthy"}});
+    if (e.kind == "instance_start_failed")
+      metrics.Add("kiln_driver_errors_total", {{"service", e.service}});
+    if (e.kind == "instance_exited")
+      metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "exited"}});
+    if (e.kind == "instance_start_failed")
+      metrics.Add("kiln_instance_failures_total",
+                  {{"service", e.service}, {"how", "start_failed"}});
+    if (e.kind == "instance_failed")
+      metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "failed"}});
+    if (e.kind == "instance_unhealthy")
+      metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "unhealthy"}});
     if (e.kind == "artifact_drift") metrics.Add("kiln_artifact_drift_total");
   };
   Reconciler reconciler(**store, driver, prober, *artifacts, clock, queue, rec_options);
@@ -514,7 +523,8 @@ int RunDaemon(int argc, char** argv) {
   });
   metrics.SetCollector("kiln_workqueue_retries_total", [&] {
     std::lock_guard lock(published.mu);
-    return std::vector<std::pair<Labels, double>>{{{}, static_cast<double>(published.queue_retries)}};
+    return std::vector<std::pair<Labels, double>>{
+        {{}, static_cast<double>(published.queue_retries)}};
   });
   metrics.SetCollector("kiln_service_crash_loop_failures", [&] {
     std::vector<std::pair<Labels, double>> out;
@@ -542,7 +552,8 @@ int RunDaemon(int argc, char** argv) {
     auto counts = (*http_reader)->CountInstances();
     if (counts.ok()) {
       for (const auto& c : *counts) {
-        out.push_back({{{"service", c.service}, {"revision", std::to_string(c.revision)},
+        out.push_back({{{"service", c.service},
+                        {"revision", std::to_string(c.revision)},
                         {"state", std::string(InstanceStateName(c.state))}},
                        static_cast<double>(c.count)});
       }
@@ -563,8 +574,9 @@ int RunDaemon(int argc, char** argv) {
       const auto silent = std::chrono::steady_clock::now() - published.at;
       const bool responsive = silent < std::chrono::seconds(10);
       // Probes kilnd could not run lately (its own descriptors or memory ran out).
-      const bool probes_ok = published.local_probe_error.empty() ||
-                             ToUnixMillis(clock.SystemNow()) - published.local_probe_error_ms > 30'000;
+      const bool probes_ok =
+          published.local_probe_error.empty() ||
+          ToUnixMillis(clock.SystemNow()) - published.local_probe_error_ms > 30'000;
       HttpServer::Readiness r;
       r.ready = store_ok && loaded && published.recovered && probes_ok && responsive &&
                 !published.shutting_down;
@@ -578,7 +590,8 @@ int RunDaemon(int argc, char** argv) {
              {{"ok", probes_ok}, {"error", probes_ok ? "" : published.local_probe_error}}},
             {"reconciler_responsive",
              {{"ok", responsive},
-              {"silent_ms", std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()}}},
+              {"silent_ms",
+               std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()}}},
             {"not_shutting_down", {{"ok", !published.shutting_down}}}}}};
       r.json = j.dump();
       return r;
@@ -625,7 +638,7 @@ int RunDaemon(int argc, char** argv) {
           Status v = (*artifacts).Verify(digest);
           boost::asio::post(io, [&, digest, v, identity] {
             metrics.Add("kiln_artifact_verifications_total",
-                        {{"result", v.ok() ? "ok"
+                        {{"result", v.ok()                              ? "ok"
                                     : v.code() == StatusCode::kNotFound ? "missing"
                                                                         : "mismatch"}});
             reconciler.OnArtifactVerified(digest, v, identity);
@@ -645,7 +658,8 @@ int RunDaemon(int argc, char** argv) {
   signals.async_wait([&](const boost::system::error_code& err, int signo) {
     if (err) return;
     // Finish nothing new: the current step has already run (one thread); instances keep running.
-    LogInfo("shutting down; instances keep running", {{"signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"}});
+    LogInfo("shutting down; instances keep running",
+            {{"signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"}});
     shutting_down = true;
     publish();
     io.stop();

@@ -45,7 +45,9 @@ StatusOr<ArtifactStore> ArtifactStore::Open(const fs::path& root, uint64_t max_b
   return ArtifactStore(root, max_bytes);
 }
 
-fs::path ArtifactStore::PathFor(const std::string& sha256) const { return root_ / "sha256" / sha256; }
+fs::path ArtifactStore::PathFor(const std::string& sha256) const {
+  return root_ / "sha256" / sha256;
+}
 
 bool ArtifactStore::Has(const std::string& sha256) const {
   std::error_code ec;
@@ -60,8 +62,8 @@ StatusOr<std::string> ArtifactStore::Put(const fs::path& source, const std::stri
 
   // A unique temporary in the store's own file system, so the final rename is atomic.
   static std::atomic<uint64_t> counter{0};
-  fs::path tmp = root_ / "tmp" /
-                 (std::to_string(::getpid()) + "." + std::to_string(counter++) + ".partial");
+  fs::path tmp =
+      root_ / "tmp" / (std::to_string(::getpid()) + "." + std::to_string(counter++) + ".partial");
   UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
   if (!out) return ErrnoError(errno, "create " + tmp.string());
   auto discard = [&](Status s) {
@@ -111,7 +113,8 @@ StatusOr<int> ArtifactStore::Collect(const std::set<std::string>& keep) {
   for (fs::directory_iterator it(root_ / "sha256", ec), end; !ec && it != end; it.increment(ec)) {
     std::string name = it->path().filename().string();
     if (keep.count(name)) continue;
-    if (::unlink(it->path().c_str()) != 0) return ErrnoError(errno, "remove " + it->path().string());
+    if (::unlink(it->path().c_str()) != 0)
+      return ErrnoError(errno, "remove " + it->path().string());
     ++removed;
   }
   if (ec) return ErrnoError(ec.value(), "list " + (root_ / "sha256").string());

@@ -16,7 +16,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-
 // mountinfo escapes space, tab, newline and backslash as \ooo.
 std::string Unescape(std::string_view s) {
   std::string out;

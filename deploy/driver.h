@@ -19,8 +19,8 @@ struct InstanceSpec {
   std::string instance;  // "web-42": unique, never reused
   std::string service;
   int64_t revision = 0;
-  std::string artifact_sha256;  // process driver: runs STATE/artifacts/sha256/<hex>
-  std::string image;            // container driver
+  std::string artifact_sha256;       // process driver: runs STATE/artifacts/sha256/<hex>
+  std::string image;                 // container driver
   std::vector<std::string> command;  // {artifact}, {port}, {instance}, {service}, {revision} expand
   std::map<std::string, std::string> env;
   int container_port = 0;

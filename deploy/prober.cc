@@ -7,8 +7,8 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
@@ -90,17 +90,17 @@ class HttpProbe final : public ProbeOp, public std::enable_shared_from_this<Http
     if (error_code open_ec = OpenCloseOnExec(stream_.socket(), ep); open_ec) {
       // Reported from the event loop, like every other result.
       return asio::post(stream_.get_executor(), [self = shared_from_this(), open_ec] {
-        self->Finish(false, "cannot open a socket to probe " + self->where_ + ": " + open_ec.message(),
+        self->Finish(false,
+                     "cannot open a socket to probe " + self->where_ + ": " + open_ec.message(),
                      IsLocalError(open_ec));
       });
     }
-    stream_.async_connect(ep,
-                          [self = shared_from_this(), port](const error_code& ec) {
-                            if (ec) {
-                              return self->Fail(ec, ConnectFailure(ec, Endpoint(self->target_, port)));
-                            }
-                            self->Send();
-                          });
+    stream_.async_connect(ep, [self = shared_from_this(), port](const error_code& ec) {
+      if (ec) {
+        return self->Fail(ec, ConnectFailure(ec, Endpoint(self->target_, port)));
+      }
+      self->Send();
+    });
   }
 
   void Cancel() override {
@@ -117,13 +117,13 @@ class HttpProbe final : public ProbeOp, public std::enable_shared_from_this<Http
     http::async_write(stream_, req_, [self = shared_from_this()](const error_code& ec, size_t) {
       if (ec) return self->Fail(ec, "http probe " + self->where_ + ": " + ec.message());
       self->parser_.body_limit(64 * 1024);
-      http::async_read(self->stream_, self->buffer_, self->parser_,
-                       [self](const error_code& ec, size_t) {
-                         if (ec) return self->Fail(ec, "http probe " + self->where_ + ": " + ec.message());
-                         unsigned code = self->parser_.get().result_int();
-                         self->Finish(code >= 200 && code < 400,
-                                      "http " + std::to_string(code) + " from " + self->where_);
-                       });
+      http::async_read(
+          self->stream_, self->buffer_, self->parser_, [self](const error_code& ec, size_t) {
+            if (ec) return self->Fail(ec, "http probe " + self->where_ + ": " + ec.message());
+            unsigned code = self->parser_.get().result_int();
+            self->Finish(code >= 200 && code < 400,
+                         "http " + std::to_string(code) + " from " + self->where_);
+          });
     });
   }
 
@@ -137,7 +137,9 @@ class HttpProbe final : public ProbeOp, public std::enable_shared_from_this<Http
     stream_.socket().close(ignored);
     if (cancelled_ || !done_) return;
     auto done = std::move(done_);
-    done({.instance = target_.instance, .healthy = healthy, .reason = std::move(reason),
+    done({.instance = target_.instance,
+          .healthy = healthy,
+          .reason = std::move(reason),
           .local_error = local});
   }
 
@@ -177,13 +179,12 @@ class TcpProbe final : public ProbeOp, public std::enable_shared_from_this<TcpPr
                      IsLocalError(open_ec));
       });
     }
-    socket_.async_connect(ep,
-                          [self = shared_from_this(), port](const error_code& ec) {
-                            std::string where = Endpoint(self->target_, port);
-                            if (self->timed_out_) return self->Finish(false, TimeoutReason(self->target_));
-                            if (ec) return self->Finish(false, ConnectFailure(ec, where), IsLocalError(ec));
-                            self->Finish(true, "tcp connect to " + where + " ok");
-                          });
+    socket_.async_connect(ep, [self = shared_from_this(), port](const error_code& ec) {
+      std::string where = Endpoint(self->target_, port);
+      if (self->timed_out_) return self->Finish(false, TimeoutReason(self->target_));
+      if (ec) return self->Finish(false, ConnectFailure(ec, where), IsLocalError(ec));
+      self->Finish(true, "tcp connect to " + where + " ok");
+    });
   }
 
   void Cancel() override {
@@ -200,7 +201,9 @@ class TcpProbe final : public ProbeOp, public std::enable_shared_from_this<TcpPr
     socket_.close(ignored);
     if (cancelled_ || !done_) return;
     auto done = std::move(done_);
-    done({.instance = target_.instance, .healthy = healthy, .reason = std::move(reason),
+    done({.instance = target_.instance,
+          .healthy = healthy,
+          .reason = std::move(reason),
           .local_error = local});
   }
 
@@ -246,7 +249,8 @@ class ExecProbe final : public ProbeOp, public std::enable_shared_from_this<Exec
     if (rc != 0) {
       auto self = shared_from_this();
       std::string reason = "exec cannot run " + argv[0] + ": " + std::strerror(rc);
-      asio::post(io_, [self, reason, local = IsLocalError(rc)] { self->Finish(false, reason, local); });
+      asio::post(io_,
+                 [self, reason, local = IsLocalError(rc)] { self->Finish(false, reason, local); });
       return;
     }
     int fd = proc::PidfdOpen(pid_);
@@ -255,7 +259,8 @@ class ExecProbe final : public ProbeOp, public std::enable_shared_from_this<Exec
       auto self = shared_from_this();
       const int err = errno;
       asio::post(io_, [self, err] {
-        self->Finish(false, std::string("exec probe cannot watch its process: ") + std::strerror(err),
+        self->Finish(false,
+                     std::string("exec probe cannot watch its process: ") + std::strerror(err),
                      /*local=*/true);
       });
       return;
@@ -295,7 +300,9 @@ class ExecProbe final : public ProbeOp, public std::enable_shared_from_this<Exec
   void Finish(bool healthy, std::string reason, bool local = false) {
     if (cancelled_ || !done_) return;
     auto done = std::move(done_);
-    done({.instance = target_.instance, .healthy = healthy, .reason = std::move(reason),
+    done({.instance = target_.instance,
+          .healthy = healthy,
+          .reason = std::move(reason),
           .local_error = local});
   }
 

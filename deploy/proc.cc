@@ -44,7 +44,8 @@ StatusOr<Stat> ReadStat(pid_t pid) {
     if (sp == std::string_view::npos) break;
     rest.remove_prefix(sp + 1);
   }
-  if (fields.size() < 20) return InternalError("cannot parse /proc/" + std::to_string(pid) + "/stat");
+  if (fields.size() < 20)
+    return InternalError("cannot parse /proc/" + std::to_string(pid) + "/stat");
   Stat s;
   s.state = fields[0].empty() ? '?' : fields[0][0];
   s.ppid = static_cast<pid_t>(std::strtol(std::string(fields[1]).c_str(), nullptr, 10));

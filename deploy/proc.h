@@ -18,11 +18,11 @@ namespace kiln::proc {
 std::optional<std::string> ReadSmallFile(const std::string& path);
 
 struct Stat {
-  char state = '?';          // R, S, D, Z, ...
+  char state = '?';  // R, S, D, Z, ...
   pid_t ppid = 0;
   pid_t pgrp = 0;
   pid_t session = 0;
-  uint64_t start_time = 0;   // clock ticks after boot: with the pid, identifies a process
+  uint64_t start_time = 0;  // clock ticks after boot: with the pid, identifies a process
 };
 
 // Parses /proc/PID/stat. NOT_FOUND when there is no such process.

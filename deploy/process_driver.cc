@@ -6,13 +6,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <cerrno>
 #include <charconv>
-#include <algorithm>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -49,7 +49,8 @@ std::string EncodeId(ProcessId p) {
 StatusOr<ProcessId> DecodeId(const InstanceHandle& h) {
   std::string_view s = h.id;
   auto bad = [&] {
-    return InvalidArgumentError("instance " + h.instance + ": not a process handle: \"" + h.id + "\"");
+    return InvalidArgumentError("instance " + h.instance + ": not a process handle: \"" + h.id +
+                                "\"");
   };
   if (s.substr(0, 4) != "pid:") return bad();
   s.remove_prefix(4);
@@ -59,7 +60,8 @@ StatusOr<ProcessId> DecodeId(const InstanceHandle& h) {
   auto r1 = std::from_chars(s.data(), s.data() + colon, p.pid);
   auto r2 = std::from_chars(s.data() + colon + 1, s.data() + s.size(), p.start_time);
   // pid 0 (with start time 0): an instance whose leader is gone, as List() reports it.
-  if (r1.ec != std::errc() || r2.ec != std::errc() || p.pid < 0 || (p.pid == 0 && p.start_time != 0)) {
+  if (r1.ec != std::errc() || r2.ec != std::errc() || p.pid < 0 ||
+      (p.pid == 0 && p.start_time != 0)) {
     return bad();
   }
   return p;
@@ -109,7 +111,8 @@ std::string ExitInfo::Describe() const {
   if (exit_code) return "exited with code " + std::to_string(*exit_code);
   if (signal) {
     const char* abbrev = sigabbrev_np(*signal);
-    return "killed by " + (abbrev ? "SIG" + std::string(abbrev) : "signal " + std::to_string(*signal));
+    return "killed by " +
+           (abbrev ? "SIG" + std::string(abbrev) : "signal " + std::to_string(*signal));
   }
   return status_known ? "exited" : "exited (status unknown: not started by this kilnd)";
 }
@@ -126,8 +129,8 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     InstanceHandle handle;
     std::string service;  // for log lines; empty when unknown
     int64_t revision = 0;
-    ProcessId leader;                // pid 0: unknown (gone before this driver saw it)
-    std::optional<fs::path> cgroup;  // the instance's own cgroup, when it has one
+    ProcessId leader;                      // pid 0: unknown (gone before this driver saw it)
+    std::optional<fs::path> cgroup;        // the instance's own cgroup, when it has one
     asio::posix::stream_descriptor pidfd;  // the leader's, open until its exit is recorded
     asio::steady_timer kill_timer;         // a stop's grace period
     asio::steady_timer retry_timer;        // another look at a group that could not be watched
@@ -136,8 +139,8 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     bool leader_done = false;  // the leader's exit is recorded in `exit`
     ExitInfo exit;
     bool stopping = false;
-    bool killing = false;   // SIGKILL sent; whatever is found later gets it too
-    bool silent = false;    // removing the leftovers of an instance that ended earlier: no report
+    bool killing = false;  // SIGKILL sent; whatever is found later gets it too
+    bool silent = false;   // removing the leftovers of an instance that ended earlier: no report
     bool owns_port = false;
     StopFn stop_done;  // set while a Stop is in progress
 
@@ -423,8 +426,8 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
       return fail(s);
     };
 
-    std::vector<std::string> argv = spec.command.empty() ? std::vector<std::string>{"{artifact}"}
-                                                         : spec.command;
+    std::vector<std::string> argv =
+        spec.command.empty() ? std::vector<std::string>{"{artifact}"} : spec.command;
     for (std::string& a : argv) {
       ReplaceAll(a, "{artifact}", artifact.string());
       ReplaceAll(a, "{port}", std::to_string(port));
@@ -454,9 +457,11 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     if (cgroup_base) {
       fs::path dir = *cgroup_base / spec.instance;
       if (::mkdir(dir.c_str(), 0755) != 0) {
-        if (errno != EEXIST) return release_port(ErrnoError(errno, "cannot make cgroup " + dir.string()));
+        if (errno != EEXIST)
+          return release_port(ErrnoError(errno, "cannot make cgroup " + dir.string()));
         if (!cgroup::Procs(dir).empty()) {
-          return release_port(AlreadyExistsError("processes of the instance run in " + dir.string()));
+          return release_port(
+              AlreadyExistsError("processes of the instance run in " + dir.string()));
         }
       }
       cgroup_fd = UniqueFd(::open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
@@ -523,7 +528,8 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
       gone = "instance " + handle.instance + " is gone: its leader process exited";
     } else {
       UniqueFd pidfd(proc::PidfdOpen(id.pid));
-      StatusOr<proc::Stat> st = pidfd ? proc::ReadStat(id.pid) : StatusOr<proc::Stat>(NotFoundError(""));
+      StatusOr<proc::Stat> st =
+          pidfd ? proc::ReadStat(id.pid) : StatusOr<proc::Stat>(NotFoundError(""));
       if (!st.ok() || st->state == 'Z') {
         gone = "instance " + handle.instance + " (pid " + std::to_string(id.pid) + ") is gone";
       } else if (st->start_time != id.start_time) {

@@ -40,7 +40,7 @@ class ProcessDriver final : public Driver {
   };
 
   struct Options {
-    std::filesystem::path log_dir;           // STATE/logs
+    std::filesystem::path log_dir;  // STATE/logs
     const ArtifactStore* artifacts = nullptr;
     int port_first = 20000;
     int port_last = 29999;

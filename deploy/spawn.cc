@@ -53,7 +53,7 @@ struct ChildPlan {
   int stdin_fd;
   int log_fd;
   int status_fd;
-  int max_fd;  // for kernels before close_range (5.9)
+  int max_fd;     // for kernels before close_range (5.9)
   rlimit nofile;  // rlim_cur 0: leave it as it is
 };
 

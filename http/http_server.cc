@@ -1,22 +1,22 @@
 #include "http/http_server.h"
 
+#include <sys/socket.h>
+
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
-#include <sys/socket.h>
-
-#include <boost/asio/steady_timer.hpp>
 #include <cerrno>
 #include <cstring>
 #include <list>
 #include <map>
 
+#include "api/api_server.h"
 #include "common/descriptors.h"
 #include "common/logging.h"
-#include "api/api_server.h"
 #include "storage/state_store.h"
 
 namespace kiln {
@@ -39,10 +39,14 @@ std::string JsonError(const std::string& message) {
 
 int HttpCode(StatusCode c) {
   switch (c) {
-    case StatusCode::kNotFound: return 404;
-    case StatusCode::kInvalidArgument: return 400;
-    case StatusCode::kOutOfRange: return 410;
-    default: return 503;
+    case StatusCode::kNotFound:
+      return 404;
+    case StatusCode::kInvalidArgument:
+      return 400;
+    case StatusCode::kOutOfRange:
+      return 410;
+    default:
+      return 503;
   }
 }
 
@@ -52,7 +56,8 @@ std::map<std::string, std::string> Query(std::string_view q) {
     size_t amp = q.find('&');
     std::string_view kv = q.substr(0, amp);
     size_t eq = kv.find('=');
-    out[std::string(kv.substr(0, eq))] = eq == std::string_view::npos ? "" : std::string(kv.substr(eq + 1));
+    out[std::string(kv.substr(0, eq))] =
+        eq == std::string_view::npos ? "" : std::string(kv.substr(eq + 1));
     if (amp == std::string_view::npos) break;
     q.remove_prefix(amp + 1);
   }
@@ -85,13 +90,16 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
 
   Response Route(http::verb method, std::string_view target, std::string_view authorization) {
     std::string_view path = target.substr(0, target.find('?'));
-    std::string_view query = target.find('?') == std::string_view::npos ? "" : target.substr(target.find('?') + 1);
-    const bool known = path == "/" || path == "/metrics" || path == "/healthz" || path == "/readyz" ||
-                       path == "/api/v1/services" || path.rfind("/api/v1/services/", 0) == 0 ||
-                       path == "/api/v1/events";
-    if (!known) return {404, "application/json", JsonError("no such path: " + std::string(path)), "", false};
+    std::string_view query =
+        target.find('?') == std::string_view::npos ? "" : target.substr(target.find('?') + 1);
+    const bool known = path == "/" || path == "/metrics" || path == "/healthz" ||
+                       path == "/readyz" || path == "/api/v1/services" ||
+                       path.rfind("/api/v1/services/", 0) == 0 || path == "/api/v1/events";
+    if (!known)
+      return {404, "application/json", JsonError("no such path: " + std::string(path)), "", false};
     if (method != http::verb::get && method != http::verb::head) {
-      return {405, "application/json", JsonError("only GET and HEAD are allowed here"), "GET, HEAD", false};
+      return {405, "application/json", JsonError("only GET and HEAD are allowed here"), "GET, HEAD",
+              false};
     }
     if (AccessOf(path) == Access::kToken) {
       StatusOr<Caller> caller = AuthenticateBearer(*options.tokens, authorization);
@@ -102,7 +110,8 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
       }
     }
     if (path == "/") return {200, "text/html; charset=utf-8", DashboardHtml(), "", false};
-    if (path == "/metrics") return {200, "text/plain; version=0.0.4; charset=utf-8", sources.metrics(), "", false};
+    if (path == "/metrics")
+      return {200, "text/plain; version=0.0.4; charset=utf-8", sources.metrics(), "", false};
     if (path == "/healthz") return {200, "application/json", "{\"status\":\"alive\"}", "", false};
     if (path == "/readyz") {
       Readiness r = sources.readiness();
@@ -116,7 +125,9 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
       char* end = nullptr;
       long long since = std::strtoll(q["since"].c_str(), &end, 10);
       if (!q["since"].empty() && (*end != '\0' || since < 0)) {
-        return {400, "application/json", JsonError("since must be a sequence number, got \"" + q["since"] + "\""), "", false};
+        return {400, "application/json",
+                JsonError("since must be a sequence number, got \"" + q["since"] + "\""), "",
+                false};
       }
       body = EventsJson(*sources.reader, since, q["service"], 500);
     } else {
@@ -207,7 +218,8 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
                                 self->SetIdle(false);
                                 if (ec) return self->Failed(ec);
                                 if (self->parser_->is_done()) return self->Handle();
-                                beast::get_lowest_layer(self->stream_).expires_after(self->server_->options.read_timeout);
+                                beast::get_lowest_layer(self->stream_)
+                                    .expires_after(self->server_->options.read_timeout);
                                 http::async_read(self->stream_, self->buffer_, *self->parser_,
                                                  [self](beast::error_code ec2, size_t) {
                                                    if (ec2) return self->Failed(ec2);
@@ -227,14 +239,17 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
 
     void Handle() {
       auto& req = parser_->get();
-      std::string_view auth(req[http::field::authorization].data(), req[http::field::authorization].size());
-      Response r = server_->Route(req.method(), std::string_view(req.target().data(), req.target().size()), auth);
+      std::string_view auth(req[http::field::authorization].data(),
+                            req[http::field::authorization].size());
+      Response r = server_->Route(req.method(),
+                                  std::string_view(req.target().data(), req.target().size()), auth);
       if (req.method() == http::verb::head) r.body.clear();
       Send(std::move(r), req.keep_alive(), req.version());
     }
 
     void Send(Response r, bool keep_alive, unsigned version) {
-      auto res = std::make_shared<http::response<http::string_body>>(static_cast<http::status>(r.status), version);
+      auto res = std::make_shared<http::response<http::string_body>>(
+          static_cast<http::status>(r.status), version);
       res->set(http::field::server, "kilnd");
       res->set(http::field::content_type, r.content_type);
       res->set(http::field::cache_control, "no-store");
@@ -252,18 +267,21 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
       res->body() = std::move(r.body);
       res->prepare_payload();
       beast::get_lowest_layer(stream_).expires_after(server_->options.read_timeout);
-      http::async_write(stream_, *res, [self = this->shared_from_this(), res](beast::error_code ec, size_t) {
-        if (ec) return;
-        if (res->keep_alive()) return self->Read();
-        self->Close();
-      });
+      http::async_write(stream_, *res,
+                        [self = this->shared_from_this(), res](beast::error_code ec, size_t) {
+                          if (ec) return;
+                          if (res->keep_alive()) return self->Read();
+                          self->Close();
+                        });
     }
 
     void Close() {
       if constexpr (kTls) {
         stream_.async_shutdown([self = this->shared_from_this()](beast::error_code) {
           beast::error_code ignored;
-          beast::get_lowest_layer(self->stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
+          beast::get_lowest_layer(self->stream_)
+              .socket()
+              .shutdown(tcp::socket::shutdown_both, ignored);
         });
       } else {
         beast::error_code ignored;
@@ -295,15 +313,18 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
   // marking a socket after accept() would leave a window in which a spawn on another thread
   // inherits it.
   void Accept() {
-    acceptor.async_wait(tcp::acceptor::wait_read, [self = shared_from_this()](beast::error_code ec) {
+    acceptor.async_wait(tcp::acceptor::wait_read, [self =
+                                                       shared_from_this()](beast::error_code ec) {
       if (ec == asio::error::operation_aborted) return;
       while (!ec) {
-        int fd = ::accept4(self->acceptor.native_handle(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        int fd = ::accept4(self->acceptor.native_handle(), nullptr, nullptr,
+                           SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (fd < 0 && errno == EINTR) continue;
         if (fd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)) {
           // Out of descriptors: the connection waits in the backlog; try again shortly rather
           // than spin on a listener that stays readable.
-          LogWarn("HTTP cannot accept a connection", {{"error", std::string(std::strerror(errno))}});
+          LogWarn("HTTP cannot accept a connection",
+                  {{"error", std::string(std::strerror(errno))}});
           self->retry_timer.expires_after(std::chrono::milliseconds(100));
           self->retry_timer.async_wait([self](beast::error_code e) {
             if (!e) self->Accept();
@@ -325,12 +346,15 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
   }
 
   void Admit(tcp::socket socket) {
-    const bool room = static_cast<int>(connections.size()) < options.max_connections || EvictOldestIdle();
+    const bool room =
+        static_cast<int>(connections.size()) < options.max_connections || EvictOldestIdle();
     if (!room) {
       beast::error_code ignored;
       socket.close(ignored);  // every connection busy: refuse rather than queue without bound
     } else if (tls) {
-      std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(std::move(socket), shared_from_this())->Run();
+      std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(std::move(socket),
+                                                                      shared_from_this())
+          ->Run();
     } else {
       std::make_shared<Session<beast::tcp_stream>>(std::move(socket), shared_from_this())->Run();
     }
@@ -361,17 +385,24 @@ namespace {
 StatusOr<std::unique_ptr<ssl::context>> MakeTlsContext(const HttpServer::Options& o) {
   auto ctx = std::make_unique<ssl::context>(ssl::context::tls_server);
   beast::error_code ec;
-  ctx->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
-                       ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1 | ssl::context::single_dh_use,
+  ctx->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 |
+                       ssl::context::no_sslv3 | ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1 |
+                       ssl::context::single_dh_use,
                    ec);
   if (!ec) ctx->use_certificate_chain_file(o.tls_cert, ec);
-  if (ec) return InvalidArgumentError("cannot use --tls-cert " + o.tls_cert + " for HTTPS: " + ec.message());
+  if (ec)
+    return InvalidArgumentError("cannot use --tls-cert " + o.tls_cert +
+                                " for HTTPS: " + ec.message());
   ctx->use_private_key_file(o.tls_key, ssl::context::pem, ec);
-  if (ec) return InvalidArgumentError("cannot use --tls-key " + o.tls_key + " for HTTPS: " + ec.message());
+  if (ec)
+    return InvalidArgumentError("cannot use --tls-key " + o.tls_key +
+                                " for HTTPS: " + ec.message());
   if (!o.client_ca.empty()) {
     ctx->load_verify_file(o.client_ca, ec);
     if (!ec) ctx->set_verify_mode(ssl::verify_peer | ssl::verify_fail_if_no_peer_cert, ec);
-    if (ec) return InvalidArgumentError("cannot use --client-ca " + o.client_ca + " for HTTPS: " + ec.message());
+    if (ec)
+      return InvalidArgumentError("cannot use --client-ca " + o.client_ca +
+                                  " for HTTPS: " + ec.message());
   }
   return ctx;
 }
@@ -384,7 +415,8 @@ namespace {
 StatusOr<tcp::endpoint> CheckedEndpoint(const HttpServer::Options& options) {
   size_t colon = options.listen.rfind(':');
   if (colon == std::string::npos) {
-    return InvalidArgumentError("--http-listen: expected HOST:PORT, got \"" + options.listen + "\"");
+    return InvalidArgumentError("--http-listen: expected HOST:PORT, got \"" + options.listen +
+                                "\"");
   }
   std::string host = options.listen.substr(0, colon);
   if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
@@ -400,7 +432,8 @@ StatusOr<tcp::endpoint> CheckedEndpoint(const HttpServer::Options& options) {
   if (tls && (options.tls_cert.empty() || options.tls_key.empty())) {
     return InvalidArgumentError("--tls-cert and --tls-key go together");
   }
-  if (!options.client_ca.empty() && !tls) return InvalidArgumentError("--client-ca needs --tls-cert and --tls-key");
+  if (!options.client_ca.empty() && !tls)
+    return InvalidArgumentError("--client-ca needs --tls-cert and --tls-key");
   if (!addr.is_loopback() && !(tls && options.tokens)) {
     return FailedPreconditionError(
         "refusing to serve HTTP on " + options.listen +
@@ -415,9 +448,12 @@ StatusOr<tcp::endpoint> CheckedEndpoint(const HttpServer::Options& options) {
 
 }  // namespace
 
-Status HttpServer::CheckOptions(const Options& options) { return CheckedEndpoint(options).status(); }
+Status HttpServer::CheckOptions(const Options& options) {
+  return CheckedEndpoint(options).status();
+}
 
-StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(asio::io_context& io, const Options& options, Sources sources) {
+StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(asio::io_context& io,
+                                                        const Options& options, Sources sources) {
   ASSIGN_OR_RETURN(tcp::endpoint ep, CheckedEndpoint(options));
   const bool tls = !options.tls_cert.empty();
   beast::error_code ec;
@@ -435,7 +471,8 @@ StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(asio::io_context& io, co
   if (!ec) impl->acceptor.bind(ep, ec);
   if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
   if (!ec) impl->acceptor.non_blocking(true, ec);  // Accept() drains the backlog
-  if (ec) return UnavailableError("cannot listen on " + options.listen + " for HTTP: " + ec.message());
+  if (ec)
+    return UnavailableError("cannot listen on " + options.listen + " for HTTP: " + ec.message());
   impl->Accept();
   LogInfo("HTTP listening", {{"listen", options.listen},
                              {"port", impl->acceptor.local_endpoint().port()},

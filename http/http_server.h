@@ -13,9 +13,9 @@
 #include <optional>
 #include <string>
 
+#include "api/tokens.h"
 #include "common/clock.h"
 #include "common/status.h"
-#include "api/tokens.h"
 
 namespace boost::asio {
 class io_context;
@@ -52,15 +52,15 @@ class HttpServer {
     std::string json;  // {"ready":..,"checks":{..}}
   };
   struct Sources {
-    std::function<std::string()> metrics;     // Prometheus text
-    std::function<Readiness()> readiness;     // /readyz
-    StateReader* reader = nullptr;            // /api/v1; used on the io_context's thread only
+    std::function<std::string()> metrics;  // Prometheus text
+    std::function<Readiness()> readiness;  // /readyz
+    StateReader* reader = nullptr;         // /api/v1; used on the io_context's thread only
   };
 
   // Refuses (FAILED_PRECONDITION, with the reason) to listen off loopback without both TLS and
   // tokens; INVALID_ARGUMENT for bad options or unreadable certificates.
-  static StatusOr<std::unique_ptr<HttpServer>> Start(boost::asio::io_context& io, const Options& options,
-                                                     Sources sources);
+  static StatusOr<std::unique_ptr<HttpServer>> Start(boost::asio::io_context& io,
+                                                     const Options& options, Sources sources);
   // Start's checks of `options` alone (no files read, nothing bound), for start-up to refuse
   // bad configuration before it acts.
   static Status CheckOptions(const Options& options);

@@ -37,10 +37,9 @@ DesiredSet::Update DesiredSet::Apply(const ManifestSet& set) {
       for (const auto& [name, d] : services_) {
         if (d.spec.file == f.path) names.insert(name);
       }
-      const std::string why = f.errors.front().ToString() +
-                              (f.errors.size() > 1 ? " (and " + std::to_string(f.errors.size() - 1) +
-                                                         " more)"
-                                                   : "");
+      const std::string why =
+          f.errors.front().ToString() +
+          (f.errors.size() > 1 ? " (and " + std::to_string(f.errors.size() - 1) + " more)" : "");
       for (const std::string& name : names) {
         auto it = services_.find(name);
         if (it == services_.end() || next.count(name)) continue;

@@ -15,8 +15,11 @@ namespace kiln {
 struct DesiredService {
   DesiredService() = default;
   DesiredService(ServiceSpec s, std::string sha256, std::string err)
-      : spec(std::move(s)), manifest_sha256(std::move(sha256)), error(std::move(err)),
-        template_hash(spec.tmpl.Hash()), spec_json(ServiceSpecToJson(spec)) {}
+      : spec(std::move(s)),
+        manifest_sha256(std::move(sha256)),
+        error(std::move(err)),
+        template_hash(spec.tmpl.Hash()),
+        spec_json(ServiceSpecToJson(spec)) {}
 
   ServiceSpec spec;             // the last good spec
   std::string manifest_sha256;  // of its file when that spec was read

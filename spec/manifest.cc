@@ -3,11 +3,10 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <cerrno>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "common/duration.h"
@@ -23,18 +22,17 @@ namespace fs = std::filesystem;
 namespace {
 
 // Keys each block accepts, for unknown-key errors and suggestions.
-const std::vector<std::string> kServiceKeys = {"name",    "version", "replicas",     "artifact",
-                                               "image",   "command", "env",          "port",
-                                               "health",  "update",  "history_limit"};
+const std::vector<std::string> kServiceKeys = {"name",   "version", "replicas",     "artifact",
+                                               "image",  "command", "env",          "port",
+                                               "health", "update",  "history_limit"};
 const std::vector<std::string> kArtifactKeys = {"path", "sha256"};
 const std::vector<std::string> kHealthKeys = {"http",     "tcp",     "exec",
                                               "interval", "timeout", "failure_threshold"};
 const std::vector<std::string> kHttpKeys = {"path", "port"};
 const std::vector<std::string> kTcpKeys = {"port"};
 const std::vector<std::string> kUpdateKeys = {
-    "strategy",         "max_surge",         "max_unavailable", "min_healthy_time",
-    "healthy_deadline", "progress_deadline", "auto_rollback",   "canary",
-    "auto_promote"};
+    "strategy",          "max_surge",     "max_unavailable", "min_healthy_time", "healthy_deadline",
+    "progress_deadline", "auto_rollback", "canary",          "auto_promote"};
 
 size_t EditDistance(std::string_view a, std::string_view b) {
   std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
@@ -81,10 +79,14 @@ std::string Quote(std::string_view s) {
 // How a node reads in an error: "a mapping", "a list", "nothing", or its quoted text.
 std::string Describe(const YamlNode* n) {
   switch (n->kind) {
-    case YamlNode::Kind::kMapping: return "a mapping";
-    case YamlNode::Kind::kSequence: return "a list";
-    case YamlNode::Kind::kNull: return "nothing";
-    case YamlNode::Kind::kScalar: return Quote(n->text);
+    case YamlNode::Kind::kMapping:
+      return "a mapping";
+    case YamlNode::Kind::kSequence:
+      return "a list";
+    case YamlNode::Kind::kNull:
+      return "nothing";
+    case YamlNode::Kind::kScalar:
+      return Quote(n->text);
   }
   return "nothing";
 }
@@ -110,9 +112,8 @@ std::optional<int64_t> ParseInteger(std::string_view s) {
 }
 
 bool HasControlCharacter(std::string_view s) {
-  return std::any_of(s.begin(), s.end(), [](char c) {
-    return static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
-  });
+  return std::any_of(s.begin(), s.end(),
+                     [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
 }
 
 bool IsValidServiceName(std::string_view s) {
@@ -287,8 +288,9 @@ class FileParser {
       return false;
     }
     if (*v < min || *v > max) {
-      std::string range = max >= (1LL << 30) ? std::to_string(min) + " or more"
-                                              : "from " + std::to_string(min) + " to " + std::to_string(max);
+      std::string range = max >= (1LL << 30)
+                              ? std::to_string(min) + " or more"
+                              : "from " + std::to_string(min) + " to " + std::to_string(max);
       Add(e.value, e.key_node, path, "must be " + range + ", got " + std::to_string(*v));
       return false;
     }
@@ -337,13 +339,13 @@ class FileParser {
     if (percent) s.pop_back();
     std::optional<int64_t> v = IsScalar(e.value) ? ParseInteger(s) : std::nullopt;
     if (!v) {
-      Add(e.value, e.key_node, path,
-          "expected a count or a percentage, got " + Describe(e.value));
+      Add(e.value, e.key_node, path, "expected a count or a percentage, got " + Describe(e.value));
       return false;
     }
     if (*v < 0 || (percent && *v > 100) || *v > 1'000'000) {
       Add(e.value, e.key_node, path,
-          std::string(percent ? "a percentage must be from 0% to 100%" : "a count must be 0 or more") +
+          std::string(percent ? "a percentage must be from 0% to 100%"
+                              : "a count must be 0 or more") +
               ", got " + Describe(e.value));
       return false;
     }
@@ -403,8 +405,8 @@ class FileParser {
       }
       std::string path = "env." + name;
       if (!IsValidEnvName(name)) {
-        Add(k, e.value, path, "environment variable names are letters, digits and '_', got " +
-                                  Describe(k));
+        Add(k, e.value, path,
+            "environment variable names are letters, digits and '_', got " + Describe(k));
         continue;
       }
       if (name == "PORT" || name.rfind("KILN_", 0) == 0) {
@@ -486,10 +488,14 @@ class FileParser {
       if (ue.key == "strategy") {
         std::string s;
         if (!GetString(ue, path, &s)) continue;
-        if (s == "rolling") u->strategy = Strategy::kRolling;
-        else if (s == "recreate") u->strategy = Strategy::kRecreate;
-        else if (s == "blue-green") u->strategy = Strategy::kBlueGreen;
-        else if (s == "canary") u->strategy = Strategy::kCanary;
+        if (s == "rolling")
+          u->strategy = Strategy::kRolling;
+        else if (s == "recreate")
+          u->strategy = Strategy::kRecreate;
+        else if (s == "blue-green")
+          u->strategy = Strategy::kBlueGreen;
+        else if (s == "canary")
+          u->strategy = Strategy::kCanary;
         else
           Add(ue.value, ue.key_node, path,
               "expected rolling, recreate, blue-green or canary, got " + Quote(s));
@@ -548,7 +554,8 @@ class FileParser {
         if (!IsValidServiceName(s.name)) {
           Add(e.value, e.key_node, "name",
               "must be 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-', "
-              "got " + Quote(s.name));
+              "got " +
+                  Quote(s.name));
           continue;
         }
         has_name = true;
@@ -594,7 +601,8 @@ class FileParser {
       Add(image->key_node, doc, "image",
           "a service runs an artifact (process driver) or an image (container driver), not both");
     } else if (!artifact && !image) {
-      Add(doc, doc, "", "a service needs an artifact (process driver) or an image (container driver)");
+      Add(doc, doc, "",
+          "a service needs an artifact (process driver) or an image (container driver)");
     } else if (image) {
       if (GetString(*image, "image", &s.tmpl.image) &&
           WithinBytes(image->value, image->key_node, "image", s.tmpl.image, kMaxImageBytes)) {
@@ -729,10 +737,14 @@ std::string CountOrPercent::ToString() const {
 
 std::string_view StrategyName(Strategy s) {
   switch (s) {
-    case Strategy::kRolling: return "rolling";
-    case Strategy::kRecreate: return "recreate";
-    case Strategy::kBlueGreen: return "blue-green";
-    case Strategy::kCanary: return "canary";
+    case Strategy::kRolling:
+      return "rolling";
+    case Strategy::kRecreate:
+      return "recreate";
+    case Strategy::kBlueGreen:
+      return "blue-green";
+    case Strategy::kCanary:
+      return "canary";
   }
   return "rolling";
 }
@@ -775,7 +787,8 @@ StatusOr<ServiceSpec> ServiceSpecFromJson(std::string_view text) {
     ASSIGN_OR_RETURN(s.tmpl, Template::FromCanonical(j.at("template").dump()));
     const auto& u = j.at("update");
     std::string strategy = u.at("strategy").get<std::string>();
-    for (Strategy st : {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
+    for (Strategy st :
+         {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
       if (StrategyName(st) == strategy) s.update.strategy = st;
     }
     auto count = [](const std::string& t) {
@@ -923,9 +936,9 @@ ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
         others += set.files[other.file].path + ":" + std::to_string(other.decl.line) + ":" +
                   std::to_string(other.decl.column);
       }
-      set.files[here.file].errors.push_back({set.files[here.file].path, here.decl.line,
-                                             here.decl.column, "name",
-                                             "service " + Quote(name) + " is also declared at " + others});
+      set.files[here.file].errors.push_back(
+          {set.files[here.file].path, here.decl.line, here.decl.column, "name",
+           "service " + Quote(name) + " is also declared at " + others});
     }
   }
   for (ManifestFile& f : set.files) {

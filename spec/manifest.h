@@ -63,8 +63,8 @@ StatusOr<ServiceSpec> ServiceSpecFromJson(std::string_view json);
 
 struct ManifestError {
   std::string file;
-  int line = 0;    // 1-based; 0 when the error is about the whole file
-  int column = 0;  // 1-based
+  int line = 0;          // 1-based; 0 when the error is about the whole file
+  int column = 0;        // 1-based
   std::string key_path;  // "update.max_surge", "command[1]"; "" when about the document or file
   std::string message;
 
@@ -74,7 +74,7 @@ struct ManifestError {
 
 struct ManifestFile {
   std::string path;
-  std::string sha256;  // of the file's bytes, "" when unreadable
+  std::string sha256;                 // of the file's bytes, "" when unreadable
   std::vector<ServiceSpec> services;  // empty when the file has errors: it is all or nothing
   std::vector<ManifestError> errors;
   // Every service name the file declares, with where, even when the file has errors: the

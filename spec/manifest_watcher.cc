@@ -15,8 +15,13 @@ namespace asio = boost::asio;
 
 struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
   Impl(asio::io_context& io_in, std::filesystem::path d, Duration deb, std::function<void()> cb)
-      : io(io_in), dir(std::move(d)), debounce(deb), on_change(std::move(cb)), stream(io_in),
-        debounce_timer(io_in), retry_timer(io_in) {}
+      : io(io_in),
+        dir(std::move(d)),
+        debounce(deb),
+        on_change(std::move(cb)),
+        stream(io_in),
+        debounce_timer(io_in),
+        retry_timer(io_in) {}
 
   void Watch() {
     boost::system::error_code ignored;
@@ -34,7 +39,8 @@ struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
   }
 
   void Retry(const std::string& why) {
-    if (!retrying) LogWarn("manifest directory not watched; retrying every second", {{"reason", why}});
+    if (!retrying)
+      LogWarn("manifest directory not watched; retrying every second", {{"reason", why}});
     retrying = true;
     retry_timer.expires_after(std::chrono::seconds(1));
     std::weak_ptr<Impl> weak = weak_from_this();
@@ -48,25 +54,26 @@ struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
 
   void Read() {
     std::weak_ptr<Impl> weak = weak_from_this();
-    stream.async_read_some(asio::buffer(buf), [weak](const boost::system::error_code& ec, size_t n) {
-      auto self = weak.lock();
-      if (!self || ec == asio::error::operation_aborted) return;
-      if (ec) return self->Retry(ec.message());
-      bool gone = false;
-      bool complete = false;  // the batch ends with a file complete: written, renamed, removed
-      for (size_t off = 0; off < n;) {
-        auto* e = reinterpret_cast<const inotify_event*>(self->buf.data() + off);
-        gone |= (e->mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED)) != 0;
-        complete = (e->mask & (IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE)) != 0;
-        off += sizeof(inotify_event) + e->len;
-      }
-      self->retrying = false;
-      // A file that is complete is read almost at once; a write still in progress waits for the
-      // burst to settle.
-      self->Changed(complete ? Duration(5) : self->debounce);
-      if (gone) return self->Retry("manifest directory was removed or moved");
-      self->Read();
-    });
+    stream.async_read_some(
+        asio::buffer(buf), [weak](const boost::system::error_code& ec, size_t n) {
+          auto self = weak.lock();
+          if (!self || ec == asio::error::operation_aborted) return;
+          if (ec) return self->Retry(ec.message());
+          bool gone = false;
+          bool complete = false;  // the batch ends with a file complete: written, renamed, removed
+          for (size_t off = 0; off < n;) {
+            auto* e = reinterpret_cast<const inotify_event*>(self->buf.data() + off);
+            gone |= (e->mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED)) != 0;
+            complete = (e->mask & (IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE)) != 0;
+            off += sizeof(inotify_event) + e->len;
+          }
+          self->retrying = false;
+          // A file that is complete is read almost at once; a write still in progress waits for the
+          // burst to settle.
+          self->Changed(complete ? Duration(5) : self->debounce);
+          if (gone) return self->Retry("manifest directory was removed or moved");
+          self->Read();
+        });
   }
 
   // Debounce: one reload once changes have been quiet for `delay`.

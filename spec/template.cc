@@ -11,10 +11,14 @@ using nlohmann::json;
 
 const char* ProbeKindName(ProbeKind k) {
   switch (k) {
-    case ProbeKind::kNone: return "none";
-    case ProbeKind::kHttp: return "http";
-    case ProbeKind::kTcp: return "tcp";
-    case ProbeKind::kExec: return "exec";
+    case ProbeKind::kNone:
+      return "none";
+    case ProbeKind::kHttp:
+      return "http";
+    case ProbeKind::kTcp:
+      return "tcp";
+    case ProbeKind::kExec:
+      return "exec";
   }
   return "none";
 }
@@ -62,10 +66,14 @@ StatusOr<Template> Template::FromCanonical(std::string_view text) {
     t.port = j.at("port").get<int>();
     const json& h = j.at("health");
     std::string kind = h.at("kind").get<std::string>();
-    if (kind == "http") t.health.kind = ProbeKind::kHttp;
-    else if (kind == "tcp") t.health.kind = ProbeKind::kTcp;
-    else if (kind == "exec") t.health.kind = ProbeKind::kExec;
-    else t.health.kind = ProbeKind::kNone;
+    if (kind == "http")
+      t.health.kind = ProbeKind::kHttp;
+    else if (kind == "tcp")
+      t.health.kind = ProbeKind::kTcp;
+    else if (kind == "exec")
+      t.health.kind = ProbeKind::kExec;
+    else
+      t.health.kind = ProbeKind::kNone;
     t.health.http_path = h.at("path").get<std::string>();
     t.health.port = h.at("port").get<int>();
     t.health.exec = h.at("exec").get<std::vector<std::string>>();

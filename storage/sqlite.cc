@@ -6,17 +6,31 @@ Status ErrorStatus(int rc, std::string_view path, std::string_view what, std::st
   StatusCode code;
   switch (rc & 0xff) {
     case SQLITE_BUSY:
-    case SQLITE_LOCKED: code = StatusCode::kUnavailable; break;
-    case SQLITE_FULL: code = StatusCode::kResourceExhausted; break;
+    case SQLITE_LOCKED:
+      code = StatusCode::kUnavailable;
+      break;
+    case SQLITE_FULL:
+      code = StatusCode::kResourceExhausted;
+      break;
     case SQLITE_READONLY:
     case SQLITE_PERM:
     case SQLITE_AUTH:
-    case SQLITE_CANTOPEN: code = StatusCode::kPermissionDenied; break;
+    case SQLITE_CANTOPEN:
+      code = StatusCode::kPermissionDenied;
+      break;
     case SQLITE_NOTADB:
-    case SQLITE_CORRUPT: code = StatusCode::kDataLoss; break;
-    case SQLITE_CONSTRAINT: code = StatusCode::kFailedPrecondition; break;
-    case SQLITE_IOERR: code = StatusCode::kUnavailable; break;
-    default: code = StatusCode::kInternal; break;
+    case SQLITE_CORRUPT:
+      code = StatusCode::kDataLoss;
+      break;
+    case SQLITE_CONSTRAINT:
+      code = StatusCode::kFailedPrecondition;
+      break;
+    case SQLITE_IOERR:
+      code = StatusCode::kUnavailable;
+      break;
+    default:
+      code = StatusCode::kInternal;
+      break;
   }
   std::string m(path);
   m += ": ";

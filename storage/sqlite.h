@@ -39,7 +39,10 @@ class Statement {
   void Bind(int i, std::nullopt_t) { sqlite3_bind_null(get(), i); }
   template <typename T>
   void Bind(int i, const std::optional<T>& v) {
-    if (v) Bind(i, *v); else Bind(i, std::nullopt);
+    if (v)
+      Bind(i, *v);
+    else
+      Bind(i, std::nullopt);
   }
   template <typename... Args>
   void BindAll(const Args&... args) {
@@ -51,7 +54,8 @@ class Statement {
   bool IsNull(int col) const { return sqlite3_column_type(get(), col) == SQLITE_NULL; }
   std::string Text(int col) const {
     const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(get(), col));
-    return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(get(), col))) : std::string();
+    return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(get(), col)))
+             : std::string();
   }
 
  private:

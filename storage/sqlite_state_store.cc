@@ -267,8 +267,8 @@ StatusOr<std::vector<T>> CollectRows(sqlite::Database& db, sqlite::Statement& s,
 
 // The tables a Kiln database had before it carried PRAGMA application_id; frozen: every
 // database made since is marked, so later migrations never need to be listed here.
-constexpr std::array<std::string_view, 5> kUnmarkedKilnTables = {"services", "revisions", "instances",
-                                                                 "events", "rollouts"};
+constexpr std::array<std::string_view, 5> kUnmarkedKilnTables = {"services", "revisions",
+                                                                 "instances", "events", "rollouts"};
 
 std::string Hex32(int64_t v) {
   char buf[16];
@@ -280,7 +280,8 @@ Status ApplyMigrations(sqlite::Database& db, int from, int to) {
   for (int v = from; v < to; ++v) {
     RETURN_IF_ERROR(db.Exec("BEGIN IMMEDIATE"));
     // The mark goes in with the first write, in the same transaction.
-    Status s = db.Exec("PRAGMA application_id = " + std::to_string(SqliteStateStore::kApplicationId));
+    Status s =
+        db.Exec("PRAGMA application_id = " + std::to_string(SqliteStateStore::kApplicationId));
     if (s.ok()) s = db.Exec(kMigrations[static_cast<size_t>(v)]);
     if (s.ok()) s = db.Exec("PRAGMA user_version = " + std::to_string(v + 1));
     if (s.ok()) s = db.Exec("COMMIT");
@@ -296,14 +297,22 @@ Status ApplyMigrations(sqlite::Database& db, int from, int to) {
 
 std::string_view InstanceStateName(InstanceState s) {
   switch (s) {
-    case InstanceState::kPending: return "pending";
-    case InstanceState::kStarting: return "starting";
-    case InstanceState::kHealthy: return "healthy";
-    case InstanceState::kUnhealthy: return "unhealthy";
-    case InstanceState::kDraining: return "draining";
-    case InstanceState::kTerminated: return "terminated";
-    case InstanceState::kFailed: return "failed";
-    case InstanceState::kLost: return "lost";
+    case InstanceState::kPending:
+      return "pending";
+    case InstanceState::kStarting:
+      return "starting";
+    case InstanceState::kHealthy:
+      return "healthy";
+    case InstanceState::kUnhealthy:
+      return "unhealthy";
+    case InstanceState::kDraining:
+      return "draining";
+    case InstanceState::kTerminated:
+      return "terminated";
+    case InstanceState::kFailed:
+      return "failed";
+    case InstanceState::kLost:
+      return "lost";
   }
   return "unknown";
 }
@@ -318,7 +327,8 @@ std::optional<InstanceState> ParseInstanceState(std::string_view s) {
 }
 
 bool IsFinal(InstanceState s) {
-  return s == InstanceState::kTerminated || s == InstanceState::kFailed || s == InstanceState::kLost;
+  return s == InstanceState::kTerminated || s == InstanceState::kFailed ||
+         s == InstanceState::kLost;
 }
 
 bool IsLegalTransition(InstanceState from, InstanceState to) {
@@ -382,7 +392,8 @@ Status SqliteStateStore::CheckOwnership() {
     }
   }
   const bool unmarked = app_id.value_or(0) == 0;
-  if (unmarked && tables.empty() && version.value_or(0) == 0) return Status::Ok();  // new: ours to make
+  if (unmarked && tables.empty() && version.value_or(0) == 0)
+    return Status::Ok();  // new: ours to make
   bool only_kiln_tables = !tables.empty();
   for (const auto& t : tables) {
     only_kiln_tables &= std::find(kUnmarkedKilnTables.begin(), kUnmarkedKilnTables.end(), t) !=
@@ -397,8 +408,8 @@ Status SqliteStateStore::CheckOwnership() {
   if (tables.size() > 8) listed += ", ... (" + std::to_string(tables.size()) + " in all)";
   return FailedPreconditionError(
       db_.path() + " is not a Kiln state database (application_id " + Hex32(app_id.value_or(0)) +
-      ", user_version " + std::to_string(version.value_or(0)) + ", tables: " +
-      (listed.empty() ? "none" : listed) +
+      ", user_version " + std::to_string(version.value_or(0)) +
+      ", tables: " + (listed.empty() ? "none" : listed) +
       "); refusing to use it. Move it away or give --state a directory of its own");
 }
 
@@ -478,7 +489,8 @@ Status SqliteStateStore::Transaction(const std::function<Status()>& fn) {
   if (s.ok()) {
     s = db_.Exec("COMMIT");
     if (s.ok() && options_.on_commit) {
-      options_.on_commit(std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count());
+      options_.on_commit(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count());
     }
   }
   if (!s.ok() && !sqlite3_get_autocommit(db_.raw())) (void)db_.Exec("ROLLBACK");
@@ -548,8 +560,8 @@ StatusOr<std::vector<InstanceRecord>> SqliteStateStore::QueryInstances(const std
 StatusOr<std::vector<InstanceRecord>> SqliteStateStore::ListInstances(std::string_view service,
                                                                       bool include_final) {
   std::lock_guard lock(mu_);
-  static const std::string kAll = std::string("SELECT ") + kInstanceColumns +
-                                  " FROM instances WHERE service = ? ORDER BY id";
+  static const std::string kAll =
+      std::string("SELECT ") + kInstanceColumns + " FROM instances WHERE service = ? ORDER BY id";
   static const std::string kLive = std::string("SELECT ") + kInstanceColumns +
                                    " FROM instances WHERE service = ? AND state NOT IN "
                                    "('terminated', 'failed', 'lost') ORDER BY id";
@@ -567,11 +579,13 @@ StatusOr<std::vector<InstanceRecord>> SqliteStateStore::ListLiveInstances() {
 StatusOr<InstanceRecord> SqliteStateStore::GetInstance(std::string_view name) {
   std::string_view service;
   int64_t id = 0;
-  auto not_found = [&] { return NotFoundError("instance \"" + std::string(name) + "\" is not known"); };
+  auto not_found = [&] {
+    return NotFoundError("instance \"" + std::string(name) + "\" is not known");
+  };
   if (!SplitInstanceName(name, &service, &id)) return not_found();
   std::lock_guard lock(mu_);
-  static const std::string kSql = std::string("SELECT ") + kInstanceColumns +
-                                  " FROM instances WHERE id = ? AND service = ?";
+  static const std::string kSql =
+      std::string("SELECT ") + kInstanceColumns + " FROM instances WHERE id = ? AND service = ?";
   ASSIGN_OR_RETURN(auto* s, db_.Prepare(kSql, "get instance"));
   s->BindAll(id, service);
   ASSIGN_OR_RETURN(auto rows, CollectRows<InstanceRecord>(db_, *s, "get instance", ReadInstance));
@@ -626,26 +640,28 @@ StatusOr<std::vector<EventRecord>> SqliteStateStore::ReadEvents(const EventQuery
 
 StatusOr<int64_t> SqliteStateStore::OldestEventSeq() {
   std::lock_guard lock(mu_);
-  ASSIGN_OR_RETURN(auto v, db_.QueryInt("read events", "SELECT through_seq + 1 FROM events_pruned"));
+  ASSIGN_OR_RETURN(auto v,
+                   db_.QueryInt("read events", "SELECT through_seq + 1 FROM events_pruned"));
   return v.value_or(1);
 }
 
 StatusOr<int64_t> SqliteStateStore::LatestEventSeq() {
   std::lock_guard lock(mu_);
   // sqlite_sequence remembers the highest seq ever assigned, even after pruning.
-  ASSIGN_OR_RETURN(auto v, db_.QueryInt("read events",
-                                        "SELECT seq FROM sqlite_sequence WHERE name = 'events'"));
+  ASSIGN_OR_RETURN(
+      auto v, db_.QueryInt("read events", "SELECT seq FROM sqlite_sequence WHERE name = 'events'"));
   return v.value_or(0);
 }
 
 StatusOr<std::vector<InstanceCount>> SqliteStateStore::CountInstances() {
   std::lock_guard lock(mu_);
-  ASSIGN_OR_RETURN(auto* s, db_.Prepare("SELECT service, revision, state, count(*) FROM instances "
-                                        "GROUP BY service, revision, state ORDER BY service, revision",
-                                        "count instances"));
+  ASSIGN_OR_RETURN(auto* s,
+                   db_.Prepare("SELECT service, revision, state, count(*) FROM instances "
+                               "GROUP BY service, revision, state ORDER BY service, revision",
+                               "count instances"));
   return CollectRows<InstanceCount>(db_, *s, "count instances", [](const sqlite::Statement& st) {
-    return InstanceCount{st.Text(0), st.Int(1), ParseInstanceState(st.Text(2)).value_or(InstanceState::kLost),
-                         st.Int(3)};
+    return InstanceCount{st.Text(0), st.Int(1),
+                         ParseInstanceState(st.Text(2)).value_or(InstanceState::kLost), st.Int(3)};
   });
 }
 
@@ -681,10 +697,10 @@ Status SqliteStateStore::PutService(const ServiceRecord& r) {
 Status SqliteStateStore::WriteRevision(const RevisionRecord& r) {
   std::lock_guard lock(mu_);
   const std::string label = r.service + " revision " + std::to_string(r.number);
-  ASSIGN_OR_RETURN(auto existing,
-                   db_.QueryInt("write " + label,
-                                "SELECT 1 FROM revisions WHERE service = ? AND number = ?",
-                                r.service, r.number));
+  ASSIGN_OR_RETURN(
+      auto existing,
+      db_.QueryInt("write " + label, "SELECT 1 FROM revisions WHERE service = ? AND number = ?",
+                   r.service, r.number));
   if (existing) {
     return FailedPreconditionError(label + " is already written; revisions are immutable");
   }
@@ -701,9 +717,9 @@ Status SqliteStateStore::WriteRevision(const RevisionRecord& r) {
 
 StatusOr<int64_t> SqliteStateStore::NextRevisionNumber(std::string_view service) {
   std::lock_guard lock(mu_);
-  ASSIGN_OR_RETURN(auto v, db_.QueryInt("next revision number",
-                                        "SELECT max(number) FROM revisions WHERE service = ?",
-                                        service));
+  ASSIGN_OR_RETURN(auto v,
+                   db_.QueryInt("next revision number",
+                                "SELECT max(number) FROM revisions WHERE service = ?", service));
   return v.value_or(0) + 1;
 }
 
@@ -716,9 +732,10 @@ Status SqliteStateStore::MarkRevisionAvailable(std::string_view service, int64_t
                           "AND available_ms = 0",
                           time_ms, service, number));
   if (db_.Changes() == 0) {
-    ASSIGN_OR_RETURN(auto exists, db_.QueryInt("mark " + label + " available",
-                                               "SELECT 1 FROM revisions WHERE service = ? AND number = ?",
-                                               service, number));
+    ASSIGN_OR_RETURN(
+        auto exists,
+        db_.QueryInt("mark " + label + " available",
+                     "SELECT 1 FROM revisions WHERE service = ? AND number = ?", service, number));
     if (!exists) return NotFoundError(label + " does not exist");
   }
   return Status::Ok();
@@ -727,12 +744,13 @@ Status SqliteStateStore::MarkRevisionAvailable(std::string_view service, int64_t
 Status SqliteStateStore::DeleteRevision(std::string_view service, int64_t number) {
   std::lock_guard lock(mu_);
   std::string label = std::string(service) + " revision " + std::to_string(number);
-  ASSIGN_OR_RETURN(auto used, db_.QueryInt("delete " + label,
-                                           "SELECT count(*) FROM instances WHERE service = ? AND revision = ?",
-                                           service, number));
+  ASSIGN_OR_RETURN(auto used,
+                   db_.QueryInt("delete " + label,
+                                "SELECT count(*) FROM instances WHERE service = ? AND revision = ?",
+                                service, number));
   if (used.value_or(0) > 0) {
-    return FailedPreconditionError(label + " is still referenced by " +
-                                   std::to_string(*used) + " instance(s)");
+    return FailedPreconditionError(label + " is still referenced by " + std::to_string(*used) +
+                                   " instance(s)");
   }
   return db_.Run("delete " + label, "DELETE FROM revisions WHERE service = ? AND number = ?",
                  service, number);
@@ -743,9 +761,10 @@ StatusOr<InstanceRecord> SqliteStateStore::CreateInstance(std::string_view servi
   std::lock_guard lock(mu_);
   const int64_t now = NowMs();
   std::string label = std::string(service) + " revision " + std::to_string(revision);
-  ASSIGN_OR_RETURN(auto exists, db_.QueryInt("create instance of " + label,
-                                             "SELECT 1 FROM revisions WHERE service = ? AND number = ?",
-                                             service, revision));
+  ASSIGN_OR_RETURN(
+      auto exists,
+      db_.QueryInt("create instance of " + label,
+                   "SELECT 1 FROM revisions WHERE service = ? AND number = ?", service, revision));
   if (!exists) return NotFoundError("cannot create an instance of " + label + ": no such revision");
   RETURN_IF_ERROR(db_.Run("create instance of " + label,
                           "INSERT INTO instances (service, revision, state, created_ms, "
@@ -809,11 +828,11 @@ Status SqliteStateStore::RequestReplacement(std::string_view name, std::string_v
 StatusOr<int64_t> SqliteStateStore::DeleteFinalInstancesOf(std::string_view service,
                                                            int64_t revision) {
   std::lock_guard lock(mu_);
-  RETURN_IF_ERROR(db_.Run("delete instances of " + std::string(service) + " revision " +
-                              std::to_string(revision),
-                          "DELETE FROM instances WHERE service = ? AND revision = ? AND state IN "
-                          "('terminated', 'failed', 'lost')",
-                          service, revision));
+  RETURN_IF_ERROR(db_.Run(
+      "delete instances of " + std::string(service) + " revision " + std::to_string(revision),
+      "DELETE FROM instances WHERE service = ? AND revision = ? AND state IN "
+      "('terminated', 'failed', 'lost')",
+      service, revision));
   return db_.Changes();
 }
 
@@ -836,17 +855,19 @@ StatusOr<int64_t> SqliteStateStore::PutRollout(const RolloutRecord& r) {
                             "INSERT INTO rollouts (service, from_revision, to_revision, strategy, "
                             "state, reason, started_ms, last_progress_ms, paused_ms, paused_at_ms, "
                             "finished_ms, promoted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            r.service, r.from_revision, r.to_revision, r.strategy, r.state, r.reason,
-                            r.started_ms, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
+                            r.service, r.from_revision, r.to_revision, r.strategy, r.state,
+                            r.reason, r.started_ms, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
                             r.finished_ms, r.promoted));
     return db_.LastInsertRowid();
   }
-  RETURN_IF_ERROR(db_.Run(what,
-                          "UPDATE rollouts SET state = ?, reason = ?, last_progress_ms = ?, "
-                          "paused_ms = ?, paused_at_ms = ?, finished_ms = ?, promoted = ? WHERE id = ?",
-                          r.state, r.reason, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
-                          r.finished_ms, r.promoted, r.id));
-  if (db_.Changes() == 0) return NotFoundError("rollout " + std::to_string(r.id) + " does not exist");
+  RETURN_IF_ERROR(
+      db_.Run(what,
+              "UPDATE rollouts SET state = ?, reason = ?, last_progress_ms = ?, "
+              "paused_ms = ?, paused_at_ms = ?, finished_ms = ?, promoted = ? WHERE id = ?",
+              r.state, r.reason, r.last_progress_ms, r.paused_ms, r.paused_at_ms, r.finished_ms,
+              r.promoted, r.id));
+  if (db_.Changes() == 0)
+    return NotFoundError("rollout " + std::to_string(r.id) + " does not exist");
   return r.id;
 }
 
@@ -869,17 +890,19 @@ StatusOr<int64_t> SqliteStateStore::AppendEvent(const EventRecord& e) {
       count = s->Int(1) + 1;
       first_ms = s->Int(2) > 0 ? s->Int(2) : s->Int(3);
       sqlite3_reset(s->get());
-      RETURN_IF_ERROR(db_.Run("aggregate event " + e.kind, "DELETE FROM events WHERE seq = ?", previous));
+      RETURN_IF_ERROR(
+          db_.Run("aggregate event " + e.kind, "DELETE FROM events WHERE seq = ?", previous));
     } else if (row) {
       sqlite3_reset(s->get());
     }
   }
-  RETURN_IF_ERROR(db_.Run("append event " + e.kind,
-                          "INSERT INTO events (time_ms, kind, service, revision, instance, actor, "
-                          "message, count, first_ms, aggregate_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
-                          "?, ?)",
-                          time_ms, e.kind, e.service, e.revision, e.instance, e.actor, e.message,
-                          count, first_ms, e.aggregate_key));
+  RETURN_IF_ERROR(
+      db_.Run("append event " + e.kind,
+              "INSERT INTO events (time_ms, kind, service, revision, instance, actor, "
+              "message, count, first_ms, aggregate_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+              "?, ?)",
+              time_ms, e.kind, e.service, e.revision, e.instance, e.actor, e.message, count,
+              first_ms, e.aggregate_key));
   return db_.LastInsertRowid();
 }
 
@@ -906,9 +929,10 @@ StatusOr<int64_t> SqliteStateStore::PruneEvents(int64_t keep) {
   int64_t deleted = 0;
   // The rows and the watermark go together (a nested call joins the caller's transaction).
   RETURN_IF_ERROR(Transaction([&]() -> Status {
-    ASSIGN_OR_RETURN(auto cutoff,
-                     db_.QueryInt("prune events",
-                                  "SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?", keep));
+    ASSIGN_OR_RETURN(
+        auto cutoff,
+        db_.QueryInt("prune events", "SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                     keep));
     if (!cutoff) return Status::Ok();
     RETURN_IF_ERROR(db_.Run("prune events", "DELETE FROM events WHERE seq <= ?", *cutoff));
     deleted = db_.Changes();

@@ -1,7 +1,7 @@
 #pragma once
 
-#include <memory>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -19,10 +19,10 @@ class SqliteStateStore final : public StateStore {
   static constexpr int32_t kApplicationId = 0x4B494C4E;
 
   struct Options {
-    std::string path;                // e.g. STATE/kiln.db
-    const Clock* clock = nullptr;    // required; timestamps of rows and events
+    std::string path;              // e.g. STATE/kiln.db
+    const Clock* clock = nullptr;  // required; timestamps of rows and events
     int busy_timeout_ms = 5000;
-    bool read_only = false;          // a reader: no migrations, every write refused by SQLite
+    bool read_only = false;  // a reader: no migrations, every write refused by SQLite
     std::function<void(double seconds)> on_commit;  // duration of each committed transaction
     // An event with an aggregate key that repeats the service's last one with that key within
     // this window replaces it, counted (0: never aggregate).
@@ -101,7 +101,8 @@ class SqliteStateStore final : public StateStore {
   Status Configure();
   Status Migrate();
   int64_t NowMs() const;
-  StatusOr<std::vector<InstanceRecord>> QueryInstances(const std::string& sql, std::string_view what,
+  StatusOr<std::vector<InstanceRecord>> QueryInstances(const std::string& sql,
+                                                       std::string_view what,
                                                        std::string_view service);
 
   // Guards db_ and tx_depth_. Recursive because Snapshot/Transaction callbacks call the other

@@ -17,7 +17,16 @@
 namespace kiln {
 
 // The instance lifecycle (DESIGN.md "Instance lifecycle"). Terminated, failed and lost are final.
-enum class InstanceState { kPending, kStarting, kHealthy, kUnhealthy, kDraining, kTerminated, kFailed, kLost };
+enum class InstanceState {
+  kPending,
+  kStarting,
+  kHealthy,
+  kUnhealthy,
+  kDraining,
+  kTerminated,
+  kFailed,
+  kLost
+};
 
 std::string_view InstanceStateName(InstanceState s);
 std::optional<InstanceState> ParseInstanceState(std::string_view s);
@@ -34,16 +43,16 @@ struct ServiceRecord {
   int64_t pinned_revision = 0;   // 0 = not pinned
   std::string pin_reason;
   bool paused = false;
-  bool retired = false;          // no longer declared: scaled to zero, then forgotten
-  std::string manifest_error;    // current error of its manifest file, "" when fine
-  std::string conditions;        // JSON array of {type,status,reason,message,last_transition_ms}
+  bool retired = false;        // no longer declared: scaled to zero, then forgotten
+  std::string manifest_error;  // current error of its manifest file, "" when fine
+  std::string conditions;      // JSON array of {type,status,reason,message,last_transition_ms}
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
   // Crash-loop back-off: failures of its instances (exits, start errors, missed health
   // deadlines, failing health) since it last ran well, and when the next start may happen.
   int crash_count = 0;
   int64_t last_crash_ms = 0;
-  std::string crash_reason;  // the last failure: "web-7 exited with code 3"
+  std::string crash_reason;   // the last failure: "web-7 exited with code 3"
   int64_t next_start_ms = 0;  // 0 = no back-off
   // A start error that cannot succeed on retry (executable missing, wrong driver), for the
   // revision it happened to; cleared when an instance of that revision starts or the target moves.
@@ -211,7 +220,8 @@ class StateStore : public StateReader {
   // The next free revision number of a service (1 for a new one).
   virtual StatusOr<int64_t> NextRevisionNumber(std::string_view service) = 0;
   // Records the first time a revision was fully available; later calls keep the first time.
-  virtual Status MarkRevisionAvailable(std::string_view service, int64_t number, int64_t time_ms) = 0;
+  virtual Status MarkRevisionAvailable(std::string_view service, int64_t number,
+                                       int64_t time_ms) = 0;
   // Deletes an old revision (history_limit). FAILED_PRECONDITION while instances reference it.
   virtual Status DeleteRevision(std::string_view service, int64_t number) = 0;
 

@@ -66,8 +66,9 @@ class Session : public std::enable_shared_from_this<Session> {
     res->set(http::field::server, "kiln-testsvc");
     std::string_view target(req_.target().data(), req_.target().size());
     if (target == "/healthz") {
-      bool unhealthy = config_.unhealthy_after &&
-                       std::chrono::steady_clock::now() - config_.started >= *config_.unhealthy_after;
+      bool unhealthy =
+          config_.unhealthy_after &&
+          std::chrono::steady_clock::now() - config_.started >= *config_.unhealthy_after;
       res->result(unhealthy ? http::status::service_unavailable : http::status::ok);
       res->body() = unhealthy ? "unhealthy\n" : "ok\n";
     } else if (target == "/") {
@@ -78,15 +79,16 @@ class Session : public std::enable_shared_from_this<Session> {
       res->body() = "not found\n";
     }
     res->prepare_payload();
-    http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
-      if (ec) return;
-      if (res->keep_alive()) {
-        self->Read();
-      } else {
-        beast::error_code ignored;
-        self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
-      }
-    });
+    http::async_write(stream_, *res,
+                      [self = shared_from_this(), res](beast::error_code ec, size_t) {
+                        if (ec) return;
+                        if (res->keep_alive()) {
+                          self->Read();
+                        } else {
+                          beast::error_code ignored;
+                          self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+                        }
+                      });
   }
 
   beast::tcp_stream stream_;
@@ -165,7 +167,8 @@ int main(int argc, char** argv) {
   bool child_ignoring_sigterm = false, child_setsid = false, check_fds = false;
   app.add_flag("--child-ignoring-sigterm", child_ignoring_sigterm,
                "fork a child that ignores SIGTERM and sleeps");
-  app.add_flag("--child-setsid", child_setsid, "fork a child that starts its own session and sleeps");
+  app.add_flag("--child-setsid", child_setsid,
+               "fork a child that starts its own session and sleeps");
   app.add_flag("--check-fds", check_fds, "exit 0 if only descriptors 0-2 were inherited, else 1");
   CLI11_PARSE(app, argc, argv);
   if (check_fds) return CheckFds();

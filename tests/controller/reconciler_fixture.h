@@ -56,10 +56,10 @@ struct ReconcilerFixture {
   // Writes web.yaml with this version (artifact app-<version>) and extra YAML lines, and loads.
   void Declare(const std::string& version, int replicas, const std::string& extra = "",
                const std::string& name = "web") {
-    WriteFile(tmp / "m" / (name + ".yaml"),
-              "name: " + name + "\nversion: \"" + version + "\"\nreplicas: " +
-                  std::to_string(replicas) + "\nartifact: {path: ../artifacts/app-" + version +
-                  "}\nhealth: {http: {path: /healthz}}\n" + extra);
+    WriteFile(tmp / "m" / (name + ".yaml"), "name: " + name + "\nversion: \"" + version +
+                                                "\"\nreplicas: " + std::to_string(replicas) +
+                                                "\nartifact: {path: ../artifacts/app-" + version +
+                                                "}\nhealth: {http: {path: /healthz}}\n" + extra);
     Load();
   }
   void Load() { reconciler->ApplyManifests(LoadManifestDir(tmp / "m")); }

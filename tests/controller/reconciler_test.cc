@@ -121,7 +121,7 @@ TEST_CASE("plan shows what the next pass would do, without doing it", "[reconcil
   CHECK(next->create == 1);
   CHECK(next->destroy.size() == 1);
   CHECK(f.store->ListRevisions("web")->size() == 1);  // nothing was written
-  CHECK(f.driver.starts.size() == 2);                  // nothing was started
+  CHECK(f.driver.starts.size() == 2);                 // nothing was started
   CHECK(f.reconciler->Plan("nope").status().code() == StatusCode::kNotFound);
 }
 
@@ -402,7 +402,8 @@ TEST_CASE("drift: an artifact altered in the store is restored and its instances
   CHECK(f.Available() == 2);
 }
 
-TEST_CASE("drift: an altered artifact with no source to restore it starts nothing", "[reconciler]") {
+TEST_CASE("drift: an altered artifact with no source to restore it starts nothing",
+          "[reconciler]") {
   ReconcilerFixture f;
   ColdStart(f, 1);
   const std::string digest = f.driver.starts[0].artifact_sha256;
@@ -451,8 +452,7 @@ TEST_CASE("an exit the store could not take is recorded on the next pass", "[rec
   CHECK(f.Live()[0].name != victim);
 }
 
-TEST_CASE("an operator replaces one instance: a new one first, then the old goes",
-          "[reconciler]") {
+TEST_CASE("an operator replaces one instance: a new one first, then the old goes", "[reconciler]") {
   ReconcilerFixture f;
   ColdStart(f, 2);
   std::string old = f.Live()[0].name;
@@ -471,8 +471,9 @@ TEST_CASE("an operator replaces one instance: a new one first, then the old goes
 TEST_CASE("a broken manifest keeps the last good desired state", "[reconciler]") {
   ReconcilerFixture f;
   ColdStart(f, 2);
-  testing::WriteFile(f.tmp / "m/web.yaml",
-                     "name: web\nversion: \"v2\"\nreplicas: lots\nartifact: {path: ../artifacts/app-v2}\n");
+  testing::WriteFile(
+      f.tmp / "m/web.yaml",
+      "name: web\nversion: \"v2\"\nreplicas: lots\nartifact: {path: ../artifacts/app-v2}\n");
   f.Load();
   REQUIRE(f.Converge().ok());
   CHECK(f.Count(1) == 2);
@@ -621,7 +622,8 @@ TEST_CASE("a crash-looping service backs off: 10s doubling, reset after it runs 
   CHECK(f.driver.starts.size() == 6);
 }
 
-TEST_CASE("the back-off is capped at 5 minutes, and a new revision starts at once", "[reconciler]") {
+TEST_CASE("the back-off is capped at 5 minutes, and a new revision starts at once",
+          "[reconciler]") {
   ReconcilerFixture f;
   ColdStart(f, 1);
   for (int i = 0; i < 12; ++i) {
@@ -657,11 +659,12 @@ TEST_CASE("a start error retrying cannot fix fails the rollout at once and rolls
   ServiceRecord svc = f.Service();
   CHECK(svc.pinned_revision == 3);
   CHECK(svc.start_error.empty());  // it was revision 2's; the target is now revision 3
-  CHECK(f.Count(1) == 2);  // the old instances never stopped
+  CHECK(f.Count(1) == 2);          // the old instances never stopped
   auto events = *f.store->ReadEvents({.service = "web", .limit = 1000});
   bool said = false;
   for (const auto& e : events) {
-    said |= e.kind == "rollout_failed" && e.message.find("cannot start: start web-") != std::string::npos &&
+    said |= e.kind == "rollout_failed" &&
+            e.message.find("cannot start: start web-") != std::string::npos &&
             e.message.find("/nonexistent/x") != std::string::npos;
   }
   CHECK(said);

@@ -6,7 +6,8 @@ namespace kiln {
 namespace {
 
 // n instances: target or old, available or not.
-std::vector<PlanInstance> Make(int target_avail, int target_unavail, int old_avail, int old_unavail) {
+std::vector<PlanInstance> Make(int target_avail, int target_unavail, int old_avail,
+                               int old_unavail) {
   std::vector<PlanInstance> v;
   int id = 0;
   auto add = [&](bool target, bool avail, int n) {
@@ -30,8 +31,8 @@ std::vector<PlanInstance> Make(int target_avail, int target_unavail, int old_ava
 TEST_CASE("rolling arithmetic", "[plan]") {
   PlanInput in;
   in.replicas = 10;
-  in.policy.max_surge = {25, true};       // 3
-  in.policy.max_unavailable = {25, true}; // 2
+  in.policy.max_surge = {25, true};        // 3
+  in.policy.max_unavailable = {25, true};  // 2
   in.instances = Make(0, 0, 10, 0);
   PlanOutput p = PlanStep(in);
   CHECK(p.create == 3);
@@ -40,13 +41,13 @@ TEST_CASE("rolling arithmetic", "[plan]") {
 
   in.instances = Make(3, 0, 8, 0);  // 3 new available, 8 old: 11 total, 11 available
   p = PlanStep(in);
-  CHECK(p.create == 2);             // up to 13 total, 10 new at most
-  CHECK(p.destroy.size() == 3);     // keep 8 available
+  CHECK(p.create == 2);          // up to 13 total, 10 new at most
+  CHECK(p.destroy.size() == 3);  // keep 8 available
 
   in.instances = Make(0, 3, 8, 0);  // new ones not yet available
   p = PlanStep(in);
   CHECK(p.create == 2);
-  CHECK(p.destroy.empty());         // 8 available = 10 - 2: none may go
+  CHECK(p.destroy.empty());  // 8 available = 10 - 2: none may go
 
   in.instances = Make(10, 0, 2, 0);
   p = PlanStep(in);
@@ -75,7 +76,8 @@ void MarkHealthyNotAvailable(std::vector<PlanInstance>& v, const std::string& na
   }
 }
 
-TEST_CASE("a quick second deploy keeps healthy old instances that are not yet available", "[plan]") {
+TEST_CASE("a quick second deploy keeps healthy old instances that are not yet available",
+          "[plan]") {
   // v1's 3 instances just became healthy (min_healthy_time not yet over) when v2 is declared.
   PlanInput in;
   in.replicas = 3;

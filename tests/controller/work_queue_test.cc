@@ -11,8 +11,13 @@ using namespace std::chrono_literals;
 TEST_CASE("a name queued twice runs once", "[queue]") {
   boost::asio::io_context io;
   std::vector<std::string> ran;
-  WorkQueue q(io, {}, [&](const std::string& n) { ran.push_back(n); return Status::Ok(); },
-              [] { return std::vector<std::string>{}; });
+  WorkQueue q(
+      io, {},
+      [&](const std::string& n) {
+        ran.push_back(n);
+        return Status::Ok();
+      },
+      [] { return std::vector<std::string>{}; });
   q.Add("web");
   q.Add("api");
   q.Add("web");
@@ -28,12 +33,13 @@ TEST_CASE("errors back off exponentially per service", "[queue]") {
   WorkQueue::Options o;
   o.backoff_base = Duration(5);
   o.backoff_cap = Duration(40);
-  WorkQueue q(io, o,
-              [&](const std::string&) {
-                at.push_back(std::chrono::steady_clock::now());
-                return ++runs < 6 ? UnavailableError("store busy") : Status::Ok();
-              },
-              [] { return std::vector<std::string>{}; });
+  WorkQueue q(
+      io, o,
+      [&](const std::string&) {
+        at.push_back(std::chrono::steady_clock::now());
+        return ++runs < 6 ? UnavailableError("store busy") : Status::Ok();
+      },
+      [] { return std::vector<std::string>{}; });
   CHECK(q.NextBackoffForTest("web") == Duration(5));
   q.Add("web");
   io.run_for(1s);
@@ -51,8 +57,13 @@ TEST_CASE("errors back off exponentially per service", "[queue]") {
 TEST_CASE("AddAfter fires once, and an earlier request wins", "[queue]") {
   boost::asio::io_context io;
   std::vector<std::string> ran;
-  WorkQueue q(io, {}, [&](const std::string& n) { ran.push_back(n); return Status::Ok(); },
-              [] { return std::vector<std::string>{}; });
+  WorkQueue q(
+      io, {},
+      [&](const std::string& n) {
+        ran.push_back(n);
+        return Status::Ok();
+      },
+      [] { return std::vector<std::string>{}; });
   auto start = std::chrono::steady_clock::now();
   q.AddAfter("web", Duration(200));
   q.AddAfter("web", Duration(20));
@@ -66,8 +77,15 @@ TEST_CASE("resync enqueues every known name", "[queue]") {
   std::vector<std::string> ran;
   WorkQueue::Options o;
   o.resync = Duration(30);
-  WorkQueue q(io, o, [&](const std::string& n) { ran.push_back(n); return Status::Ok(); },
-              [] { return std::vector<std::string>{"a", "b"}; });
+  WorkQueue q(
+      io, o,
+      [&](const std::string& n) {
+        ran.push_back(n);
+        return Status::Ok();
+      },
+      [] {
+        return std::vector<std::string>{"a", "b"};
+      });
   q.Start();
   io.run_for(80ms);
   CHECK(ran.size() >= 2);

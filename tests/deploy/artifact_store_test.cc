@@ -63,8 +63,8 @@ TEST_CASE("a missing source is an error naming it", "[artifacts]") {
   auto store = ArtifactStore::Open(tmp / "artifacts");
   auto r = store->Put(tmp / "nope");
   CHECK(r.status().code() == StatusCode::kNotFound);
-  CHECK(r.status().message() == "cannot read artifact " + (tmp / "nope").string() +
-                                    ": No such file or directory");
+  CHECK(r.status().message() ==
+        "cannot read artifact " + (tmp / "nope").string() + ": No such file or directory");
 }
 
 TEST_CASE("tampering with a stored artifact is detected", "[artifacts]") {
@@ -118,7 +118,6 @@ TEST_CASE("collect removes artifacts no retained revision references", "[artifac
   CHECK_FALSE(store->Has(digests[2]));
 }
 
-
 TEST_CASE("put and verify read only regular files, up to the size limit", "[artifacts]") {
   TempDir tmp;
   auto store = ArtifactStore::Open(tmp / "artifacts", /*max_bytes=*/1024);
@@ -168,7 +167,8 @@ TEST_CASE("the default artifact limit is 1 GiB", "[artifacts]") {
                                     ": larger than the limit of 1073741824 bytes");
   auto h = Sha256File(tmp / "huge");
   REQUIRE_FALSE(h.ok());
-  CHECK(h.status().message().find("larger than the limit of 1073741824 bytes") != std::string::npos);
+  CHECK(h.status().message().find("larger than the limit of 1073741824 bytes") !=
+        std::string::npos);
 }
 
 }  // namespace

@@ -150,8 +150,8 @@ TEST_CASE("probes fail with the reason", "[prober]") {
 TEST_CASE("probes time out", "[prober]") {
   ProbeFixture f;
   // A server that accepts connections and never answers.
-  boost::asio::ip::tcp::acceptor silent(
-      f.io, {boost::asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(PortWindow() + 350)});
+  boost::asio::ip::tcp::acceptor silent(f.io, {boost::asio::ip::make_address("127.0.0.1"),
+                                               static_cast<uint16_t>(PortWindow() + 350)});
   ProbeTarget http = f.Target(ProbeKind::kHttp);
   http.check.port = PortWindow() + 350;
   http.check.timeout = 200ms;
@@ -176,10 +176,12 @@ TEST_CASE("watching reports healthy, then unhealthy past the threshold", "[probe
     results.push_back(r);
     if (r.transition) transitions.push_back(r);
   });
-  REQUIRE(RunUntil(f.io, [&] { return transitions.size() == 2; }, 20s));
+  REQUIRE(RunUntil(
+      f.io, [&] { return transitions.size() == 2; }, 20s));
   CHECK(transitions[0].healthy);
   // failure_threshold 2: the first failing result is reported, but is no transition.
-  auto first_failure = std::find_if(results.begin(), results.end(), [](const ProbeResult& r) { return !r.healthy; });
+  auto first_failure =
+      std::find_if(results.begin(), results.end(), [](const ProbeResult& r) { return !r.healthy; });
   REQUIRE(first_failure != results.end());
   CHECK_FALSE(first_failure->transition);
   CHECK_FALSE(first_failure->local_error);

@@ -11,13 +11,13 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <catch2/catch.hpp>
 #include <fstream>
-#include <sstream>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "deploy/cgroup.h"
-#include "deploy/proc.h"
 #include "deploy/prober.h"
+#include "deploy/proc.h"
 #include "tests/deploy/deploy_test_util.h"
 
 namespace kiln {
@@ -90,12 +90,14 @@ struct DriverFixture {
     ::close(p[1]);
     std::string out;
     char buf[256];
-    for (ssize_t n; (n = ::read(p[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+    for (ssize_t n; (n = ::read(p[0], buf, sizeof buf)) > 0;)
+      out.append(buf, static_cast<size_t>(n));
     ::close(p[0]);
     ::waitpid(pid, nullptr, 0);
     size_t space = out.find(' ');
     if (out.empty() || out[0] == '!' || space == std::string::npos) return InternalError(out);
-    InstanceHandle h{spec.instance, out.substr(0, space), "127.0.0.1", std::stoi(out.substr(space + 1))};
+    InstanceHandle h{spec.instance, out.substr(0, space), "127.0.0.1",
+                     std::stoi(out.substr(space + 1))};
     if (proc::ReadStat(PidOfId(h.id))->ppid == ::getpid()) return InternalError("still our child");
     return h;
   }
@@ -146,7 +148,8 @@ struct DriverFixture {
   StatusOr<ExitInfo> StopSync(const InstanceHandle& h, Duration grace) {
     std::optional<StatusOr<ExitInfo>> result;
     driver->Stop(h, grace, [&](StatusOr<ExitInfo> r) { result = std::move(r); });
-    RunUntil(io, [&] { return result.has_value(); }, 30s);
+    RunUntil(
+        io, [&] { return result.has_value(); }, 30s);
     REQUIRE(result.has_value());
     return std::move(*result);
   }
@@ -162,7 +165,8 @@ struct DriverFixture {
     t.check.interval = 20ms;
     bool healthy = false;
     prober.Watch(t, [&](const ProbeResult& r) { healthy = r.healthy; });
-    return RunUntil(io, [&] { return healthy; }, 20s);
+    return RunUntil(
+        io, [&] { return healthy; }, 20s);
   }
 
   TempDir tmp;
@@ -179,7 +183,8 @@ pid_t PidOf(const InstanceHandle& h) { return std::stoi(h.id.substr(4)); }
 std::set<std::string> OpenFds(pid_t pid) {
   std::set<std::string> out;
   std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+  for (const auto& e :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
     out.insert(e.path().filename().string());
   }
   return out;
@@ -187,7 +192,8 @@ std::set<std::string> OpenFds(pid_t pid) {
 
 // A non-blocking wait that lets the io_context run for a while, for things that must NOT happen.
 void RunFor(boost::asio::io_context& io, std::chrono::milliseconds how_long) {
-  RunUntil(io, [] { return false; }, how_long);
+  RunUntil(
+      io, [] { return false; }, how_long);
 }
 
 TEST_CASE("start runs the artifact from the store with kiln's environment - stop ends it",
@@ -305,8 +311,8 @@ TEST_CASE("a handle whose pid now belongs to another process is not taken for th
   InstanceHandle h{"web-9", "pid:" + std::to_string(me) + ":" + std::to_string(start + 1), "", 0};
   Status adopted = f.driver->Adopt(h);
   CHECK(adopted.code() == StatusCode::kNotFound);
-  CHECK(adopted.message() == "instance web-9 is gone: pid " + std::to_string(me) +
-                                 " now belongs to another process");
+  CHECK(adopted.message() ==
+        "instance web-9 is gone: pid " + std::to_string(me) + " now belongs to another process");
   CHECK_FALSE(*f.driver->IsRunning(h));
   // Stopping it is a no-op that reports it gone, and signals nothing.
   auto stopped = f.StopSync(h, 100ms);
@@ -392,11 +398,13 @@ TEST_CASE("200 concurrent starts never share a port", "[driver]") {
       if (p.healthy) healthy.insert(name);
     });
   }
-  CHECK(RunUntil(f.io, [&] { return healthy.size() == kCount; }, 60s));
+  CHECK(RunUntil(
+      f.io, [&] { return healthy.size() == kCount; }, 60s));
   CHECK(f.exits.empty());
   int stopped = 0;
   for (auto& r : results) f.driver->Stop(**r, 5s, [&](StatusOr<ExitInfo>) { ++stopped; });
-  CHECK(RunUntil(f.io, [&] { return stopped == kCount; }, 60s));
+  CHECK(RunUntil(
+      f.io, [&] { return stopped == kCount; }, 60s));
   CHECK(f.driver->List()->empty());
 }
 
@@ -441,7 +449,8 @@ TEST_CASE("an instance holds only stdin, stdout and stderr, whatever kilnd leave
   ::close(leaked[1]);
   REQUIRE(h.ok());
   pid_t pid = PidOf(*h);
-  CHECK(std::filesystem::read_symlink("/proc/" + std::to_string(pid) + "/exe").filename() == "sleep");
+  CHECK(std::filesystem::read_symlink("/proc/" + std::to_string(pid) + "/exe").filename() ==
+        "sleep");
   CHECK(OpenFds(pid) == std::set<std::string>{"0", "1", "2"});
   const std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd/";
   CHECK(std::filesystem::read_symlink(fd_dir + "0") == "/dev/null");
@@ -533,12 +542,14 @@ TEST_CASE("stopping an adopted instance ends every process of it, also those ign
   auto stopped = f.StopSync(*h, 300ms);
   REQUIRE(stopped.ok());
   CHECK(f.ProcessesOf("web-1").empty());
-  for (pid_t pid : before) CHECK_FALSE(proc::IsAlive(pid, proc::ReadStat(pid).ok() ? proc::ReadStat(pid)->start_time : 0));
+  for (pid_t pid : before)
+    CHECK_FALSE(proc::IsAlive(pid, proc::ReadStat(pid).ok() ? proc::ReadStat(pid)->start_time : 0));
   CHECK_FALSE(*f.driver->IsRunning(*h));
   CHECK(f.driver->List()->empty());
   CHECK(f.driver->WatchedCountForTest() == 0);
   CHECK(f.exits.empty());
-  if (isolation == Isolation::kCgroup) CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
+  if (isolation == Isolation::kCgroup)
+    CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
 }
 
 TEST_CASE("the end of an adopted instance's leader takes what it left behind with it", "[driver]") {
@@ -554,7 +565,8 @@ TEST_CASE("the end of an adopted instance's leader takes what it left behind wit
   CHECK(f.exits[0].instance == "web-1");
   CHECK(f.ProcessesOf("web-1").empty());  // reported once nothing of it runs
   CHECK(f.driver->WatchedCountForTest() == 0);
-  if (isolation == Isolation::kCgroup) CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
+  if (isolation == Isolation::kCgroup)
+    CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
 }
 
 TEST_CASE("processes left behind while kilnd was down are found, and killed on adoption",
@@ -585,7 +597,8 @@ TEST_CASE("processes left behind while kilnd was down are found, and killed on a
   REQUIRE(RunUntil(f.io, [&] { return f.driver->WatchedCountForTest() == 0; }));
   CHECK(f.exits.empty());  // not an exit of a watched instance: recovery marks it gone
   CHECK(f.driver->List()->empty());
-  if (isolation == Isolation::kCgroup) CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
+  if (isolation == Isolation::kCgroup)
+    CHECK_FALSE(std::filesystem::exists(f.driver->CgroupDirForTest("web-1")));
 }
 
 TEST_CASE("a child in a session of its own is not taken for the instance", "[driver]") {

@@ -22,7 +22,8 @@ class FakeDriver final : public Driver {
     if (record_starts) starts.push_back(spec);
     if (!fail_next_start.empty()) {
       std::string why = std::exchange(fail_next_start, "");
-      if (fail_starts_permanently) return done(InvalidArgumentError("start " + spec.instance + ": " + why));
+      if (fail_starts_permanently)
+        return done(InvalidArgumentError("start " + spec.instance + ": " + why));
       return done(FailedPreconditionError("start " + spec.instance + ": " + why));
     }
     if (defer_starts) {
@@ -38,7 +39,9 @@ class FakeDriver final : public Driver {
     done(ExitInfo{h.instance, std::nullopt, 15, true});
   }
 
-  StatusOr<bool> IsRunning(const InstanceHandle& h) override { return running.count(h.instance) > 0; }
+  StatusOr<bool> IsRunning(const InstanceHandle& h) override {
+    return running.count(h.instance) > 0;
+  }
 
   StatusOr<std::vector<RunningInstance>> List() override {
     std::vector<RunningInstance> out;
@@ -48,14 +51,16 @@ class FakeDriver final : public Driver {
 
   Status Adopt(const InstanceHandle& h) override {
     auto it = running.find(h.instance);
-    if (it == running.end() || it->second.handle.id != h.id) return NotFoundError(h.instance + " is gone");
+    if (it == running.end() || it->second.handle.id != h.id)
+      return NotFoundError(h.instance + " is gone");
     adopted.insert(h.instance);
     return Status::Ok();
   }
 
   // Test controls.
   StatusOr<InstanceHandle> Run(const InstanceSpec& spec) {
-    InstanceHandle h{spec.instance, "fake:" + std::to_string(++next_id_), "127.0.0.1", 20000 + next_id_};
+    InstanceHandle h{spec.instance, "fake:" + std::to_string(++next_id_), "127.0.0.1",
+                     20000 + next_id_};
     running[spec.instance] = {h, spec.service, spec.revision};
     return h;
   }

@@ -11,7 +11,9 @@ namespace kiln::testing {
 
 class FakeHealth final : public HealthWatcher {
  public:
-  void Watch(const ProbeTarget& target, TransitionFn fn) override { watched[target.instance] = {target, std::move(fn)}; }
+  void Watch(const ProbeTarget& target, TransitionFn fn) override {
+    watched[target.instance] = {target, std::move(fn)};
+  }
   void Unwatch(const std::string& instance) override { watched.erase(instance); }
 
   // Reports a probe transition for a watched instance; false when it is not watched.

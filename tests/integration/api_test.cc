@@ -2,8 +2,8 @@
 // auth matrix, TLS and mutual TLS, bad inputs, the event stream, and a rollback end to end.
 
 #include <grpcpp/generic/generic_stub.h>
-#include <sys/stat.h>
 #include <grpcpp/grpcpp.h>
+#include <sys/stat.h>
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -19,8 +19,9 @@ using namespace std::chrono_literals;
 
 const char* kPolicy = "{strategy: rolling, max_surge: 1, max_unavailable: 0}";
 
-std::unique_ptr<pb::Kiln::Stub> Stub(const std::string& addr,
-                                     std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials()) {
+std::unique_ptr<pb::Kiln::Stub> Stub(
+    const std::string& addr,
+    std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials()) {
   return pb::Kiln::NewStub(grpc::CreateChannel(addr, creds));
 }
 
@@ -38,7 +39,8 @@ struct ApiFixture {
     h.Declare("web", "1.0", 2, kPolicy);
     h.Start(extra);
     REQUIRE(h.WaitReady());
-    REQUIRE(WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
+    REQUIRE(
+        WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
   }
   KilndHarness h;
 };
@@ -172,10 +174,12 @@ TEST_CASE("every RPC over the unix socket and over TCP", "[api]") {
   REQUIRE(stub->ReplaceInstance(&c.ctx, q, &r).ok());
   CHECK(WaitFor([&] {
     auto live = f.h.Live("web");
-    return f.h.Healthy("web") == 2 && std::none_of(live.begin(), live.end(), [&](auto& i) { return i.name == victim; });
+    return f.h.Healthy("web") == 2 &&
+           std::none_of(live.begin(), live.end(), [&](auto& i) { return i.name == victim; });
   }));
   bool recorded = false;
-  for (const auto& e : f.h.Events("web")) recorded |= e.kind == "replace_requested" && e.actor == "local";
+  for (const auto& e : f.h.Events("web"))
+    recorded |= e.kind == "replace_requested" && e.actor == "local";
   CHECK(recorded);
 }
 
@@ -251,7 +255,8 @@ TEST_CASE("bad requests get codes that say what to do", "[api]") {
     pb::RollbackResponse r;
     grpc::Status s = stub->Rollback(&c.ctx, q, &r);
     CHECK(s.error_code() == grpc::FAILED_PRECONDITION);
-    CHECK(s.error_message() == "revision 1 of web has the current template; nothing to roll back to");
+    CHECK(s.error_message() ==
+          "revision 1 of web has the current template; nothing to roll back to");
   }
   {
     Ctx c;
@@ -274,7 +279,9 @@ TEST_CASE("bad requests get codes that say what to do", "[api]") {
 
 TEST_CASE("tokens: no token, wrong token, viewer and operator", "[api]") {
   TempDir tmp;
-  WriteFile(tmp / "tokens", "# token role name\nviewer-token-0123456789 viewer vera\noperator-token-0123456789 operator olga\n");
+  WriteFile(tmp / "tokens",
+            "# token role name\nviewer-token-0123456789 viewer vera\noperator-token-0123456789 "
+            "operator olga\n");
   ApiFixture f({"--tokens", (tmp / "tokens").string()});
   auto stub = Stub(f.h.UnixAddr());
   auto list = [&](const std::string& token) {
@@ -301,7 +308,8 @@ TEST_CASE("tokens: no token, wrong token, viewer and operator", "[api]") {
   for (const auto& e : f.h.Events("web")) by_olga |= e.kind == "paused" && e.actor == "olga";
   CHECK(by_olga);
   // kilnctl takes the token from the environment or the flag.
-  RunResult r = Run({BinPath("kilnctl"), "--addr", f.h.UnixAddr(), "--token", "viewer-token-0123456789", "status"});
+  RunResult r = Run({BinPath("kilnctl"), "--addr", f.h.UnixAddr(), "--token",
+                     "viewer-token-0123456789", "status"});
   CHECK(r.exit_code == 0);
   RunResult no = Run({BinPath("kilnctl"), "--addr", f.h.UnixAddr(), "resume", "web"});
   CHECK(no.exit_code == 1);
@@ -313,13 +321,19 @@ struct Certs {
   Certs() {
     const std::string d = tmp.path().string();
     const std::string script =
-        "cd " + d + " && "
-        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=kiln-test-ca 2>/dev/null && "
-        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null && "
+        "cd " + d +
+        " && "
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "
+        "/CN=kiln-test-ca 2>/dev/null && "
+        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "
+        "/CN=127.0.0.1 2>/dev/null && "
         "printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext && "
-        "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null && "
-        "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=kiln-client 2>/dev/null && "
-        "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 2>/dev/null";
+        "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
+        "-days 2 -extfile san.ext 2>/dev/null && "
+        "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj "
+        "/CN=kiln-client 2>/dev/null && "
+        "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem "
+        "-days 2 2>/dev/null";
     ok = std::system(script.c_str()) == 0;
   }
   std::string operator/(const std::string& f) const { return (tmp.path() / f).string(); }
@@ -331,9 +345,11 @@ TEST_CASE("TLS and mutual TLS on the TCP listener", "[api]") {
   Certs certs;
   REQUIRE(certs.ok);
   SECTION("TLS") {
-    ApiFixture f({"--grpc-listen", "127.0.0.1:0", "--tls-cert", certs / "server.pem", "--tls-key", certs / "server.key"});
+    ApiFixture f({"--grpc-listen", "127.0.0.1:0", "--tls-cert", certs / "server.pem", "--tls-key",
+                  certs / "server.key"});
     std::string addr = "127.0.0.1:" + std::to_string(f.h.TcpPort());
-    RunResult ok = Run({BinPath("kilnctl"), "--addr", addr, "--tls-ca", certs / "ca.pem", "status"});
+    RunResult ok =
+        Run({BinPath("kilnctl"), "--addr", addr, "--tls-ca", certs / "ca.pem", "status"});
     CHECK(ok.exit_code == 0);
     CHECK(ok.out.find("web") != std::string::npos);
     RunResult plain = Run({BinPath("kilnctl"), "--addr", addr, "--timeout", "2", "status"});
@@ -344,10 +360,12 @@ TEST_CASE("TLS and mutual TLS on the TCP listener", "[api]") {
     ApiFixture f({"--grpc-listen", "127.0.0.1:0", "--tls-cert", certs / "server.pem", "--tls-key",
                   certs / "server.key", "--client-ca", certs / "ca.pem"});
     std::string addr = "127.0.0.1:" + std::to_string(f.h.TcpPort());
-    RunResult ok = Run({BinPath("kilnctl"), "--addr", addr, "--tls-ca", certs / "ca.pem", "--tls-cert",
-                        certs / "client.pem", "--tls-key", certs / "client.key", "status"});
+    RunResult ok =
+        Run({BinPath("kilnctl"), "--addr", addr, "--tls-ca", certs / "ca.pem", "--tls-cert",
+             certs / "client.pem", "--tls-key", certs / "client.key", "status"});
     CHECK(ok.exit_code == 0);
-    RunResult anonymous = Run({BinPath("kilnctl"), "--addr", addr, "--tls-ca", certs / "ca.pem", "--timeout", "2", "status"});
+    RunResult anonymous = Run({BinPath("kilnctl"), "--addr", addr, "--tls-ca", certs / "ca.pem",
+                               "--timeout", "2", "status"});
     CHECK(anonymous.exit_code == 1);
   }
 }
@@ -405,7 +423,8 @@ TEST_CASE("kilnctl: rollback from the command line pins and replaces - --wait ex
   h.Declare("web", "1.0", 2, kPolicy);
   h.Start();
   REQUIRE(h.WaitReady());
-  REQUIRE(WaitFor([&] { return h.Healthy("web", 1) == 2 && h.HasEvent("web", "rollout_completed"); }));
+  REQUIRE(
+      WaitFor([&] { return h.Healthy("web", 1) == 2 && h.HasEvent("web", "rollout_completed"); }));
   h.Declare("web", "2.0", 2, kPolicy);
   REQUIRE(WaitFor([&] { return h.Healthy("web", 2) == 2 && h.Live("web").size() == 2; }, 60s));
   REQUIRE(WaitFor([&] {
@@ -413,10 +432,13 @@ TEST_CASE("kilnctl: rollback from the command line pins and replaces - --wait ex
     return s && s->GetRevision("web", 2).ok() && s->GetRevision("web", 2)->available_ms > 0;
   }));
   const std::string addr = h.UnixAddr();
-  RunResult rb = Run({BinPath("kilnctl"), "--addr", addr, "rollback", "web", "--reason", "bad deploy", "--wait"}, 120s);
+  RunResult rb = Run(
+      {BinPath("kilnctl"), "--addr", addr, "rollback", "web", "--reason", "bad deploy", "--wait"},
+      120s);
   INFO(rb.out << rb.err);
   CHECK(rb.exit_code == 0);
-  CHECK(rb.out.find("web rolled back: revision 3 runs the template of revision 1 (version 1.0)") != std::string::npos);
+  CHECK(rb.out.find("web rolled back: revision 3 runs the template of revision 1 (version 1.0)") !=
+        std::string::npos);
   CHECK(rb.out.find("web: rollout complete") != std::string::npos);
   RunResult js = Run({BinPath("kilnctl"), "--addr", addr, "-o", "json", "status", "web"});
   REQUIRE(js.exit_code == 0);
@@ -438,9 +460,12 @@ TEST_CASE("kilnctl: rollback from the command line pins and replaces - --wait ex
 
 TEST_CASE("kilnctl says plainly when kilnd is not running", "[api]") {
   TempDir tmp;
-  RunResult r = Run({BinPath("kilnctl"), "--addr", "unix:" + (tmp / "none.sock").string(), "--timeout", "2", "status"});
+  RunResult r = Run({BinPath("kilnctl"), "--addr", "unix:" + (tmp / "none.sock").string(),
+                     "--timeout", "2", "status"});
   CHECK(r.exit_code == 1);
-  CHECK(r.err.rfind("kilnctl: cannot reach kilnd at unix:" + (tmp / "none.sock").string() + " (is it running?", 0) == 0);
+  CHECK(r.err.rfind("kilnctl: cannot reach kilnd at unix:" + (tmp / "none.sock").string() +
+                        " (is it running?",
+                    0) == 0);
   CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
 }
 

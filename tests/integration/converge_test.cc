@@ -34,11 +34,13 @@ TEST_CASE("a rolling version change keeps replicas - max_unavailable available",
   h.Declare("web", "2.0", 4, kRolling, ", \"--start-delay\", \"300ms\"");
   int lowest = 4;
   int samples = 0;
-  bool done = WaitFor([&] {
-    lowest = std::min(lowest, h.Healthy("web"));
-    ++samples;
-    return h.Healthy("web", 2) == 4 && h.Live("web").size() == 4;
-  }, 60s);
+  bool done = WaitFor(
+      [&] {
+        lowest = std::min(lowest, h.Healthy("web"));
+        ++samples;
+        return h.Healthy("web", 2) == 4 && h.Live("web").size() == 4;
+      },
+      60s);
   REQUIRE(done);
   CHECK(samples > 5);
   CHECK(lowest >= 3);  // replicas 4 - max_unavailable 1
@@ -49,14 +51,20 @@ TEST_CASE("a rolling version change keeps replicas - max_unavailable available",
 TEST_CASE("a version that fails health is rolled back automatically and pinned", "[converge]") {
   KilndHarness h;
   const char* policy =
-      "{strategy: rolling, max_surge: 1, max_unavailable: 0, healthy_deadline: 1s, progress_deadline: 3s}";
+      "{strategy: rolling, max_surge: 1, max_unavailable: 0, healthy_deadline: 1s, "
+      "progress_deadline: 3s}";
   h.Declare("web", "1.0", 2, policy);
   h.Start();
   REQUIRE(h.WaitReady());
   REQUIRE(WaitFor([&] { return h.Healthy("web") == 2; }));
   const auto before = h.Live("web");
   h.Declare("web", "2.0", 2, policy, ", \"--unhealthy-after\", \"0s\"");
-  REQUIRE(WaitFor([&] { auto s = h.Service("web"); return s.ok() && s->pinned_revision > 0; }, 60s));
+  REQUIRE(WaitFor(
+      [&] {
+        auto s = h.Service("web");
+        return s.ok() && s->pinned_revision > 0;
+      },
+      60s));
   CHECK(h.HasEvent("web", "rollout_failed"));
   CHECK(h.HasEvent("web", "rolled_back"));
   auto svc = *h.Service("web");
@@ -126,7 +134,12 @@ TEST_CASE("SIGKILL of kilnd mid-rollout, then restart, converges with nothing un
   }
   REQUIRE(WaitFor([&] { return h.Healthy("web", 2) == 4 && h.Live("web").size() == 4; }, 60s));
   std::string problems;
-  CHECK(WaitFor([&] { problems = h.TrackingProblems({"web"}); return problems.empty(); }, 10s));
+  CHECK(WaitFor(
+      [&] {
+        problems = h.TrackingProblems({"web"});
+        return problems.empty();
+      },
+      10s));
   INFO(problems);
   CHECK(h.InstanceProcesses().size() == 4);
 }

@@ -25,15 +25,16 @@ TEST_CASE("a command that cannot run fails the rollout at once, without a start 
           "[failing]") {
   KilndHarness h;
   WriteFile(h.manifests() / "broken.yaml",
-            "name: broken\nversion: \"1\"\nreplicas: 3\nartifact: {path: " + BinPath("kiln-testsvc") +
-                "}\ncommand: [\"/nonexistent/x\"]\n");
+            "name: broken\nversion: \"1\"\nreplicas: 3\nartifact: {path: " +
+                BinPath("kiln-testsvc") + "}\ncommand: [\"/nonexistent/x\"]\n");
   h.Start();
   REQUIRE(h.WaitReady());
   REQUIRE(WaitFor([&] { return h.HasEvent("broken", "rollout_failed"); }));
   std::this_thread::sleep_for(3s);  // a storm would have made thousands of attempts by now
   CHECK(InstanceRows(h, "broken") <= 3);
   int log_files = 0;
-  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(h.state() / "logs")) ++log_files;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(h.state() / "logs"))
+    ++log_files;
   CHECK(log_files <= 3);
   auto svc = h.Service("broken");
   REQUIRE(svc.ok());
@@ -48,7 +49,8 @@ TEST_CASE("a command that cannot run fails the rollout at once, without a start 
 TEST_CASE("an instance that keeps exiting is restarted with back-off, shown in status",
           "[failing]") {
   KilndHarness h;
-  h.Declare("flappy", "1", 1, "{strategy: rolling}", ", \"--exit-after\", \"300ms\", \"--exit-code\", \"3\"");
+  h.Declare("flappy", "1", 1, "{strategy: rolling}",
+            ", \"--exit-after\", \"300ms\", \"--exit-code\", \"3\"");
   h.Start();
   REQUIRE(h.WaitReady());
   REQUIRE(WaitFor([&] {
@@ -66,7 +68,8 @@ TEST_CASE("an instance that keeps exiting is restarted with back-off, shown in s
 
 TEST_CASE("why a new instance is not healthy is in status and in its failure", "[failing]") {
   KilndHarness h;
-  h.Declare("sick", "1", 1, "{strategy: rolling, healthy_deadline: 2s}", ", \"--unhealthy-after\", \"0s\"");
+  h.Declare("sick", "1", 1, "{strategy: rolling, healthy_deadline: 2s}",
+            ", \"--unhealthy-after\", \"0s\"");
   h.Start();
   REQUIRE(h.WaitReady());
   REQUIRE(WaitFor([&] {

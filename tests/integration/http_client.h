@@ -39,8 +39,9 @@ HttpReply HttpExchange(Stream& stream, const std::string& target,
   http::response<http::string_body> res;
   http::read(stream, buffer, res, ec);
   if (ec) return {};
-  return {static_cast<int>(res.result_int()), res.body(), std::string(res[http::field::content_type]),
-          std::string(res[http::field::allow]), std::string(res[http::field::www_authenticate])};
+  return {static_cast<int>(res.result_int()), res.body(),
+          std::string(res[http::field::content_type]), std::string(res[http::field::allow]),
+          std::string(res[http::field::www_authenticate])};
 }
 
 // One request to 127.0.0.1:port, within 10 s.

@@ -37,7 +37,8 @@ struct HttpFixture {
     REQUIRE(h.WaitReady());
     port = h.HttpPort();
     REQUIRE(port > 0);
-    REQUIRE(WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
+    REQUIRE(
+        WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
   }
   KilndHarness h;
   int port = 0;
@@ -66,10 +67,12 @@ TEST_CASE("metrics pass promtool and count what happened", "[http]") {
   REQUIRE(m.status == 200);
   CHECK(m.content_type.rfind("text/plain; version=0.0.4", 0) == 0);
   for (const char* needle :
-       {"kiln_build_info{version=\"", "kiln_instances{service=\"web\",revision=\"1\",state=\"healthy\"} 2",
-        "kiln_reconcile_passes_total{result=\"ok\"}", "kiln_reconcile_duration_seconds_bucket{le=\"+Inf\"}",
-        "kiln_rollouts_total{result=\"completed\"} 1", "kiln_workqueue_depth ", "kiln_workqueue_retries_total ",
-        "kiln_store_commit_duration_seconds_count ",
+       {"kiln_build_info{version=\"",
+        "kiln_instances{service=\"web\",revision=\"1\",state=\"healthy\"} 2",
+        "kiln_reconcile_passes_total{result=\"ok\"}",
+        "kiln_reconcile_duration_seconds_bucket{le=\"+Inf\"}",
+        "kiln_rollouts_total{result=\"completed\"} 1", "kiln_workqueue_depth ",
+        "kiln_workqueue_retries_total ", "kiln_store_commit_duration_seconds_count ",
         "kiln_grpc_requests_total{method=\"/kiln.v1.Kiln/ListServices\",code=\"OK\"} 1",
         "# TYPE kiln_manifest_errors_total counter", "# TYPE kiln_probe_failures_total counter",
         "# TYPE kiln_driver_errors_total counter", "# TYPE kiln_rollbacks_total counter"}) {
@@ -77,7 +80,8 @@ TEST_CASE("metrics pass promtool and count what happened", "[http]") {
     CHECK(m.body.find(needle) != std::string::npos);
   }
   WriteFile(f.h.tmp() / "metrics.txt", m.body);
-  RunResult promtool = Run({"/bin/sh", "-c", "promtool check metrics < " + (f.h.tmp() / "metrics.txt").string()});
+  RunResult promtool =
+      Run({"/bin/sh", "-c", "promtool check metrics < " + (f.h.tmp() / "metrics.txt").string()});
   INFO(promtool.out << promtool.err);
   CHECK(promtool.exit_code == 0);
 }
@@ -136,7 +140,8 @@ TEST_CASE("the dashboard shows a rollout live in a real browser", "[http][browse
   CHECK(std::filesystem::exists(shots + "/dashboard-after.png"));
 }
 
-TEST_CASE("with --tokens the dashboard takes its token from the link and shows the rollout", "[http][browser]") {
+TEST_CASE("with --tokens the dashboard takes its token from the link and shows the rollout",
+          "[http][browser]") {
   TempDir tokens_dir;
   const std::string token = "viewer-token-0123456789abcdef";
   WriteFile(tokens_dir / "tokens", token + " viewer alice\n");

@@ -19,7 +19,8 @@ TEST_CASE("kilnctl validate prints the example services with their template hash
   }
   CHECK(r.err.empty());
 
-  RunResult j = Run({BinPath("kilnctl"), "-o", "json", "validate", SourcePath("examples/manifests")});
+  RunResult j =
+      Run({BinPath("kilnctl"), "-o", "json", "validate", SourcePath("examples/manifests")});
   CHECK(j.exit_code == 0);
   auto doc = nlohmann::json::parse(j.out);
   REQUIRE(doc["services"].size() == 3);
@@ -36,7 +37,8 @@ TEST_CASE("kilnctl validate reports every error and exits 1", "[kilnctl]") {
   RunResult r = Run({BinPath("kilnctl"), "validate", (tmp / "m").string()});
   CHECK(r.exit_code == 1);
   std::string a = (tmp / "m/a.yaml").string(), b = (tmp / "m/b.yaml").string();
-  CHECK(r.err.find(a + ":3:11: replicas: expected an integer, got \"lots\"\n") != std::string::npos);
+  CHECK(r.err.find(a + ":3:11: replicas: expected an integer, got \"lots\"\n") !=
+        std::string::npos);
   CHECK(r.err.find(b + ":3:8: image: must be pinned by digest") != std::string::npos);
   CHECK(r.err.find(b + ":4:21: update.max_surge: expected a count or a percentage, got \"many\"") !=
         std::string::npos);
@@ -45,8 +47,8 @@ TEST_CASE("kilnctl validate reports every error and exits 1", "[kilnctl]") {
 
 TEST_CASE("kilnctl validate -o json on invalid UTF-8 prints JSON with the error", "[kilnctl]") {
   TempDir tmp;
-  WriteFile(tmp / "m/a.yaml", "name: a\nversion: \"1\xff\"\nimage: x@sha256:" +
-                                  std::string(64, 'f') + "\n");
+  WriteFile(tmp / "m/a.yaml",
+            "name: a\nversion: \"1\xff\"\nimage: x@sha256:" + std::string(64, 'f') + "\n");
   WriteFile(tmp / "m/\xfe.yaml", "name: b\n");
   RunResult r = Run({BinPath("kilnctl"), "-o", "json", "validate", (tmp / "m").string()});
   INFO(r.err);

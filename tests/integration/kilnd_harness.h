@@ -42,24 +42,35 @@ class KilndHarness {
   std::filesystem::path state() const { return tmp_ / "state"; }
 
   // A service running kiln-testsvc; `flags` go on its command line.
-  void Declare(const std::string& name, const std::string& version, int replicas,
-               const std::string& update, const std::string& flags = "",
-               const std::string& health = "{http: {path: /healthz}, interval: 100ms, timeout: 500ms, failure_threshold: 2}") {
+  void Declare(
+      const std::string& name, const std::string& version, int replicas, const std::string& update,
+      const std::string& flags = "",
+      const std::string& health =
+          "{http: {path: /healthz}, interval: 100ms, timeout: 500ms, failure_threshold: 2}") {
     std::string cmd = "[\"{artifact}\", \"--version-string\", \"" + version + "\"" + flags + "]";
     WriteFile(manifests() / (name + ".yaml"),
-              "name: " + name + "\nversion: \"" + version + "\"\nreplicas: " + std::to_string(replicas) +
-                  "\nartifact: {path: " + BinPath("kiln-testsvc") + "}\ncommand: " + cmd +
-                  "\nhealth: " + health + "\nupdate: " + update + "\n");
+              "name: " + name + "\nversion: \"" + version + "\"\nreplicas: " +
+                  std::to_string(replicas) + "\nartifact: {path: " + BinPath("kiln-testsvc") +
+                  "}\ncommand: " + cmd + "\nhealth: " + health + "\nupdate: " + update + "\n");
   }
 
   // `http_listen` is kilnd's --http-listen (port 0: kilnd picks one; HttpPort() reads it back).
-  void Start(const std::vector<std::string>& extra = {}, const std::string& http_listen = "127.0.0.1:0") {
-    std::vector<std::string> argv = {BinPath("kilnd"), "--manifests", manifests().string(), "--state",
-                                     state().string(), "--port-range",
-                                     std::to_string(PortWindow()) + "-" +
-                                         std::to_string(PortWindow() + kPortWindowSize - 1),
-                                     "--resync", "2s", "--stop-grace", stop_grace_, "--http-listen",
-                                     http_listen};
+  void Start(const std::vector<std::string>& extra = {},
+             const std::string& http_listen = "127.0.0.1:0") {
+    std::vector<std::string> argv = {
+        BinPath("kilnd"),
+        "--manifests",
+        manifests().string(),
+        "--state",
+        state().string(),
+        "--port-range",
+        std::to_string(PortWindow()) + "-" + std::to_string(PortWindow() + kPortWindowSize - 1),
+        "--resync",
+        "2s",
+        "--stop-grace",
+        stop_grace_,
+        "--http-listen",
+        http_listen};
     argv.insert(argv.end(), extra.begin(), extra.end());
     kilnd_ = std::make_unique<Child>(argv, tmp_.path());
   }
@@ -154,8 +165,11 @@ class KilndHarness {
     auto procs = InstanceProcesses();
     for (const auto& [pid, name] : procs) {
       auto it = rows.find(name);
-      if (it == rows.end()) problems += "pid " + std::to_string(pid) + " (" + name + ") runs untracked; ";
-      else if (it->second != pid) problems += name + " row says pid " + std::to_string(it->second) + " but " + std::to_string(pid) + " runs; ";
+      if (it == rows.end())
+        problems += "pid " + std::to_string(pid) + " (" + name + ") runs untracked; ";
+      else if (it->second != pid)
+        problems += name + " row says pid " + std::to_string(it->second) + " but " +
+                    std::to_string(pid) + " runs; ";
     }
     for (const auto& [name, pid] : rows) {
       bool found = false;
@@ -220,15 +234,17 @@ class KilndHarness {
     const auto parent = *own / ("kiln-" + ControllerIdForStateDir(state()));
     std::error_code ec;
     if (!std::filesystem::is_directory(parent, ec)) return;
-    WaitFor([&] {
-      std::error_code it_ec;
-      for (const auto& e : std::filesystem::directory_iterator(parent, it_ec)) {
-        if (!e.is_directory()) continue;
-        (void)cgroup::KillAll(e.path());
-        (void)cgroup::Remove(e.path());
-      }
-      return cgroup::Remove(parent).ok() && !std::filesystem::exists(parent, it_ec);
-    }, std::chrono::seconds(5));
+    WaitFor(
+        [&] {
+          std::error_code it_ec;
+          for (const auto& e : std::filesystem::directory_iterator(parent, it_ec)) {
+            if (!e.is_directory()) continue;
+            (void)cgroup::KillAll(e.path());
+            (void)cgroup::Remove(e.path());
+          }
+          return cgroup::Remove(parent).ok() && !std::filesystem::exists(parent, it_ec);
+        },
+        std::chrono::seconds(5));
   }
 
  private:

@@ -59,7 +59,8 @@ TEST_CASE("kilnd logs every manifest error and keeps running", "[kilnd]") {
   REQUIRE(kilnd.WaitForStderr(R"("msg":"manifests loaded")", 20s));
   std::string log = kilnd.Stderr();
   CHECK(log.find(R"("msg":"manifest error")") != std::string::npos);
-  CHECK(log.find("bad.yaml:3:11: replicas: expected an integer, got \\\"lots\\\"") != std::string::npos);
+  CHECK(log.find("bad.yaml:3:11: replicas: expected an integer, got \\\"lots\\\"") !=
+        std::string::npos);
   CHECK(log.find(R"("msg":"service loaded","service":"web")") != std::string::npos);
   kilnd.Signal(SIGINT);
   CHECK(kilnd.Wait(20s) == 0);
@@ -95,7 +96,8 @@ TEST_CASE("kilnd --help, --version and bad flags", "[kilnd]") {
   CHECK(missing.exit_code == 2);
   CHECK(missing.err.find("--manifests is required") != std::string::npos);
 
-  RunResult bad_level = Run({BinPath("kilnd"), "--manifests", "m", "--state", "s", "--log-level", "loud"});
+  RunResult bad_level =
+      Run({BinPath("kilnd"), "--manifests", "m", "--state", "s", "--log-level", "loud"});
   CHECK(bad_level.exit_code == 2);
 }
 

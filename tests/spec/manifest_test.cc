@@ -84,7 +84,8 @@ version: "1.4.2"
 replicas: 3
 artifact:
   path: ../artifacts/app
-  sha256: )" + f.artifact_digest + R"(
+  sha256: )" + f.artifact_digest +
+                          R"(
 command: ["{artifact}", "--port", "{port}"]
 env: {LOG_LEVEL: info}
 health:
@@ -116,7 +117,8 @@ TEST_CASE("several documents per file, and image services", "[manifest]") {
   f.Write("all.yml", std::string(kMinimal) + "---\n" + R"(name: api
 version: v2
 replicas: 2
-image: registry.local/api@sha256:)" + std::string(64, 'a') + R"(
+image: registry.local/api@sha256:)" +
+                         std::string(64, 'a') + R"(
 port: 8080
 health: {tcp: {}}
 update: {strategy: canary, canary: 1, auto_promote: true}
@@ -167,7 +169,8 @@ TEST_CASE("every error names file, line, column and key", "[manifest]") {
       {false, "update: {max_surge: -2}\n",
        "w.yaml:4:21: update.max_surge: a count must be 0 or more, got \"-2\""},
       {false, "update: {strategy: yolo}\n",
-       "w.yaml:4:20: update.strategy: expected rolling, recreate, blue-green or canary, got \"yolo\""},
+       "w.yaml:4:20: update.strategy: expected rolling, recreate, blue-green or canary, got "
+       "\"yolo\""},
       {false, "update: {min_healthy_time: 2 seconds}\n",
        "w.yaml:4:28: update.min_healthy_time: expected a duration like 500ms, 2s or 10m, got \"2 "
        "seconds\""},
@@ -175,7 +178,8 @@ TEST_CASE("every error names file, line, column and key", "[manifest]") {
        "w.yaml:4:28: update.healthy_deadline: must be more than 0s"},
       {false, "update: {auto_rollback: maybe}\n",
        "w.yaml:4:25: update.auto_rollback: expected true or false, got \"maybe\""},
-      {false, "update: {canary: 2}\n", "w.yaml:4:10: update.canary: only applies to strategy canary"},
+      {false, "update: {canary: 2}\n",
+       "w.yaml:4:10: update.canary: only applies to strategy canary"},
       {false, "update: {strategy: recreate, max_surge: 1}\n",
        "w.yaml:4:30: update.max_surge: only applies to strategies rolling and canary"},
       {false, "update: {max_surge: 0, max_unavailable: 0}\n",
@@ -210,10 +214,12 @@ TEST_CASE("every error names file, line, column and key", "[manifest]") {
       {false, "image: nginx:latest\n",
        "w.yaml:4:1: image: a service runs an artifact (process driver) or an image (container "
        "driver), not both"},
-      {true, "name: Web_1\n", "w.yaml:1:7: name: must be 1 to 63 characters of a-z, 0-9 and '-', "
-                              "not starting or ending with '-', got \"Web_1\""},
-      {true, "name: -web\n", "w.yaml:1:7: name: must be 1 to 63 characters of a-z, 0-9 and '-', "
-                             "not starting or ending with '-', got \"-web\""},
+      {true, "name: Web_1\n",
+       "w.yaml:1:7: name: must be 1 to 63 characters of a-z, 0-9 and '-', "
+       "not starting or ending with '-', got \"Web_1\""},
+      {true, "name: -web\n",
+       "w.yaml:1:7: name: must be 1 to 63 characters of a-z, 0-9 and '-', "
+       "not starting or ending with '-', got \"-web\""},
       {true, "name: [web]\n", "w.yaml:1:7: name: expected a string, got a list"},
       {true, "name: web\nname: web2\n", "w.yaml:2:1: name: duplicate key"},
   };
@@ -253,9 +259,11 @@ TEST_CASE("required keys and the artifact/image choice", "[manifest]") {
 TEST_CASE("artifacts: missing files and pinned digests", "[manifest]") {
   Fixture f;
   f.Write("missing.yaml", "name: m\nversion: \"1\"\nartifact: {path: ../artifacts/nope}\n");
-  f.Write("pinned.yaml", "name: p\nversion: \"1\"\nartifact:\n  path: ../artifacts/app\n  sha256: " +
-                             std::string(64, 'b') + "\n");
-  f.Write("badpin.yaml", "name: q\nversion: \"1\"\nartifact: {path: ../artifacts/app, sha256: xyz}\n");
+  f.Write("pinned.yaml",
+          "name: p\nversion: \"1\"\nartifact:\n  path: ../artifacts/app\n  sha256: " +
+              std::string(64, 'b') + "\n");
+  f.Write("badpin.yaml",
+          "name: q\nversion: \"1\"\nartifact: {path: ../artifacts/app, sha256: xyz}\n");
   auto errors = f.Errors();
   REQUIRE(errors.size() == 3);
   CHECK(errors[0] == "badpin.yaml:3:44: artifact.sha256: expected 64 hex digits, got \"xyz\"");
@@ -295,12 +303,15 @@ TEST_CASE("duplicate service names are reported at both places", "[manifest]") {
 
 TEST_CASE("all errors of a directory are reported, not only the first", "[manifest]") {
   Fixture f;
-  f.Write("a.yaml", "name: a\nversion: \"1\"\nreplicas: x\nartifact: {path: ../artifacts/app}\nbogus: 1\n");
-  f.Write("b.yaml", "name: b\nversion: \"1\"\nartifact: {path: ../artifacts/app}\nupdate: {strategy: x}\n");
+  f.Write("a.yaml",
+          "name: a\nversion: \"1\"\nreplicas: x\nartifact: {path: ../artifacts/app}\nbogus: 1\n");
+  f.Write("b.yaml",
+          "name: b\nversion: \"1\"\nartifact: {path: ../artifacts/app}\nupdate: {strategy: x}\n");
   CHECK(f.Errors().size() == 3);
 }
 
-TEST_CASE("only *.yaml and *.yml files are read - hidden and temp files are skipped", "[manifest]") {
+TEST_CASE("only *.yaml and *.yml files are read - hidden and temp files are skipped",
+          "[manifest]") {
   Fixture f;
   f.Write("web.yaml", kMinimal);
   f.Write("README.md", "not yaml: [");
@@ -343,7 +354,6 @@ TEST_CASE("an empty file and empty documents declare nothing", "[manifest]") {
   CHECK(set.Services().empty());
 }
 
-
 // Hostile manifests: each must end in an error that says what is wrong, never a crash, a hang
 // or unbounded memory (the fuzz target in fuzz/ keeps looking for more).
 
@@ -354,8 +364,9 @@ TEST_CASE("invalid UTF-8 is an error at the bad byte, not a crash", "[manifest]"
   f.Write("surrogate.yaml", "name: w\xed\xa0\x80\n");
   auto errors = f.Errors();
   REQUIRE(errors.size() == 3);
-  CHECK(errors[0] == "bad.yaml:2:13: invalid UTF-8: byte 0xFF is not part of a valid character; "
-                     "manifests are UTF-8 text");
+  CHECK(errors[0] ==
+        "bad.yaml:2:13: invalid UTF-8: byte 0xFF is not part of a valid character; "
+        "manifests are UTF-8 text");
   // Columns count characters: "# été" is 5 of them.
   CHECK(errors[1].rfind("overlong.yaml:2:7: invalid UTF-8: byte 0xC0", 0) == 0);
   CHECK(errors[2].rfind("surrogate.yaml:1:8: invalid UTF-8: byte 0xED", 0) == 0);
@@ -401,8 +412,8 @@ TEST_CASE("alias bombs, deep nesting and huge scalars stop at the documented lim
   Fixture f;
   f.Write("bomb.yaml", bomb);
   f.Write("deep.yaml", std::string(100'000, '[') + std::string(100'000, ']'));
-  f.Write("huge.yaml", "name: web\nversion: \"" + std::string(kMaxManifestScalarBytes + 1, 'v') +
-                           "\"\n");
+  f.Write("huge.yaml",
+          "name: web\nversion: \"" + std::string(kMaxManifestScalarBytes + 1, 'v') + "\"\n");
   f.Write("self.yaml", "a: &x [1, *x]\n");
   auto errors = f.Errors();
   REQUIRE(errors.size() == 4);
@@ -411,14 +422,16 @@ TEST_CASE("alias bombs, deep nesting and huge scalars stop at the documented lim
                        "copy of what it refers to)") != std::string::npos);
   CHECK(errors[1] == "deep.yaml:1:33: invalid YAML: nested deeper than 32 levels");
   CHECK(errors[2] == "huge.yaml:2:10: invalid YAML: a string longer than 65536 bytes");
-  CHECK(errors[3] == "self.yaml:1:12: invalid YAML: alias *x refers to no complete anchored node "
-                     "before it");
+  CHECK(errors[3] ==
+        "self.yaml:1:12: invalid YAML: alias *x refers to no complete anchored node "
+        "before it");
 }
 
 TEST_CASE("anchors and aliases within bounds load", "[manifest]") {
   Fixture f;
-  f.Write("web.yaml", "name: web\nversion: &v \"1.2\"\nartifact: {path: ../artifacts/app}\n"
-                      "command: [\"{artifact}\", *v]\nenv: {VERSION: *v}\n");
+  f.Write("web.yaml",
+          "name: web\nversion: &v \"1.2\"\nartifact: {path: ../artifacts/app}\n"
+          "command: [\"{artifact}\", *v]\nenv: {VERSION: *v}\n");
   ManifestSet set = f.Load();
   INFO((set.AllErrors().empty() ? "" : set.AllErrors()[0].ToString()));
   REQUIRE(set.ok());
@@ -440,17 +453,20 @@ TEST_CASE("only regular files are read: FIFOs and devices are errors, not hangs"
   CHECK(errors[0] == "fifo.yaml: cannot read: not a regular file (a FIFO)");
   CHECK(errors[1] == "pipe.yaml:3:18: artifact.path: cannot read " +
                          (f.tmp / "artifacts/pipe").string() + ": not a regular file (a FIFO)");
-  CHECK(errors[2] == "random.yaml:3:18: artifact.path: cannot read /dev/urandom: not a regular "
-                     "file (a character device)");
-  CHECK(errors[3] == "zero.yaml:3:18: artifact.path: cannot read /dev/zero: not a regular file (a "
-                     "character device)");
+  CHECK(errors[2] ==
+        "random.yaml:3:18: artifact.path: cannot read /dev/urandom: not a regular "
+        "file (a character device)");
+  CHECK(errors[3] ==
+        "zero.yaml:3:18: artifact.path: cannot read /dev/zero: not a regular file (a "
+        "character device)");
   // The good file still loads.
   REQUIRE(f.Load().Services().size() == 1);
 }
 
 TEST_CASE("a manifest file over 1 MiB is refused unparsed", "[manifest]") {
   Fixture f;
-  f.Write("big.yaml", std::string(kMinimal) + "# " + std::string(kMaxManifestFileBytes, 'x') + "\n");
+  f.Write("big.yaml",
+          std::string(kMinimal) + "# " + std::string(kMaxManifestFileBytes, 'x') + "\n");
   auto errors = f.Errors();
   REQUIRE(errors.size() == 1);
   CHECK(errors[0] == "big.yaml: cannot read: larger than the limit of 1048576 bytes");
@@ -472,7 +488,8 @@ TEST_CASE("every field limit is an error naming the field", "[manifest]") {
     return out + "]";
   };
   std::string many_env = "{";
-  for (size_t i = 0; i <= kMaxEnvVars; ++i) many_env += (i ? ", V" : "V") + std::to_string(i) + ": x";
+  for (size_t i = 0; i <= kMaxEnvVars; ++i)
+    many_env += (i ? ", V" : "V") + std::to_string(i) + ": x";
   many_env += "}";
   const Case cases[] = {
       {"command: " + list(kMaxCommandArgs + 1, "a") + "\n",
@@ -488,11 +505,14 @@ TEST_CASE("every field limit is an error naming the field", "[manifest]") {
        "w.yaml:4:7: env: a variable name is 129 bytes; the limit is 128"},
       {"env: {BIG: " + std::string(kMaxEnvValueBytes + 1, 'v') + "}\n",
        "w.yaml:4:12: env.BIG: is 4097 bytes; the limit is 4096"},
-      {"env: {" + [] {
-         std::string e;
-         for (int i = 0; i < 20; ++i) e += (i ? ", V" : "V") + std::to_string(i) + ": " + std::string(4000, 'v');
-         return e;
-       }() + "}\n",
+      {"env: {" +
+           [] {
+             std::string e;
+             for (int i = 0; i < 20; ++i)
+               e += (i ? ", V" : "V") + std::to_string(i) + ": " + std::string(4000, 'v');
+             return e;
+           }() +
+           "}\n",
        "w.yaml:1:1: the service's template (version, command, env, health) is 80436 bytes as JSON; "
        "the limit is 65536"},
   };
@@ -517,7 +537,8 @@ TEST_CASE("every field limit is an error naming the field", "[manifest]") {
                         "\nversion: \"1\"\nartifact: {path: ../artifacts/app}\n");
   auto errors = f.Errors();
   REQUIRE(errors.size() == 5);
-  CHECK(errors[0] == "c.yaml:2:10: version: must not contain control characters, got \"1\\x1b[31m\"");
+  CHECK(errors[0] ==
+        "c.yaml:2:10: version: must not contain control characters, got \"1\\x1b[31m\"");
   CHECK(errors[1] == "i.yaml:3:8: image: is 584 bytes; the limit is 512");
   CHECK(errors[2].rfind("n.yaml:1:7: name: must be 1 to 63 characters", 0) == 0);
   CHECK(errors[3] == "p.yaml:3:18: artifact.path: is 4097 bytes; the limit is 4096");
@@ -534,11 +555,12 @@ TEST_CASE("errors quote at most 80 bytes of a value, and at most 50 errors per f
   f.Write("many.yaml", many);
   auto errors = f.Errors();
   REQUIRE(errors.size() == 2 + kMaxManifestErrorsPerFile);
-  CHECK(errors[0] == "long.yaml:4:11: replicas: expected an integer, got \"" + std::string(80, '9') +
-                         "\"... (1001 bytes)");
+  CHECK(errors[0] == "long.yaml:4:11: replicas: expected an integer, got \"" +
+                         std::string(80, '9') + "\"... (1001 bytes)");
   CHECK(errors[1] == "many.yaml:4:1: bogus0: unknown key");
-  CHECK(errors.back() == "many.yaml:54:1: and 150 more errors in this file from here on (only the "
-                         "first 50 are reported)");
+  CHECK(errors.back() ==
+        "many.yaml:54:1: and 150 more errors in this file from here on (only the "
+        "first 50 are reported)");
 }
 
 TEST_CASE("a long unknown key is reported without its text", "[manifest]") {

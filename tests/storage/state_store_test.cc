@@ -1,8 +1,8 @@
 #include <sys/stat.h>
 
 #include <atomic>
-#include <set>
 #include <catch2/catch.hpp>
+#include <set>
 #include <thread>
 
 #include "common/clock.h"
@@ -172,12 +172,12 @@ TEST_CASE("only the lifecycle's transitions are accepted", "[store]") {
                               S::kDraining, S::kTerminated, S::kFailed,  S::kLost};
   // The DESIGN.md lifecycle, written out as the set of legal pairs.
   const std::set<std::pair<S, S>> legal = {
-      {S::kPending, S::kStarting},   {S::kPending, S::kDraining},   {S::kPending, S::kFailed},
-      {S::kPending, S::kLost},       {S::kStarting, S::kHealthy},   {S::kStarting, S::kDraining},
-      {S::kStarting, S::kFailed},    {S::kStarting, S::kLost},      {S::kHealthy, S::kUnhealthy},
-      {S::kHealthy, S::kDraining},   {S::kHealthy, S::kFailed},     {S::kHealthy, S::kLost},
-      {S::kUnhealthy, S::kHealthy},  {S::kUnhealthy, S::kDraining}, {S::kUnhealthy, S::kFailed},
-      {S::kUnhealthy, S::kLost},     {S::kDraining, S::kTerminated}, {S::kDraining, S::kLost},
+      {S::kPending, S::kStarting},  {S::kPending, S::kDraining},    {S::kPending, S::kFailed},
+      {S::kPending, S::kLost},      {S::kStarting, S::kHealthy},    {S::kStarting, S::kDraining},
+      {S::kStarting, S::kFailed},   {S::kStarting, S::kLost},       {S::kHealthy, S::kUnhealthy},
+      {S::kHealthy, S::kDraining},  {S::kHealthy, S::kFailed},      {S::kHealthy, S::kLost},
+      {S::kUnhealthy, S::kHealthy}, {S::kUnhealthy, S::kDraining},  {S::kUnhealthy, S::kFailed},
+      {S::kUnhealthy, S::kLost},    {S::kDraining, S::kTerminated}, {S::kDraining, S::kLost},
   };
   for (S from : all) {
     for (S to : all) {
@@ -192,7 +192,8 @@ TEST_CASE("only the lifecycle's transitions are accepted", "[store]") {
   auto a = f.store->CreateInstance("web", 1);
   auto bad = f.store->TransitionInstance(a->name, S::kHealthy, {});
   CHECK(bad.status().code() == StatusCode::kFailedPrecondition);
-  CHECK(bad.status().message() == "instance " + a->name + ": illegal transition pending -> healthy");
+  CHECK(bad.status().message() ==
+        "instance " + a->name + ": illegal transition pending -> healthy");
   REQUIRE(f.store->TransitionInstance(a->name, S::kDraining, {}).ok());
   REQUIRE(f.store->TransitionInstance(a->name, S::kTerminated, {}).ok());
   auto revive = f.store->TransitionInstance(a->name, S::kStarting, {});
@@ -242,7 +243,8 @@ TEST_CASE("events append with increasing seq and read after a cursor", "[store]"
 TEST_CASE("repeated events fold into one counted row, and pruning keeps its watermark", "[store]") {
   StoreFixture f;
   auto append = [&](const std::string& key, const std::string& msg) {
-    EventRecord e{.kind = "instance_exited", .service = "web", .message = msg, .aggregate_key = key};
+    EventRecord e{
+        .kind = "instance_exited", .service = "web", .message = msg, .aggregate_key = key};
     return *f.store->AppendEvent(e);
   };
   CHECK(append("", "first, not aggregated") == 1);
@@ -321,7 +323,8 @@ TEST_CASE("a transaction commits all or nothing", "[store]") {
   f.AddWebRevision1();
   Status s = f.store->Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(auto inst, f.store->CreateInstance("web", 1));
-    RETURN_IF_ERROR(f.store->AppendEvent({.kind = "instance_created", .instance = inst.name}).status());
+    RETURN_IF_ERROR(
+        f.store->AppendEvent({.kind = "instance_created", .instance = inst.name}).status());
     // An illegal transition fails the whole step.
     return f.store->TransitionInstance(inst.name, InstanceState::kTerminated, {}).status();
   });
@@ -329,11 +332,13 @@ TEST_CASE("a transaction commits all or nothing", "[store]") {
   CHECK(f.store->ListInstances("web", true)->empty());
   CHECK(f.store->ReadEvents({})->empty());
 
-  REQUIRE(f.store->Transaction([&]() -> Status {
-                     ASSIGN_OR_RETURN(auto inst, f.store->CreateInstance("web", 1));
-                     return f.store->AppendEvent({.kind = "instance_created", .instance = inst.name})
-                         .status();
-                   }).ok());
+  REQUIRE(f.store
+              ->Transaction([&]() -> Status {
+                ASSIGN_OR_RETURN(auto inst, f.store->CreateInstance("web", 1));
+                return f.store->AppendEvent({.kind = "instance_created", .instance = inst.name})
+                    .status();
+              })
+              .ok());
   CHECK(f.store->ListInstances("web", true)->size() == 1);
   CHECK(f.store->ReadEvents({})->size() == 1);
 }
@@ -405,7 +410,8 @@ void MakeForeignDatabase(const std::string& path, const std::string& extra_sql =
   auto db = sqlite::Database::Open(path, false, true);
   REQUIRE(db.ok());
   REQUIRE(db->Exec("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);"
-                   "INSERT INTO notes (body) VALUES ('keep me');" + extra_sql)
+                   "INSERT INTO notes (body) VALUES ('keep me');" +
+                   extra_sql)
               .ok());
 }
 
@@ -435,8 +441,9 @@ TEST_CASE("another program's database is refused before a byte of it is written"
   REQUIRE_FALSE(store.ok());
   CHECK(store.status().code() == StatusCode::kFailedPrecondition);
   CHECK(store.status().message() ==
-        path + " is not a Kiln state database (application_id 0x00000000, user_version 0, tables: "
-               "notes); refusing to use it. Move it away or give --state a directory of its own");
+        path +
+            " is not a Kiln state database (application_id 0x00000000, user_version 0, tables: "
+            "notes); refusing to use it. Move it away or give --state a directory of its own");
   CHECK(JournalMode(path) == "delete");
   CHECK(ReadFile(path) == before);
   CHECK_FALSE(std::filesystem::exists(path + "-wal"));
@@ -445,7 +452,8 @@ TEST_CASE("another program's database is refused before a byte of it is written"
   CHECK(reader.status().code() == StatusCode::kFailedPrecondition);
 }
 
-TEST_CASE("Kiln's tables beside another program's, or another program's mark, are refused", "[store]") {
+TEST_CASE("Kiln's tables beside another program's, or another program's mark, are refused",
+          "[store]") {
   TempDir tmp;
   FakeClock clock;
   SECTION("an unmarked Kiln schema with a foreign table") {
@@ -463,15 +471,17 @@ TEST_CASE("Kiln's tables beside another program's, or another program's mark, ar
     std::string path = (tmp / "other.db").string();
     {
       auto db = sqlite::Database::Open(path, false, true);
-      REQUIRE(db->Exec("PRAGMA application_id = " + std::to_string(0x4750534D)).ok());  // GeoPackage
+      REQUIRE(
+          db->Exec("PRAGMA application_id = " + std::to_string(0x4750534D)).ok());  // GeoPackage
     }
     const std::string before = ReadFile(path);
     auto store = SqliteStateStore::Open({.path = path, .clock = &clock});
     REQUIRE_FALSE(store.ok());
     CHECK(store.status().message() ==
-          path + " is not a Kiln state database (application_id 0x4750534d, user_version 0, "
-                 "tables: none); refusing to use it. Move it away or give --state a directory of "
-                 "its own");
+          path +
+              " is not a Kiln state database (application_id 0x4750534d, user_version 0, "
+              "tables: none); refusing to use it. Move it away or give --state a directory of "
+              "its own");
     CHECK(ReadFile(path) == before);
   }
 }
@@ -482,14 +492,16 @@ TEST_CASE("a database from a newer kiln is refused, not touched", "[store]") {
   {
     auto db = sqlite::Database::Open(path, false, true);
     REQUIRE(db->Exec("PRAGMA user_version = 99").ok());
-    REQUIRE(db->Exec("PRAGMA application_id = " + std::to_string(SqliteStateStore::kApplicationId)).ok());
+    REQUIRE(db->Exec("PRAGMA application_id = " + std::to_string(SqliteStateStore::kApplicationId))
+                .ok());
   }
   FakeClock clock;
   auto store = SqliteStateStore::Open({.path = path, .clock = &clock});
   REQUIRE_FALSE(store.ok());
   CHECK(store.status().code() == StatusCode::kFailedPrecondition);
-  CHECK(store.status().message() == path + ": schema version 99 was written by a newer kiln; this "
-                                           "build knows up to " +
+  CHECK(store.status().message() == path +
+                                        ": schema version 99 was written by a newer kiln; this "
+                                        "build knows up to " +
                                         std::to_string(SqliteStateStore::CurrentSchemaVersion()));
 }
 
@@ -521,9 +533,8 @@ TEST_CASE("a full disk refuses the write and keeps what was committed", "[store]
   const std::string big(4000, 'z');
   int written = 0;
   for (; written < 1000; ++written) {
-    full = f.store->Transaction([&] {
-      return f.store->AppendEvent({.kind = "after", .message = big}).status();
-    });
+    full = f.store->Transaction(
+        [&] { return f.store->AppendEvent({.kind = "after", .message = big}).status(); });
     if (!full.ok()) break;
   }
   REQUIRE_FALSE(full.ok());
@@ -537,7 +548,8 @@ TEST_CASE("a full disk refuses the write and keeps what was committed", "[store]
         StatusCode::kFailedPrecondition);
   CHECK(f.store->WriteFailure().code() == StatusCode::kResourceExhausted);
   REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = 1000000").ok());
-  REQUIRE(f.store->Transaction([&] { return f.store->AppendEvent({.kind = "after"}).status(); }).ok());
+  REQUIRE(
+      f.store->Transaction([&] { return f.store->AppendEvent({.kind = "after"}).status(); }).ok());
   CHECK(f.store->WriteFailure().ok());
   CHECK(f.store->Transaction([] { return FailedPreconditionError("a rule said no"); }).code() ==
         StatusCode::kFailedPrecondition);
