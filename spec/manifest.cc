@@ -8,6 +8,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <utility>
 
 #include "common/duration.h"
 #include "common/limits.h"
@@ -52,7 +53,8 @@ size_t EditDistance(std::string_view a, std::string_view b) {
 std::string Quote(std::string_view s) {
   constexpr size_t kMaxShown = 80;
   static constexpr char kHex[] = "0123456789abcdef";
-  const std::string_view shown = TruncateUtf8(s, kMaxShown);
+  const std::string safe = SanitizeUtf8(s);
+  const std::string_view shown = TruncateUtf8(safe, kMaxShown);
   std::string out = "\"";
   for (char ch : shown) {
     const auto c = static_cast<unsigned char>(ch);
@@ -72,7 +74,7 @@ std::string Quote(std::string_view s) {
     }
   }
   out += "\"";
-  if (shown.size() < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
+  if (shown.size() < safe.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
   return out;
 }
 
@@ -688,8 +690,34 @@ class FileParser {
   int suppressed_column_ = 0;
 };
 
-// Checks what the YAML parser must never see (too many bytes, bytes that are not UTF-8) before
-// parsing, so a bad byte is reported at its place instead of escaping into JSON later.
+// Line and column (in characters) of byte `offset` of `text`; everything before it is UTF-8.
+std::pair<int, int> PositionOf(std::string_view text, size_t offset) {
+  int line = 1, column = 1;
+  for (size_t i = 0; i < offset; ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c == '\n') {
+      ++line;
+      column = 1;
+    } else if ((c & 0xC0) != 0x80) {
+      ++column;
+    }
+  }
+  return {line, column};
+}
+
+// YAML admits no control character but tab, line feed and carriage return (YAML 1.2, 5.1
+// "c-printable"); a NUL in particular makes libfyaml return text from outside the input.
+std::optional<size_t> FindControlCharacter(std::string_view text) {
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r') || c == 0x7F) return i;
+  }
+  return std::nullopt;
+}
+
+// Checks what the YAML parser must never see (too many bytes, bytes that are not UTF-8, control
+// characters) before parsing, so a bad byte is reported at its place instead of escaping into
+// JSON later.
 void ParseInto(ManifestFile& file, std::string_view text, const ArtifactHasher& hasher) {
   file.sha256 = Sha256Hex(text);
   if (text.size() > kMaxManifestFileBytes) {
@@ -699,23 +727,22 @@ void ParseInto(ManifestFile& file, std::string_view text, const ArtifactHasher& 
                                std::to_string(kMaxManifestFileBytes) + " bytes (1 MiB)"});
     return;
   }
+  static constexpr char kHex[] = "0123456789ABCDEF";
   if (std::optional<size_t> bad = FindInvalidUtf8(text)) {
-    // Everything before the bad byte is valid: count lines, and characters within the line.
-    int line = 1, column = 1;
-    for (size_t i = 0; i < *bad; ++i) {
-      const auto c = static_cast<unsigned char>(text[i]);
-      if (c == '\n') {
-        ++line;
-        column = 1;
-      } else if ((c & 0xC0) != 0x80) {
-        ++column;
-      }
-    }
-    static constexpr char kHex[] = "0123456789ABCDEF";
+    const auto [line, column] = PositionOf(text, *bad);
     const auto b = static_cast<unsigned char>(text[*bad]);
     file.errors.push_back({file.path, line, column, "",
                            std::string("invalid UTF-8: byte 0x") + kHex[b >> 4] + kHex[b & 0xF] +
                                " is not part of a valid character; manifests are UTF-8 text"});
+    return;
+  }
+  if (std::optional<size_t> bad = FindControlCharacter(text)) {
+    const auto [line, column] = PositionOf(text, *bad);
+    const auto b = static_cast<unsigned char>(text[*bad]);
+    file.errors.push_back({file.path, line, column, "",
+                           std::string("control character 0x") + kHex[b >> 4] + kHex[b & 0xF] +
+                               " is not allowed in YAML; write it as an escape (\\x" +
+                               kHex[b >> 4] + kHex[b & 0xF] + ") inside a double-quoted string"});
     return;
   }
   FileParser parser(file, hasher);

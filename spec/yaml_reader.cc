@@ -5,6 +5,8 @@
 #include <map>
 #include <memory>
 
+#include "common/utf8.h"
+
 namespace kiln {
 namespace {
 
@@ -131,6 +133,9 @@ class TreeBuilder {
       return Fail(mark ? &*mark : nullptr,
                   "a string longer than " + std::to_string(limits_.max_scalar_bytes) + " bytes");
     }
+    // The input was checked to be UTF-8; this guards against the parser handing back other
+    // bytes, which would otherwise travel on into JSON (the stored spec, API errors).
+    if (!IsValidUtf8(text)) return Fail(mark ? &*mark : nullptr, "a string that is not UTF-8");
     if (!Count(e, 1)) return false;
     const bool plain = style == FYSS_PLAIN && e->scalar.tag == nullptr;
     YamlNode* n =

@@ -374,6 +374,20 @@ TEST_CASE("invalid UTF-8 is an error at the bad byte, not a crash", "[manifest]"
   CHECK_NOTHROW(nlohmann::json(errors).dump());
 }
 
+TEST_CASE("a raw control character is an error at its place, not a crash", "[manifest]") {
+  Fixture f;
+  // Found by the fuzzer: after a NUL, libfyaml handed back bytes from outside the input.
+  f.Write("nul.yaml", std::string("|\0 .,.)", 7));
+  f.Write("escape.yaml", "name: \"a\\x01b\"\nversion: \"1.\\x1b\"\n# \xc3\xa9\x7f\n");
+  auto errors = f.Errors();
+  REQUIRE(errors.size() == 2);
+  CHECK(errors[0] ==
+        "escape.yaml:3:4: control character 0x7F is not allowed in YAML; write it as an escape "
+        "(\\x7F) inside a double-quoted string");
+  CHECK(errors[1].rfind("nul.yaml:1:2: control character 0x00 is not allowed in YAML", 0) == 0);
+  CHECK_NOTHROW(nlohmann::json(errors).dump());
+}
+
 TEST_CASE("a file name that is not UTF-8 is an error, its file is not read", "[manifest]") {
   Fixture f;
   f.Write("web.yaml", kMinimal);
