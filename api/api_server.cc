@@ -15,7 +15,6 @@
 #include <future>
 #include <map>
 #include <mutex>
-#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
@@ -77,21 +76,21 @@ pb::Strategy ToProto(Strategy s) {
   return pb::STRATEGY_UNSPECIFIED;
 }
 
-pb::Strategy StrategyFromName(const std::string& s) {
-  for (Strategy st :
-       {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
-    if (StrategyName(st) == s) return ToProto(st);
+pb::RolloutState ToProto(RolloutState s) {
+  switch (s) {
+    case RolloutState::kProgressing:
+      return pb::ROLLOUT_STATE_PROGRESSING;
+    case RolloutState::kPaused:
+      return pb::ROLLOUT_STATE_PAUSED;
+    case RolloutState::kWaitingPromotion:
+      return pb::ROLLOUT_STATE_WAITING_PROMOTION;
+    case RolloutState::kCompleted:
+      return pb::ROLLOUT_STATE_COMPLETED;
+    case RolloutState::kFailed:
+      return pb::ROLLOUT_STATE_FAILED;
+    case RolloutState::kSuperseded:
+      return pb::ROLLOUT_STATE_SUPERSEDED;
   }
-  return pb::STRATEGY_UNSPECIFIED;
-}
-
-pb::RolloutState RolloutStateFromName(const std::string& s) {
-  if (s == "progressing") return pb::ROLLOUT_STATE_PROGRESSING;
-  if (s == "paused") return pb::ROLLOUT_STATE_PAUSED;
-  if (s == "waiting_promotion") return pb::ROLLOUT_STATE_WAITING_PROMOTION;
-  if (s == "completed") return pb::ROLLOUT_STATE_COMPLETED;
-  if (s == "failed") return pb::ROLLOUT_STATE_FAILED;
-  if (s == "superseded") return pb::ROLLOUT_STATE_SUPERSEDED;
   return pb::ROLLOUT_STATE_UNSPECIFIED;
 }
 
@@ -128,7 +127,7 @@ void FillRevision(const RevisionRecord& r, pb::Revision* out) {
   out->set_template_hash(r.template_hash);
   if (auto t = Template::FromCanonical(r.template_json); t.ok())
     FillTemplate(*t, out->mutable_template_());
-  out->set_source(r.source);
+  out->set_source(std::string(RevisionSourceName(r.source)));
   out->set_manifest_file(r.manifest_file);
   out->set_manifest_sha256(r.manifest_sha256);
   out->set_actor(r.actor);
@@ -147,7 +146,7 @@ void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_m
   out->set_reason(i.replace_reason.empty() ? i.reason : i.reason + " (" + i.replace_reason + ")");
   out->set_host(i.host.empty() ? "" : "local");
   out->set_port(i.port);
-  if (i.handle.rfind("pid:", 0) == 0) out->set_pid(std::atoll(i.handle.c_str() + 4));
+  out->set_pid(i.pid);
   out->set_available(IsAvailable(i, now_ms, min_healthy_ms));
   out->set_last_probe(i.last_probe);
   out->set_last_probe_ok(i.last_probe_ok);
@@ -165,7 +164,7 @@ void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_m
 void FillEvent(const EventRecord& e, pb::Event* out) {
   out->set_seq(e.seq);
   out->set_time_unix_ms(e.time_ms);
-  out->set_kind(e.kind);
+  out->set_kind(std::string(EventKindName(e.kind)));
   out->set_service(e.service);
   out->set_revision(e.revision);
   out->set_instance(e.instance);
@@ -175,17 +174,15 @@ void FillEvent(const EventRecord& e, pb::Event* out) {
   out->set_first_time_unix_ms(e.first_ms);
 }
 
-void FillConditions(const std::string& json,
+void FillConditions(const std::vector<Condition>& conditions,
                     google::protobuf::RepeatedPtrField<pb::Condition>* out) {
-  auto j = nlohmann::json::parse(json, nullptr, false);
-  if (!j.is_array()) return;
-  for (const auto& c : j) {
+  for (const Condition& c : conditions) {
     pb::Condition* p = out->Add();
-    p->set_type(c.value("type", ""));
-    p->set_status(c.value("status", false));
-    p->set_reason(c.value("reason", ""));
-    p->set_message(c.value("message", ""));
-    p->set_last_transition_unix_ms(c.value("last_transition_ms", int64_t{0}));
+    p->set_type(std::string(ConditionTypeName(c.type)));
+    p->set_status(c.status);
+    p->set_reason(c.reason);
+    p->set_message(c.message);
+    p->set_last_transition_unix_ms(c.last_transition_ms);
   }
 }
 
@@ -390,8 +387,8 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
     p->set_id(ro->id);
     p->set_from_revision(ro->from_revision);
     p->set_to_revision(ro->to_revision);
-    p->set_strategy(StrategyFromName(ro->strategy));
-    p->set_state(RolloutStateFromName(ro->state));
+    p->set_strategy(ToProto(ro->strategy));
+    p->set_state(ToProto(ro->state));
     p->set_reason(ro->reason);
     p->set_started_unix_ms(ro->started_ms);
     p->set_last_progress_unix_ms(ro->last_progress_ms);

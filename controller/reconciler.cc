@@ -3,7 +3,6 @@
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <nlohmann/json.hpp>
 
 #include "common/duration.h"
 #include "common/logging.h"
@@ -11,10 +10,6 @@
 
 namespace kiln {
 namespace {
-
-bool RolloutActive(const RolloutRecord& r) {
-  return r.state == "progressing" || r.state == "paused" || r.state == "waiting_promotion";
-}
 
 InstanceSpec SpecFor(const InstanceRecord& inst, const Template& t) {
   InstanceSpec s;
@@ -29,50 +24,34 @@ InstanceSpec SpecFor(const InstanceRecord& inst, const Template& t) {
   return s;
 }
 
-struct Condition {
-  std::string type;
-  bool status = false;
-  std::string reason;
-  std::string message;
-};
-
-// Conditions as JSON, keeping each one's last transition time while its status holds.
-std::string ConditionsJson(const std::string& previous, const std::vector<Condition>& now,
-                           int64_t now_ms) {
-  nlohmann::json prev = nlohmann::json::parse(previous, nullptr, false);
-  nlohmann::json out = nlohmann::json::array();
-  for (const Condition& c : now) {
-    int64_t since = now_ms;
-    if (prev.is_array()) {
-      for (const auto& p : prev) {
-        if (p.value("type", "") == c.type && p.value("status", !c.status) == c.status) {
-          since = p.value("last_transition_ms", now_ms);
-        }
-      }
+// The conditions `now`, each keeping its last transition time while its status holds.
+std::vector<Condition> WithTransitionTimes(const std::vector<Condition>& previous,
+                                           std::vector<Condition> now, int64_t now_ms) {
+  for (Condition& c : now) {
+    c.last_transition_ms = now_ms;
+    for (const Condition& p : previous) {
+      if (p.type == c.type && p.status == c.status) c.last_transition_ms = p.last_transition_ms;
     }
-    out.push_back({{"type", c.type},
-                   {"status", c.status},
-                   {"reason", c.reason},
-                   {"message", c.message},
-                   {"last_transition_ms", since}});
   }
-  return out.dump();
+  return now;
 }
 
 // Failure kinds are aggregated always; the rest of an instance's lifecycle only while its
 // service crash-loops (a normal rollout's events stay one by one).
-bool IsFailureEvent(const std::string& kind) {
-  return kind == "instance_exited" || kind == "instance_start_failed" ||
-         kind == "instance_failed" || kind == "instance_unhealthy" || kind == "artifact_drift";
+bool IsFailureEvent(EventKind kind) {
+  return kind == EventKind::kInstanceExited || kind == EventKind::kInstanceStartFailed ||
+         kind == EventKind::kInstanceFailed || kind == EventKind::kInstanceUnhealthy ||
+         kind == EventKind::kArtifactDrift;
 }
-bool IsLifecycleEvent(const std::string& kind) {
-  return kind == "instance_created" || kind == "instance_started" || kind == "instance_draining" ||
-         kind == "instance_terminated" || kind == "instance_healthy";
+bool IsLifecycleEvent(EventKind kind) {
+  return kind == EventKind::kInstanceCreated || kind == EventKind::kInstanceStarted ||
+         kind == EventKind::kInstanceDraining || kind == EventKind::kInstanceTerminated ||
+         kind == EventKind::kInstanceHealthy;
 }
 
 // What makes two events "the same thing again": kind, revision and message, with the instance
 // name and port numbers (which change with every new instance) left out.
-std::string AggregateKey(const std::string& kind, int64_t revision, const std::string& instance,
+std::string AggregateKey(EventKind kind, int64_t revision, const std::string& instance,
                          std::string message) {
   if (!instance.empty()) {
     for (size_t at = message.find(instance); at != std::string::npos;
@@ -80,7 +59,7 @@ std::string AggregateKey(const std::string& kind, int64_t revision, const std::s
       message.replace(at, instance.size(), "*");
     }
   }
-  std::string key = kind + "|" + std::to_string(revision) + "|";
+  std::string key = std::string(EventKindName(kind)) + "|" + std::to_string(revision) + "|";
   for (size_t i = 0; i < message.size(); ++i) {
     // "port 20001" and "127.0.0.1:20001": ports are not what makes a failure different.
     const bool after_port =
@@ -138,7 +117,7 @@ std::string Reconciler::ServiceOf(const std::string& instance) {
   return dash == std::string::npos ? instance : instance.substr(0, dash);
 }
 
-Status Reconciler::Event(const std::string& kind, const std::string& service, int64_t revision,
+Status Reconciler::Event(EventKind kind, const std::string& service, int64_t revision,
                          const std::string& instance, const std::string& actor,
                          const std::string& message) {
   EventRecord e;
@@ -151,7 +130,7 @@ Status Reconciler::Event(const std::string& kind, const std::string& service, in
   if (IsFailureEvent(kind) || (IsLifecycleEvent(kind) && crash_looping_.count(service))) {
     e.aggregate_key = AggregateKey(kind, revision, instance, message);
   }
-  LogInfo(message, {{"event", kind},
+  LogInfo(message, {{"event", EventKindName(kind)},
                     {"service", service},
                     {"revision", revision},
                     {"instance", instance},
@@ -206,7 +185,7 @@ Status Reconciler::Recover() {
   for (const InstanceRecord& inst : live) {
     known.insert(inst.name);
     auto found = by_name.find(inst.name);
-    InstanceHandle handle{inst.name, inst.handle, inst.host, inst.port};
+    InstanceHandle handle{inst.name, inst.handle, inst.host, inst.port, inst.pid};
     // The recorded handle (the leader's pid + start time) is the instance: what List() found
     // under its name stands in only when none was recorded (started, but kilnd stopped before
     // recording it). A leader that is gone is gone even if processes it left behind run; the
@@ -219,12 +198,13 @@ Status Reconciler::Recover() {
         InstanceUpdate u;
         u.reason = "adopted after a restart of kilnd";
         u.handle = handle.id;
+        u.pid = handle.pid;
         u.host = handle.host;
         u.port = handle.port;
         s = store_.Transaction([&]() -> Status {
           RETURN_IF_ERROR(
               store_.TransitionInstance(inst.name, InstanceState::kStarting, u).status());
-          return Event("instance_adopted", inst.service, inst.revision, inst.name, "kilnd",
+          return Event(EventKind::kInstanceAdopted, inst.service, inst.revision, inst.name, "kilnd",
                        "instance " + inst.name + " was started before kilnd stopped; adopted");
         });
       } else {
@@ -233,7 +213,7 @@ Status Reconciler::Recover() {
                               .TransitionInstance(inst.name, InstanceState::kFailed,
                                                   {.reason = "never started: kilnd stopped first"})
                               .status());
-          return Event("instance_failed", inst.service, inst.revision, inst.name, "kilnd",
+          return Event(EventKind::kInstanceFailed, inst.service, inst.revision, inst.name, "kilnd",
                        "instance " + inst.name + " was never started (kilnd stopped first)");
         });
       }
@@ -246,8 +226,8 @@ Status Reconciler::Recover() {
                               .TransitionInstance(inst.name, InstanceState::kTerminated,
                                                   {.reason = "stopped while kilnd was down"})
                               .status());
-          return Event("instance_terminated", inst.service, inst.revision, inst.name, "kilnd",
-                       "instance " + inst.name + " stopped");
+          return Event(EventKind::kInstanceTerminated, inst.service, inst.revision, inst.name,
+                       "kilnd", "instance " + inst.name + " stopped");
         });
       }
     } else if (!adopted) {
@@ -256,7 +236,7 @@ Status Reconciler::Recover() {
                             .TransitionInstance(inst.name, InstanceState::kLost,
                                                 {.reason = "gone while kilnd was down"})
                             .status());
-        return Event("instance_lost", inst.service, inst.revision, inst.name, "kilnd",
+        return Event(EventKind::kInstanceLost, inst.service, inst.revision, inst.name, "kilnd",
                      "instance " + inst.name + " was gone after kilnd restarted");
       });
     }
@@ -280,7 +260,7 @@ Status Reconciler::Recover() {
     LogWarn("stopping an instance unknown to the store",
             {{"instance", name}, {"service", r.service}, {"revision", r.revision}});
     driver_.Stop(r.handle, options_.stop_grace, [](StatusOr<ExitInfo>) {});
-    (void)Event("unknown_instance_stopped", r.service, r.revision, name, "kilnd",
+    (void)Event(EventKind::kUnknownInstanceStopped, r.service, r.revision, name, "kilnd",
                 "instance " + name + " ran with kiln's identity but was not in the store; stopped");
   }
   for (const auto& name : ServiceNames()) scheduler_.Add(name);
@@ -325,8 +305,9 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
     if (to == InstanceState::kFailed) {
       RETURN_IF_ERROR(RecordFailure(service, inst.name + " " + u.reason));
     }
-    return Event(to == InstanceState::kFailed ? "instance_exited" : "instance_terminated", service,
-                 inst.revision, inst.name, "kilnd", "instance " + inst.name + " " + u.reason);
+    return Event(
+        to == InstanceState::kFailed ? EventKind::kInstanceExited : EventKind::kInstanceTerminated,
+        service, inst.revision, inst.name, "kilnd", "instance " + inst.name + " " + u.reason);
   });
   if (!s.ok()) {
     LogError("cannot record an exit; will retry",
@@ -479,9 +460,9 @@ Status Reconciler::HandleArtifactDrift(const std::string& digest, const Status& 
     for (const auto& [name, d] : desired_.services()) {
       if (d.spec.tmpl.artifact_sha256 == digest) affected.insert(name);
     }
-    if (affected.empty()) return Event("artifact_drift", "", 0, "", "kilnd", what);
+    if (affected.empty()) return Event(EventKind::kArtifactDrift, "", 0, "", "kilnd", what);
     for (const std::string& service : affected) {
-      RETURN_IF_ERROR(Event("artifact_drift", service, 0, "", "kilnd", what));
+      RETURN_IF_ERROR(Event(EventKind::kArtifactDrift, service, 0, "", "kilnd", what));
     }
     return Status::Ok();
   }));
@@ -522,7 +503,7 @@ void Reconciler::OnProbe(const ProbeResult& r) {
       RETURN_IF_ERROR(
           store_.TransitionInstance(inst.name, InstanceState::kHealthy, {.reason = r.reason})
               .status());
-      return Event("instance_healthy", service, inst.revision, inst.name, "kilnd",
+      return Event(EventKind::kInstanceHealthy, service, inst.revision, inst.name, "kilnd",
                    "instance " + inst.name + " is healthy: " + r.reason);
     }
     if (!r.healthy && inst.state == InstanceState::kHealthy) {
@@ -532,7 +513,7 @@ void Reconciler::OnProbe(const ProbeResult& r) {
       // Failing health past its threshold is drift: the instance is replaced, never restarted.
       RETURN_IF_ERROR(store_.RequestReplacement(inst.name, "health failing: " + r.reason));
       RETURN_IF_ERROR(RecordFailure(service, inst.name + " failed health: " + r.reason));
-      return Event("instance_unhealthy", service, inst.revision, inst.name, "kilnd",
+      return Event(EventKind::kInstanceUnhealthy, service, inst.revision, inst.name, "kilnd",
                    "instance " + inst.name + " is unhealthy: " + r.reason + "; replacing it");
     }
     return Status::Ok();
@@ -585,13 +566,14 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
                             .status());
         RETURN_IF_ERROR(
             RecordFailure(inst.service, h.status().message(), permanent, inst.revision));
-        return Event("instance_start_failed", inst.service, inst.revision, inst.name, "kilnd",
-                     h.status().message() + (permanent ? " (retrying cannot help)" : ""));
+        return Event(EventKind::kInstanceStartFailed, inst.service, inst.revision, inst.name,
+                     "kilnd", h.status().message() + (permanent ? " (retrying cannot help)" : ""));
       });
     } else {
       InstanceUpdate u;
       u.reason = "started";
       u.handle = h->id;
+      u.pid = h->pid;
       u.host = h->host;
       u.port = h->port;
       s = store_.Transaction([&]() -> Status {
@@ -604,7 +586,7 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
           svc.start_error_revision = 0;
           RETURN_IF_ERROR(store_.PutService(svc));
         }
-        return Event("instance_started", inst.service, inst.revision, inst.name, "kilnd",
+        return Event(EventKind::kInstanceStarted, inst.service, inst.revision, inst.name, "kilnd",
                      "instance " + inst.name + " started on port " + std::to_string(h->port));
       });
       if (!s.ok()) unrecorded_starts_[inst.name] = *h;
@@ -622,7 +604,7 @@ void Reconciler::StartInstance(const InstanceRecord& inst) {
 void Reconciler::StopInstance(const InstanceRecord& inst, bool mark_terminated) {
   prober_.Unwatch(inst.name);
   probe_written_.erase(inst.name);
-  InstanceHandle handle{inst.name, inst.handle, inst.host, inst.port};
+  InstanceHandle handle{inst.name, inst.handle, inst.host, inst.port, inst.pid};
   if (handle.id.empty()) {
     auto it = unrecorded_starts_.find(inst.name);
     if (it != unrecorded_starts_.end()) handle = it->second;
@@ -636,7 +618,7 @@ void Reconciler::StopInstance(const InstanceRecord& inst, bool mark_terminated) 
       InstanceUpdate u;
       u.reason = r.ok() ? "stopped: " + r->Describe() : r.status().message();
       RETURN_IF_ERROR(store_.TransitionInstance(inst.name, InstanceState::kTerminated, u).status());
-      return Event("instance_terminated", inst.service, inst.revision, inst.name, "kilnd",
+      return Event(EventKind::kInstanceTerminated, inst.service, inst.revision, inst.name, "kilnd",
                    "instance " + inst.name + " " + u.reason);
     });
     if (!s.ok())
@@ -659,6 +641,7 @@ void Reconciler::RetryUnrecordedStarts(const std::string& service) {
     InstanceUpdate u;
     u.reason = "started";
     u.handle = it->second.id;
+    u.pid = it->second.pid;
     u.host = it->second.host;
     u.port = it->second.port;
     auto cur = store_.GetInstance(it->first);
@@ -693,16 +676,16 @@ StatusOr<int64_t> Reconciler::EnsureDesiredRevision(const DesiredService& d, Ser
   ASSIGN_OR_RETURN(r.number, store_.NextRevisionNumber(svc.name));
   r.template_hash = hash;
   r.template_json = d.spec.tmpl.Canonical();
-  r.source = "manifest";
+  r.source = RevisionSource::kManifest;
   r.manifest_file = d.spec.file;
   r.manifest_sha256 = d.manifest_sha256;
   RETURN_IF_ERROR(store_.WriteRevision(r));
-  RETURN_IF_ERROR(Event("revision_created", svc.name, r.number, "", "kilnd",
+  RETURN_IF_ERROR(Event(EventKind::kRevisionCreated, svc.name, r.number, "", "kilnd",
                         "revision " + std::to_string(r.number) + " of " + svc.name + " (version " +
                             d.spec.tmpl.version + ") from " + d.spec.file));
   if (svc.pinned_revision > 0 && svc.desired_revision > 0) {
     // The manifest declares a template other than the one rolled away from: the fix. The pin lifts.
-    RETURN_IF_ERROR(Event("pin_lifted", svc.name, r.number, "", "kilnd",
+    RETURN_IF_ERROR(Event(EventKind::kPinLifted, svc.name, r.number, "", "kilnd",
                           svc.name + " no longer pinned to revision " +
                               std::to_string(svc.pinned_revision) +
                               ": the manifest declares a new template"));
@@ -725,7 +708,7 @@ Status Reconciler::RetireStep(const std::string& name) {
       s.retire_at_ms = now + options_.retire_after.count();
       RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
         RETURN_IF_ERROR(store_.PutService(s));
-        return Event("service_missing", name, 0, "", "kilnd",
+        return Event(EventKind::kServiceMissing, name, 0, "", "kilnd",
                      name + " is no longer declared in the manifests (was in " + s.manifest_file +
                          "); retiring it in " + FormatDuration(options_.retire_after) +
                          " unless it comes back");
@@ -742,7 +725,7 @@ Status Reconciler::RetireStep(const std::string& name) {
     if (!s.retired) {
       s.retired = true;
       RETURN_IF_ERROR(store_.PutService(s));
-      RETURN_IF_ERROR(Event("service_retired", name, 0, "", "kilnd",
+      RETURN_IF_ERROR(Event(EventKind::kServiceRetired, name, 0, "", "kilnd",
                             name + " has not been declared in the manifests for " +
                                 FormatDuration(options_.retire_after) + "; scaling to zero"));
     }
@@ -751,7 +734,7 @@ Status Reconciler::RetireStep(const std::string& name) {
       ASSIGN_OR_RETURN(InstanceRecord d,
                        store_.TransitionInstance(inst.name, InstanceState::kDraining,
                                                  {.reason = "service retired"}));
-      RETURN_IF_ERROR(Event("instance_draining", name, inst.revision, inst.name, "kilnd",
+      RETURN_IF_ERROR(Event(EventKind::kInstanceDraining, name, inst.revision, inst.name, "kilnd",
                             "stopping " + inst.name + ": service retired"));
       to_stop.push_back(d);
     }
@@ -827,7 +810,7 @@ Status Reconciler::WriteRollbackRevision(ServiceRecord& svc, const RevisionRecor
   ASSIGN_OR_RETURN(r.number, store_.NextRevisionNumber(svc.name));
   r.template_hash = from.template_hash;
   r.template_json = from.template_json;
-  r.source = "rollback";
+  r.source = RevisionSource::kRollback;
   r.actor = actor;
   r.reason = reason;
   r.rolled_back_from = from.number;
@@ -835,7 +818,7 @@ Status Reconciler::WriteRollbackRevision(ServiceRecord& svc, const RevisionRecor
   svc.pinned_revision = r.number;
   svc.pin_reason = (actor == "auto" ? "automatic rollback" : "rollback by " + actor) +
                    (reason.empty() ? "" : ": " + reason);
-  RETURN_IF_ERROR(Event("rolled_back", svc.name, r.number, "", actor,
+  RETURN_IF_ERROR(Event(EventKind::kRolledBack, svc.name, r.number, "", actor,
                         svc.name + " rolled back to the template of revision " +
                             std::to_string(from.number) + " as revision " +
                             std::to_string(r.number) + "; pinned (" + svc.pin_reason + ")"));
@@ -887,7 +870,7 @@ Status Reconciler::Reconcile(const std::string& name) {
       manifest_error = desired_rev.status().message();
     }
     if (svc.manifest_error != manifest_error && !manifest_error.empty()) {
-      RETURN_IF_ERROR(Event("manifest_error", name, 0, "", "kilnd", manifest_error));
+      RETURN_IF_ERROR(Event(EventKind::kManifestError, name, 0, "", "kilnd", manifest_error));
     }
     svc.manifest_error = manifest_error;
     svc.manifest_file = spec.file;
@@ -895,7 +878,7 @@ Status Reconciler::Reconcile(const std::string& name) {
     svc.retired = false;
     if (svc.retire_at_ms != 0) {
       svc.retire_at_ms = 0;
-      RETURN_IF_ERROR(Event("retirement_cancelled", name, 0, "", "kilnd",
+      RETURN_IF_ERROR(Event(EventKind::kRetirementCancelled, name, 0, "", "kilnd",
                             name + " is declared again (in " + spec.file + "); not retiring it"));
     }
 
@@ -910,8 +893,8 @@ Status Reconciler::Reconcile(const std::string& name) {
     if (latest.ok()) rollout = *latest;
     RolloutRecord rollout_written = rollout;  // what the store holds; write only on change
     if (!latest.ok() || rollout.to_revision != target_rev) {
-      if (latest.ok() && RolloutActive(rollout)) {
-        rollout.state = "superseded";
+      if (latest.ok() && IsActive(rollout.state)) {
+        rollout.state = RolloutState::kSuperseded;
         rollout.finished_ms = now;
         RETURN_IF_ERROR(store_.PutRollout(rollout).status());
       }
@@ -919,8 +902,8 @@ Status Reconciler::Reconcile(const std::string& name) {
       next.service = name;
       next.from_revision = latest.ok() ? rollout.to_revision : 0;
       next.to_revision = target_rev;
-      next.strategy = std::string(StrategyName(spec.update.strategy));
-      next.state = svc.paused ? "paused" : "progressing";
+      next.strategy = spec.update.strategy;
+      next.state = svc.paused ? RolloutState::kPaused : RolloutState::kProgressing;
       next.paused_at_ms = svc.paused ? now : 0;
       next.started_ms = next.last_progress_ms = now;
       ASSIGN_OR_RETURN(next.id, store_.PutRollout(next));
@@ -936,9 +919,9 @@ Status Reconciler::Reconcile(const std::string& name) {
         svc.start_error.clear();
         svc.start_error_revision = 0;
       }
-      RETURN_IF_ERROR(Event("rollout_started", name, target_rev, "", "kilnd",
+      RETURN_IF_ERROR(Event(EventKind::kRolloutStarted, name, target_rev, "", "kilnd",
                             "rollout of " + name + " to revision " + std::to_string(target_rev) +
-                                " (" + rollout.strategy + ")"));
+                                " (" + std::string(StrategyName(rollout.strategy)) + ")"));
     }
 
     // Instances that missed their healthy deadline fail; the rest feed the plan.
@@ -962,7 +945,7 @@ Status Reconciler::Reconcile(const std::string& name) {
             InstanceRecord f,
             store_.TransitionInstance(inst.name, InstanceState::kFailed, {.reason = reason}));
         NoteFailure(svc, inst.name + " " + reason, now);
-        RETURN_IF_ERROR(Event("instance_failed", name, inst.revision, inst.name, "kilnd",
+        RETURN_IF_ERROR(Event(EventKind::kInstanceFailed, name, inst.revision, inst.name, "kilnd",
                               "instance " + inst.name + " " + reason));
         to_fail.push_back(f);
         continue;
@@ -1022,7 +1005,7 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
 
     // Rollout progress, completion and the progress deadline.
-    if (RolloutActive(rollout)) {
+    if (IsActive(rollout.state)) {
       std::pair<int, int> seen{plan.new_available, plan.old_total};
       auto it = progress_seen_.find(name);
       if (it == progress_seen_.end() || it->second != seen) {
@@ -1031,13 +1014,13 @@ Status Reconciler::Reconcile(const std::string& name) {
       }
       if (plan.promote_now && !rollout.promoted) {
         rollout.promoted = true;
-        RETURN_IF_ERROR(Event("promoted", name, target_rev, "", "auto",
+        RETURN_IF_ERROR(Event(EventKind::kPromoted, name, target_rev, "", "auto",
                               "canaries of revision " + std::to_string(target_rev) +
                                   " available; promoted automatically"));
       }
-      if (plan.waiting_promotion && rollout.state == "progressing") {
-        rollout.state = "waiting_promotion";
-        RETURN_IF_ERROR(Event("waiting_promotion", name, target_rev, "", "kilnd",
+      if (plan.waiting_promotion && rollout.state == RolloutState::kProgressing) {
+        rollout.state = RolloutState::kWaitingPromotion;
+        RETURN_IF_ERROR(Event(EventKind::kWaitingPromotion, name, target_rev, "", "kilnd",
                               "canaries of revision " + std::to_string(target_rev) +
                                   " are available; waiting for `kilnctl promote " + name + "`"));
       }
@@ -1046,21 +1029,22 @@ Status Reconciler::Reconcile(const std::string& name) {
       const int64_t deadline_at =
           rollout.last_progress_ms + rollout.paused_ms + spec.update.progress_deadline.count();
       if (done) {
-        rollout.state = "completed";
+        rollout.state = RolloutState::kCompleted;
         rollout.finished_ms = now;
         RETURN_IF_ERROR(store_.MarkRevisionAvailable(name, target_rev, now));
-        RETURN_IF_ERROR(Event("rollout_completed", name, target_rev, "", "kilnd",
+        RETURN_IF_ERROR(Event(EventKind::kRolloutCompleted, name, target_rev, "", "kilnd",
                               "rollout of " + name + " to revision " + std::to_string(target_rev) +
                                   " completed: " + std::to_string(spec.replicas) + " available"));
-      } else if (rollout.state == "progressing" && (now >= deadline_at || start_error)) {
-        rollout.state = "failed";
+      } else if (rollout.state == RolloutState::kProgressing &&
+                 (now >= deadline_at || start_error)) {
+        rollout.state = RolloutState::kFailed;
         rollout.finished_ms = now;
         rollout.reason = start_error ? "instances of revision " + std::to_string(target_rev) +
                                            " cannot start: " + svc.start_error
                                      : "no progress for progress_deadline " +
                                            FormatDuration(spec.update.progress_deadline) + " (" +
                                            plan.summary + ")";
-        RETURN_IF_ERROR(Event("rollout_failed", name, target_rev, "", "kilnd",
+        RETURN_IF_ERROR(Event(EventKind::kRolloutFailed, name, target_rev, "", "kilnd",
                               "rollout of " + name + " to revision " + std::to_string(target_rev) +
                                   " failed: " + rollout.reason));
         if (spec.update.auto_rollback) {
@@ -1076,7 +1060,7 @@ Status Reconciler::Reconcile(const std::string& name) {
                     {{"service", name}, {"error", good.status().message()}});
           }
         }
-      } else if (rollout.state == "progressing") {
+      } else if (rollout.state == RolloutState::kProgressing) {
         wake_at(deadline_at);
       }
       if (!(rollout == rollout_written)) RETURN_IF_ERROR(store_.PutRollout(rollout).status());
@@ -1098,13 +1082,13 @@ Status Reconciler::Reconcile(const std::string& name) {
                               : "scaled down";
         ASSIGN_OR_RETURN(InstanceRecord d, store_.TransitionInstance(
                                                victim, InstanceState::kDraining, {.reason = why}));
-        RETURN_IF_ERROR(Event("instance_draining", name, d.revision, victim, "kilnd",
+        RETURN_IF_ERROR(Event(EventKind::kInstanceDraining, name, d.revision, victim, "kilnd",
                               "stopping " + victim + ": " + why));
         to_stop.push_back(d);
       }
       for (int i = 0; i < plan.create; ++i) {
         ASSIGN_OR_RETURN(InstanceRecord c, store_.CreateInstance(name, target_rev));
-        RETURN_IF_ERROR(Event("instance_created", name, target_rev, c.name, "kilnd",
+        RETURN_IF_ERROR(Event(EventKind::kInstanceCreated, name, target_rev, c.name, "kilnd",
                               "creating " + c.name + " of revision " + std::to_string(target_rev) +
                                   " (" + plan.summary + ")"));
         to_start.push_back(c);
@@ -1115,44 +1099,48 @@ Status Reconciler::Reconcile(const std::string& name) {
     const int min_available =
         spec.replicas - spec.update.max_unavailable.Resolve(spec.replicas, false);
     std::vector<Condition> conditions;
-    conditions.push_back({"Available", plan.new_available + plan.old_available >= min_available,
-                          plan.new_available + plan.old_available >= min_available
-                              ? "MinimumReplicasAvailable"
-                              : "MinimumReplicasUnavailable",
-                          std::to_string(plan.new_available + plan.old_available) + " of " +
-                              std::to_string(spec.replicas) + " instances available"});
-    if (rollout.state == "completed") {
-      conditions.push_back({"Progressing", true, "NewRevisionAvailable",
+    conditions.push_back(
+        {ConditionType::kAvailable, plan.new_available + plan.old_available >= min_available,
+         plan.new_available + plan.old_available >= min_available ? "MinimumReplicasAvailable"
+                                                                  : "MinimumReplicasUnavailable",
+         std::to_string(plan.new_available + plan.old_available) + " of " +
+             std::to_string(spec.replicas) + " instances available"});
+    if (rollout.state == RolloutState::kCompleted) {
+      conditions.push_back({ConditionType::kProgressing, true, "NewRevisionAvailable",
                             "revision " + std::to_string(target_rev) + " is available"});
-    } else if (rollout.state == "failed") {
-      conditions.push_back({"Progressing", false,
+    } else if (rollout.state == RolloutState::kFailed) {
+      conditions.push_back({ConditionType::kProgressing, false,
                             start_error ? "StartError" : "ProgressDeadlineExceeded",
                             rollout.reason});
-    } else if (rollout.state == "paused") {
-      conditions.push_back({"Progressing", false, "RolloutPaused", "paused by an operator"});
-    } else if (rollout.state == "waiting_promotion") {
-      conditions.push_back({"Progressing", true, "WaitingForPromotion", plan.summary});
+    } else if (rollout.state == RolloutState::kPaused) {
+      conditions.push_back(
+          {ConditionType::kProgressing, false, "RolloutPaused", "paused by an operator"});
+    } else if (rollout.state == RolloutState::kWaitingPromotion) {
+      conditions.push_back(
+          {ConditionType::kProgressing, true, "WaitingForPromotion", plan.summary});
     } else {
-      conditions.push_back({"Progressing", true, "NewRevisionProgressing", plan.summary});
+      conditions.push_back(
+          {ConditionType::kProgressing, true, "NewRevisionProgressing", plan.summary});
     }
     if (!svc.manifest_error.empty()) {
-      conditions.push_back({"Degraded", true, "ManifestError", svc.manifest_error});
+      conditions.push_back({ConditionType::kDegraded, true, "ManifestError", svc.manifest_error});
     } else if (start_error) {
-      conditions.push_back({"Degraded", true, "StartError", svc.start_error});
+      conditions.push_back({ConditionType::kDegraded, true, "StartError", svc.start_error});
     } else if (svc.crash_count >= 2) {
-      conditions.push_back({"Degraded", true, "CrashLoopBackOff",
+      conditions.push_back({ConditionType::kDegraded, true, "CrashLoopBackOff",
                             "crash-looping: " + svc.crash_reason + " (" +
                                 std::to_string(svc.crash_count) + " failures in a row)"});
-    } else if (rollout.state == "failed" || svc.pinned_revision > 0) {
-      conditions.push_back({"Degraded", true, svc.pinned_revision > 0 ? "Pinned" : "RolloutFailed",
+    } else if (rollout.state == RolloutState::kFailed || svc.pinned_revision > 0) {
+      conditions.push_back({ConditionType::kDegraded, true,
+                            svc.pinned_revision > 0 ? "Pinned" : "RolloutFailed",
                             svc.pinned_revision > 0 ? svc.pin_reason : rollout.reason});
     } else {
-      conditions.push_back({"Degraded", false, "AsExpected", ""});
+      conditions.push_back({ConditionType::kDegraded, false, "AsExpected", ""});
     }
-    svc.conditions = ConditionsJson(svc.conditions, conditions, now);
+    svc.conditions = WithTransitionTimes(svc.conditions, std::move(conditions), now);
     // A steady pass writes nothing: no commit, no fsync.
     if (!existing.ok() || !(svc == *existing)) RETURN_IF_ERROR(store_.PutService(svc));
-    if (rollout.state == "completed" && rollout.finished_ms == now) {
+    if (rollout.state == RolloutState::kCompleted && rollout.finished_ms == now) {
       RETURN_IF_ERROR(store_.PruneFinalInstances(name, options_.final_instances_kept).status());
       ASSIGN_OR_RETURN(int pruned, PruneHistory(svc, target_rev, spec.history_limit));
       // Only a pruned revision can leave an artifact unreferenced.
@@ -1218,7 +1206,7 @@ Status Reconciler::Unpin(const std::string& service, const std::string& actor) {
   RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
     if (svc.pinned_revision == 0) return FailedPreconditionError(service + " is not pinned");
-    RETURN_IF_ERROR(Event("unpinned", service, svc.pinned_revision, "", actor,
+    RETURN_IF_ERROR(Event(EventKind::kUnpinned, service, svc.pinned_revision, "", actor,
                           service + " unpinned from revision " +
                               std::to_string(svc.pinned_revision) +
                               "; following its manifest again"));
@@ -1237,12 +1225,12 @@ Status Reconciler::Pause(const std::string& service, const std::string& reason,
     if (svc.paused) return FailedPreconditionError(service + " is already paused");
     svc.paused = true;
     StatusOr<RolloutRecord> r = store_.GetLatestRollout(service);
-    if (r.ok() && RolloutActive(*r) && r->state != "paused") {
-      r->state = "paused";
+    if (r.ok() && IsActive(r->state) && r->state != RolloutState::kPaused) {
+      r->state = RolloutState::kPaused;
       r->paused_at_ms = NowMs();
       RETURN_IF_ERROR(store_.PutRollout(*r).status());
     }
-    RETURN_IF_ERROR(Event("paused", service, 0, "", actor,
+    RETURN_IF_ERROR(Event(EventKind::kPaused, service, 0, "", actor,
                           service + " paused" + (reason.empty() ? "" : ": " + reason)));
     return store_.PutService(svc);
   }));
@@ -1256,13 +1244,13 @@ Status Reconciler::Resume(const std::string& service, const std::string& actor) 
     if (!svc.paused) return FailedPreconditionError(service + " is not paused");
     svc.paused = false;
     StatusOr<RolloutRecord> r = store_.GetLatestRollout(service);
-    if (r.ok() && r->state == "paused") {
-      r->state = "progressing";
+    if (r.ok() && r->state == RolloutState::kPaused) {
+      r->state = RolloutState::kProgressing;
       r->paused_ms += NowMs() - r->paused_at_ms;  // paused time does not count toward the deadline
       r->paused_at_ms = 0;
       RETURN_IF_ERROR(store_.PutRollout(*r).status());
     }
-    RETURN_IF_ERROR(Event("resumed", service, 0, "", actor, service + " resumed"));
+    RETURN_IF_ERROR(Event(EventKind::kResumed, service, 0, "", actor, service + " resumed"));
     return store_.PutService(svc);
   }));
   scheduler_.Add(service);
@@ -1273,15 +1261,15 @@ Status Reconciler::Promote(const std::string& service, const std::string& actor)
   RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
     StatusOr<RolloutRecord> r = store_.GetLatestRollout(service);
-    if (!r.ok() || r->state != "waiting_promotion") {
+    if (!r.ok() || r->state != RolloutState::kWaitingPromotion) {
       return FailedPreconditionError(service + " has no canary waiting for promotion");
     }
     r->promoted = true;
-    r->state = "progressing";
+    r->state = RolloutState::kProgressing;
     r->last_progress_ms = NowMs();
     RETURN_IF_ERROR(store_.PutRollout(*r).status());
     return Event(
-        "promoted", service, r->to_revision, "", actor,
+        EventKind::kPromoted, service, r->to_revision, "", actor,
         "canaries of revision " + std::to_string(r->to_revision) + " promoted by " + actor);
   }));
   scheduler_.Add(service);
@@ -1295,7 +1283,7 @@ Status Reconciler::ReplaceInstance(const std::string& instance, const std::strin
     const std::string why =
         "replacement requested by " + actor + (reason.empty() ? "" : ": " + reason);
     RETURN_IF_ERROR(store_.RequestReplacement(instance, why));
-    return Event("replace_requested", inst.service, inst.revision, instance, actor, why);
+    return Event(EventKind::kReplaceRequested, inst.service, inst.revision, instance, actor, why);
   }));
   scheduler_.Add(ServiceOf(instance));
   return Status::Ok();

@@ -116,7 +116,7 @@ class Reconciler {
 
  private:
   int64_t NowMs() const { return ToUnixMillis(clock_.SystemNow()); }
-  Status Event(const std::string& kind, const std::string& service, int64_t revision,
+  Status Event(EventKind kind, const std::string& service, int64_t revision,
                const std::string& instance, const std::string& actor, const std::string& message);
   StatusOr<std::string> HashOf(const std::string& service, int64_t revision);
   // The artifact digest a revision runs ("" for an image).

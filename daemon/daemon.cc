@@ -386,25 +386,26 @@ int RunDaemon(int argc, char** argv) {
     }
   };
   rec_options.on_event = [&metrics](const EventRecord& e) {
-    if (e.kind == "rollout_completed")
+    if (e.kind == EventKind::kRolloutCompleted)
       metrics.Add("kiln_rollouts_total", {{"result", "completed"}});
-    if (e.kind == "rollout_failed") metrics.Add("kiln_rollouts_total", {{"result", "failed"}});
-    if (e.kind == "rolled_back") {
+    if (e.kind == EventKind::kRolloutFailed)
+      metrics.Add("kiln_rollouts_total", {{"result", "failed"}});
+    if (e.kind == EventKind::kRolledBack) {
       metrics.Add("kiln_rollbacks_total",
                   {{"trigger", e.actor == "auto" ? "automatic" : "manual"}});
     }
-    if (e.kind == "instance_start_failed")
+    if (e.kind == EventKind::kInstanceStartFailed)
       metrics.Add("kiln_driver_errors_total", {{"service", e.service}});
-    if (e.kind == "instance_exited")
+    if (e.kind == EventKind::kInstanceExited)
       metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "exited"}});
-    if (e.kind == "instance_start_failed")
+    if (e.kind == EventKind::kInstanceStartFailed)
       metrics.Add("kiln_instance_failures_total",
                   {{"service", e.service}, {"how", "start_failed"}});
-    if (e.kind == "instance_failed")
+    if (e.kind == EventKind::kInstanceFailed)
       metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "failed"}});
-    if (e.kind == "instance_unhealthy")
+    if (e.kind == EventKind::kInstanceUnhealthy)
       metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "unhealthy"}});
-    if (e.kind == "artifact_drift") metrics.Add("kiln_artifact_drift_total");
+    if (e.kind == EventKind::kArtifactDrift) metrics.Add("kiln_artifact_drift_total");
   };
   Reconciler reconciler(**store, driver, prober, *artifacts, clock, queue, rec_options);
   reconciler_ptr = &reconciler;

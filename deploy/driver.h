@@ -38,6 +38,9 @@ struct InstanceHandle {
   std::string id;
   std::string host;
   int port = 0;
+  // The leader's process id, for callers to show (never to find the instance by: pids are
+  // reused). 0 when the driver does not run processes or the leader is gone.
+  int64_t pid = 0;
 };
 
 // How an instance ended.

@@ -503,6 +503,7 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     InstanceHandle handle;
     handle.instance = spec.instance;
     handle.id = EncodeId({pid, st->start_time});
+    handle.pid = pid;
     handle.host = "127.0.0.1";
     handle.port = port;
     Track(handle, {pid, st->start_time}, std::move(spawned->pidfd), cgroup_dir, spec.service,
@@ -645,6 +646,7 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
       RunningInstance r;
       r.handle.instance = name;
       r.handle.id = leader ? EncodeId({*leader, members[*leader].start_time}) : EncodeId({0, 0});
+      r.handle.pid = leader ? *leader : 0;
       r.handle.host = "127.0.0.1";
       // Identity from the leader's environment, else from any process of it that has one.
       std::map<std::string, std::string> env;

@@ -490,14 +490,8 @@ class FileParser {
       if (ue.key == "strategy") {
         std::string s;
         if (!GetString(ue, path, &s)) continue;
-        if (s == "rolling")
-          u->strategy = Strategy::kRolling;
-        else if (s == "recreate")
-          u->strategy = Strategy::kRecreate;
-        else if (s == "blue-green")
-          u->strategy = Strategy::kBlueGreen;
-        else if (s == "canary")
-          u->strategy = Strategy::kCanary;
+        if (std::optional<Strategy> st = ParseStrategy(s))
+          u->strategy = *st;
         else
           Add(ue.value, ue.key_node, path,
               "expected rolling, recreate, blue-green or canary, got " + Quote(s));
@@ -776,6 +770,14 @@ std::string_view StrategyName(Strategy s) {
   return "rolling";
 }
 
+std::optional<Strategy> ParseStrategy(std::string_view name) {
+  for (Strategy s :
+       {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
+    if (StrategyName(s) == name) return s;
+  }
+  return std::nullopt;
+}
+
 std::string ServiceSpecToJson(const ServiceSpec& s) {
   const UpdatePolicy& u = s.update;
   nlohmann::json j = {
@@ -814,10 +816,7 @@ StatusOr<ServiceSpec> ServiceSpecFromJson(std::string_view text) {
     ASSIGN_OR_RETURN(s.tmpl, Template::FromCanonical(j.at("template").dump()));
     const auto& u = j.at("update");
     std::string strategy = u.at("strategy").get<std::string>();
-    for (Strategy st :
-         {Strategy::kRolling, Strategy::kRecreate, Strategy::kBlueGreen, Strategy::kCanary}) {
-      if (StrategyName(st) == strategy) s.update.strategy = st;
-    }
+    if (std::optional<Strategy> st = ParseStrategy(strategy)) s.update.strategy = *st;
     auto count = [](const std::string& t) {
       bool pct = !t.empty() && t.back() == '%';
       return CountOrPercent{std::atoi(t.c_str()), pct};

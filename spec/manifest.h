@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,7 @@ struct CountOrPercent {
 
 enum class Strategy { kRolling, kRecreate, kBlueGreen, kCanary };
 std::string_view StrategyName(Strategy s);  // "rolling", "recreate", "blue-green", "canary"
+std::optional<Strategy> ParseStrategy(std::string_view name);  // nullopt for any other name
 
 struct UpdatePolicy {
   Strategy strategy = Strategy::kRolling;

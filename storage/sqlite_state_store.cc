@@ -4,13 +4,14 @@
 #include <array>
 #include <charconv>
 #include <cstdio>
+#include <nlohmann/json.hpp>
 #include <vector>
 
 namespace kiln {
 namespace {
 
 // Each entry moves the schema from version i to i+1; never edit one that has shipped, add one.
-constexpr std::array<const char*, 4> kMigrations = {
+constexpr std::array<const char*, 5> kMigrations = {
     // 1: services, immutable revisions, instances, events.
     R"sql(
 CREATE TABLE services (
@@ -134,21 +135,93 @@ CREATE INDEX events_by_aggregate ON events(service, aggregate_key, seq) WHERE ag
 CREATE TABLE events_pruned (through_seq INTEGER NOT NULL);
 INSERT INTO events_pruned (through_seq) SELECT coalesce(min(seq) - 1, 0) FROM events;
 )sql",
+    // 5: the leader's pid as a column of its own, so nothing outside the driver reads a handle.
+    // Rows written before it take it from the process driver's handle, "pid:<pid>:<start time>".
+    R"sql(
+ALTER TABLE instances ADD COLUMN pid INTEGER NOT NULL DEFAULT 0;
+UPDATE instances SET pid = CAST(substr(handle, 5, instr(substr(handle, 5), ':') - 1) AS INTEGER)
+WHERE handle LIKE 'pid:%:%';
+)sql",
 };
+
+// A name read from the database that this build does not know: the row cannot be trusted.
+Status UnknownName(std::string_view table, std::string_view row, std::string_view column,
+                   std::string_view value) {
+  return DataLossError("table " + std::string(table) + ", row " + std::string(row) + ": unknown " +
+                       std::string(column) + " \"" + std::string(value) + "\"");
+}
+
+// Parses column `col` of a row with `parse` (one of the records' Parse* functions).
+template <typename E>
+StatusOr<E> ReadName(const sqlite::Statement& s, int col,
+                     std::optional<E> (*parse)(std::string_view), std::string_view table,
+                     std::string_view row, std::string_view column) {
+  const std::string text = s.Text(col);
+  std::optional<E> v = parse(text);
+  if (!v) return UnknownName(table, row, column, text);
+  return *v;
+}
+
+// Conditions are a JSON array in their column: [{"last_transition_ms":..,"message":..,
+// "reason":..,"status":..,"type":..}] (keys sorted, as written since schema version 2).
+std::string ConditionsToJson(const std::vector<Condition>& conditions) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const Condition& c : conditions) {
+    out.push_back({{"type", ConditionTypeName(c.type)},
+                   {"status", c.status},
+                   {"reason", c.reason},
+                   {"message", c.message},
+                   {"last_transition_ms", c.last_transition_ms}});
+  }
+  return out.dump();
+}
+
+StatusOr<std::vector<Condition>> ConditionsFromJson(const std::string& text,
+                                                    std::string_view service) {
+  auto bad = [&](std::string_view why) {
+    return DataLossError("table services, row " + std::string(service) + ": conditions " +
+                         std::string(why) + ": " + text);
+  };
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_array()) return bad("are not a JSON array");
+  std::vector<Condition> out;
+  for (const auto& c : j) {
+    if (!c.is_object()) return bad("hold something other than an object");
+    auto field = [&](const char* key) -> const nlohmann::json* {
+      auto it = c.find(key);
+      return it == c.end() ? nullptr : &*it;
+    };
+    const nlohmann::json* type = field("type");
+    const nlohmann::json* status = field("status");
+    const nlohmann::json* reason = field("reason");
+    const nlohmann::json* message = field("message");
+    const nlohmann::json* since = field("last_transition_ms");
+    if (!type || !type->is_string()) return bad("hold one without a type");
+    std::optional<ConditionType> t = ParseConditionType(type->get<std::string>());
+    if (!t) return UnknownName("services", service, "condition type", type->get<std::string>());
+    if (!status || !status->is_boolean() || (reason && !reason->is_string()) ||
+        (message && !message->is_string()) || (since && !since->is_number_integer())) {
+      return bad("hold a field of the wrong type");
+    }
+    out.push_back({*t, status->get<bool>(), reason ? reason->get<std::string>() : "",
+                   message ? message->get<std::string>() : "", since ? since->get<int64_t>() : 0});
+  }
+  return out;
+}
 
 constexpr const char* kInstanceColumns =
     "id, service, revision, state, reason, handle, host, port, created_ms, started_ms, "
     "healthy_since_ms, state_changed_ms, finished_ms, exit_code, exit_signal, replace_reason, "
-    "last_probe, last_probe_ok, last_probe_ms, first_probe_failure, probe_failing_since_ms";
+    "last_probe, last_probe_ok, last_probe_ms, first_probe_failure, probe_failing_since_ms, pid";
 
-InstanceRecord ReadInstance(const sqlite::Statement& s) {
+StatusOr<InstanceRecord> ReadInstance(const sqlite::Statement& s) {
   InstanceRecord r;
   r.id = s.Int(0);
   r.service = s.Text(1);
   r.name = r.service + "-" + std::to_string(r.id);
   r.revision = s.Int(2);
-  // The CHECK constraint admits only known names.
-  r.state = ParseInstanceState(s.Text(3)).value_or(InstanceState::kLost);
+  ASSIGN_OR_RETURN(r.state,
+                   ReadName(s, 3, ParseInstanceState, "instances", std::to_string(r.id), "state"));
   r.reason = s.Text(4);
   r.handle = s.Text(5);
   r.host = s.Text(6);
@@ -166,6 +239,7 @@ InstanceRecord ReadInstance(const sqlite::Statement& s) {
   r.last_probe_ms = s.Int(18);
   r.first_probe_failure = s.Text(19);
   r.probe_failing_since_ms = s.Int(20);
+  r.pid = s.Int(21);
   return r;
 }
 
@@ -174,7 +248,7 @@ constexpr const char* kServiceColumns =
     "manifest_error, conditions, created_ms, updated_ms, crash_count, last_crash_ms, crash_reason, "
     "next_start_ms, start_error, start_error_revision, retire_at_ms";
 
-ServiceRecord ReadService(const sqlite::Statement& s) {
+StatusOr<ServiceRecord> ReadService(const sqlite::Statement& s) {
   ServiceRecord r;
   r.name = s.Text(0);
   r.manifest_file = s.Text(1);
@@ -185,7 +259,7 @@ ServiceRecord ReadService(const sqlite::Statement& s) {
   r.paused = s.Int(6) != 0;
   r.retired = s.Int(7) != 0;
   r.manifest_error = s.Text(8);
-  r.conditions = s.Text(9);
+  ASSIGN_OR_RETURN(r.conditions, ConditionsFromJson(s.Text(9), r.name));
   r.created_ms = s.Int(10);
   r.updated_ms = s.Int(11);
   r.crash_count = static_cast<int>(s.Int(12));
@@ -202,13 +276,14 @@ constexpr const char* kRevisionColumns =
     "service, number, template_hash, template, source, manifest_file, manifest_sha256, actor, "
     "reason, rolled_back_from, created_ms, available_ms";
 
-RevisionRecord ReadRevision(const sqlite::Statement& s) {
+StatusOr<RevisionRecord> ReadRevision(const sqlite::Statement& s) {
   RevisionRecord r;
   r.service = s.Text(0);
   r.number = s.Int(1);
   r.template_hash = s.Text(2);
   r.template_json = s.Text(3);
-  r.source = s.Text(4);
+  ASSIGN_OR_RETURN(r.source, ReadName(s, 4, ParseRevisionSource, "revisions",
+                                      r.service + " " + std::to_string(r.number), "source"));
   r.manifest_file = s.Text(5);
   r.manifest_sha256 = s.Text(6);
   r.actor = s.Text(7);
@@ -223,14 +298,15 @@ constexpr const char* kRolloutColumns =
     "id, service, from_revision, to_revision, strategy, state, reason, started_ms, "
     "last_progress_ms, paused_ms, paused_at_ms, finished_ms, promoted";
 
-RolloutRecord ReadRollout(const sqlite::Statement& s) {
+StatusOr<RolloutRecord> ReadRollout(const sqlite::Statement& s) {
   RolloutRecord r;
   r.id = s.Int(0);
   r.service = s.Text(1);
   r.from_revision = s.Int(2);
   r.to_revision = s.Int(3);
-  r.strategy = s.Text(4);
-  r.state = s.Text(5);
+  const std::string row = std::to_string(r.id);
+  ASSIGN_OR_RETURN(r.strategy, ReadName(s, 4, ParseStrategy, "rollouts", row, "strategy"));
+  ASSIGN_OR_RETURN(r.state, ReadName(s, 5, ParseRolloutState, "rollouts", row, "state"));
   r.reason = s.Text(6);
   r.started_ms = s.Int(7);
   r.last_progress_ms = s.Int(8);
@@ -252,7 +328,8 @@ bool SplitInstanceName(std::string_view name, std::string_view* service, int64_t
   return true;
 }
 
-// Runs the statement to completion, appending each row read by `read`.
+// Runs the statement to completion, appending each row read by `read` (which returns a
+// StatusOr<T>: a row it cannot read fails the whole query, naming the database and `what`).
 template <typename T, typename ReadFn>
 StatusOr<std::vector<T>> CollectRows(sqlite::Database& db, sqlite::Statement& s,
                                      std::string_view what, ReadFn read) {
@@ -260,7 +337,13 @@ StatusOr<std::vector<T>> CollectRows(sqlite::Database& db, sqlite::Statement& s,
   for (;;) {
     ASSIGN_OR_RETURN(bool row, db.Step(s, what));
     if (!row) break;
-    out.push_back(read(s));
+    StatusOr<T> r = read(s);
+    if (!r.ok()) {
+      sqlite3_reset(s.get());
+      return Status(r.status().code(),
+                    db.path() + ": " + std::string(what) + ": " + r.status().message());
+    }
+    out.push_back(std::move(r).value());
   }
   return out;
 }
@@ -294,64 +377,6 @@ Status ApplyMigrations(sqlite::Database& db, int from, int to) {
 }
 
 }  // namespace
-
-std::string_view InstanceStateName(InstanceState s) {
-  switch (s) {
-    case InstanceState::kPending:
-      return "pending";
-    case InstanceState::kStarting:
-      return "starting";
-    case InstanceState::kHealthy:
-      return "healthy";
-    case InstanceState::kUnhealthy:
-      return "unhealthy";
-    case InstanceState::kDraining:
-      return "draining";
-    case InstanceState::kTerminated:
-      return "terminated";
-    case InstanceState::kFailed:
-      return "failed";
-    case InstanceState::kLost:
-      return "lost";
-  }
-  return "unknown";
-}
-
-std::optional<InstanceState> ParseInstanceState(std::string_view s) {
-  for (auto st : {InstanceState::kPending, InstanceState::kStarting, InstanceState::kHealthy,
-                  InstanceState::kUnhealthy, InstanceState::kDraining, InstanceState::kTerminated,
-                  InstanceState::kFailed, InstanceState::kLost}) {
-    if (InstanceStateName(st) == s) return st;
-  }
-  return std::nullopt;
-}
-
-bool IsFinal(InstanceState s) {
-  return s == InstanceState::kTerminated || s == InstanceState::kFailed ||
-         s == InstanceState::kLost;
-}
-
-bool IsLegalTransition(InstanceState from, InstanceState to) {
-  using S = InstanceState;
-  switch (from) {
-    case S::kPending:
-      return to == S::kStarting || to == S::kDraining || to == S::kFailed || to == S::kLost;
-    case S::kStarting:
-      return to == S::kHealthy || to == S::kDraining || to == S::kFailed || to == S::kLost;
-    case S::kHealthy:
-      return to == S::kUnhealthy || to == S::kDraining || to == S::kFailed || to == S::kLost;
-    case S::kUnhealthy:
-      return to == S::kHealthy || to == S::kDraining || to == S::kFailed || to == S::kLost;
-    case S::kDraining:
-      // Stopped as intended; or found gone after a restart of kilnd.
-      return to == S::kTerminated || to == S::kLost;
-    case S::kTerminated:
-    case S::kFailed:
-    case S::kLost:
-      return false;
-  }
-  return false;
-}
 
 int SqliteStateStore::CurrentSchemaVersion() { return static_cast<int>(kMigrations.size()); }
 
@@ -606,11 +631,12 @@ StatusOr<RolloutRecord> SqliteStateStore::GetLatestRollout(std::string_view serv
 
 StatusOr<std::vector<EventRecord>> SqliteStateStore::ReadEvents(const EventQuery& q) {
   std::lock_guard lock(mu_);
-  auto read = [](const sqlite::Statement& s) {
+  auto read = [](const sqlite::Statement& s) -> StatusOr<EventRecord> {
     EventRecord e;
     e.seq = s.Int(0);
     e.time_ms = s.Int(1);
-    e.kind = s.Text(2);
+    ASSIGN_OR_RETURN(e.kind,
+                     ReadName(s, 2, ParseEventKind, "events", std::to_string(e.seq), "kind"));
     e.service = s.Text(3);
     e.revision = s.Int(4);
     e.instance = s.Text(5);
@@ -659,10 +685,14 @@ StatusOr<std::vector<InstanceCount>> SqliteStateStore::CountInstances() {
                    db_.Prepare("SELECT service, revision, state, count(*) FROM instances "
                                "GROUP BY service, revision, state ORDER BY service, revision",
                                "count instances"));
-  return CollectRows<InstanceCount>(db_, *s, "count instances", [](const sqlite::Statement& st) {
-    return InstanceCount{st.Text(0), st.Int(1),
-                         ParseInstanceState(st.Text(2)).value_or(InstanceState::kLost), st.Int(3)};
-  });
+  return CollectRows<InstanceCount>(
+      db_, *s, "count instances", [](const sqlite::Statement& st) -> StatusOr<InstanceCount> {
+        InstanceCount c{st.Text(0), st.Int(1), InstanceState::kPending, st.Int(3)};
+        ASSIGN_OR_RETURN(c.state,
+                         ReadName(st, 2, ParseInstanceState, "instances",
+                                  c.service + " revision " + std::to_string(c.revision), "state"));
+        return c;
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -689,9 +719,9 @@ Status SqliteStateStore::PutService(const ServiceRecord& r) {
                  "retire_at_ms = excluded.retire_at_ms",
                  r.name, r.manifest_file, r.spec, r.desired_revision, r.pinned_revision,
                  r.pin_reason, r.paused, r.retired, r.manifest_error,
-                 r.conditions.empty() ? std::string("[]") : r.conditions, now, now, r.crash_count,
-                 r.last_crash_ms, r.crash_reason, r.next_start_ms, r.start_error,
-                 r.start_error_revision, r.retire_at_ms);
+                 ConditionsToJson(r.conditions), now, now, r.crash_count, r.last_crash_ms,
+                 r.crash_reason, r.next_start_ms, r.start_error, r.start_error_revision,
+                 r.retire_at_ms);
 }
 
 Status SqliteStateStore::WriteRevision(const RevisionRecord& r) {
@@ -701,18 +731,14 @@ Status SqliteStateStore::WriteRevision(const RevisionRecord& r) {
       auto existing,
       db_.QueryInt("write " + label, "SELECT 1 FROM revisions WHERE service = ? AND number = ?",
                    r.service, r.number));
-  if (existing) {
-    return FailedPreconditionError(label + " is already written; revisions are immutable");
-  }
-  if (r.template_hash.empty() || r.template_json.empty()) {
-    return InvalidArgumentError(label + ": a revision needs a template and its hash");
-  }
+  RETURN_IF_ERROR(CheckNewRevision(r, existing.has_value()));
   return db_.Run("write " + label,
                  std::string("INSERT INTO revisions (") + kRevisionColumns +
                      ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 r.service, r.number, r.template_hash, r.template_json, r.source, r.manifest_file,
-                 r.manifest_sha256, r.actor, r.reason, r.rolled_back_from,
-                 r.created_ms ? r.created_ms : NowMs(), r.available_ms);
+                 r.service, r.number, r.template_hash, r.template_json,
+                 RevisionSourceName(r.source), r.manifest_file, r.manifest_sha256, r.actor,
+                 r.reason, r.rolled_back_from, r.created_ms ? r.created_ms : NowMs(),
+                 r.available_ms);
 }
 
 StatusOr<int64_t> SqliteStateStore::NextRevisionNumber(std::string_view service) {
@@ -748,10 +774,7 @@ Status SqliteStateStore::DeleteRevision(std::string_view service, int64_t number
                    db_.QueryInt("delete " + label,
                                 "SELECT count(*) FROM instances WHERE service = ? AND revision = ?",
                                 service, number));
-  if (used.value_or(0) > 0) {
-    return FailedPreconditionError(label + " is still referenced by " + std::to_string(*used) +
-                                   " instance(s)");
-  }
+  RETURN_IF_ERROR(CheckRevisionDeletable(service, number, used.value_or(0)));
   return db_.Run("delete " + label, "DELETE FROM revisions WHERE service = ? AND number = ?",
                  service, number);
 }
@@ -786,41 +809,22 @@ StatusOr<InstanceRecord> SqliteStateStore::TransitionInstance(std::string_view n
                                                               const InstanceUpdate& u) {
   std::lock_guard lock(mu_);
   ASSIGN_OR_RETURN(InstanceRecord r, GetInstance(name));
-  if (!IsLegalTransition(r.state, to)) {
-    return FailedPreconditionError("instance " + r.name + ": illegal transition " +
-                                   std::string(InstanceStateName(r.state)) + " -> " +
-                                   std::string(InstanceStateName(to)));
-  }
-  const int64_t now = NowMs();
-  if (to == InstanceState::kStarting) r.started_ms = now;
-  if (to == InstanceState::kHealthy) r.healthy_since_ms = now;
-  if (to == InstanceState::kUnhealthy) r.healthy_since_ms = 0;
-  if (IsFinal(to)) r.finished_ms = now;
-  r.state = to;
-  r.state_changed_ms = now;
-  r.reason = u.reason;
-  if (u.handle) r.handle = *u.handle;
-  if (u.host) r.host = *u.host;
-  if (u.port) r.port = *u.port;
-  if (u.exit_code) r.exit_code = *u.exit_code;
-  if (u.exit_signal) r.exit_signal = *u.exit_signal;
+  RETURN_IF_ERROR(ApplyTransition(r, to, u, NowMs()));
   RETURN_IF_ERROR(db_.Run("move instance " + r.name + " to " + std::string(InstanceStateName(to)),
-                          "UPDATE instances SET state = ?, reason = ?, handle = ?, host = ?, "
-                          "port = ?, started_ms = ?, healthy_since_ms = ?, state_changed_ms = ?, "
-                          "finished_ms = ?, exit_code = ?, exit_signal = ? WHERE id = ?",
-                          InstanceStateName(to), r.reason, r.handle, r.host, r.port, r.started_ms,
-                          r.healthy_since_ms, r.state_changed_ms, r.finished_ms, r.exit_code,
-                          r.exit_signal, r.id));
+                          "UPDATE instances SET state = ?, reason = ?, handle = ?, pid = ?, "
+                          "host = ?, port = ?, started_ms = ?, healthy_since_ms = ?, "
+                          "state_changed_ms = ?, finished_ms = ?, exit_code = ?, exit_signal = ? "
+                          "WHERE id = ?",
+                          InstanceStateName(to), r.reason, r.handle, r.pid, r.host, r.port,
+                          r.started_ms, r.healthy_since_ms, r.state_changed_ms, r.finished_ms,
+                          r.exit_code, r.exit_signal, r.id));
   return r;
 }
 
 Status SqliteStateStore::RequestReplacement(std::string_view name, std::string_view reason) {
   std::lock_guard lock(mu_);
   ASSIGN_OR_RETURN(InstanceRecord r, GetInstance(name));
-  if (!IsLive(r.state)) {
-    return FailedPreconditionError("instance " + r.name + " is " +
-                                   std::string(InstanceStateName(r.state)) + ", not running");
-  }
+  RETURN_IF_ERROR(CheckReplaceable(r));
   return db_.Run("request replacement of " + r.name,
                  "UPDATE instances SET replace_reason = ? WHERE id = ?", reason, r.id);
 }
@@ -855,17 +859,17 @@ StatusOr<int64_t> SqliteStateStore::PutRollout(const RolloutRecord& r) {
                             "INSERT INTO rollouts (service, from_revision, to_revision, strategy, "
                             "state, reason, started_ms, last_progress_ms, paused_ms, paused_at_ms, "
                             "finished_ms, promoted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            r.service, r.from_revision, r.to_revision, r.strategy, r.state,
-                            r.reason, r.started_ms, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
-                            r.finished_ms, r.promoted));
+                            r.service, r.from_revision, r.to_revision, StrategyName(r.strategy),
+                            RolloutStateName(r.state), r.reason, r.started_ms, r.last_progress_ms,
+                            r.paused_ms, r.paused_at_ms, r.finished_ms, r.promoted));
     return db_.LastInsertRowid();
   }
   RETURN_IF_ERROR(
       db_.Run(what,
               "UPDATE rollouts SET state = ?, reason = ?, last_progress_ms = ?, "
               "paused_ms = ?, paused_at_ms = ?, finished_ms = ?, promoted = ? WHERE id = ?",
-              r.state, r.reason, r.last_progress_ms, r.paused_ms, r.paused_at_ms, r.finished_ms,
-              r.promoted, r.id));
+              RolloutStateName(r.state), r.reason, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
+              r.finished_ms, r.promoted, r.id));
   if (db_.Changes() == 0)
     return NotFoundError("rollout " + std::to_string(r.id) + " does not exist");
   return r.id;
@@ -873,36 +877,41 @@ StatusOr<int64_t> SqliteStateStore::PutRollout(const RolloutRecord& r) {
 
 StatusOr<int64_t> SqliteStateStore::AppendEvent(const EventRecord& e) {
   std::lock_guard lock(mu_);
-  const int64_t time_ms = e.time_ms ? e.time_ms : NowMs();
-  int64_t count = 1;
-  int64_t first_ms = time_ms;
-  if (!e.aggregate_key.empty() && options_.event_aggregation_window_ms > 0) {
+  EventRecord next = e;
+  if (next.time_ms == 0) next.time_ms = NowMs();
+  next.count = 1;
+  next.first_ms = next.time_ms;
+  const std::string kind(EventKindName(next.kind));
+  if (!next.aggregate_key.empty() && options_.event_aggregation_window_ms > 0) {
     // The same thing happening again: the earlier row is replaced by one that counts both, so a
     // storm leaves one row, and a watcher sees the repeat as a new event with its count.
     static const std::string kFind =
         "SELECT seq, count, first_ms, time_ms FROM events WHERE service = ? AND aggregate_key = ? "
         "AND aggregate_key <> '' ORDER BY seq DESC LIMIT 1";  // the last term selects the index
     ASSIGN_OR_RETURN(auto* s, db_.Prepare(kFind, "find similar event"));
-    s->BindAll(e.service, e.aggregate_key);
+    s->BindAll(next.service, next.aggregate_key);
     ASSIGN_OR_RETURN(bool row, db_.Step(*s, "find similar event"));
-    if (row && time_ms - s->Int(3) <= options_.event_aggregation_window_ms) {
-      const int64_t previous = s->Int(0);
-      count = s->Int(1) + 1;
-      first_ms = s->Int(2) > 0 ? s->Int(2) : s->Int(3);
+    if (row) {
+      EventRecord previous;
+      previous.seq = s->Int(0);
+      previous.count = s->Int(1);
+      previous.first_ms = s->Int(2);
+      previous.time_ms = s->Int(3);
+      previous.service = next.service;
+      previous.aggregate_key = next.aggregate_key;
       sqlite3_reset(s->get());
-      RETURN_IF_ERROR(
-          db_.Run("aggregate event " + e.kind, "DELETE FROM events WHERE seq = ?", previous));
-    } else if (row) {
-      sqlite3_reset(s->get());
+      if (AggregateRepeat(previous, options_.event_aggregation_window_ms, next)) {
+        RETURN_IF_ERROR(
+            db_.Run("aggregate event " + kind, "DELETE FROM events WHERE seq = ?", previous.seq));
+      }
     }
   }
-  RETURN_IF_ERROR(
-      db_.Run("append event " + e.kind,
-              "INSERT INTO events (time_ms, kind, service, revision, instance, actor, "
-              "message, count, first_ms, aggregate_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
-              "?, ?)",
-              time_ms, e.kind, e.service, e.revision, e.instance, e.actor, e.message, count,
-              first_ms, e.aggregate_key));
+  RETURN_IF_ERROR(db_.Run("append event " + kind,
+                          "INSERT INTO events (time_ms, kind, service, revision, instance, actor, "
+                          "message, count, first_ms, aggregate_key) VALUES (?, ?, ?, ?, ?, ?, ?, "
+                          "?, ?, ?)",
+                          next.time_ms, kind, next.service, next.revision, next.instance,
+                          next.actor, next.message, next.count, next.first_ms, next.aggregate_key));
   return db_.LastInsertRowid();
 }
 

@@ -108,13 +108,13 @@ struct ReconcilerFixture {
   }
   ServiceRecord Service(const std::string& name = "web") { return *store->GetService(name); }
   RolloutRecord Rollout(const std::string& name = "web") { return *store->GetLatestRollout(name); }
-  std::vector<std::string> EventKinds(const std::string& service = "web") {
-    std::vector<std::string> out;
+  std::vector<EventKind> EventKinds(const std::string& service = "web") {
+    std::vector<EventKind> out;
     auto events = store->ReadEvents({.service = service, .limit = 100000});
     for (const auto& e : *events) out.push_back(e.kind);
     return out;
   }
-  bool HasEvent(const std::string& kind, const std::string& service = "web") {
+  bool HasEvent(EventKind kind, const std::string& service = "web") {
     auto k = EventKinds(service);
     return std::find(k.begin(), k.end(), kind) != k.end();
   }

@@ -21,14 +21,14 @@ void ColdStart(ReconcilerFixture& f, int replicas, const std::string& extra = ""
   f.Advance(10s);  // past any min_healthy_time
   REQUIRE(f.Converge().ok());
   REQUIRE(f.Count(1) == replicas);
-  REQUIRE(f.Rollout().state == "completed");
+  REQUIRE(f.Rollout().state == RolloutState::kCompleted);
 }
 
 // Drives a rollout to its end, reporting new instances healthy as they start and checking the
 // invariants at every step: available never below `min_available`, total never above `max_total`.
 void RollOut(ReconcilerFixture& f, int min_available, int max_total, int max_steps = 100) {
   REQUIRE(f.Converge().ok());
-  for (int step = 0; step < max_steps && f.Rollout().state != "completed"; ++step) {
+  for (int step = 0; step < max_steps && f.Rollout().state != RolloutState::kCompleted; ++step) {
     REQUIRE(f.Converge().ok());
     int total = 0;
     for (const auto& i : f.Live()) total += i.state != InstanceState::kDraining;
@@ -38,7 +38,7 @@ void RollOut(ReconcilerFixture& f, int min_available, int max_total, int max_ste
     REQUIRE(f.Converge().ok());
     f.Advance(1s);
   }
-  REQUIRE(f.Rollout().state == "completed");
+  REQUIRE(f.Rollout().state == RolloutState::kCompleted);
 }
 
 TEST_CASE("cold start creates the replicas and completes the first rollout", "[reconciler]") {
@@ -49,14 +49,14 @@ TEST_CASE("cold start creates the replicas and completes the first rollout", "[r
   CHECK(f.Live().size() == 3);
   CHECK(f.driver.starts.size() == 3);
   for (const auto& i : f.Live()) CHECK(i.state == InstanceState::kStarting);
-  CHECK(f.Rollout().state == "progressing");
+  CHECK(f.Rollout().state == RolloutState::kProgressing);
   f.AllHealthy();
   REQUIRE(f.Converge().ok());
-  CHECK(f.Rollout().state == "completed");
+  CHECK(f.Rollout().state == RolloutState::kCompleted);
   CHECK(f.store->GetRevision("web", 1)->available_ms > 0);
-  CHECK(f.HasEvent("revision_created"));
-  CHECK(f.HasEvent("instance_healthy"));
-  CHECK(f.HasEvent("rollout_completed"));
+  CHECK(f.HasEvent(EventKind::kRevisionCreated));
+  CHECK(f.HasEvent(EventKind::kInstanceHealthy));
+  CHECK(f.HasEvent(EventKind::kRolloutCompleted));
   // The artifact went into the store and instances run it by digest.
   CHECK(f.artifacts->Has(f.driver.starts[0].artifact_sha256));
   // Steady: another pass does nothing.
@@ -71,11 +71,11 @@ TEST_CASE("min_healthy_time delays availability", "[reconciler]") {
   REQUIRE(f.Converge().ok());
   f.AllHealthy();
   REQUIRE(f.Converge().ok());
-  CHECK(f.Rollout().state == "progressing");
+  CHECK(f.Rollout().state == RolloutState::kProgressing);
   CHECK_FALSE(f.scheduler.timers.empty());  // a timer, not a sweep, notices it
   f.Advance(5s);
   REQUIRE(f.Converge().ok());
-  CHECK(f.Rollout().state == "completed");
+  CHECK(f.Rollout().state == RolloutState::kCompleted);
 }
 
 TEST_CASE("rolling: surge and unavailable as counts and percentages", "[reconciler]") {
@@ -146,7 +146,7 @@ TEST_CASE("recreate stops every old instance before starting new ones", "[reconc
   CHECK(f.Count(1) == 0);
   f.AllHealthy();
   REQUIRE(f.Converge().ok());
-  CHECK(f.Rollout().state == "completed");
+  CHECK(f.Rollout().state == RolloutState::kCompleted);
 }
 
 TEST_CASE("blue-green starts a full new set and switches at once", "[reconciler]") {
@@ -167,7 +167,7 @@ TEST_CASE("blue-green starts a full new set and switches at once", "[reconciler]
   f.AllHealthy();
   REQUIRE(f.Converge().ok());
   CHECK(f.Count(1) == 0);
-  CHECK(f.Rollout().state == "completed");
+  CHECK(f.Rollout().state == RolloutState::kCompleted);
 }
 
 TEST_CASE("canary waits for promotion, then rolls on", "[reconciler]") {
@@ -183,7 +183,7 @@ TEST_CASE("canary waits for promotion, then rolls on", "[reconciler]") {
   REQUIRE(f.Converge().ok());
   f.Advance(10s);
   REQUIRE(f.Converge().ok());
-  CHECK(f.Rollout().state == "waiting_promotion");
+  CHECK(f.Rollout().state == RolloutState::kWaitingPromotion);
   CHECK(f.Count(2) == 1);
   CHECK(f.Count(1) == 3);
   REQUIRE(f.reconciler->Promote("web", "alice").ok());
@@ -191,7 +191,8 @@ TEST_CASE("canary waits for promotion, then rolls on", "[reconciler]") {
   CHECK(f.Count(2) == 3);
   auto events = *f.store->ReadEvents({.service = "web", .limit = 100000});
   bool promoted_by_alice = false;
-  for (const auto& e : events) promoted_by_alice |= e.kind == "promoted" && e.actor == "alice";
+  for (const auto& e : events)
+    promoted_by_alice |= e.kind == EventKind::kPromoted && e.actor == "alice";
   CHECK(promoted_by_alice);
 }
 
@@ -203,7 +204,7 @@ TEST_CASE("canary with auto_promote continues by itself", "[reconciler]") {
   REQUIRE(f.Converge().ok());
   CHECK(f.Count(2) == 2);
   RollOut(f, 4, 6);
-  CHECK(f.HasEvent("promoted"));
+  CHECK(f.HasEvent(EventKind::kPromoted));
 }
 
 TEST_CASE("a new instance not healthy by healthy_deadline fails and is replaced", "[reconciler]") {
@@ -227,19 +228,19 @@ TEST_CASE("a failed rollout rolls back to the last available revision and pins",
   ColdStart(f, 2, policy);
   f.Declare("v2", 2, policy);
   // v2 never becomes healthy: deadlines pass, nothing progresses.
-  for (int i = 0; i < 10 && f.Rollout().state != "failed"; ++i) {
+  for (int i = 0; i < 10 && f.Rollout().state != RolloutState::kFailed; ++i) {
     REQUIRE(f.Converge().ok());
     f.Advance(20s);
   }
   REQUIRE(f.Converge().ok());
   ServiceRecord svc = f.Service();
-  CHECK(f.HasEvent("rollout_failed"));
-  CHECK(f.HasEvent("rolled_back"));
+  CHECK(f.HasEvent(EventKind::kRolloutFailed));
+  CHECK(f.HasEvent(EventKind::kRolledBack));
   REQUIRE(svc.pinned_revision == 3);
   CHECK(svc.desired_revision == 2);
   CHECK(svc.pin_reason == "automatic rollback: rollout to revision 2 failed");
   auto r3 = *f.store->GetRevision("web", 3);
-  CHECK(r3.source == "rollback");
+  CHECK(r3.source == RevisionSource::kRollback);
   CHECK(r3.actor == "auto");
   CHECK(r3.rolled_back_from == 1);
   CHECK(r3.template_hash == f.store->GetRevision("web", 1)->template_hash);
@@ -257,7 +258,7 @@ TEST_CASE("a failed rollout rolls back to the last available revision and pins",
   REQUIRE(f.Converge().ok());
   CHECK(f.Service().pinned_revision == 0);
   CHECK(f.Service().desired_revision == 4);
-  CHECK(f.HasEvent("pin_lifted"));
+  CHECK(f.HasEvent(EventKind::kPinLifted));
   CHECK(f.Count(4) >= 1);
 }
 
@@ -295,11 +296,11 @@ TEST_CASE("pause holds a rollout - paused time does not count toward progress_de
   const int v2_at_pause = f.Count(2);
   f.Advance(10min);
   REQUIRE(f.Converge().ok());
-  CHECK(f.Rollout().state == "paused");
+  CHECK(f.Rollout().state == RolloutState::kPaused);
   CHECK(f.Count(2) == v2_at_pause);
   REQUIRE(f.reconciler->Resume("web", "carol").ok());
   REQUIRE(f.Converge().ok());
-  CHECK(f.Rollout().state != "failed");
+  CHECK(f.Rollout().state != RolloutState::kFailed);
   CHECK(f.Rollout().paused_ms >= 600'000);
   RollOut(f, 3, 4);
 }
@@ -392,7 +393,7 @@ TEST_CASE("drift: an artifact altered in the store is restored and its instances
   f.driver.Exit(live[0].name, 1);
   REQUIRE(f.Converge().ok());
   CHECK(f.artifacts->Verify(digest).ok());  // restored from the manifest's source
-  CHECK(f.HasEvent("artifact_drift"));
+  CHECK(f.HasEvent(EventKind::kArtifactDrift));
   CHECK(f.store->GetInstance(live[1].name)->replace_reason.rfind("artifact drift: ", 0) == 0);
   f.AllHealthy();
   REQUIRE(f.Converge().ok());
@@ -438,7 +439,7 @@ TEST_CASE("an exit the store could not take is recorded on the next pass", "[rec
   REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = " + std::to_string(*pages)).ok());
   for (size_t size : {2000, 500, 100, 10, 1}) {  // fill every page, down to the last bytes
     const std::string filler(size, 'x');
-    while (f.store->AppendEvent({.kind = "filler", .message = filler}).ok()) {
+    while (f.store->AppendEvent({.kind = EventKind::kServiceMissing, .message = filler}).ok()) {
     }
   }
   f.driver.Exit(victim, 9);
@@ -480,7 +481,7 @@ TEST_CASE("a broken manifest keeps the last good desired state", "[reconciler]")
   CHECK(f.driver.stops.empty());
   INFO(f.Service().manifest_error);
   CHECK(f.Service().manifest_error.find("replicas: expected an integer") != std::string::npos);
-  CHECK(f.HasEvent("manifest_error"));
+  CHECK(f.HasEvent(EventKind::kManifestError));
   // Fixed: the error clears.
   f.Declare("v1", 2);
   REQUIRE(f.Converge().ok());
@@ -511,7 +512,7 @@ TEST_CASE("a service removed from a readable directory is retired", "[reconciler
   f.Load();
   REQUIRE(f.Converge().ok());
   // Not at once: --retire-after (60s by default) first, shown as the time it will happen.
-  CHECK(f.HasEvent("service_missing"));
+  CHECK(f.HasEvent(EventKind::kServiceMissing));
   CHECK(f.Live("web").size() == 2);
   CHECK(f.Service("web").retire_at_ms == ToUnixMillis(f.clock.SystemNow()) + 60'000);
   f.Advance(59s);
@@ -522,7 +523,7 @@ TEST_CASE("a service removed from a readable directory is retired", "[reconciler
   REQUIRE(f.Converge().ok());
   CHECK(f.Live("web").empty());
   CHECK(f.Service("web").retired);
-  CHECK(f.HasEvent("service_retired"));
+  CHECK(f.HasEvent(EventKind::kServiceRetired));
   CHECK(f.Live("api").size() == 1);
 }
 
@@ -544,8 +545,8 @@ TEST_CASE("files removed one by one retire nothing when they come back in time",
   std::filesystem::rename(f.tmp / "api.yaml.bak", f.tmp / "m/api.yaml");
   f.Load();
   REQUIRE(f.Converge().ok());
-  CHECK(f.HasEvent("retirement_cancelled", "web"));
-  CHECK(f.HasEvent("retirement_cancelled", "api"));
+  CHECK(f.HasEvent(EventKind::kRetirementCancelled, "web"));
+  CHECK(f.HasEvent(EventKind::kRetirementCancelled, "api"));
   CHECK(f.Service("web").retire_at_ms == 0);
   f.Advance(120s);
   REQUIRE(f.Converge().ok());
@@ -553,7 +554,7 @@ TEST_CASE("files removed one by one retire nothing when they come back in time",
     CHECK_FALSE(f.Service(name).retired);
     CHECK(f.Live(name).size() == 1);
   }
-  CHECK_FALSE(f.HasEvent("service_retired", "web"));
+  CHECK_FALSE(f.HasEvent(EventKind::kServiceRetired, "web"));
 }
 
 TEST_CASE("a crash-looping service backs off: 10s doubling, reset after it runs well",
@@ -578,8 +579,11 @@ TEST_CASE("a crash-looping service backs off: 10s doubling, reset after it runs 
   ServiceRecord svc = f.Service();
   CHECK(svc.crash_count == 2);
   CHECK(svc.next_start_ms == ToUnixMillis(f.clock.SystemNow()) + 10'000);
-  CHECK(svc.conditions.find("CrashLoopBackOff") != std::string::npos);
-  CHECK(svc.conditions.find("exited with code 3") != std::string::npos);
+  const Condition* degraded = FindCondition(svc.conditions, ConditionType::kDegraded);
+  REQUIRE(degraded != nullptr);
+  CHECK(degraded->status);
+  CHECK(degraded->reason == "CrashLoopBackOff");
+  CHECK(degraded->message.find("exited with code 3") != std::string::npos);
   f.Advance(9s);
   REQUIRE(f.Converge().ok());
   CHECK(f.driver.starts.size() == 2);
@@ -600,7 +604,7 @@ TEST_CASE("a crash-looping service backs off: 10s doubling, reset after it runs 
   auto events = *f.store->ReadEvents({.service = "web", .limit = 1000});
   int exited_rows = 0;
   for (const auto& e : events) {
-    if (e.kind != "instance_exited") continue;
+    if (e.kind != EventKind::kInstanceExited) continue;
     ++exited_rows;
     CHECK(e.count == 4);
     CHECK(e.first_ms < e.time_ms);
@@ -616,7 +620,8 @@ TEST_CASE("a crash-looping service backs off: 10s doubling, reset after it runs 
   f.Advance(60s);
   REQUIRE(f.Converge().ok());
   CHECK(f.Service().crash_count == 0);
-  CHECK(f.Service().conditions.find("CrashLoopBackOff") == std::string::npos);
+  CHECK(FindCondition(f.Service().conditions, ConditionType::kDegraded)->reason !=
+        "CrashLoopBackOff");
   exit_current();  // a failure after that is again replaced at once
   REQUIRE(f.Converge().ok());
   CHECK(f.driver.starts.size() == 6);
@@ -654,8 +659,8 @@ TEST_CASE("a start error retrying cannot fix fails the rollout at once and rolls
   f.Declare("v2", 2, "update: {max_surge: 1, max_unavailable: 0}\n");
   REQUIRE(f.Converge().ok());
   // Failed at once, not after progress_deadline; rolled back to revision 1's template.
-  CHECK(f.HasEvent("rollout_failed"));
-  CHECK(f.HasEvent("rolled_back"));
+  CHECK(f.HasEvent(EventKind::kRolloutFailed));
+  CHECK(f.HasEvent(EventKind::kRolledBack));
   ServiceRecord svc = f.Service();
   CHECK(svc.pinned_revision == 3);
   CHECK(svc.start_error.empty());  // it was revision 2's; the target is now revision 3
@@ -663,7 +668,7 @@ TEST_CASE("a start error retrying cannot fix fails the rollout at once and rolls
   auto events = *f.store->ReadEvents({.service = "web", .limit = 1000});
   bool said = false;
   for (const auto& e : events) {
-    said |= e.kind == "rollout_failed" &&
+    said |= e.kind == EventKind::kRolloutFailed &&
             e.message.find("cannot start: start web-") != std::string::npos &&
             e.message.find("/nonexistent/x") != std::string::npos;
   }
@@ -679,8 +684,9 @@ TEST_CASE("a first revision that cannot start is Degraded and retried only every
   REQUIRE(f.Converge().ok());
   CHECK(f.driver.start_count == 1);
   ServiceRecord svc = f.Service();
-  CHECK(svc.conditions.find("StartError") != std::string::npos);
-  CHECK(f.Rollout().state == "failed");
+  REQUIRE(FindCondition(svc.conditions, ConditionType::kDegraded) != nullptr);
+  CHECK(FindCondition(svc.conditions, ConditionType::kDegraded)->reason == "StartError");
+  CHECK(f.Rollout().state == RolloutState::kFailed);
   f.Advance(299s);
   REQUIRE(f.Converge().ok());
   CHECK(f.driver.start_count == 1);
@@ -758,7 +764,7 @@ TEST_CASE("periodic verification finds a tampered artifact and replaces what run
   REQUIRE(v.code() == StatusCode::kDataLoss);
   f.reconciler->OnArtifactVerified(digest, v, identity);
   CHECK(f.artifacts->Verify(digest).ok());  // restored from the source
-  CHECK(f.HasEvent("artifact_drift"));
+  CHECK(f.HasEvent(EventKind::kArtifactDrift));
   for (const auto& inst : f.Live()) CHECK(inst.replace_reason.rfind("artifact drift: ", 0) == 0);
   REQUIRE(f.Converge().ok());
   f.AllHealthy();
@@ -854,7 +860,7 @@ TEST_CASE("recovery after a crash at each point of a step", "[reconciler]") {
     f.MakeReconciler();
     REQUIRE(f.reconciler->Recover().ok());
     CHECK(f.driver.running.count("web-77") == 0);
-    CHECK(f.HasEvent("unknown_instance_stopped"));
+    CHECK(f.HasEvent(EventKind::kUnknownInstanceStopped));
   }
   SECTION("a broken manifest at start-up keeps the remembered desired state") {
     f.MakeReconciler();

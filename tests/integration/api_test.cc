@@ -39,8 +39,8 @@ struct ApiFixture {
     h.Declare("web", "1.0", 2, kPolicy);
     h.Start(extra);
     REQUIRE(h.WaitReady());
-    REQUIRE(
-        WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
+    REQUIRE(WaitFor(
+        [&] { return h.Healthy("web") == 2 && h.HasEvent("web", EventKind::kRolloutCompleted); }));
   }
   KilndHarness h;
 };
@@ -179,7 +179,7 @@ TEST_CASE("every RPC over the unix socket and over TCP", "[api]") {
   }));
   bool recorded = false;
   for (const auto& e : f.h.Events("web"))
-    recorded |= e.kind == "replace_requested" && e.actor == "local";
+    recorded |= e.kind == EventKind::kReplaceRequested && e.actor == "local";
   CHECK(recorded);
 }
 
@@ -305,7 +305,8 @@ TEST_CASE("tokens: no token, wrong token, viewer and operator", "[api]") {
   CHECK(denied.error_message() == "vera is a viewer; this call needs the operator role");
   CHECK(pause("operator-token-0123456789").ok());
   bool by_olga = false;
-  for (const auto& e : f.h.Events("web")) by_olga |= e.kind == "paused" && e.actor == "olga";
+  for (const auto& e : f.h.Events("web"))
+    by_olga |= e.kind == EventKind::kPaused && e.actor == "olga";
   CHECK(by_olga);
   // kilnctl takes the token from the environment or the flag.
   RunResult r = Run({BinPath("kilnctl"), "--addr", f.h.UnixAddr(), "--token",
@@ -423,8 +424,8 @@ TEST_CASE("kilnctl: rollback from the command line pins and replaces - --wait ex
   h.Declare("web", "1.0", 2, kPolicy);
   h.Start();
   REQUIRE(h.WaitReady());
-  REQUIRE(
-      WaitFor([&] { return h.Healthy("web", 1) == 2 && h.HasEvent("web", "rollout_completed"); }));
+  REQUIRE(WaitFor(
+      [&] { return h.Healthy("web", 1) == 2 && h.HasEvent("web", EventKind::kRolloutCompleted); }));
   h.Declare("web", "2.0", 2, kPolicy);
   REQUIRE(WaitFor([&] { return h.Healthy("web", 2) == 2 && h.Live("web").size() == 2; }, 60s));
   REQUIRE(WaitFor([&] {

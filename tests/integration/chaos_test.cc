@@ -251,7 +251,7 @@ class ChaosRun {
     // Not a violation by itself (recovery is allowed to stop what it finds), but each one ran
     // untracked until a restart noticed it: worth a line in the report.
     for (const auto& ev : h_.Events(kService)) {
-      if (ev.kind == "unknown_instance_stopped") ++unknown_stopped_;
+      if (ev.kind == EventKind::kUnknownInstanceStopped) ++unknown_stopped_;
     }
     if (!violations_.empty() && !s_.keep_dir.empty()) Keep();
   }
@@ -535,13 +535,13 @@ class ChaosRun {
     }
     if (!e.pin_actor.empty() && rev->actor != e.pin_actor) {
       why << "target revision " << target << " was written by \"" << rev->actor << "\" (source "
-          << rev->source << "), expected \"" << e.pin_actor << "\"; ";
+          << RevisionSourceName(rev->source) << "), expected \"" << e.pin_actor << "\"; ";
     }
     if (!snap.rollout || snap.rollout->to_revision != target ||
-        snap.rollout->state != "completed") {
+        snap.rollout->state != RolloutState::kCompleted) {
       why << "latest rollout "
           << (snap.rollout ? "to revision " + std::to_string(snap.rollout->to_revision) + " is " +
-                                 snap.rollout->state
+                                 std::string(RolloutStateName(snap.rollout->state))
                            : std::string("missing"))
           << "; ";
     }
@@ -645,10 +645,11 @@ class ChaosRun {
                      was.source != r.source || was.created_ms != r.created_ms ||
                      was.rolled_back_from != r.rolled_back_from)) {
         Record("revision_mutated", step_,
-               "revision " + std::to_string(r.number) + " changed: was " + was.source + " " +
+               "revision " + std::to_string(r.number) + " changed: was " +
+                   std::string(RevisionSourceName(was.source)) + " " +
                    was.template_hash.substr(0, 12) + " created " + std::to_string(was.created_ms) +
-                   ", now " + r.source + " " + r.template_hash.substr(0, 12) + " created " +
-                   std::to_string(r.created_ms));
+                   ", now " + std::string(RevisionSourceName(r.source)) + " " +
+                   r.template_hash.substr(0, 12) + " created " + std::to_string(r.created_ms));
         it->second = r;
       }
     }
@@ -786,7 +787,7 @@ class ChaosRun {
     if (!events.ok()) return;
     for (const EventRecord& ev : *events) {
       last_event_seq_ = std::max(last_event_seq_, ev.seq);
-      if (ev.kind != "unknown_instance_stopped") continue;
+      if (ev.kind != EventKind::kUnknownInstanceStopped) continue;
       auto row = store->GetInstance(ev.instance);
       if (!row.ok()) continue;  // pruned: nothing to say what it claimed
       const std::string& why = row->reason;

@@ -21,7 +21,7 @@ TEST_CASE("kilnd converges from cold to N healthy instances", "[converge]") {
   CHECK(WaitFor([&] { return h.TrackingProblems({"web"}).empty(); }));
   INFO(h.TrackingProblems({"web"}));
   CHECK(h.InstanceProcesses().size() == 3);
-  CHECK(WaitFor([&] { return h.HasEvent("web", "rollout_completed"); }));
+  CHECK(WaitFor([&] { return h.HasEvent("web", EventKind::kRolloutCompleted); }));
 }
 
 TEST_CASE("a rolling version change keeps replicas - max_unavailable available", "[converge]") {
@@ -65,8 +65,8 @@ TEST_CASE("a version that fails health is rolled back automatically and pinned",
         return s.ok() && s->pinned_revision > 0;
       },
       60s));
-  CHECK(h.HasEvent("web", "rollout_failed"));
-  CHECK(h.HasEvent("web", "rolled_back"));
+  CHECK(h.HasEvent("web", EventKind::kRolloutFailed));
+  CHECK(h.HasEvent("web", EventKind::kRolledBack));
   auto svc = *h.Service("web");
   CHECK(svc.pin_reason == "automatic rollback: rollout to revision 2 failed");
   // The v1 instances served throughout and still do.

@@ -29,7 +29,7 @@ TEST_CASE("a command that cannot run fails the rollout at once, without a start 
                 BinPath("kiln-testsvc") + "}\ncommand: [\"/nonexistent/x\"]\n");
   h.Start();
   REQUIRE(h.WaitReady());
-  REQUIRE(WaitFor([&] { return h.HasEvent("broken", "rollout_failed"); }));
+  REQUIRE(WaitFor([&] { return h.HasEvent("broken", EventKind::kRolloutFailed); }));
   std::this_thread::sleep_for(3s);  // a storm would have made thousands of attempts by now
   CHECK(InstanceRows(h, "broken") <= 3);
   int log_files = 0;
@@ -38,7 +38,9 @@ TEST_CASE("a command that cannot run fails the rollout at once, without a start 
   CHECK(log_files <= 3);
   auto svc = h.Service("broken");
   REQUIRE(svc.ok());
-  CHECK(svc->conditions.find("StartError") != std::string::npos);
+  const Condition* degraded = FindCondition(svc->conditions, ConditionType::kDegraded);
+  REQUIRE(degraded != nullptr);
+  CHECK(degraded->reason == "StartError");
   const std::string status = Status(h, "broken");
   INFO(status);
   CHECK(status.find("cannot start: ") != std::string::npos);
@@ -79,10 +81,10 @@ TEST_CASE("why a new instance is not healthy is in status and in its failure", "
   const std::string status = Status(h, "sick");
   INFO(status);
   CHECK(status.find("http 503 from 127.0.0.1:") != std::string::npos);
-  REQUIRE(WaitFor([&] { return h.HasEvent("sick", "instance_failed"); }));
+  REQUIRE(WaitFor([&] { return h.HasEvent("sick", EventKind::kInstanceFailed); }));
   bool explained = false;
   for (const auto& e : h.Events("sick")) {
-    explained |= e.kind == "instance_failed" &&
+    explained |= e.kind == EventKind::kInstanceFailed &&
                  e.message.find("not healthy within healthy_deadline 2s (last probe: http 503") !=
                      std::string::npos;
   }

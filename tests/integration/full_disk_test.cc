@@ -54,7 +54,8 @@ TEST_CASE("kilnd restarted on a full disk serves status and recovers when space 
   h.Declare("web", "1.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
   h.Start();
   REQUIRE(h.WaitReady());
-  REQUIRE(WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
+  REQUIRE(WaitFor(
+      [&] { return h.Healthy("web") == 2 && h.HasEvent("web", EventKind::kRolloutCompleted); }));
   SECTION("after SIGTERM") {
     h.kilnd().Signal(SIGTERM);
     REQUIRE(h.kilnd().Wait(10s) == 0);

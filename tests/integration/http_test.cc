@@ -37,8 +37,8 @@ struct HttpFixture {
     REQUIRE(h.WaitReady());
     port = h.HttpPort();
     REQUIRE(port > 0);
-    REQUIRE(
-        WaitFor([&] { return h.Healthy("web") == 2 && h.HasEvent("web", "rollout_completed"); }));
+    REQUIRE(WaitFor(
+        [&] { return h.Healthy("web") == 2 && h.HasEvent("web", EventKind::kRolloutCompleted); }));
   }
   KilndHarness h;
   int port = 0;

@@ -129,7 +129,7 @@ class KilndHarness {
     auto e = s->ReadEvents({.service = service, .limit = 100000});
     return e.ok() ? *e : std::vector<EventRecord>{};
   }
-  bool HasEvent(const std::string& service, const std::string& kind) {
+  bool HasEvent(const std::string& service, EventKind kind) {
     for (const auto& e : Events(service)) {
       if (e.kind == kind) return true;
     }
