@@ -514,6 +514,8 @@ void Daemon::Stop() {
   boost::asio::post(impl_->io, [d = impl_.get()] { d->ShutDown(nullptr); });
 }
 
+void Daemon::PostForTest(std::function<void()> fn) { boost::asio::post(impl_->io, std::move(fn)); }
+
 void Daemon::Run() {
   Impl& d = *impl_;
   nlohmann::json addr = {{"pid", static_cast<int64_t>(::getpid())},

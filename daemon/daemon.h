@@ -4,6 +4,7 @@
 // bound, so tests run it in-process on port 0; kilnd's main is RunDaemon.
 
 #include <filesystem>
+#include <functional>
 #include <memory>
 
 #include "common/status.h"
@@ -33,6 +34,9 @@ class Daemon {
   void Run();
   // Makes Run() return (at once if it has not begun yet). Any thread.
   void Stop();
+
+  // Runs `fn` on the reconciler's event thread, e.g. to hold it busy. Any thread.
+  void PostForTest(std::function<void()> fn);
 
   int http_port() const;      // 0 without HTTP
   int grpc_tcp_port() const;  // 0 without grpc_listen
