@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "daemon/config.h"
+#include "daemon/readiness.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
@@ -177,6 +178,52 @@ TEST_CASE("ParseDaemonFlags reads every flag into typed values", "[daemon]") {
   REQUIRE_FALSE(r.ok());
   CHECK(r.status().code() == StatusCode::kInvalidArgument);
   CHECK(r.status().message() == "--port-range: expected FIRST-LAST within 1-65535, got \"9-3\"");
+}
+
+TEST_CASE("readiness names each check that fails, from the published snapshot", "[daemon]") {
+  const auto now = std::chrono::steady_clock::now();
+  ReconcilerSnapshot s;
+  s.manifests_loaded = true;
+  s.recovered = true;
+  s.at = now - 1s;
+  HttpServer::Readiness r = ReadinessOf(s, now, 1'000'000);
+  CHECK(r.ready);
+  auto j = nlohmann::json::parse(r.json);
+  CHECK(j["ready"] == true);
+  CHECK(j["checks"]["reconciler_responsive"]["silent_ms"] == 1000);
+
+  ReconcilerSnapshot full = s;
+  full.store_error = "disk is full";
+  j = nlohmann::json::parse(ReadinessOf(full, now, 1'000'000).json);
+  CHECK(j["ready"] == false);
+  CHECK(j["checks"]["store_writable"] ==
+        nlohmann::json({{"ok", false}, {"error", "disk is full"}}));
+
+  ReconcilerSnapshot stuck = s;
+  stuck.at = now - 10s;
+  CHECK_FALSE(ReadinessOf(stuck, now, 1'000'000).ready);
+
+  // A probe kilnd could not run counts for 30 s, then is forgotten.
+  ReconcilerSnapshot probes = s;
+  probes.local_probe_error = "too many open files";
+  probes.local_probe_error_ms = 1'000'000;
+  j = nlohmann::json::parse(ReadinessOf(probes, now, 1'030'000).json);
+  CHECK(j["checks"]["probes_runnable"]["error"] == "too many open files");
+  CHECK(j["ready"] == false);
+  CHECK(ReadinessOf(probes, now, 1'030'001).ready);
+
+  ReconcilerSnapshot stopping = s;
+  stopping.shutting_down = true;
+  CHECK_FALSE(ReadinessOf(stopping, now, 1'000'000).ready);
+  ReconcilerSnapshot loading = s;
+  loading.manifests_loaded = false;
+  CHECK_FALSE(ReadinessOf(loading, now, 1'000'000).ready);
+  ReconcilerSnapshot recovering = s;
+  recovering.recovered = false;
+  recovering.recovery_error = "RESOURCE_EXHAUSTED: disk is full";
+  j = nlohmann::json::parse(ReadinessOf(recovering, now, 1'000'000).json);
+  CHECK(j["ready"] == false);
+  CHECK(j["checks"]["recovered"]["error"] == "RESOURCE_EXHAUSTED: disk is full");
 }
 
 // What a kilnd run may not change: the instance's row (state, handle) and the events.

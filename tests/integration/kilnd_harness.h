@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -103,6 +104,34 @@ class KilndHarness {
     if (!addr.contains(key) || !addr[key].is_string()) return 0;
     const std::string hostport = addr[key];
     return std::atoi(hostport.c_str() + hostport.rfind(':') + 1);
+  }
+  // The TCP ports this kilnd listens on, from /proc: its socket descriptors matched with the
+  // kernel's listening sockets. For when it could not write kilnd.addr (a full disk).
+  std::set<int> ListeningTcpPorts() {
+    std::set<std::string> inodes;  // "socket:[N]" of kilnd's descriptors
+    const auto fds = std::filesystem::path("/proc") / std::to_string(kilnd_->pid()) / "fd";
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(fds, ec)) {
+      std::error_code link_ec;
+      const std::string target = std::filesystem::read_symlink(e.path(), link_ec).string();
+      if (target.rfind("socket:[", 0) == 0) inodes.insert(target.substr(8, target.size() - 9));
+    }
+    std::set<int> ports;
+    for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+      std::ifstream in(table);
+      std::string line;
+      std::getline(in, line);  // header
+      // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+      while (std::getline(in, line)) {
+        std::istringstream f(line);
+        std::string sl, local, remote, st, queues, timer, retransmits, uid, timeout, inode;
+        f >> sl >> local >> remote >> st >> queues >> timer >> retransmits >> uid >> timeout >>
+            inode;
+        if (st != "0A" || !inodes.count(inode)) continue;  // 0A: LISTEN
+        ports.insert(std::stoi(local.substr(local.rfind(':') + 1), nullptr, 16));
+      }
+    }
+    return ports;
   }
   const TempDir& tmp() const { return tmp_; }
   bool WaitReady() { return kilnd_->WaitForStderr("kilnd ready", std::chrono::seconds(30)); }
