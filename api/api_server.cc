@@ -843,9 +843,7 @@ void ApiServer::Shutdown() {
   impl_->server.reset();
 }
 
-StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::asio::io_context& io,
-                                                      Reconciler& reconciler,
-                                                      const ReaderFactory& open_reader) {
+Status ApiServer::CheckOptions(const Options& o) {
   std::optional<std::map<std::string, Caller>> tokens;
   if (!o.tokens_file.empty()) {
     ASSIGN_OR_RETURN(auto t, LoadTokens(o.tokens_file));
@@ -871,6 +869,19 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
           "Give --tls-cert, --tls-key and --tokens, or listen on 127.0.0.1");
     }
   }
+  return Status::Ok();
+}
+
+StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::asio::io_context& io,
+                                                      Reconciler& reconciler,
+                                                      const ReaderFactory& open_reader) {
+  RETURN_IF_ERROR(CheckOptions(o));
+  std::optional<std::map<std::string, Caller>> tokens;
+  if (!o.tokens_file.empty()) {
+    ASSIGN_OR_RETURN(auto t, LoadTokens(o.tokens_file));
+    tokens = std::move(t);
+  }
+  const bool tls = !o.tls_cert.empty() || !o.tls_key.empty();
 
   std::vector<std::unique_ptr<StateReader>> readers;
   for (int i = 0; i < std::max(1, o.readers); ++i) {

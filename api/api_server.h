@@ -50,6 +50,10 @@ class ApiServer {
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 
+  // Start's checks of `options` (the tokens file read, nothing bound), for start-up to refuse
+  // bad configuration before it acts: FAILED_PRECONDITION for a TCP listener off loopback
+  // without both TLS and tokens; INVALID_ARGUMENT otherwise.
+  static Status CheckOptions(const Options& options);
   // Refuses (with the reason) a TCP listener off loopback without both TLS and tokens.
   static StatusOr<std::unique_ptr<ApiServer>> Start(const Options& options,
                                                     boost::asio::io_context& io,

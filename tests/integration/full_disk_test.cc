@@ -73,8 +73,11 @@ TEST_CASE("kilnd restarted on a full disk serves status and recovers when space 
 
   h.Start();
   REQUIRE(h.kilnd().WaitForStderr("cannot record start-up recovery", 20s));
-  const int port = h.HttpPort();
-  REQUIRE(port > 0);
+  // No room for STATE/kilnd.addr either: kilnd says so and runs on. Its one TCP listener is HTTP.
+  REQUIRE(h.kilnd().WaitForStderr("cannot write the address file", 20s));
+  std::set<int> listening;
+  REQUIRE(WaitFor([&] { return (listening = h.ListeningTcpPorts()).size() == 1; }));
+  const int port = *listening.begin();
   HttpReply ready;
   REQUIRE(WaitFor([&] { return (ready = HttpRequest(port, "/readyz")).status != 0; }));
   INFO(ready.body);

@@ -5,8 +5,11 @@
 
 #include <signal.h>
 
+#include <fstream>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -77,19 +80,58 @@ class KilndHarness {
   // kilnd's --stop-grace for the next Start() (default 2s).
   void SetStopGrace(const std::string& grace) { stop_grace_ = grace; }
   std::string UnixAddr() const { return "unix:" + (state() / "kiln.sock").string(); }
-  // The TCP port kilnd logged for --grpc-listen HOST:0.
-  int TcpPort() { return LoggedPort("tcp_port="); }
-  // The HTTP port kilnd logged.
-  int HttpPort() {
-    if (!kilnd_->WaitForStderr("HTTP listening listen=", std::chrono::seconds(10))) return 0;
-    std::string log = kilnd_->Stderr();
-    size_t at = log.find(" port=", log.find("HTTP listening listen="));
-    return at == std::string::npos ? 0 : std::atoi(log.c_str() + at + 6);
+  // The TCP port of --grpc-listen (HOST:0 picks one), from STATE/kilnd.addr; 0 if none.
+  int TcpPort() { return BoundPort("grpc_tcp"); }
+  // The HTTP port (--http-listen HOST:0 picks one), from STATE/kilnd.addr; 0 if none.
+  int HttpPort() { return BoundPort("http"); }
+  // What this kilnd wrote to STATE/kilnd.addr once it had bound everything: waits for the file
+  // of this kilnd's pid (one of an earlier, killed kilnd may still be there). Null on timeout.
+  nlohmann::json Addr(std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+    nlohmann::json addr;
+    WaitFor(
+        [&] {
+          std::ifstream in(state() / "kilnd.addr");
+          if (!in) return false;
+          addr = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+          return addr.is_object() && addr.value("pid", -1) == kilnd_->pid();
+        },
+        timeout);
+    return addr.is_object() && addr.value("pid", -1) == kilnd_->pid() ? addr : nlohmann::json();
   }
-  int LoggedPort(const std::string& key) {
-    if (!kilnd_->WaitForStderr(key, std::chrono::seconds(10))) return 0;
-    std::string log = kilnd_->Stderr();
-    return std::atoi(log.c_str() + log.find(key) + key.size());
+  // The port of "HOST:PORT" at `key` in kilnd.addr; 0 when it is not there.
+  int BoundPort(const std::string& key) {
+    nlohmann::json addr = Addr();
+    if (!addr.contains(key) || !addr[key].is_string()) return 0;
+    const std::string hostport = addr[key];
+    return std::atoi(hostport.c_str() + hostport.rfind(':') + 1);
+  }
+  // The TCP ports this kilnd listens on, from /proc: its socket descriptors matched with the
+  // kernel's listening sockets. For when it could not write kilnd.addr (a full disk).
+  std::set<int> ListeningTcpPorts() {
+    std::set<std::string> inodes;  // "socket:[N]" of kilnd's descriptors
+    const auto fds = std::filesystem::path("/proc") / std::to_string(kilnd_->pid()) / "fd";
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(fds, ec)) {
+      std::error_code link_ec;
+      const std::string target = std::filesystem::read_symlink(e.path(), link_ec).string();
+      if (target.rfind("socket:[", 0) == 0) inodes.insert(target.substr(8, target.size() - 9));
+    }
+    std::set<int> ports;
+    for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+      std::ifstream in(table);
+      std::string line;
+      std::getline(in, line);  // header
+      // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+      while (std::getline(in, line)) {
+        std::istringstream f(line);
+        std::string sl, local, remote, st, queues, timer, retransmits, uid, timeout, inode;
+        f >> sl >> local >> remote >> st >> queues >> timer >> retransmits >> uid >> timeout >>
+            inode;
+        if (st != "0A" || !inodes.count(inode)) continue;  // 0A: LISTEN
+        ports.insert(std::stoi(local.substr(local.rfind(':') + 1), nullptr, 16));
+      }
+    }
+    return ports;
   }
   const TempDir& tmp() const { return tmp_; }
   bool WaitReady() { return kilnd_->WaitForStderr("kilnd ready", std::chrono::seconds(30)); }

@@ -1,0 +1,235 @@
+#include "daemon/config.h"
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "api/api_server.h"
+#include "api/tokens.h"
+#include "common/duration.h"
+#include "http/http_server.h"
+#include "kiln/version.h"
+
+namespace kiln {
+
+namespace {
+
+// HOST:PORT with a non-empty host and a port in 0-65535 (0: the system picks one).
+bool IsHostPort(const std::string& s) {
+  const size_t colon = s.rfind(':');
+  if (colon == std::string::npos || colon == 0) return false;
+  const char* digits = s.c_str() + colon + 1;
+  char* end = nullptr;
+  const long port = std::strtol(digits, &end, 10);
+  return end != digits && *end == '\0' && port >= 0 && port <= 65535;
+}
+
+Status CheckReadable(const char* flag, const std::string& path) {
+  if (path.empty()) return Status::Ok();
+  std::ifstream in(path);
+  if (!in) return InvalidArgumentError(std::string(flag) + ": cannot read \"" + path + "\"");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status CheckDaemonConfig(const DaemonConfig& c) {
+  if (c.manifests.empty()) return InvalidArgumentError("--manifests is required");
+  if (c.state.empty()) return InvalidArgumentError("--state is required");
+  if (c.driver != "process") {
+    return InvalidArgumentError("--driver: unknown driver \"" + c.driver + "\"");
+  }
+  if (!(c.port_first > 0 && c.port_first <= c.port_last && c.port_last <= 65535)) {
+    return InvalidArgumentError("--port-range: expected FIRST-LAST within 1-65535, got \"" +
+                                std::to_string(c.port_first) + "-" + std::to_string(c.port_last) +
+                                "\"");
+  }
+  for (const auto& [flag, d] : {std::pair{"--resync", c.resync},
+                                {"--stop-grace", c.stop_grace},
+                                {"--retire-after", c.retire_after},
+                                {"--verify-artifacts", c.verify_artifacts}}) {
+    if (d < Duration(0)) return InvalidArgumentError(std::string(flag) + ": must not be negative");
+  }
+  for (const auto& [flag, d] : {std::pair{"--http-header-timeout", c.http_header_timeout},
+                                {"--http-read-timeout", c.http_read_timeout},
+                                {"--grpc-idle-timeout", c.grpc_idle_timeout}}) {
+    if (d <= Duration(0)) return InvalidArgumentError(std::string(flag) + ": must be more than 0");
+  }
+  if (c.event_retention < 1 || c.event_retention > 100'000'000) {
+    return InvalidArgumentError("--event-retention: must be within 1-100000000");
+  }
+  if (c.http_max_connections < 1 || c.http_max_connections > 100'000) {
+    return InvalidArgumentError("--http-max-connections: must be within 1-100000");
+  }
+
+  std::optional<std::map<std::string, Caller>> tokens;
+  if (!c.tokens_file.empty()) {
+    auto loaded = LoadTokens(c.tokens_file);
+    if (!loaded.ok()) return InvalidArgumentError("--tokens: " + loaded.status().message());
+    tokens = std::move(loaded).value();
+  }
+  if (c.http_metrics_auth && !tokens) {
+    return InvalidArgumentError("--http-metrics-auth needs --tokens");
+  }
+  if (c.tls_cert.empty() != c.tls_key.empty()) {
+    return InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (!c.client_ca.empty() && c.tls_cert.empty()) {
+    return InvalidArgumentError("--client-ca needs --tls-cert and --tls-key");
+  }
+  for (const auto& [flag, path] : {std::pair{"--tls-cert", &c.tls_cert},
+                                   {"--tls-key", &c.tls_key},
+                                   {"--client-ca", &c.client_ca}}) {
+    RETURN_IF_ERROR(CheckReadable(flag, *path));
+  }
+
+  // The servers' own checks of their options, but for the refusal to listen off loopback
+  // without TLS and tokens (FAILED_PRECONDITION): Daemon::Start makes that one, logged.
+  if (!c.grpc_listen.empty()) {
+    if (!IsHostPort(c.grpc_listen)) {
+      return InvalidArgumentError("--grpc-listen: expected HOST:PORT, got \"" + c.grpc_listen +
+                                  "\"");
+    }
+    ApiServer::Options api;
+    api.tcp_listen = c.grpc_listen;
+    api.tls_cert = c.tls_cert;
+    api.tls_key = c.tls_key;
+    api.client_ca = c.client_ca;
+    api.tokens_file = c.tokens_file;
+    if (Status s = ApiServer::CheckOptions(api);
+        !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
+      return InvalidArgumentError(s.message());
+    }
+  }
+  if (!c.http_listen.empty()) {
+    if (!IsHostPort(c.http_listen)) {
+      return InvalidArgumentError("--http-listen: expected HOST:PORT, got \"" + c.http_listen +
+                                  "\"");
+    }
+    HttpServer::Options http;
+    http.listen = c.http_listen;
+    http.tls_cert = c.tls_cert;
+    http.tls_key = c.tls_key;
+    http.client_ca = c.client_ca;
+    http.tokens = tokens;
+    http.metrics_auth = c.http_metrics_auth;
+    if (Status s = HttpServer::CheckOptions(http);
+        !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
+      return InvalidArgumentError(s.message());
+    }
+  }
+  return Status::Ok();
+}
+
+StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
+  DaemonConfig config;
+  std::string manifests, state;
+  std::string port_range = "20000-29999";
+  std::string resync = "30s";
+  std::string stop_grace = "10s";
+  std::string retire_after = "60s";
+  std::string verify_artifacts = "10m";
+  std::string http_listen = "127.0.0.1:" + std::to_string(HttpServer::kDefaultPort);
+  std::string http_header_timeout = "5s";
+  std::string http_read_timeout = "10s";
+  std::string grpc_idle_timeout = "5m";
+  std::string log_format = "text";
+  std::string log_level = "info";
+
+  CLI::App app("kilnd: converges services declared in manifests by replacing instances", "kilnd");
+  app.set_version_flag("--version", std::string("kilnd ") + kVersion);
+  app.add_option("--manifests", manifests, "directory of *.yaml service manifests")->required();
+  app.add_option("--state", state, "state directory (kiln.db, artifacts, logs)")->required();
+  app.add_option("--driver", config.driver, "instance driver")->check(CLI::IsMember({"process"}));
+  app.add_option("--port-range", port_range, "ports for instances, FIRST-LAST");
+  app.add_option("--resync", resync, "period of the full resync, e.g. 30s");
+  app.add_option("--stop-grace", stop_grace, "SIGTERM to SIGKILL when stopping an instance");
+  app.add_option("--retire-after", retire_after,
+                 "retire a service this long after its manifest document is gone (0s: at once)");
+  app.add_option("--verify-artifacts", verify_artifacts,
+                 "re-hash every artifact in use this often, and at start-up (0s: only on start)");
+  app.add_option("--grpc-listen", config.grpc_listen,
+                 "also serve the API on TCP HOST:PORT (off loopback only with TLS and tokens)");
+  app.add_option("--grpc-idle-timeout", grpc_idle_timeout,
+                 "close a gRPC TCP connection with no call for this long");
+  app.add_option("--tls-cert", config.tls_cert,
+                 "PEM certificate for the gRPC TCP and HTTP listeners");
+  app.add_option("--tls-key", config.tls_key,
+                 "PEM private key for the gRPC TCP and HTTP listeners");
+  app.add_option("--client-ca", config.client_ca, "PEM CA: require client certificates it signed");
+  app.add_option("--tokens", config.tokens_file,
+                 "file of \"TOKEN ROLE NAME\" lines (viewer|operator); the API, /api/v1 and the "
+                 "dashboard then need one");
+  app.add_option("--http-listen", http_listen,
+                 "metrics, health, /api/v1 and the dashboard on HOST:PORT (\"\" for none; off "
+                 "loopback only with TLS and tokens)");
+  app.add_option("--http-header-timeout", http_header_timeout,
+                 "an HTTP client must send a request's headers within this");
+  app.add_option("--http-read-timeout", http_read_timeout,
+                 "an HTTP request's body, and writing the response, within this");
+  app.add_option("--http-max-connections", config.http_max_connections,
+                 "HTTP connections at once (at the cap, a new one evicts the longest idle)")
+      ->check(CLI::Range(1, 100000));
+  app.add_flag("--http-metrics-auth", config.http_metrics_auth,
+               "with --tokens, /metrics needs a token too");
+  app.add_option("--event-retention", config.event_retention, "events kept (older ones are pruned)")
+      ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
+  app.add_option("--log-format", log_format, "text or json")
+      ->check(CLI::IsMember({"text", "json"}));
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    std::ostringstream out, err;
+    app.exit(e, out, err);
+    return Status(StatusCode::kCancelled, out.str());
+  } catch (const CLI::CallForVersion& e) {
+    std::ostringstream out, err;
+    app.exit(e, out, err);
+    return Status(StatusCode::kCancelled, out.str());
+  } catch (const CLI::ParseError& e) {
+    return InvalidArgumentError(e.what() + std::string("\n\n") + app.help());
+  }
+
+  config.manifests = manifests;
+  config.state = state;
+  if (std::sscanf(port_range.c_str(), "%d-%d", &config.port_first, &config.port_last) != 2 ||
+      !(config.port_first > 0 && config.port_first <= config.port_last &&
+        config.port_last <= 65535)) {
+    return InvalidArgumentError("--port-range: expected FIRST-LAST within 1-65535, got \"" +
+                                port_range + "\"");
+  }
+  for (const auto& [flag, text, out] :
+       {std::tuple{"--resync", &resync, &config.resync},
+        std::tuple{"--stop-grace", &stop_grace, &config.stop_grace},
+        std::tuple{"--retire-after", &retire_after, &config.retire_after},
+        std::tuple{"--verify-artifacts", &verify_artifacts, &config.verify_artifacts},
+        std::tuple{"--http-header-timeout", &http_header_timeout, &config.http_header_timeout},
+        std::tuple{"--http-read-timeout", &http_read_timeout, &config.http_read_timeout},
+        std::tuple{"--grpc-idle-timeout", &grpc_idle_timeout, &config.grpc_idle_timeout}}) {
+    StatusOr<Duration> d = ParseDuration(*text);
+    if (!d.ok()) return InvalidArgumentError(std::string(flag) + ": " + d.status().message());
+    *out = *d;
+  }
+  config.http_listen = http_listen;
+  config.log_format = *ParseLogFormat(log_format);  // CLI11 checked both
+  config.log_level = *ParseLogLevel(log_level);
+  RETURN_IF_ERROR(CheckDaemonConfig(config));
+  return config;
+}
+
+int ReportFlagError(const Status& error) {
+  if (error.code() == StatusCode::kCancelled) {
+    std::cout << error.message() << std::flush;
+    return 0;
+  }
+  std::cerr << "kilnd: " << error.message();
+  if (error.message().empty() || error.message().back() != '\n') std::cerr << "\n";
+  return 2;
+}
+
+}  // namespace kiln

@@ -1,0 +1,68 @@
+#pragma once
+
+// kilnd's configuration: every flag parsed into a typed value and checked before kilnd does
+// anything (creates its state directory, opens the store, recovers, binds), so a bad flag never
+// leaves anything behind or touches the instances of an earlier run.
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "common/clock.h"
+#include "common/logging.h"
+#include "common/status.h"
+
+namespace kiln {
+
+struct DaemonConfig {
+  std::filesystem::path manifests;  // directory of *.yaml service manifests
+  std::filesystem::path state;      // kiln.db, artifacts/, logs/, kiln.sock, kilnd.addr
+  std::string driver = "process";
+  int port_first = 20000;  // instances' ports, [port_first, port_last]
+  int port_last = 29999;
+  Duration resync{30'000};  // 0: no periodic resync (events are still pruned every 30s)
+  Duration stop_grace{10'000};
+  Duration retire_after{60'000};
+  Duration verify_artifacts{600'000};  // 0: only at start-up
+
+  // gRPC: always the unix socket STATE/kiln.sock; TCP too when grpc_listen is not empty.
+  std::string grpc_listen;  // HOST:PORT; port 0 picks one
+  Duration grpc_idle_timeout{300'000};
+  std::string tls_cert, tls_key;  // PEM files, both or neither (gRPC TCP and HTTP)
+  std::string client_ca;          // PEM: require client certificates it signed
+  std::string tokens_file;        // "TOKEN ROLE NAME" lines; "" = no tokens
+
+  int64_t event_retention = 100'000;
+
+  std::string http_listen = "127.0.0.1:7090";  // HOST:PORT, "" for no HTTP; port 0 picks one
+  Duration http_header_timeout{5'000};
+  Duration http_read_timeout{10'000};
+  int http_max_connections = 256;
+  bool http_metrics_auth = false;
+
+  LogFormat log_format = LogFormat::kText;
+  LogLevel log_level = LogLevel::kInfo;
+
+  // Not a flag: the soft RLIMIT_NOFILE instances start with (RunDaemon sets the one kilnd was
+  // started with, before it raised its own); 0: instances inherit kilnd's.
+  uint64_t instance_nofile_soft = 0;
+};
+
+// Parses and checks kilnd's command line. Nothing is created, opened for writing or bound.
+// Errors, and what RunDaemon does with them (ReportFlagError):
+//   CANCELLED         --help or --version: the message is the text for stdout; exit 0.
+//   INVALID_ARGUMENT  bad usage: the message is what to tell the user; exit 2.
+// A listener off loopback without TLS and tokens is not refused here but by Daemon::Start,
+// before it acts (it is a refusal to serve, logged, exit 1; not a usage error).
+StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv);
+
+// Prints what ParseDaemonFlags' error says (help or version on stdout, "kilnd: ..." on
+// stderr) and returns kilnd's exit code for it.
+int ReportFlagError(const Status& error);
+
+// The checks of values that a config built in code must pass too (ParseDaemonFlags and
+// Daemon::Start make them): ranges, durations, addresses, files that must be readable (TLS,
+// tokens), combinations. Reads files, changes nothing. INVALID_ARGUMENT names the flag.
+Status CheckDaemonConfig(const DaemonConfig& config);
+
+}  // namespace kiln
