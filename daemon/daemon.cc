@@ -25,6 +25,7 @@
 #include "common/descriptors.h"
 #include "common/duration.h"
 #include "common/logging.h"
+#include "common/time_source.h"
 #include "controller/reconciler.h"
 #include "controller/work_queue.h"
 #include "daemon/kiln_metrics.h"
@@ -323,7 +324,7 @@ int RunDaemon(int argc, char** argv) {
     return 1;
   }
 
-  RealClock clock;
+  RealTimeSource clock;  // time and timers for the store, queue, watcher, reconciler and API
   Metrics metrics;
   DeclareKilnMetrics(metrics);
   SqliteStateStore::Options store_options;
@@ -363,7 +364,7 @@ int RunDaemon(int argc, char** argv) {
   bool recovered = false;
   std::string recovery_error;
   WorkQueue queue(
-      io, queue_options,
+      io, clock, queue_options,
       [&](const std::string& name) {
         if (!recovered) return Status::Ok();  // recovery enqueues every service when it is done
         const auto begin = std::chrono::steady_clock::now();
@@ -449,7 +450,7 @@ int RunDaemon(int argc, char** argv) {
         if (publish_now) publish_now();  // readiness says so at once, not up to 200 ms later
       });
   loader.Request();
-  ManifestWatcher watcher(io, flags.manifests, Duration(50), [&] { loader.Request(); });
+  ManifestWatcher watcher(io, clock, flags.manifests, Duration(50), [&] { loader.Request(); });
   watcher.Start();
   queue.Start();
 
@@ -462,6 +463,7 @@ int RunDaemon(int argc, char** argv) {
   api_options.tokens_file = flags.tokens;
   api_options.idle_timeout = *grpc_idle_timeout;
   api_options.metrics = &metrics;
+  api_options.clock = &clock;
   auto api = ApiServer::Start(api_options, io, reconciler, [&] { return (*store)->OpenReader(); });
   if (!api.ok()) {
     LogError("cannot start the API", {{"error", api.status().message()}});
