@@ -186,11 +186,7 @@ void FillConditions(const std::vector<Condition>& conditions,
   }
 }
 
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
+int64_t NowMs(const Clock& clock) { return ToUnixMillis(clock.SystemNow()); }
 
 // "in 40s" from a time in ms (rounded up to whole seconds).
 std::string In(int64_t at_ms, int64_t now_ms) {
@@ -309,8 +305,9 @@ int64_t MinHealthyMs(const ServiceRecord& s) {
 
 // Summary (and with `full`, everything of GetService) for one service.
 // `prefetched`: the service's live instances when the caller already has them.
-Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* sum,
-                   pb::Service* full, const std::vector<InstanceRecord>* prefetched = nullptr) {
+Status FillSummary(StateReader& r, const Clock& clock, const ServiceRecord& s,
+                   pb::ServiceSummary* sum, pb::Service* full,
+                   const std::vector<InstanceRecord>* prefetched = nullptr) {
   std::shared_ptr<const ServiceSpec> spec = Cache().Spec(s.spec);
   sum->set_name(s.name);
   sum->set_desired_revision(s.desired_revision);
@@ -321,7 +318,7 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
   sum->set_retired(s.retired);
   sum->set_manifest_error(s.manifest_error);
   FillConditions(s.conditions, sum->mutable_conditions());
-  const int64_t now = NowMs();
+  const int64_t now = NowMs(clock);
   sum->set_crash_count(s.crash_count);
   sum->set_crash_reason(s.crash_reason);
   sum->set_next_start_unix_ms(s.next_start_ms);
@@ -398,7 +395,7 @@ Status FillSummary(StateReader& r, const ServiceRecord& s, pb::ServiceSummary* s
   return Status::Ok();
 }
 
-Status BuildListServices(StateReader& r, pb::ListServicesResponse* resp) {
+Status BuildListServices(StateReader& r, const Clock& clock, pb::ListServicesResponse* resp) {
   return r.Snapshot([&]() -> Status {
     ASSIGN_OR_RETURN(auto services, r.ListServices());
     // One query for every live instance rather than one per service.
@@ -406,16 +403,18 @@ Status BuildListServices(StateReader& r, pb::ListServicesResponse* resp) {
     std::map<std::string, std::vector<InstanceRecord>> by_service;
     for (auto& i : live) by_service[i.service].push_back(std::move(i));
     for (const auto& s : services) {
-      RETURN_IF_ERROR(FillSummary(r, s, resp->add_services(), nullptr, &by_service[s.name]));
+      RETURN_IF_ERROR(FillSummary(r, clock, s, resp->add_services(), nullptr, &by_service[s.name]));
     }
     return Status::Ok();
   });
 }
 
-Status BuildGetService(StateReader& r, const std::string& name, pb::GetServiceResponse* resp) {
+Status BuildGetService(StateReader& r, const Clock& clock, const std::string& name,
+                       pb::GetServiceResponse* resp) {
   return r.Snapshot([&]() -> Status {
     ASSIGN_OR_RETURN(ServiceRecord s, r.GetService(name));
-    return FillSummary(r, s, resp->mutable_service()->mutable_summary(), resp->mutable_service());
+    return FillSummary(r, clock, s, resp->mutable_service()->mutable_summary(),
+                       resp->mutable_service());
   });
 }
 
@@ -430,15 +429,15 @@ std::string MessageJson(const google::protobuf::Message& m) {
 
 }  // namespace
 
-StatusOr<std::string> ServicesJson(StateReader& r) {
+StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock) {
   pb::ListServicesResponse resp;
-  RETURN_IF_ERROR(BuildListServices(r, &resp));
+  RETURN_IF_ERROR(BuildListServices(r, clock, &resp));
   return MessageJson(resp);
 }
 
-StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name) {
+StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name, const Clock& clock) {
   pb::GetServiceResponse resp;
-  RETURN_IF_ERROR(BuildGetService(r, name, &resp));
+  RETURN_IF_ERROR(BuildGetService(r, clock, name, &resp));
   return MessageJson(resp);
 }
 
@@ -474,9 +473,10 @@ class KilnApi final : public pb::Kiln::Service {
   KilnApi(boost::asio::io_context& io, Reconciler& reconciler,
           std::vector<std::unique_ptr<StateReader>> readers,
           std::optional<std::map<std::string, Caller>> tokens, int max_streams,
-          Duration command_timeout)
+          Duration command_timeout, const Clock& clock)
       : io_(io),
         reconciler_(reconciler),
+        clock_(clock),
         tokens_(std::move(tokens)),
         max_streams_(max_streams),
         command_timeout_(command_timeout) {
@@ -488,7 +488,7 @@ class KilnApi final : public pb::Kiln::Service {
   grpc::Status ListServices(ServerContext* ctx, const pb::ListServicesRequest*,
                             pb::ListServicesResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
-    return ToGrpc(WithReader([&](StateReader& r) { return BuildListServices(r, resp); }));
+    return ToGrpc(WithReader([&](StateReader& r) { return BuildListServices(r, clock_, resp); }));
   }
 
   grpc::Status GetService(ServerContext* ctx, const pb::GetServiceRequest* req,
@@ -496,7 +496,7 @@ class KilnApi final : public pb::Kiln::Service {
     RETURN_GRPC_IF_DENIED(ctx, false);
     if (req->name().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "name is required");
     return ToGrpc(
-        WithReader([&](StateReader& r) { return BuildGetService(r, req->name(), resp); }));
+        WithReader([&](StateReader& r) { return BuildGetService(r, clock_, req->name(), resp); }));
   }
 
   grpc::Status ListInstances(ServerContext* ctx, const pb::ListInstancesRequest* req,
@@ -508,7 +508,7 @@ class KilnApi final : public pb::Kiln::Service {
         ASSIGN_OR_RETURN(ServiceRecord s, r.GetService(req->service()));
         const int64_t min_healthy = MinHealthyMs(s);
         ASSIGN_OR_RETURN(auto instances, r.ListInstances(req->service(), req->include_finished()));
-        const int64_t now = NowMs();
+        const int64_t now = NowMs(clock_);
         for (const auto& i : instances) FillInstance(i, now, min_healthy, resp->add_instances());
         return Status::Ok();
       });
@@ -782,6 +782,7 @@ class KilnApi final : public pb::Kiln::Service {
 
   boost::asio::io_context& io_;
   Reconciler& reconciler_;
+  const Clock& clock_;
   std::vector<ReaderSlot> readers_;
   std::atomic<size_t> next_{0};
   std::optional<std::map<std::string, Caller>> tokens_;
@@ -890,7 +891,8 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
   }
   auto impl = std::make_unique<Impl>();
   impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), std::move(tokens),
-                                        o.max_streams, o.command_timeout);
+                                        o.max_streams, o.command_timeout,
+                                        o.clock ? *o.clock : RealClockInstance());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

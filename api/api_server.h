@@ -23,9 +23,10 @@ class Metrics;
 class Reconciler;
 
 // The JSON that HTTP's /api/v1 serves: the same messages as the gRPC API (ListServices,
-// GetService, WatchEvents), with proto field names.
-StatusOr<std::string> ServicesJson(StateReader& r);
-StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name);
+// GetService, WatchEvents), with proto field names. `clock` says what is available now.
+StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock = RealClockInstance());
+StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name,
+                                  const Clock& clock = RealClockInstance());
 // OUT_OF_RANGE when events after `after_seq` were already pruned.
 StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service,
                                  int limit);
@@ -47,6 +48,7 @@ class ApiServer {
     Duration idle_timeout{300'000};     // a connection with no call for this long is closed
     int max_threads = 128;              // threads running calls (WatchEvents streams included)
     Metrics* metrics = nullptr;         // counts requests by method and code
+    const Clock* clock = nullptr;       // availability and back-off figures; null = the system's
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 

@@ -2,6 +2,11 @@
 
 namespace kiln {
 
+const Clock& RealClockInstance() {
+  static const RealClock clock;
+  return clock;
+}
+
 FakeClock::FakeClock()
     : steady_(std::chrono::hours(1)), system_(std::chrono::seconds(1767225600)) {}
 

@@ -25,6 +25,9 @@ class RealClock final : public Clock {
   SystemTime SystemNow() const override { return std::chrono::system_clock::now(); }
 };
 
+// The system's clocks, for an edge that is not handed a Clock (a default argument).
+const Clock& RealClockInstance();
+
 // A clock that moves only when told to. Thread-safe so a test thread may advance it while the
 // code under test reads it.
 class FakeClock final : public Clock {

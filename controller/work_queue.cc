@@ -2,7 +2,6 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include "common/logging.h"
 
@@ -10,12 +9,13 @@ namespace kiln {
 namespace asio = boost::asio;
 
 struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
-  Impl(asio::io_context& io_in, Options o, ProcessFn p, NamesFn n)
+  Impl(asio::io_context& io_in, TimeSource& t, Options o, ProcessFn p, NamesFn n)
       : io(io_in),
+        time(t),
         options(o),
         process(std::move(p)),
         all_names(std::move(n)),
-        resync_timer(io_in) {}
+        resync_timer(t.MakeTimer(io_in)) {}
 
   void Add(const std::string& name) {
     if (!queued.insert(name).second) return;  // already waiting: runs once
@@ -31,17 +31,15 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
 
   void AddAfter(const std::string& name, Duration delay) {
     if (delay.count() <= 0) return Add(name);
-    auto when = std::chrono::steady_clock::now() + delay;
-    auto it = timers.find(name);
-    if (it != timers.end() && it->second->expiry() <= when) return;  // an earlier one is armed
-    auto timer = std::make_shared<asio::steady_timer>(io, when);
-    timers[name] = timer;
+    const SteadyTime when = time.SteadyNow() + delay;
+    std::unique_ptr<Timer>& timer = timers[name];
+    if (timer && timer->Armed() && timer->Expiry() <= when) return;  // an earlier one is armed
+    if (!timer) timer = time.MakeTimer(io);
     std::weak_ptr<Impl> weak = weak_from_this();
-    timer->async_wait([weak, name, timer](const boost::system::error_code& ec) {
+    timer->ExpireAfter(delay, [weak, name] {
       auto self = weak.lock();
-      if (ec || !self) return;
-      auto it = self->timers.find(name);
-      if (it != self->timers.end() && it->second == timer) self->timers.erase(it);
+      if (!self) return;
+      self->timers.erase(name);  // destroys the timer whose callback this is; `name` is a copy
       self->Add(name);
     });
   }
@@ -78,35 +76,36 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
 
   void ArmResync() {
     if (options.resync.count() <= 0) return;
-    resync_timer.expires_after(options.resync);
     std::weak_ptr<Impl> weak = weak_from_this();
-    resync_timer.async_wait([weak](const boost::system::error_code& ec) {
+    resync_timer->ExpireAfter(options.resync, [weak] {
       auto self = weak.lock();
-      if (ec || !self) return;
+      if (!self) return;
       for (const std::string& name : self->all_names()) self->Add(name);
       self->ArmResync();
     });
   }
 
   asio::io_context& io;
+  TimeSource& time;
   Options options;
   ProcessFn process;
   NamesFn all_names;
   std::deque<std::string> order;
   std::set<std::string> queued;
-  std::map<std::string, std::shared_ptr<asio::steady_timer>> timers;
+  std::map<std::string, std::unique_ptr<Timer>> timers;  // AddAfter's, one per name
   std::map<std::string, int> failures;
-  asio::steady_timer resync_timer;
+  std::unique_ptr<Timer> resync_timer;
   bool drain_posted = false;
   int64_t retries = 0;
 };
 
-WorkQueue::WorkQueue(asio::io_context& io, Options options, ProcessFn process, NamesFn all_names)
-    : impl_(std::make_shared<Impl>(io, options, std::move(process), std::move(all_names))) {}
+WorkQueue::WorkQueue(asio::io_context& io, TimeSource& time, Options options, ProcessFn process,
+                     NamesFn all_names)
+    : impl_(std::make_shared<Impl>(io, time, options, std::move(process), std::move(all_names))) {}
 
 WorkQueue::~WorkQueue() {
-  impl_->resync_timer.cancel();
-  for (auto& [name, t] : impl_->timers) t->cancel();
+  impl_->resync_timer->Cancel();
+  impl_->timers.clear();  // destroying a timer cancels it
 }
 
 void WorkQueue::Add(const std::string& name) { impl_->Add(name); }

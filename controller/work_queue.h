@@ -15,6 +15,7 @@
 
 #include "common/clock.h"
 #include "common/status.h"
+#include "common/time_source.h"
 
 namespace boost::asio {
 class io_context;
@@ -43,8 +44,10 @@ class WorkQueue final : public PassScheduler {
   };
 
   // `process` runs one pass; an error requeues the name with backoff. `all_names` lists what a
-  // resync enqueues.
-  WorkQueue(boost::asio::io_context& io, Options options, ProcessFn process, NamesFn all_names);
+  // resync enqueues. Backoff, AddAfter and resync wait on timers of `time`, which must outlive
+  // the queue.
+  WorkQueue(boost::asio::io_context& io, TimeSource& time, Options options, ProcessFn process,
+            NamesFn all_names);
   ~WorkQueue() override;
 
   void Add(const std::string& name) override;

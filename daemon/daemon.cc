@@ -22,6 +22,7 @@
 #include "common/clock.h"
 #include "common/descriptors.h"
 #include "common/logging.h"
+#include "common/time_source.h"
 #include "common/metrics.h"
 #include "controller/reconciler.h"
 #include "controller/work_queue.h"
@@ -89,7 +90,7 @@ struct Daemon::Impl {
   void ShutDown(const char* signal_name);
 
   const DaemonConfig config;
-  RealClock clock;
+  RealTimeSource clock;  // time and timers for the store, queue, watcher, reconciler and API
   Metrics metrics;
   std::unique_ptr<SqliteStateStore> store;
   std::optional<ArtifactStore> artifacts;
@@ -174,7 +175,7 @@ Status Daemon::Impl::Init() {
   WorkQueue::Options queue_options;
   queue_options.resync = config.resync;
   queue = std::make_unique<WorkQueue>(
-      io, queue_options,
+      io, clock, queue_options,
       [this](const std::string& name) {
         if (!recovered) return Status::Ok();  // recovery enqueues every service when it is done
         const auto begin = std::chrono::steady_clock::now();
@@ -243,7 +244,7 @@ Status Daemon::Impl::Init() {
         Publish();  // readiness says so at once, not up to 200 ms later
       });
   loader->Request();
-  watcher = std::make_unique<ManifestWatcher>(io, config.manifests, Duration(50),
+  watcher = std::make_unique<ManifestWatcher>(io, clock, config.manifests, Duration(50),
                                               [this] { loader->Request(); });
   watcher->Start();
   queue->Start();
@@ -257,6 +258,7 @@ Status Daemon::Impl::Init() {
   api_options.tokens_file = config.tokens_file;
   api_options.idle_timeout = config.grpc_idle_timeout;
   api_options.metrics = &metrics;
+  api_options.clock = &clock;
   auto api_started =
       ApiServer::Start(api_options, io, *reconciler, [this] { return store->OpenReader(); });
   if (!api_started.ok()) {

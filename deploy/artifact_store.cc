@@ -16,12 +16,14 @@ namespace fs = std::filesystem;
 
 namespace {
 
-Status WriteAll(int fd, const char* p, size_t n, const fs::path& path) {
+// `what` says which artifact is copied where, for the error.
+Status WriteAll(const ArtifactStore::WriteFn& write, int fd, const char* p, size_t n,
+                const std::string& what) {
   while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
+    ssize_t w = write ? write(fd, p, n) : ::write(fd, p, n);
     if (w < 0) {
       if (errno == EINTR) continue;
-      return ErrnoError(errno, "write " + path.string());
+      return ErrnoError(errno, what);
     }
     p += w;
     n -= static_cast<size_t>(w);
@@ -72,9 +74,11 @@ StatusOr<std::string> ArtifactStore::Put(const fs::path& source, const std::stri
   };
 
   Sha256Hasher hasher;
+  const std::string write_what =
+      "cannot store artifact " + source.string() + ": write " + tmp.string();
   Status copied = ReadChunks(in, max_bytes_, what, [&](const char* data, size_t size) {
     hasher.Update(data, size);
-    return WriteAll(out.get(), data, size, tmp);
+    return WriteAll(write_, out.get(), data, size, write_what);
   });
   if (!copied.ok()) return discard(copied);
   std::string hex = hasher.HexDigest();

@@ -3,7 +3,10 @@
 // The content-addressed artifact store (DESIGN.md "Artifacts"): STATE/artifacts/sha256/<hex>,
 // read-only files that instances always run from, so a revision runs the same bits forever.
 
+#include <sys/types.h>
+
 #include <filesystem>
+#include <functional>
 #include <set>
 #include <string>
 
@@ -41,11 +44,17 @@ class ArtifactStore {
 
   const std::filesystem::path& root() const { return root_; }
 
+  // How Put writes the bytes it copies, with write(2)'s contract (a short count, or -1 and
+  // errno). Tests inject a full disk partway through a put; empty = ::write.
+  using WriteFn = std::function<ssize_t(int fd, const void* data, size_t size)>;
+  void SetWriterForTest(WriteFn write) { write_ = std::move(write); }
+
  private:
   ArtifactStore(std::filesystem::path root, uint64_t max_bytes)
       : root_(std::move(root)), max_bytes_(max_bytes) {}
   std::filesystem::path root_;
   uint64_t max_bytes_;
+  WriteFn write_;
 };
 
 }  // namespace kiln

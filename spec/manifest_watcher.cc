@@ -6,7 +6,6 @@
 #include <array>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include "common/logging.h"
 
@@ -14,14 +13,15 @@ namespace kiln {
 namespace asio = boost::asio;
 
 struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
-  Impl(asio::io_context& io_in, std::filesystem::path d, Duration deb, std::function<void()> cb)
+  Impl(asio::io_context& io_in, TimeSource& time, std::filesystem::path d, Duration deb,
+       std::function<void()> cb)
       : io(io_in),
         dir(std::move(d)),
         debounce(deb),
         on_change(std::move(cb)),
         stream(io_in),
-        debounce_timer(io_in),
-        retry_timer(io_in) {}
+        debounce_timer(time.MakeTimer(io_in)),
+        retry_timer(time.MakeTimer(io_in)) {}
 
   void Watch() {
     boost::system::error_code ignored;
@@ -42,11 +42,10 @@ struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
     if (!retrying)
       LogWarn("manifest directory not watched; retrying every second", {{"reason", why}});
     retrying = true;
-    retry_timer.expires_after(std::chrono::seconds(1));
     std::weak_ptr<Impl> weak = weak_from_this();
-    retry_timer.async_wait([weak](const boost::system::error_code& ec) {
+    retry_timer->ExpireAfter(std::chrono::seconds(1), [weak] {
       auto self = weak.lock();
-      if (ec || !self) return;
+      if (!self) return;
       self->Changed(self->debounce);  // it may have come back with files in it
       self->Watch();
     });
@@ -78,11 +77,10 @@ struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
 
   // Debounce: one reload once changes have been quiet for `delay`.
   void Changed(Duration delay) {
-    debounce_timer.expires_after(delay);
     std::weak_ptr<Impl> weak = weak_from_this();
-    debounce_timer.async_wait([weak](const boost::system::error_code& ec) {
+    debounce_timer->ExpireAfter(delay, [weak] {
       auto self = weak.lock();
-      if (ec || !self) return;
+      if (!self) return;
       self->on_change();
     });
   }
@@ -92,21 +90,21 @@ struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
   Duration debounce;
   std::function<void()> on_change;
   asio::posix::stream_descriptor stream;
-  asio::steady_timer debounce_timer;
-  asio::steady_timer retry_timer;
+  std::unique_ptr<Timer> debounce_timer;
+  std::unique_ptr<Timer> retry_timer;
   alignas(inotify_event) std::array<char, 16 * 1024> buf{};
   bool retrying = false;
 };
 
-ManifestWatcher::ManifestWatcher(asio::io_context& io, std::filesystem::path dir, Duration debounce,
-                                 std::function<void()> on_change)
-    : impl_(std::make_shared<Impl>(io, std::move(dir), debounce, std::move(on_change))) {}
+ManifestWatcher::ManifestWatcher(asio::io_context& io, TimeSource& time, std::filesystem::path dir,
+                                 Duration debounce, std::function<void()> on_change)
+    : impl_(std::make_shared<Impl>(io, time, std::move(dir), debounce, std::move(on_change))) {}
 
 ManifestWatcher::~ManifestWatcher() {
   boost::system::error_code ignored;
   impl_->stream.close(ignored);
-  impl_->debounce_timer.cancel();
-  impl_->retry_timer.cancel();
+  impl_->debounce_timer->Cancel();
+  impl_->retry_timer->Cancel();
 }
 
 void ManifestWatcher::Start() { impl_->Watch(); }

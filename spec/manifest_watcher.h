@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "common/clock.h"
+#include "common/time_source.h"
 
 namespace boost::asio {
 class io_context;
@@ -20,8 +21,10 @@ namespace kiln {
 
 class ManifestWatcher {
  public:
-  ManifestWatcher(boost::asio::io_context& io, std::filesystem::path dir, Duration debounce,
-                  std::function<void()> on_change);
+  // The debounce and retry timers come from `time` (which must outlive the watcher); inotify
+  // reads are real I/O on `io`.
+  ManifestWatcher(boost::asio::io_context& io, TimeSource& time, std::filesystem::path dir,
+                  Duration debounce, std::function<void()> on_change);
   ~ManifestWatcher();
 
   // Starts watching. Without inotify (or the directory), retries every second.

@@ -11,6 +11,7 @@
 #include "storage/sqlite_state_store.h"
 #include "tests/fakes/fake_driver.h"
 #include "tests/fakes/fake_health.h"
+#include "tests/fakes/faulty_store.h"
 #include "tests/test_util.h"
 
 namespace kiln::testing {
@@ -44,12 +45,13 @@ struct ReconcilerFixture {
     WriteFile(tmp / "artifacts/app-v3", "app v3");
     auto s = SqliteStateStore::Open({.path = (tmp / "kiln.db").string(), .clock = &clock});
     store = std::move(s).value();
+    faults = std::make_unique<FaultyStore>(*store, store->path());
     artifacts = std::make_unique<ArtifactStore>(*ArtifactStore::Open(tmp / "state/artifacts"));
     MakeReconciler();
   }
 
   void MakeReconciler() {
-    reconciler = std::make_unique<Reconciler>(*store, driver, health, *artifacts, clock, scheduler,
+    reconciler = std::make_unique<Reconciler>(*faults, driver, health, *artifacts, clock, scheduler,
                                               Reconciler::Options{});
   }
 
@@ -123,6 +125,8 @@ struct ReconcilerFixture {
   FakeClock clock;
   RecordingScheduler scheduler;
   std::unique_ptr<SqliteStateStore> store;
+  // What the reconciler writes through: no faults unless a test arms them.
+  std::unique_ptr<FaultyStore> faults;
   std::unique_ptr<ArtifactStore> artifacts;
   FakeDriver driver;
   FakeHealth health;

@@ -2,9 +2,14 @@
 
 #include "controller/reconciler.h"
 
+#include <unistd.h>
+
+#include <boost/asio/io_context.hpp>
 #include <catch2/catch.hpp>
+#include <cerrno>
 
 #include "tests/controller/reconciler_fixture.h"
+#include "tests/fakes/simulated_time_source.h"
 
 namespace kiln {
 namespace {
@@ -433,18 +438,12 @@ TEST_CASE("an exit the store could not take is recorded on the next pass", "[rec
   ReconcilerFixture f;
   ColdStart(f, 1);
   std::string victim = f.Live()[0].name;
-  REQUIRE(f.store->ExecForTest("PRAGMA wal_checkpoint(TRUNCATE)").ok());
-  auto pages = *sqlite::Database::Open((f.tmp / "kiln.db").string(), true, false)
-                    ->QueryInt("p", "PRAGMA page_count");
-  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = " + std::to_string(*pages)).ok());
-  for (size_t size : {2000, 500, 100, 10, 1}) {  // fill every page, down to the last bytes
-    const std::string filler(size, 'x');
-    while (f.store->AppendEvent({.kind = EventKind::kServiceMissing, .message = filler}).ok()) {
-    }
-  }
+  f.faults->FailCommits(testing::FaultyStore::Fault::kDiskFull,
+                        testing::FaultyStore::kUntilCleared);
   f.driver.Exit(victim, 9);
   CHECK(f.store->GetInstance(victim)->state == InstanceState::kHealthy);  // not recorded yet
-  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = 1000000").ok());
+  CHECK(f.faults->failed_commits() > 0);
+  f.faults->Clear();
   Status first = f.Converge();  // may still report the earlier failure; the retry succeeds
   f.scheduler.queue.push_back("web");
   REQUIRE(f.Converge().ok());
@@ -779,20 +778,147 @@ TEST_CASE("no instance is started without its intent committed", "[reconciler]")
   ReconcilerFixture f;
   ColdStart(f, 1);
   // The disk is full: the pass fails before acting.
-  REQUIRE(f.store->ExecForTest("PRAGMA wal_checkpoint(TRUNCATE)").ok());
-  auto pages = *sqlite::Database::Open((f.tmp / "kiln.db").string(), true, false)
-                    ->QueryInt("p", "PRAGMA page_count");
-  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = " + std::to_string(*pages)).ok());
+  f.faults->FailCommits(testing::FaultyStore::Fault::kDiskFull,
+                        testing::FaultyStore::kUntilCleared);
   f.Declare("v1", 30);
   Status s = f.Converge();
   CHECK(s.code() == StatusCode::kResourceExhausted);
   CHECK(f.driver.starts.size() == 1);
   CHECK(f.Live().size() == 1);
   // Space again: it resumes.
-  REQUIRE(f.store->ExecForTest("PRAGMA max_page_count = 1000000").ok());
+  f.faults->Clear();
   f.scheduler.queue.push_back("web");
   REQUIRE(f.Converge().ok());
   CHECK(f.Live().size() == 30);
+}
+
+// One commit fails (busy, disk full, I/O error): the pass reports the store's error, nothing is
+// started or stopped and nothing of the pass is kept; the next pass converges.
+TEST_CASE("a pass whose commit fails acts on nothing and the next pass converges",
+          "[reconciler][faults]") {
+  using Fault = testing::FaultyStore::Fault;
+  auto [fault, code, text] = GENERATE(table<Fault, StatusCode, std::string>({
+      {Fault::kBusy, StatusCode::kUnavailable, "database is locked"},
+      {Fault::kDiskFull, StatusCode::kResourceExhausted, "database or disk is full"},
+      {Fault::kIoError, StatusCode::kUnavailable, "disk I/O error"},
+  }));
+  INFO(text);
+  ReconcilerFixture f;
+  ColdStart(f, 3);
+  const size_t events = f.EventKinds().size();
+
+  // Scaling down would stop two.
+  f.Declare("v1", 1);
+  f.faults->FailCommits(fault);
+  Status s = f.Converge();
+  CHECK(s.code() == code);
+  CHECK(s.message().find(text) != std::string::npos);
+  CHECK(s.message().find(f.store->path()) != std::string::npos);
+  CHECK(f.faults->WriteFailure().code() == code);
+  CHECK(f.driver.stops.empty());
+  CHECK(f.driver.starts.size() == 3);
+  CHECK(f.Count(1) == 3);
+  for (const auto& i : f.Live()) CHECK(i.state == InstanceState::kHealthy);
+  CHECK(f.EventKinds().size() == events);
+  // The fault has cleared: the retried pass converges.
+  f.scheduler.queue.push_back("web");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.faults->WriteFailure().ok());
+  CHECK(f.Count(1) == 1);
+  CHECK(f.driver.stops.size() == 2);
+
+  // A new version would write revision 2 and start an instance of it.
+  f.Declare("v2", 1);
+  f.faults->FailCommits(fault);
+  CHECK(f.Converge().code() == code);
+  CHECK(f.driver.starts.size() == 3);
+  CHECK(f.store->ListRevisions("web")->size() == 1);
+  CHECK(f.Count(1) == 1);
+  f.scheduler.queue.push_back("web");
+  REQUIRE(f.Converge().ok());
+  CHECK(f.store->ListRevisions("web")->size() == 2);
+  CHECK(f.Count(2) == 1);
+  CHECK(f.driver.starts.size() == 4);
+  CHECK(f.faults->failed_commits() == 2);
+}
+
+TEST_CASE("a busy store is retried by the work queue after its backoff", "[reconciler][faults]") {
+  ReconcilerFixture f;
+  ColdStart(f, 1);
+  f.Declare("v1", 3);  // recorded as the desired state; no pass runs it
+  f.reconciler.reset();
+  // kilnd's wiring: a work queue on simulated time runs the passes.
+  testing::SimulatedTimeSource time;
+  boost::asio::io_context io;
+  Reconciler* reconciler = nullptr;
+  WorkQueue queue(
+      io, time, {}, [&](const std::string& name) { return reconciler->Reconcile(name); },
+      [&] { return reconciler->ServiceNames(); });
+  Reconciler real(*f.faults, f.driver, f.health, *f.artifacts, f.clock, queue, {});
+  reconciler = &real;
+  REQUIRE(real.Recover().ok());
+  real.ApplyManifests(LoadManifestDir(f.tmp / "m"));
+  f.faults->FailCommits(testing::FaultyStore::Fault::kBusy);
+  time.AdvanceAndRun(Duration(4), io);
+  CHECK(f.faults->failed_commits() == 1);
+  CHECK(queue.Retries() == 1);
+  CHECK(f.driver.starts.size() == 1);
+  CHECK(f.Live().size() == 1);
+  time.AdvanceAndRun(Duration(1), io);  // the first backoff is 5 ms
+  CHECK(f.driver.starts.size() == 3);
+  CHECK(f.Live().size() == 3);
+  CHECK(queue.Retries() == 1);
+}
+
+TEST_CASE("a full disk during an artifact put refuses the revision, the old keeps running",
+          "[reconciler][faults]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2);
+  const auto stored = f.tmp / "state/artifacts";
+  auto files = [](const std::filesystem::path& dir) {
+    size_t n = 0;
+    for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir)) ++n;
+    return n;
+  };
+  REQUIRE(files(stored / "sha256") == 1);
+  // v2's artifact is several chunks; the disk fills after its first 64 KiB.
+  testing::WriteFile(f.tmp / "artifacts/app-v2", std::string(256 * 1024, 'b'));
+  size_t room = 64 * 1024;
+  f.artifacts->SetWriterForTest([&room](int fd, const void* data, size_t size) -> ssize_t {
+    if (room == 0) {
+      errno = ENOSPC;
+      return -1;
+    }
+    ssize_t w = ::write(fd, data, std::min(size, room));
+    if (w > 0) room -= static_cast<size_t>(w);
+    return w;
+  });
+  f.Declare("v2", 2);
+  // The pass keeps converging to revision 1 and says why revision 2 was not written.
+  REQUIRE(f.Converge().ok());
+  CHECK(room == 0);  // it failed partway through the copy
+  const std::string error = f.Service().manifest_error;
+  INFO(error);
+  CHECK(error.find("revision of web refused") != std::string::npos);
+  CHECK(error.find((f.tmp / "artifacts/app-v2").string()) != std::string::npos);
+  CHECK(error.find("No space left on device") != std::string::npos);
+  CHECK(f.HasEvent(EventKind::kManifestError));
+  CHECK(f.store->ListRevisions("web")->size() == 1);
+  CHECK(files(stored / "sha256") == 1);
+  CHECK(files(stored / "tmp") == 0);
+  CHECK(f.Count(1) == 2);
+  CHECK(f.Available() == 2);
+  CHECK(f.driver.starts.size() == 2);
+  CHECK(f.driver.stops.empty());
+  // Space again: the next pass writes revision 2 and rolls out.
+  f.artifacts->SetWriterForTest(nullptr);
+  f.scheduler.queue.push_back("web");
+  RollOut(f, 2, 3);
+  CHECK(f.store->ListRevisions("web")->size() == 2);
+  CHECK(f.Count(2) == 2);
+  CHECK(f.Count(1) == 0);
+  CHECK(files(stored / "tmp") == 0);
+  CHECK(f.Service().manifest_error.empty());
 }
 
 // Crash between intent and action, at each point: a new reconciler over the same store and

@@ -3,16 +3,20 @@
 #include <boost/asio/io_context.hpp>
 #include <catch2/catch.hpp>
 
+#include "tests/fakes/simulated_time_source.h"
+
 namespace kiln {
 namespace {
 
 using namespace std::chrono_literals;
+using testing::SimulatedTimeSource;
 
 TEST_CASE("a name queued twice runs once", "[queue]") {
+  SimulatedTimeSource time;
   boost::asio::io_context io;
   std::vector<std::string> ran;
   WorkQueue q(
-      io, {},
+      io, time, {},
       [&](const std::string& n) {
         ran.push_back(n);
         return Status::Ok();
@@ -22,63 +26,75 @@ TEST_CASE("a name queued twice runs once", "[queue]") {
   q.Add("api");
   q.Add("web");
   CHECK(q.Depth() == 2);
-  io.run_for(50ms);
+  io.run();
   CHECK(ran == std::vector<std::string>{"web", "api"});
 }
 
 TEST_CASE("errors back off exponentially per service", "[queue]") {
+  SimulatedTimeSource time;
   boost::asio::io_context io;
   int runs = 0;
-  std::vector<std::chrono::steady_clock::time_point> at;
+  std::vector<SteadyTime> at;
   WorkQueue::Options o;
   o.backoff_base = Duration(5);
   o.backoff_cap = Duration(40);
   WorkQueue q(
-      io, o,
+      io, time, o,
       [&](const std::string&) {
-        at.push_back(std::chrono::steady_clock::now());
+        at.push_back(time.SteadyNow());
         return ++runs < 6 ? UnavailableError("store busy") : Status::Ok();
       },
       [] { return std::vector<std::string>{}; });
   CHECK(q.NextBackoffForTest("web") == Duration(5));
   q.Add("web");
-  io.run_for(1s);
+  time.AdvanceAndRun(1s, io);
   CHECK(runs == 6);
   CHECK(q.Retries() == 5);
-  // 5, 10, 20, 40, 40 ms apart (capped), at least.
+  // 5, 10, 20, 40, 40 ms apart (capped).
   const int64_t expected[] = {5, 10, 20, 40, 40};
   for (int i = 0; i < 5; ++i) {
     auto gap = std::chrono::duration_cast<std::chrono::milliseconds>(at[i + 1] - at[i]).count();
     CHECK(gap >= expected[i]);
+    CHECK(gap == expected[i]);  // simulated time: exactly
   }
   CHECK(q.NextBackoffForTest("web") == Duration(5));  // success forgets the failures
 }
 
 TEST_CASE("AddAfter fires once, and an earlier request wins", "[queue]") {
+  SimulatedTimeSource time;
   boost::asio::io_context io;
   std::vector<std::string> ran;
+  std::vector<SteadyTime> at;
   WorkQueue q(
-      io, {},
+      io, time, {},
       [&](const std::string& n) {
         ran.push_back(n);
+        at.push_back(time.SteadyNow());
         return Status::Ok();
       },
       [] { return std::vector<std::string>{}; });
-  auto start = std::chrono::steady_clock::now();
+  auto start = time.SteadyNow();
   q.AddAfter("web", Duration(200));
   q.AddAfter("web", Duration(20));
-  io.run_for(100ms);
+  time.AdvanceAndRun(19ms, io);
+  CHECK(ran.empty());  // not before its time
+  time.AdvanceAndRun(81ms, io);
   CHECK(ran == std::vector<std::string>{"web"});
-  CHECK(std::chrono::steady_clock::now() - start >= 20ms);
+  REQUIRE(at.size() == 1);
+  CHECK(at[0] - start >= 20ms);
+  CHECK(at[0] - start == 20ms);
+  time.AdvanceAndRun(1s, io);  // the later request was replaced, not kept
+  CHECK(ran == std::vector<std::string>{"web"});
 }
 
 TEST_CASE("resync enqueues every known name", "[queue]") {
+  SimulatedTimeSource time;
   boost::asio::io_context io;
   std::vector<std::string> ran;
   WorkQueue::Options o;
   o.resync = Duration(30);
   WorkQueue q(
-      io, o,
+      io, time, o,
       [&](const std::string& n) {
         ran.push_back(n);
         return Status::Ok();
@@ -87,10 +103,13 @@ TEST_CASE("resync enqueues every known name", "[queue]") {
         return std::vector<std::string>{"a", "b"};
       });
   q.Start();
-  io.run_for(80ms);
+  time.AdvanceAndRun(29ms, io);
+  CHECK(ran.empty());
+  time.AdvanceAndRun(51ms, io);  // at 30 and 60 ms
   CHECK(ran.size() >= 2);
   CHECK(ran[0] == "a");
   CHECK(ran[1] == "b");
+  CHECK(ran == std::vector<std::string>{"a", "b", "a", "b"});
 }
 
 }  // namespace

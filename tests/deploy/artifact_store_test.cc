@@ -1,8 +1,10 @@
 #include "deploy/artifact_store.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cerrno>
 #include <thread>
 
 #include "common/limits.h"
@@ -56,6 +58,39 @@ TEST_CASE("a pinned digest that does not match is refused and nothing is stored"
   CHECK(CountFiles(tmp / "artifacts/sha256") == 0);
   CHECK(CountFiles(tmp / "artifacts/tmp") == 0);
   CHECK(store->Put(tmp / "app", Sha256Hex("bits v1")).ok());
+}
+
+TEST_CASE("a full disk partway through a put stores nothing and leaves no partial file",
+          "[artifacts]") {
+  TempDir tmp;
+  auto store = ArtifactStore::Open(tmp / "artifacts");
+  REQUIRE(store.ok());
+  const std::string bits(300 * 1024, 'b');  // several chunks
+  WriteFile(tmp / "app", bits);
+  size_t room = 100 * 1024;  // the disk fills after 100 KiB
+  store->SetWriterForTest([&room](int fd, const void* data, size_t size) -> ssize_t {
+    if (room == 0) {
+      errno = ENOSPC;
+      return -1;
+    }
+    ssize_t w = ::write(fd, data, std::min(size, room));
+    if (w > 0) room -= static_cast<size_t>(w);
+    return w;
+  });
+  auto digest = store->Put(tmp / "app");
+  REQUIRE_FALSE(digest.ok());
+  CHECK(room == 0);  // it failed partway, not before writing
+  CHECK(digest.status().code() == StatusCode::kResourceExhausted);
+  CHECK(digest.status().message().find("cannot store artifact " + (tmp / "app").string()) !=
+        std::string::npos);
+  CHECK(digest.status().message().find("No space left on device") != std::string::npos);
+  CHECK(CountFiles(tmp / "artifacts/sha256") == 0);
+  CHECK(CountFiles(tmp / "artifacts/tmp") == 0);
+  // Space again: the same put succeeds.
+  store->SetWriterForTest(nullptr);
+  digest = store->Put(tmp / "app");
+  REQUIRE(digest.ok());
+  CHECK(ReadFile(store->PathFor(*digest)) == bits);
 }
 
 TEST_CASE("a missing source is an error naming it", "[artifacts]") {
