@@ -2,7 +2,7 @@
 STATE ?= .kiln-state
 MANIFESTS ?= examples/manifests
 
-.PHONY: deps configure build test chaos run bench asan fuzz format format-check clean
+.PHONY: deps configure build test dev chaos run bench asan fuzz format format-check clean
 
 deps:
 	@scripts/install-deps
@@ -15,6 +15,12 @@ build: configure
 
 test: build
 	@ctest --preset default
+
+# The fast developer build: -O0, mold (or lld), its own build-dev/; `ctest --preset dev` tests it.
+dev:
+	@scripts/install-deps --dev || echo "make dev: mold is missing; linking with lld or GNU ld"
+	@cmake --preset dev >/dev/null
+	@cmake --build --preset dev
 
 # The long chaos run: kilnd SIGKILLed CHAOS_ITERATIONS times at random moments (the short version
 # runs in `make test`). KILN_CHAOS_SEED=N repeats a run's choices; see docs/testing.md.
@@ -62,4 +68,4 @@ format-check:
 	@clang-format --dry-run --Werror $(SOURCES)
 
 clean:
-	rm -rf build build-asan build-fuzz
+	rm -rf build build-asan build-fuzz build-dev
