@@ -2,7 +2,7 @@
 STATE ?= .kiln-state
 MANIFESTS ?= examples/manifests
 
-.PHONY: deps configure build test dev chaos run bench asan fuzz format format-check clean
+.PHONY: deps configure build test dev chaos run bench asan fuzz format format-check tidy clean
 
 deps:
 	@scripts/install-deps
@@ -66,6 +66,12 @@ format:
 format-check:
 	@scripts/install-deps --lint
 	@clang-format --dry-run --Werror $(SOURCES)
+
+# clang-tidy (.clang-tidy) on the .cc files changed since .ci/tidy-base; `scripts/tidy --all`
+# checks every file. Needs build/compile_commands.json, so it builds first.
+tidy: build
+	@scripts/install-deps --lint
+	@scripts/tidy
 
 clean:
 	rm -rf build build-asan build-fuzz build-dev
