@@ -2,7 +2,7 @@
 STATE ?= .kiln-state
 MANIFESTS ?= examples/manifests
 
-.PHONY: deps configure build test chaos run bench asan fuzz format format-check clean
+.PHONY: deps configure build test dev chaos run bench asan fuzz format format-check tidy clean
 
 deps:
 	@scripts/install-deps
@@ -15,6 +15,12 @@ build: configure
 
 test: build
 	@ctest --preset default
+
+# The fast developer build: -O0, mold (or lld), its own build-dev/; `ctest --preset dev` tests it.
+dev:
+	@scripts/install-deps --dev || echo "make dev: mold is missing; linking with lld or GNU ld"
+	@cmake --preset dev >/dev/null
+	@cmake --build --preset dev
 
 # The long chaos run: kilnd SIGKILLed CHAOS_ITERATIONS times at random moments (the short version
 # runs in `make test`). KILN_CHAOS_SEED=N repeats a run's choices; see docs/testing.md.
@@ -61,5 +67,11 @@ format-check:
 	@scripts/install-deps --lint
 	@clang-format --dry-run --Werror $(SOURCES)
 
+# clang-tidy (.clang-tidy) on the .cc files changed since .ci/tidy-base; `scripts/tidy --all`
+# checks every file. Needs build/compile_commands.json, so it builds first.
+tidy: build
+	@scripts/install-deps --lint
+	@scripts/tidy
+
 clean:
-	rm -rf build build-asan build-fuzz
+	rm -rf build build-asan build-fuzz build-dev

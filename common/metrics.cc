@@ -97,7 +97,8 @@ std::string Metrics::Render() const {
   std::lock_guard lock(mu_);
   std::string out;
   for (const auto& [name, f] : families_) {
-    out += "# HELP " + name + " " + f.help + "\n# TYPE " + name + " " + f.type + "\n";
+    out.append("# HELP ").append(name).append(" ").append(f.help);
+    out.append("\n# TYPE ").append(name).append(" ").append(f.type).append("\n");
     if (f.type == "histogram") {
       for (const auto& [labels, h] : f.histograms) {
         double cumulative = 0;

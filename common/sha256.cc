@@ -25,7 +25,7 @@ std::string Sha256Hasher::HexDigest() {
   EVP_DigestFinal_ex(ctx_, digest, &len);
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
-  out.reserve(len * 2);
+  out.reserve(size_t{len} * 2);
   for (unsigned i = 0; i < len; ++i) {
     out.push_back(kHex[digest[i] >> 4]);
     out.push_back(kHex[digest[i] & 0xf]);
