@@ -13,6 +13,7 @@
 #include <cstring>
 #include <list>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "api/api_server.h"
 #include "common/descriptors.h"
@@ -28,13 +29,11 @@ namespace ssl = asio::ssl;
 
 namespace {
 
+// Messages can carry what a client sent (a path, a query value): control characters are
+// escaped and bytes that are not UTF-8 replaced, so the body is always valid JSON.
 std::string JsonError(const std::string& message) {
-  std::string out = "{\"error\":\"";
-  for (char c : message) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
-  }
-  return out + "\"}";
+  return nlohmann::json{{"error", message}}.dump(-1, ' ', false,
+                                                 nlohmann::json::error_handler_t::replace);
 }
 
 int HttpCode(StatusCode c) {

@@ -108,6 +108,12 @@ TEST_CASE("the JSON API serves what the gRPC API serves", "[http]") {
   REQUIRE(!ev.empty());
   CHECK(ev[0]["seq"] == "3");
   CHECK(Request(f.port, "/api/v1/events?since=abc").status == 400);
+  // What a client sent comes back in the error, as sent (not decoded); the body stays JSON.
+  for (const char* target : {"/api/v1/events?since=a%0A%22%FF\\b", "/nope%0A%FF"}) {
+    Reply bad = Request(f.port, target);
+    CHECK((bad.status == 400 || bad.status == 404));
+    CHECK_NOTHROW(nlohmann::json::parse(bad.body).at("error").get<std::string>());
+  }
 }
 
 TEST_CASE("unknown paths are 404, wrong methods 405, huge headers 431", "[http]") {
