@@ -220,18 +220,11 @@ PassResult Decide(const PassInput& in) {
                 " failed: " + rollout.reason);
       if (spec.update.auto_rollback) {
         // Back to the last revision that was fully available, with another template.
-        const RevisionRecord* good = nullptr;
-        for (const RevisionRecord& r : in.revisions) {  // newest first
-          if (r.available_ms > 0 && r.template_hash != target_hash) {
-            good = &r;
-            break;
-          }
-        }
-        if (good != nullptr) {
-          const int64_t number = in.revisions.empty() ? 1 : in.revisions.front().number + 1;
+        if (in.rollback_candidate) {
+          const int64_t number = in.next_revision;
           const std::string reason =
               "rollout to revision " + std::to_string(target_rev) + " failed";
-          out.rollback = RollbackDecision{*good, number, reason};
+          out.rollback = RollbackDecision{*in.rollback_candidate, number, reason};
           svc.pinned_revision = number;
           svc.pin_reason = PinReason("auto", reason);
           out.requeue_now = true;

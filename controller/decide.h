@@ -34,11 +34,15 @@ struct PassInput {
   ServiceSpec spec;       // what the manifest declares
   ServiceRecord service;  // with the desired revision ensured (a pin lifted by a new template)
   RevisionRecord target;  // the pinned revision, else the desired one
-  std::vector<RevisionRecord> revisions;             // newest first, the target included
   std::map<int64_t, std::string> template_hashes;    // by revision, for every instance's
   std::vector<InstanceRecord> instances;             // the non-final ones
   std::optional<RolloutRecord> rollout;              // the latest
   std::optional<std::pair<int, int>> progress_seen;  // (new available, old total) last seen
+  // For an automatic rollback; needed only while a rollout can fail (active, or starting): the
+  // newest fully available revision with another template than the target (none: nothing to
+  // go back to), and the number the next revision written gets.
+  std::optional<RevisionRecord> rollback_candidate;
+  int64_t next_revision = 0;
   int64_t now_ms = 0;
   DecideOptions options;
 };

@@ -791,22 +791,14 @@ Status Reconciler::WriteRollbackRevision(ServiceRecord& svc, const RevisionRecor
 }
 
 StatusOr<PassInput> Reconciler::LoadPassInput(const DesiredService& desired,
-                                              const ServiceRecord& svc,
-                                              std::vector<RevisionRecord> revisions, int64_t now) {
+                                              const ServiceRecord& svc, RevisionRecord target,
+                                              int64_t now) {
   const std::string& name = svc.name;
   PassInput in;
   in.spec = desired.spec;
   in.service = svc;
-  const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
-  auto target = std::find_if(revisions.begin(), revisions.end(),
-                             [&](const RevisionRecord& r) { return r.number == target_rev; });
-  if (target == revisions.end()) {
-    return NotFoundError("revision " + std::to_string(target_rev) + " of " + name +
-                         " does not exist");
-  }
-  in.target = *target;
-  for (const RevisionRecord& r : revisions) in.template_hashes[r.number] = r.template_hash;
-  in.revisions = std::move(revisions);
+  in.target = std::move(target);
+  in.template_hashes[in.target.number] = in.target.template_hash;
   ASSIGN_OR_RETURN(in.instances, store_.ListInstances(name, false));
   for (const InstanceRecord& inst : in.instances) {
     if (!in.template_hashes.count(inst.revision)) {
@@ -816,6 +808,16 @@ StatusOr<PassInput> Reconciler::LoadPassInput(const DesiredService& desired,
   StatusOr<RolloutRecord> latest = store_.GetLatestRollout(name);
   if (!latest.ok() && latest.status().code() != StatusCode::kNotFound) return latest.status();
   if (latest.ok()) in.rollout = *latest;
+  // Only a rollout in progress (or one this pass starts) can fail and roll back.
+  if (!latest.ok() || latest->to_revision != in.target.number || IsActive(latest->state)) {
+    ASSIGN_OR_RETURN(in.next_revision, store_.NextRevisionNumber(name));
+    StatusOr<int64_t> good = LastAvailableRevision(name, in.target.template_hash);
+    if (good.ok()) {
+      ASSIGN_OR_RETURN(in.rollback_candidate, store_.GetRevision(name, *good));
+    } else if (good.status().code() != StatusCode::kFailedPrecondition) {
+      return good.status();
+    }
+  }
   auto seen = progress_seen_.find(name);
   if (seen != progress_seen_.end()) in.progress_seen = seen->second;
   in.now_ms = now;
@@ -877,8 +879,8 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
 
     const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
-    ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(name));
-    ASSIGN_OR_RETURN(PassInput in, LoadPassInput(*desired, svc, std::move(revisions), now));
+    ASSIGN_OR_RETURN(RevisionRecord target, store_.GetRevision(name, target_rev));
+    ASSIGN_OR_RETURN(PassInput in, LoadPassInput(*desired, svc, std::move(target), now));
     const std::vector<InstanceRecord>& live = in.instances;
     const std::optional<RolloutRecord>& latest = in.rollout;
 
@@ -1118,7 +1120,6 @@ StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
   StatusOr<ServiceRecord> found = store_.GetService(service);
   if (!found.ok() && found.status().code() != StatusCode::kNotFound) return found.status();
   ServiceRecord svc = found.ok() ? *found : ServiceRecord{.name = service};
-  ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(service));
   // A template the manifest declares that no revision has yet: the next pass writes it (and
   // lifts a pin), then converges to it, as EnsureDesiredRevision does.
   bool new_revision = svc.desired_revision == 0;
@@ -1127,22 +1128,25 @@ StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
     new_revision = desired_hash != d->template_hash;
   }
   NextStep next;
+  RevisionRecord target;
   if (new_revision) {
-    RevisionRecord r;
-    r.service = service;
-    ASSIGN_OR_RETURN(r.number, store_.NextRevisionNumber(service));
-    r.template_hash = d->template_hash;
-    r.template_json = d->spec.tmpl.Canonical();
-    r.source = RevisionSource::kManifest;
-    revisions.insert(revisions.begin(), r);
-    next.new_revision = r.number;
+    target.service = service;
+    ASSIGN_OR_RETURN(target.number, store_.NextRevisionNumber(service));
+    target.template_hash = d->template_hash;
+    target.template_json = d->spec.tmpl.Canonical();
+    target.source = RevisionSource::kManifest;
+    next.new_revision = target.number;
     if (svc.pinned_revision > 0 && svc.desired_revision > 0) {
       svc.pinned_revision = 0;
       svc.pin_reason.clear();
     }
-    svc.desired_revision = r.number;
+    svc.desired_revision = target.number;
+  } else {
+    const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
+    ASSIGN_OR_RETURN(target, store_.GetRevision(service, target_rev));
   }
-  ASSIGN_OR_RETURN(PassInput in, LoadPassInput(*d, svc, std::move(revisions), NowMs()));
+  ASSIGN_OR_RETURN(PassInput in, LoadPassInput(*d, svc, std::move(target), NowMs()));
+  if (new_revision) in.next_revision = next.new_revision + 1;  // after the one the pass writes
   const PassResult p = Decide(in);
   next.summary = p.plan.summary;
   next.target_revision = in.target.number;

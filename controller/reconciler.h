@@ -124,10 +124,10 @@ class Reconciler {
   // The artifact digest a revision runs ("" for an image).
   StatusOr<std::string> ArtifactOf(const std::string& service, int64_t revision);
   StatusOr<int64_t> EnsureDesiredRevision(const DesiredService& d, ServiceRecord& svc);
-  // What Decide needs for a service whose desired revision is ensured in `svc`; `revisions`
-  // (newest first) holds its target.
+  // What Decide needs for a service whose desired revision is ensured in `svc`, converging to
+  // `target`. A steady pass (its rollout finished) reads no more than the live instances.
   StatusOr<PassInput> LoadPassInput(const DesiredService& desired, const ServiceRecord& svc,
-                                    std::vector<RevisionRecord> revisions, int64_t now);
+                                    RevisionRecord target, int64_t now);
   Status RetireStep(const std::string& name);
   Status WriteRollbackRevision(ServiceRecord& svc, const RevisionRecord& from,
                                const std::string& reason, const std::string& actor,

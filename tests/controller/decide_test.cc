@@ -34,7 +34,8 @@ InstanceRecord Instance(int64_t id, int64_t revision, InstanceState state) {
 }
 
 // web: 2 replicas, revision 1 ("h1") available and running on 2 healthy instances, revision 2
-// ("h2") the target, and a rollout to it in progress since kNow - 1000.
+// ("h2") the target, and a rollout to it in progress since kNow - 1000 (so the loader also read
+// what a rollback would go back to).
 PassInput RollingToRevision2() {
   PassInput in;
   in.spec.name = "web";
@@ -42,8 +43,9 @@ PassInput RollingToRevision2() {
   in.spec.update.max_surge = {1, false};
   in.service.name = "web";
   in.service.desired_revision = 2;
-  in.revisions = {Revision(2, "h2"), Revision(1, "h1", kNow - 500'000)};
-  in.target = in.revisions[0];
+  in.target = Revision(2, "h2");
+  in.rollback_candidate = Revision(1, "h1", kNow - 500'000);
+  in.next_revision = 3;
   in.template_hashes = {{1, "h1"}, {2, "h2"}};
   in.instances = {Instance(1, 1, InstanceState::kHealthy), Instance(2, 1, InstanceState::kHealthy)};
   RolloutRecord r;
@@ -153,7 +155,7 @@ TEST_CASE("decide: a rollout past its progress deadline fails and rolls back", "
   CHECK(ConditionOf(r, ConditionType::kDegraded).reason == "Pinned");
 
   SECTION("with nothing to roll back to, it says why") {
-    in.revisions[1].available_ms = 0;
+    in.rollback_candidate.reset();
     const PassResult none = Decide(in);
     CHECK(none.rollout.state == RolloutState::kFailed);
     CHECK_FALSE(none.rollback);
