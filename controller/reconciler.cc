@@ -6,7 +6,7 @@
 
 #include "common/duration.h"
 #include "common/logging.h"
-#include "controller/rollout_plan.h"
+#include "controller/decide.h"
 
 namespace kiln {
 namespace {
@@ -22,18 +22,6 @@ InstanceSpec SpecFor(const InstanceRecord& inst, const Template& t) {
   s.env = t.env;
   s.container_port = t.port;
   return s;
-}
-
-// The conditions `now`, each keeping its last transition time while its status holds.
-std::vector<Condition> WithTransitionTimes(const std::vector<Condition>& previous,
-                                           std::vector<Condition> now, int64_t now_ms) {
-  for (Condition& c : now) {
-    c.last_transition_ms = now_ms;
-    for (const Condition& p : previous) {
-      if (p.type == c.type && p.status == c.status) c.last_transition_ms = p.last_transition_ms;
-    }
-  }
-  return now;
 }
 
 // Failure kinds are aggregated always; the rest of an instance's lifecycle only while its
@@ -75,27 +63,12 @@ std::string AggregateKey(EventKind kind, int64_t revision, const std::string& in
   return key;
 }
 
-int64_t BackoffMs(int failures, const Reconciler::Options& o) {
-  if (failures <= 1) return 0;  // one failure is replaced at once
-  int64_t ms = o.crash_backoff_initial.count();
-  for (int i = 2; i < failures && ms < o.crash_backoff_max.count(); ++i) ms *= 2;
-  return std::min<int64_t>(ms, o.crash_backoff_max.count());
+DecideOptions DecideOptionsOf(const Reconciler::Options& o) {
+  return {o.crash_backoff_initial, o.crash_backoff_max, o.crash_backoff_reset_after};
 }
 
 // A driver's start error that retrying cannot fix (see Driver::Start).
 bool IsPermanentStartError(const Status& s) { return s.code() == StatusCode::kInvalidArgument; }
-
-std::string ProbeDetail(const InstanceRecord& inst, int64_t now_ms) {
-  if (inst.last_probe.empty()) return "no probe answered yet";
-  std::string out = "last probe: " + inst.last_probe;
-  if (!inst.last_probe_ok && inst.probe_failing_since_ms > 0 &&
-      inst.first_probe_failure != inst.last_probe) {
-    const int64_t ago = now_ms - inst.probe_failing_since_ms;
-    out += "; failing since " + FormatDuration(Duration(ago >= 1000 ? ago / 1000 * 1000 : ago)) +
-           " ago, first: " + inst.first_probe_failure;
-  }
-  return out;
-}
 
 }  // namespace
 
@@ -318,15 +291,7 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
 
 void Reconciler::NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now,
                              bool permanent, int64_t revision) {
-  ++svc.crash_count;
-  svc.last_crash_ms = now;
-  svc.crash_reason = what;
-  svc.next_start_ms =
-      now + (permanent ? options_.crash_backoff_max.count() : BackoffMs(svc.crash_count, options_));
-  if (permanent) {
-    svc.start_error = what;
-    svc.start_error_revision = revision;
-  }
+  kiln::NoteFailure(svc, what, now, DecideOptionsOf(options_), permanent, revision);
   if (svc.crash_count >= 2) {
     crash_looping_.insert(svc.name);
     LogWarn("crash-looping; delaying the next start",
@@ -816,14 +781,48 @@ Status Reconciler::WriteRollbackRevision(ServiceRecord& svc, const RevisionRecor
   r.rolled_back_from = from.number;
   RETURN_IF_ERROR(store_.WriteRevision(r));
   svc.pinned_revision = r.number;
-  svc.pin_reason = (actor == "auto" ? "automatic rollback" : "rollback by " + actor) +
-                   (reason.empty() ? "" : ": " + reason);
+  svc.pin_reason = PinReason(actor, reason);
   RETURN_IF_ERROR(Event(EventKind::kRolledBack, svc.name, r.number, "", actor,
                         svc.name + " rolled back to the template of revision " +
                             std::to_string(from.number) + " as revision " +
                             std::to_string(r.number) + "; pinned (" + svc.pin_reason + ")"));
   if (written) *written = r;
   return Status::Ok();
+}
+
+StatusOr<PassInput> Reconciler::LoadPassInput(const DesiredService& desired,
+                                              const ServiceRecord& svc, RevisionRecord target,
+                                              int64_t now) {
+  const std::string& name = svc.name;
+  PassInput in;
+  in.spec = desired.spec;
+  in.service = svc;
+  in.target = std::move(target);
+  in.template_hashes[in.target.number] = in.target.template_hash;
+  ASSIGN_OR_RETURN(in.instances, store_.ListInstances(name, false));
+  for (const InstanceRecord& inst : in.instances) {
+    if (!in.template_hashes.count(inst.revision)) {
+      ASSIGN_OR_RETURN(in.template_hashes[inst.revision], HashOf(name, inst.revision));
+    }
+  }
+  StatusOr<RolloutRecord> latest = store_.GetLatestRollout(name);
+  if (!latest.ok() && latest.status().code() != StatusCode::kNotFound) return latest.status();
+  if (latest.ok()) in.rollout = *latest;
+  // Only a rollout in progress (or one this pass starts) can fail and roll back.
+  if (!latest.ok() || latest->to_revision != in.target.number || IsActive(latest->state)) {
+    ASSIGN_OR_RETURN(in.next_revision, store_.NextRevisionNumber(name));
+    StatusOr<int64_t> good = LastAvailableRevision(name, in.target.template_hash);
+    if (good.ok()) {
+      ASSIGN_OR_RETURN(in.rollback_candidate, store_.GetRevision(name, *good));
+    } else if (good.status().code() != StatusCode::kFailedPrecondition) {
+      return good.status();
+    }
+  }
+  auto seen = progress_seen_.find(name);
+  if (seen != progress_seen_.end()) in.progress_seen = seen->second;
+  in.now_ms = now;
+  in.options = DecideOptionsOf(options_);
+  return in;
 }
 
 Status Reconciler::Reconcile(const std::string& name) {
@@ -842,9 +841,6 @@ Status Reconciler::Reconcile(const std::string& name) {
 
   std::vector<InstanceRecord> to_start, to_stop, to_fail;
   int64_t next_deadline_ms = 0;
-  auto wake_at = [&](int64_t at) {
-    if (at > now && (next_deadline_ms == 0 || at < next_deadline_ms)) next_deadline_ms = at;
-  };
   bool requeue_now = false;
   bool collect_artifacts = false;
 
@@ -884,260 +880,89 @@ Status Reconciler::Reconcile(const std::string& name) {
 
     const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
     ASSIGN_OR_RETURN(RevisionRecord target, store_.GetRevision(name, target_rev));
-    ASSIGN_OR_RETURN(auto live, store_.ListInstances(name, false));
+    ASSIGN_OR_RETURN(PassInput in, LoadPassInput(*desired, svc, std::move(target), now));
+    const std::vector<InstanceRecord>& live = in.instances;
+    const std::optional<RolloutRecord>& latest = in.rollout;
 
-    // Rollout bookkeeping: a new target starts a new rollout and supersedes an unfinished one.
-    StatusOr<RolloutRecord> latest = store_.GetLatestRollout(name);
-    if (!latest.ok() && latest.status().code() != StatusCode::kNotFound) return latest.status();
-    RolloutRecord rollout;
-    if (latest.ok()) rollout = *latest;
-    RolloutRecord rollout_written = rollout;  // what the store holds; write only on change
-    if (!latest.ok() || rollout.to_revision != target_rev) {
-      if (latest.ok() && IsActive(rollout.state)) {
-        rollout.state = RolloutState::kSuperseded;
-        rollout.finished_ms = now;
-        RETURN_IF_ERROR(store_.PutRollout(rollout).status());
-      }
-      RolloutRecord next;
-      next.service = name;
-      next.from_revision = latest.ok() ? rollout.to_revision : 0;
-      next.to_revision = target_rev;
-      next.strategy = spec.update.strategy;
-      next.state = svc.paused ? RolloutState::kPaused : RolloutState::kProgressing;
-      next.paused_at_ms = svc.paused ? now : 0;
-      next.started_ms = next.last_progress_ms = now;
-      ASSIGN_OR_RETURN(next.id, store_.PutRollout(next));
-      rollout = next;
-      rollout_written = rollout;
+    // Decide, then commit what was decided, in the order a pass always recorded it.
+    PassResult d = Decide(in);
+    svc = d.service;
+    if (d.superseded) RETURN_IF_ERROR(store_.PutRollout(*d.superseded).status());
+    RolloutRecord rollout = d.rollout;
+    if (d.rollout_is_new) {
+      ASSIGN_OR_RETURN(rollout.id, store_.PutRollout(rollout));
+    } else if (!(rollout == *latest)) {
+      RETURN_IF_ERROR(store_.PutRollout(rollout).status());
+    }
+    if (d.progress_seen) {
+      progress_seen_[name] = *d.progress_seen;
+    } else {
       progress_seen_.erase(name);
-      // A new target is a fresh start: a fix must not wait out the old revision's back-off.
-      svc.crash_count = 0;
-      svc.last_crash_ms = 0;
-      svc.crash_reason.clear();
-      svc.next_start_ms = 0;
-      if (svc.start_error_revision != target_rev) {
-        svc.start_error.clear();
-        svc.start_error_revision = 0;
-      }
-      RETURN_IF_ERROR(Event(EventKind::kRolloutStarted, name, target_rev, "", "kilnd",
-                            "rollout of " + name + " to revision " + std::to_string(target_rev) +
-                                " (" + std::string(StrategyName(rollout.strategy)) + ")"));
     }
-
-    // Instances that missed their healthy deadline fail; the rest feed the plan.
-    std::map<int64_t, std::string> hashes;
-    PlanInput in;
-    in.policy = spec.update;
-    in.replicas = spec.replicas;
-    in.paused = svc.paused;
-    in.promoted = rollout.promoted;
-    for (const InstanceRecord& inst : live) {
-      if (!hashes.count(inst.revision)) {
-        ASSIGN_OR_RETURN(hashes[inst.revision], HashOf(name, inst.revision));
-      }
-      const bool starting = inst.state == InstanceState::kStarting;
-      const int64_t deadline = inst.started_ms + spec.update.healthy_deadline.count();
-      if (starting && inst.started_ms > 0 && now >= deadline) {
-        const std::string reason = "not healthy within healthy_deadline " +
-                                   FormatDuration(spec.update.healthy_deadline) + " (" +
-                                   ProbeDetail(inst, now) + ")";
-        ASSIGN_OR_RETURN(
-            InstanceRecord f,
-            store_.TransitionInstance(inst.name, InstanceState::kFailed, {.reason = reason}));
-        NoteFailure(svc, inst.name + " " + reason, now);
-        RETURN_IF_ERROR(Event(EventKind::kInstanceFailed, name, inst.revision, inst.name, "kilnd",
-                              "instance " + inst.name + " " + reason));
-        to_fail.push_back(f);
-        continue;
-      }
-      if (starting && inst.started_ms > 0) wake_at(deadline);
-      PlanInstance p;
-      p.name = inst.name;
-      p.state = inst.state;
-      p.is_target = hashes[inst.revision] == target.template_hash;
-      p.replace = !inst.replace_reason.empty();
-      p.created_ms = inst.created_ms;
-      p.available = IsAvailable(inst, now, spec.update.min_healthy_time.count());
-      if (inst.state == InstanceState::kHealthy && !p.available) {
-        wake_at(inst.healthy_since_ms + spec.update.min_healthy_time.count());
-      }
-      in.instances.push_back(p);
+    for (const InstanceTransition& f : d.failed) {
+      ASSIGN_OR_RETURN(InstanceRecord failed,
+                       store_.TransitionInstance(f.instance, f.to, {.reason = f.reason}));
+      to_fail.push_back(failed);
     }
-    PlanOutput plan = PlanStep(in);
-
-    // Crash-loop back-off: reset once an instance started after the last failure has run well
-    // for a while; until then no new instance starts before next_start_ms.
-    if (svc.crash_count > 0) {
-      const int64_t settle =
-          spec.update.min_healthy_time.count() + options_.crash_backoff_reset_after.count();
-      for (const InstanceRecord& inst : live) {
-        if (inst.state != InstanceState::kHealthy || inst.healthy_since_ms <= svc.last_crash_ms) {
-          continue;
-        }
-        if (now >= inst.healthy_since_ms + settle) {
-          LogInfo("running well again; crash-loop back-off reset",
-                  {{"service", name}, {"instance", inst.name}, {"failures", svc.crash_count}});
-          svc.crash_count = 0;
-          svc.next_start_ms = 0;
-          svc.crash_reason.clear();
-          break;
-        }
-        wake_at(inst.healthy_since_ms + settle);
-      }
+    if (!d.failed.empty() && svc.crash_count >= 2) {
+      crash_looping_.insert(name);
+      LogWarn("crash-looping; delaying the next start",
+              {{"service", name},
+               {"failures", svc.crash_count},
+               {"last_failure", svc.crash_reason},
+               {"next_start_in_ms", svc.next_start_ms - now}});
+    }
+    if (!d.backoff_reset_by.empty()) {
+      LogInfo("running well again; crash-loop back-off reset",
+              {{"service", name}, {"instance", d.backoff_reset_by}});
     }
     if (svc.crash_count < 2) crash_looping_.erase(name);
-    if (plan.create > 0 && now < svc.next_start_ms) {
-      plan.summary = "crash-looping: " + svc.crash_reason + "; next start in " +
-                     FormatDuration(Duration((svc.next_start_ms - now + 999) / 1000 * 1000));
-      plan.create = 0;
-      wake_at(svc.next_start_ms);
+    for (const PassEvent& e : d.events) {
+      RETURN_IF_ERROR(Event(e.kind, name, e.revision, e.instance, e.actor, e.message));
     }
-    const bool start_error = !svc.start_error.empty() && svc.start_error_revision == target_rev;
+    if (d.mark_available) RETURN_IF_ERROR(store_.MarkRevisionAvailable(name, target_rev, now));
+    if (d.rollback) {
+      RevisionRecord written;
+      RETURN_IF_ERROR(
+          WriteRollbackRevision(svc, d.rollback->from, d.rollback->reason, "auto", &written));
+      if (written.number != d.rollback->number) {
+        return InternalError("rollback of " + name + " written as revision " +
+                             std::to_string(written.number) + ", decided as " +
+                             std::to_string(d.rollback->number));
+      }
+      requeue_now = true;
+    }
+    if (!d.no_rollback.empty()) {
+      LogWarn("no revision to roll back to", {{"service", name}, {"error", d.no_rollback}});
+    }
 
     // Intents committed by an earlier pass whose start never happened (the artifact was not
     // fit to run then): start them now.
+    const std::vector<std::string>& destroy = d.plan.destroy;
     for (const InstanceRecord& inst : live) {
       if (inst.state == InstanceState::kPending && !start_in_flight_.count(inst.name) &&
           !unrecorded_starts_.count(inst.name) &&
-          std::find(plan.destroy.begin(), plan.destroy.end(), inst.name) == plan.destroy.end()) {
+          std::find(destroy.begin(), destroy.end(), inst.name) == destroy.end()) {
         to_start.push_back(inst);
       }
     }
 
-    // Rollout progress, completion and the progress deadline.
-    if (IsActive(rollout.state)) {
-      std::pair<int, int> seen{plan.new_available, plan.old_total};
-      auto it = progress_seen_.find(name);
-      if (it == progress_seen_.end() || it->second != seen) {
-        if (it != progress_seen_.end()) rollout.last_progress_ms = now;
-        progress_seen_[name] = seen;
-      }
-      if (plan.promote_now && !rollout.promoted) {
-        rollout.promoted = true;
-        RETURN_IF_ERROR(Event(EventKind::kPromoted, name, target_rev, "", "auto",
-                              "canaries of revision " + std::to_string(target_rev) +
-                                  " available; promoted automatically"));
-      }
-      if (plan.waiting_promotion && rollout.state == RolloutState::kProgressing) {
-        rollout.state = RolloutState::kWaitingPromotion;
-        RETURN_IF_ERROR(Event(EventKind::kWaitingPromotion, name, target_rev, "", "kilnd",
-                              "canaries of revision " + std::to_string(target_rev) +
-                                  " are available; waiting for `kilnctl promote " + name + "`"));
-      }
-      const bool done = plan.old_total == 0 && plan.new_available >= spec.replicas &&
-                        plan.create == 0 && plan.destroy.empty();
-      const int64_t deadline_at =
-          rollout.last_progress_ms + rollout.paused_ms + spec.update.progress_deadline.count();
-      if (done) {
-        rollout.state = RolloutState::kCompleted;
-        rollout.finished_ms = now;
-        RETURN_IF_ERROR(store_.MarkRevisionAvailable(name, target_rev, now));
-        RETURN_IF_ERROR(Event(EventKind::kRolloutCompleted, name, target_rev, "", "kilnd",
-                              "rollout of " + name + " to revision " + std::to_string(target_rev) +
-                                  " completed: " + std::to_string(spec.replicas) + " available"));
-      } else if (rollout.state == RolloutState::kProgressing &&
-                 (now >= deadline_at || start_error)) {
-        rollout.state = RolloutState::kFailed;
-        rollout.finished_ms = now;
-        rollout.reason = start_error ? "instances of revision " + std::to_string(target_rev) +
-                                           " cannot start: " + svc.start_error
-                                     : "no progress for progress_deadline " +
-                                           FormatDuration(spec.update.progress_deadline) + " (" +
-                                           plan.summary + ")";
-        RETURN_IF_ERROR(Event(EventKind::kRolloutFailed, name, target_rev, "", "kilnd",
-                              "rollout of " + name + " to revision " + std::to_string(target_rev) +
-                                  " failed: " + rollout.reason));
-        if (spec.update.auto_rollback) {
-          StatusOr<int64_t> good = LastAvailableRevision(name, target.template_hash);
-          if (good.ok()) {
-            ASSIGN_OR_RETURN(RevisionRecord from, store_.GetRevision(name, *good));
-            RETURN_IF_ERROR(WriteRollbackRevision(
-                svc, from, "rollout to revision " + std::to_string(target_rev) + " failed", "auto",
-                nullptr));
-            requeue_now = true;
-          } else {
-            LogWarn("no revision to roll back to",
-                    {{"service", name}, {"error", good.status().message()}});
-          }
-        }
-      } else if (rollout.state == RolloutState::kProgressing) {
-        wake_at(deadline_at);
-      }
-      if (!(rollout == rollout_written)) RETURN_IF_ERROR(store_.PutRollout(rollout).status());
-    } else if (plan.old_total == 0 && plan.new_available >= spec.replicas && spec.replicas > 0 &&
-               target.available_ms == 0) {
-      RETURN_IF_ERROR(store_.MarkRevisionAvailable(name, target_rev, now));
-    }
-
     // The step: drain, then create, as intent.
-    if (!requeue_now) {
-      for (const std::string& victim : plan.destroy) {
-        const InstanceRecord* inst = nullptr;
-        for (const auto& l : live) {
-          if (l.name == victim) inst = &l;
-        }
-        std::string why = !inst->replace_reason.empty() ? inst->replace_reason
-                          : hashes[inst->revision] != target.template_hash
-                              ? "replaced by revision " + std::to_string(target_rev)
-                              : "scaled down";
-        ASSIGN_OR_RETURN(InstanceRecord d, store_.TransitionInstance(
-                                               victim, InstanceState::kDraining, {.reason = why}));
-        RETURN_IF_ERROR(Event(EventKind::kInstanceDraining, name, d.revision, victim, "kilnd",
-                              "stopping " + victim + ": " + why));
-        to_stop.push_back(d);
-      }
-      for (int i = 0; i < plan.create; ++i) {
-        ASSIGN_OR_RETURN(InstanceRecord c, store_.CreateInstance(name, target_rev));
-        RETURN_IF_ERROR(Event(EventKind::kInstanceCreated, name, target_rev, c.name, "kilnd",
-                              "creating " + c.name + " of revision " + std::to_string(target_rev) +
-                                  " (" + plan.summary + ")"));
-        to_start.push_back(c);
-      }
+    for (const InstanceTransition& t : d.drain) {
+      ASSIGN_OR_RETURN(InstanceRecord drained,
+                       store_.TransitionInstance(t.instance, t.to, {.reason = t.reason}));
+      RETURN_IF_ERROR(Event(EventKind::kInstanceDraining, name, drained.revision, t.instance,
+                            "kilnd", "stopping " + t.instance + ": " + t.reason));
+      to_stop.push_back(drained);
     }
-
-    // Conditions.
-    const int min_available =
-        spec.replicas - spec.update.max_unavailable.Resolve(spec.replicas, false);
-    std::vector<Condition> conditions;
-    conditions.push_back(
-        {ConditionType::kAvailable, plan.new_available + plan.old_available >= min_available,
-         plan.new_available + plan.old_available >= min_available ? "MinimumReplicasAvailable"
-                                                                  : "MinimumReplicasUnavailable",
-         std::to_string(plan.new_available + plan.old_available) + " of " +
-             std::to_string(spec.replicas) + " instances available"});
-    if (rollout.state == RolloutState::kCompleted) {
-      conditions.push_back({ConditionType::kProgressing, true, "NewRevisionAvailable",
-                            "revision " + std::to_string(target_rev) + " is available"});
-    } else if (rollout.state == RolloutState::kFailed) {
-      conditions.push_back({ConditionType::kProgressing, false,
-                            start_error ? "StartError" : "ProgressDeadlineExceeded",
-                            rollout.reason});
-    } else if (rollout.state == RolloutState::kPaused) {
-      conditions.push_back(
-          {ConditionType::kProgressing, false, "RolloutPaused", "paused by an operator"});
-    } else if (rollout.state == RolloutState::kWaitingPromotion) {
-      conditions.push_back(
-          {ConditionType::kProgressing, true, "WaitingForPromotion", plan.summary});
-    } else {
-      conditions.push_back(
-          {ConditionType::kProgressing, true, "NewRevisionProgressing", plan.summary});
+    for (int i = 0; i < d.create; ++i) {
+      ASSIGN_OR_RETURN(InstanceRecord c, store_.CreateInstance(name, d.create_revision));
+      RETURN_IF_ERROR(Event(EventKind::kInstanceCreated, name, d.create_revision, c.name, "kilnd",
+                            "creating " + c.name + " of revision " +
+                                std::to_string(d.create_revision) + " (" + d.plan.summary + ")"));
+      to_start.push_back(c);
     }
-    if (!svc.manifest_error.empty()) {
-      conditions.push_back({ConditionType::kDegraded, true, "ManifestError", svc.manifest_error});
-    } else if (start_error) {
-      conditions.push_back({ConditionType::kDegraded, true, "StartError", svc.start_error});
-    } else if (svc.crash_count >= 2) {
-      conditions.push_back({ConditionType::kDegraded, true, "CrashLoopBackOff",
-                            "crash-looping: " + svc.crash_reason + " (" +
-                                std::to_string(svc.crash_count) + " failures in a row)"});
-    } else if (rollout.state == RolloutState::kFailed || svc.pinned_revision > 0) {
-      conditions.push_back({ConditionType::kDegraded, true,
-                            svc.pinned_revision > 0 ? "Pinned" : "RolloutFailed",
-                            svc.pinned_revision > 0 ? svc.pin_reason : rollout.reason});
-    } else {
-      conditions.push_back({ConditionType::kDegraded, false, "AsExpected", ""});
-    }
-    svc.conditions = WithTransitionTimes(svc.conditions, std::move(conditions), now);
+    next_deadline_ms = d.wake_at_ms;
     // A steady pass writes nothing: no commit, no fsync.
     if (!existing.ok() || !(svc == *existing)) RETURN_IF_ERROR(store_.PutService(svc));
     if (rollout.state == RolloutState::kCompleted && rollout.finished_ms == now) {
@@ -1296,43 +1121,38 @@ StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
   if (!found.ok() && found.status().code() != StatusCode::kNotFound) return found.status();
   ServiceRecord svc = found.ok() ? *found : ServiceRecord{.name = service};
   // A template the manifest declares that no revision has yet: the next pass writes it (and
-  // lifts a pin), then converges to it.
+  // lifts a pin), then converges to it, as EnsureDesiredRevision does.
   bool new_revision = svc.desired_revision == 0;
   if (!new_revision) {
     ASSIGN_OR_RETURN(std::string desired_hash, HashOf(service, svc.desired_revision));
     new_revision = desired_hash != d->template_hash;
   }
   NextStep next;
+  RevisionRecord target;
   if (new_revision) {
-    ASSIGN_OR_RETURN(next.new_revision, store_.NextRevisionNumber(service));
-    svc.pinned_revision = 0;
+    target.service = service;
+    ASSIGN_OR_RETURN(target.number, store_.NextRevisionNumber(service));
+    target.template_hash = d->template_hash;
+    target.template_json = d->spec.tmpl.Canonical();
+    target.source = RevisionSource::kManifest;
+    next.new_revision = target.number;
+    if (svc.pinned_revision > 0 && svc.desired_revision > 0) {
+      svc.pinned_revision = 0;
+      svc.pin_reason.clear();
+    }
+    svc.desired_revision = target.number;
+  } else {
+    const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
+    ASSIGN_OR_RETURN(target, store_.GetRevision(service, target_rev));
   }
-  const int64_t target_rev = new_revision              ? next.new_revision
-                             : svc.pinned_revision > 0 ? svc.pinned_revision
-                                                       : svc.desired_revision;
-  std::string target_hash = d->template_hash;
-  if (!new_revision) {
-    ASSIGN_OR_RETURN(target_hash, HashOf(service, target_rev));
-  }
-  ASSIGN_OR_RETURN(auto live, store_.ListInstances(service, false));
-  PlanInput in;
-  in.policy = d->spec.update;
-  in.replicas = d->spec.replicas;
-  in.paused = svc.paused;
-  StatusOr<RolloutRecord> r = store_.GetLatestRollout(service);
-  in.promoted = r.ok() && r->promoted;
-  const int64_t now = NowMs();
-  for (const auto& inst : live) {
-    ASSIGN_OR_RETURN(std::string h, HashOf(service, inst.revision));
-    in.instances.push_back({inst.name, inst.state, h == target_hash, !inst.replace_reason.empty(),
-                            IsAvailable(inst, now, d->spec.update.min_healthy_time.count()),
-                            inst.created_ms});
-  }
-  PlanOutput p = PlanStep(in);
-  next.summary = p.summary;
-  next.target_revision = target_rev;
+  ASSIGN_OR_RETURN(PassInput in, LoadPassInput(*d, svc, std::move(target), NowMs()));
+  if (new_revision) in.next_revision = next.new_revision + 1;  // after the one the pass writes
+  const PassResult p = Decide(in);
+  next.summary = p.plan.summary;
+  next.target_revision = in.target.number;
   next.create = p.create;
-  next.destroy = p.destroy;
+  for (const InstanceTransition& t : p.drain) next.destroy.push_back(t.instance);
+  if (p.rollback) next.rollback_revision = p.rollback->number;
   return next;
 }
 

@@ -2,8 +2,8 @@
 
 // The heart of kilnd (DESIGN.md "Flow"): level-triggered, one step per pass, intent recorded in
 // the store before the driver acts. Every pass for a service reads its desired spec and its live
-// instances, computes the next allowed step (controller/rollout_plan.h), commits it in one
-// transaction with its events, then starts and stops instances. Events from outside (manifest
+// instances, decides the next allowed step (controller/decide.h), commits it in one transaction
+// with its events, then starts and stops instances. Events from outside (manifest
 // loads, exits, probe results, timers, commands) only enqueue the service's name.
 //
 // REQUIRES: every method is called on the io_context's thread (kilnd runs one), so the
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "controller/decide.h"
 #include "controller/work_queue.h"
 #include "deploy/artifact_store.h"
 #include "deploy/driver.h"
@@ -76,8 +77,9 @@ class Reconciler {
 
   // What the next pass would do for a service, without doing it.
   struct NextStep {
-    std::string summary;       // "rolling: 1 of 3 available on the target, 2 to replace"
-    int64_t new_revision = 0;  // a revision the next pass writes for a new template, or 0
+    std::string summary;            // "rolling: 1 of 3 available on the target, 2 to replace"
+    int64_t new_revision = 0;       // a revision the next pass writes for a new template, or 0
+    int64_t rollback_revision = 0;  // a revision the next pass writes to roll back, or 0
     int64_t target_revision = 0;
     int create = 0;                    // new instances of target_revision
     std::vector<std::string> destroy;  // instances to stop
@@ -122,6 +124,10 @@ class Reconciler {
   // The artifact digest a revision runs ("" for an image).
   StatusOr<std::string> ArtifactOf(const std::string& service, int64_t revision);
   StatusOr<int64_t> EnsureDesiredRevision(const DesiredService& d, ServiceRecord& svc);
+  // What Decide needs for a service whose desired revision is ensured in `svc`, converging to
+  // `target`. A steady pass (its rollout finished) reads no more than the live instances.
+  StatusOr<PassInput> LoadPassInput(const DesiredService& desired, const ServiceRecord& svc,
+                                    RevisionRecord target, int64_t now);
   Status RetireStep(const std::string& name);
   Status WriteRollbackRevision(ServiceRecord& svc, const RevisionRecord& from,
                                const std::string& reason, const std::string& actor,
