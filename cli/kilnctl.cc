@@ -363,9 +363,12 @@ int Mutate(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, 
   return 0;
 }
 
-// Follows the service's rollout until it completes (0) or fails (1), printing progress.
+// Follows the rollout to the service's current target until it completes (0) or fails (1),
+// printing progress. The target moving on (an automatic rollback, another operator) ends the
+// wait too: what was waited for will not complete.
 int Wait(Client& c, const std::string& service, std::ostream& out, std::ostream& err) {
   std::string last;
+  int64_t want = 0;  // the target when the wait began
   for (;;) {
     pb::GetServiceRequest req;
     req.set_name(service);
@@ -377,26 +380,35 @@ int Wait(Client& c, const std::string& service, std::ostream& out, std::ostream&
     const pb::Service& sv = resp.service();
     const pb::ServiceSummary& sum = sv.summary();
     const pb::Rollout& r = sv.rollout();
+    if (want == 0) want = sum.target_revision();
     int old_live = 0;
     for (const auto& cnt : sv.revisions()) {
       if (cnt.revision() != sum.target_revision()) old_live += cnt.total();
     }
-    std::string line = service + ": rollout to revision " + std::to_string(r.to_revision()) + " (" +
-                       StrategyLabel(r.strategy()) + "): " + RolloutStateName(r.state()) + ", " +
-                       std::to_string(sum.available()) + "/" + std::to_string(sum.replicas()) +
-                       " available, " + std::to_string(old_live) + " old instance(s) left";
+    // Until a pass records the rollout to the target, the latest rollout is an earlier one
+    // (possibly failed): it says nothing about this one.
+    const bool current = r.to_revision() == want;
+    const std::string counts = std::to_string(sum.available()) + "/" +
+                               std::to_string(sum.replicas()) + " available, " +
+                               std::to_string(old_live) + " old instance(s) left";
+    const std::string line = current ? service + ": rollout to revision " + std::to_string(want) +
+                                           " (" + StrategyLabel(r.strategy()) +
+                                           "): " + RolloutStateName(r.state()) + ", " + counts
+                                     : service + ": waiting for the rollout to revision " +
+                                           std::to_string(want) + " to start, " + counts;
+    if (!current && sum.target_revision() != want) {
+      err << "kilnctl: the rollout of " << service << " to revision " << want
+          << " will not complete: the target is now revision " << sum.target_revision()
+          << "; `kilnctl events --service " << service << "` says why\n";
+      return 1;
+    }
     if (line != last) out << line << std::endl;
     last = line;
-    if (r.to_revision() == sum.target_revision()) {
-      if (r.state() == pb::ROLLOUT_STATE_COMPLETED) {
-        out << service << ": rollout complete" << std::endl;
-        return 0;
-      }
-      if (r.state() == pb::ROLLOUT_STATE_FAILED) {
-        err << "kilnctl: rollout of " << service << " failed: " << r.reason() << "\n";
-        return 1;
-      }
-    } else if (r.state() == pb::ROLLOUT_STATE_FAILED) {
+    if (current && r.state() == pb::ROLLOUT_STATE_COMPLETED) {
+      out << service << ": rollout complete" << std::endl;
+      return 0;
+    }
+    if (current && r.state() == pb::ROLLOUT_STATE_FAILED) {
       err << "kilnctl: rollout of " << service << " failed: " << r.reason() << "\n";
       return 1;
     }

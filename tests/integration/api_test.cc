@@ -459,6 +459,42 @@ TEST_CASE("kilnctl: rollback from the command line pins and replaces - --wait ex
   CHECK(unpin.out == "web unpinned; it follows its manifest again\n");
 }
 
+TEST_CASE("kilnctl: rollback --wait to a revision that fails exits 1 and says why", "[api]") {
+  KilndHarness h;
+  const char* policy =
+      "{strategy: rolling, max_surge: 1, max_unavailable: 0, healthy_deadline: 1s, "
+      "progress_deadline: 3s}";
+  h.Declare("web", "1.0", 2, policy);
+  h.Start();
+  REQUIRE(h.WaitReady());
+  REQUIRE(WaitFor([&] { return h.Healthy("web", 1) == 2; }));
+  // Version 2 fails health: rolled back automatically to revision 3 (the template of 1).
+  h.Declare("web", "2.0", 2, policy, ", \"--unhealthy-after\", \"0s\"");
+  REQUIRE(WaitFor(
+      [&] {
+        auto s = h.Service("web");
+        return s.ok() && s->pinned_revision == 3 && h.Healthy("web") == 2 &&
+               h.Live("web").size() == 2;
+      },
+      60s));
+  // The operator tries revision 2 again (as revision 4): it fails the same way, and the pass that
+  // fails it rolls back at once, so the failed rollout may never be the latest one a poll sees.
+  RunResult rb = Run({BinPath("kilnctl"), "--addr", h.UnixAddr(), "rollback", "web",
+                      "--to-revision", "2", "--reason", "retry", "--wait"},
+                     120s);
+  INFO(rb.out << rb.err);
+  CHECK(rb.exit_code == 1);
+  CHECK(rb.out.find("web rolled back: revision 4 runs the template of revision 2") !=
+        std::string::npos);
+  CHECK(rb.out.find("rollout complete") == std::string::npos);
+  const bool failed = rb.err.find("kilnctl: rollout of web failed") == 0;
+  const bool moved =
+      rb.err.find(
+          "kilnctl: the rollout of web to revision 4 will not complete: the target is now "
+          "revision 5") == 0;
+  CHECK((failed || moved));
+}
+
 TEST_CASE("kilnctl says plainly when kilnd is not running", "[api]") {
   TempDir tmp;
   RunResult r = Run({BinPath("kilnctl"), "--addr", "unix:" + (tmp / "none.sock").string(),
