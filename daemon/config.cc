@@ -93,13 +93,7 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
       return InvalidArgumentError("--grpc-listen: expected HOST:PORT, got \"" + c.grpc_listen +
                                   "\"");
     }
-    ApiServer::Options api;
-    api.tcp_listen = c.grpc_listen;
-    api.tls_cert = c.tls_cert;
-    api.tls_key = c.tls_key;
-    api.client_ca = c.client_ca;
-    api.tokens_file = c.tokens_file;
-    if (Status s = ApiServer::CheckOptions(api);
+    if (Status s = ApiServer::CheckOptions(ApiOptionsOf(c));
         !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
       return InvalidArgumentError(s.message());
     }
@@ -109,19 +103,38 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
       return InvalidArgumentError("--http-listen: expected HOST:PORT, got \"" + c.http_listen +
                                   "\"");
     }
-    HttpServer::Options http;
-    http.listen = c.http_listen;
-    http.tls_cert = c.tls_cert;
-    http.tls_key = c.tls_key;
-    http.client_ca = c.client_ca;
+    HttpServer::Options http = HttpOptionsOf(c);
     http.tokens = tokens;
-    http.metrics_auth = c.http_metrics_auth;
     if (Status s = HttpServer::CheckOptions(http);
         !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
       return InvalidArgumentError(s.message());
     }
   }
   return Status::Ok();
+}
+
+ApiServer::Options ApiOptionsOf(const DaemonConfig& config) {
+  ApiServer::Options api;
+  api.tcp_listen = config.grpc_listen;
+  api.tls_cert = config.tls_cert;
+  api.tls_key = config.tls_key;
+  api.client_ca = config.client_ca;
+  api.tokens_file = config.tokens_file;
+  api.idle_timeout = config.grpc_idle_timeout;
+  return api;
+}
+
+HttpServer::Options HttpOptionsOf(const DaemonConfig& config) {
+  HttpServer::Options http;
+  http.listen = config.http_listen;
+  http.max_connections = config.http_max_connections;
+  http.header_timeout = config.http_header_timeout;
+  http.read_timeout = config.http_read_timeout;
+  http.tls_cert = config.tls_cert;
+  http.tls_key = config.tls_key;
+  http.client_ca = config.client_ca;
+  http.metrics_auth = config.http_metrics_auth;
+  return http;
 }
 
 StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {

@@ -8,9 +8,11 @@
 #include <filesystem>
 #include <string>
 
+#include "api/api_server.h"
 #include "common/clock.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "http/http_server.h"
 
 namespace kiln {
 
@@ -64,5 +66,10 @@ int ReportFlagError(const Status& error);
 // Daemon::Start make them): ranges, durations, addresses, files that must be readable (TLS,
 // tokens), combinations. Reads files, changes nothing. INVALID_ARGUMENT names the flag.
 Status CheckDaemonConfig(const DaemonConfig& config);
+
+// The listeners' options as the flags set them, for checking and for starting; the daemon adds
+// its own parts (the unix socket, metrics, clock, data sources). Tokens are not read here.
+ApiServer::Options ApiOptionsOf(const DaemonConfig& config);
+HttpServer::Options HttpOptionsOf(const DaemonConfig& config);
 
 }  // namespace kiln

@@ -249,14 +249,8 @@ Status Daemon::Impl::Init() {
   watcher->Start();
   queue->Start();
 
-  ApiServer::Options api_options;
+  ApiServer::Options api_options = ApiOptionsOf(config);
   api_options.unix_socket = (config.state / "kiln.sock").string();
-  api_options.tcp_listen = config.grpc_listen;
-  api_options.tls_cert = config.tls_cert;
-  api_options.tls_key = config.tls_key;
-  api_options.client_ca = config.client_ca;
-  api_options.tokens_file = config.tokens_file;
-  api_options.idle_timeout = config.grpc_idle_timeout;
   api_options.metrics = &metrics;
   api_options.clock = &clock;
   auto api_started =
@@ -322,14 +316,7 @@ Status Daemon::Impl::Init() {
     return out;
   });
   if (!config.http_listen.empty()) {
-    HttpServer::Options http_options;
-    http_options.listen = config.http_listen;
-    http_options.max_connections = config.http_max_connections;
-    http_options.header_timeout = config.http_header_timeout;
-    http_options.read_timeout = config.http_read_timeout;
-    http_options.tls_cert = config.tls_cert;
-    http_options.tls_key = config.tls_key;
-    http_options.client_ca = config.client_ca;
+    HttpServer::Options http_options = HttpOptionsOf(config);
     if (!config.tokens_file.empty()) {
       auto tokens = LoadTokens(config.tokens_file);
       if (!tokens.ok()) {
@@ -338,7 +325,6 @@ Status Daemon::Impl::Init() {
       }
       http_options.tokens = std::move(tokens).value();
     }
-    http_options.metrics_auth = config.http_metrics_auth;
     HttpServer::Sources sources;
     sources.metrics = [this] { return metrics.Render(); };
     sources.reader = http_reader.get();
@@ -467,11 +453,7 @@ StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config) {
     return s;
   }
   if (!config.http_listen.empty()) {
-    HttpServer::Options http;
-    http.listen = config.http_listen;
-    http.tls_cert = config.tls_cert;
-    http.tls_key = config.tls_key;
-    http.client_ca = config.client_ca;
+    HttpServer::Options http = HttpOptionsOf(config);
     if (!config.tokens_file.empty()) {
       auto tokens = LoadTokens(config.tokens_file);  // checked above; read again, it may change
       if (!tokens.ok()) {
@@ -480,7 +462,6 @@ StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config) {
       }
       http.tokens = std::move(tokens).value();
     }
-    http.metrics_auth = config.http_metrics_auth;
     // A listener that must not start stops kilnd.
     if (Status s = HttpServer::CheckOptions(http); !s.ok()) {
       LogError("cannot start HTTP", {{"error", s.message()}});
@@ -488,13 +469,7 @@ StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config) {
     }
   }
   if (!config.grpc_listen.empty()) {
-    ApiServer::Options api;
-    api.tcp_listen = config.grpc_listen;
-    api.tls_cert = config.tls_cert;
-    api.tls_key = config.tls_key;
-    api.client_ca = config.client_ca;
-    api.tokens_file = config.tokens_file;
-    if (Status s = ApiServer::CheckOptions(api); !s.ok()) {
+    if (Status s = ApiServer::CheckOptions(ApiOptionsOf(config)); !s.ok()) {
       LogError("cannot start the API", {{"error", s.message()}});
       return s.WithContext("cannot start the API");
     }
