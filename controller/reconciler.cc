@@ -155,6 +155,8 @@ Status Reconciler::Recover() {
 
   ASSIGN_OR_RETURN(auto live, store_.ListLiveInstances());
   std::set<std::string> known;
+  int adopted_count = 0, lost_count = 0, never_started = 0, stopped_while_down = 0;
+  int unknown_count = 0;
   for (const InstanceRecord& inst : live) {
     known.insert(inst.name);
     auto found = by_name.find(inst.name);
@@ -165,6 +167,11 @@ Status Reconciler::Recover() {
     // driver kills those when asked to adopt it.
     if (found != by_name.end() && inst.handle.empty()) handle = found->second.handle;
     const bool adopted = !handle.id.empty() && driver_.Adopt(handle).ok();
+    adopted_count += adopted;
+    lost_count +=
+        !adopted && inst.state != InstanceState::kPending && inst.state != InstanceState::kDraining;
+    never_started += !adopted && inst.state == InstanceState::kPending;
+    stopped_while_down += !adopted && inst.state == InstanceState::kDraining;
     Status s;
     if (inst.state == InstanceState::kPending) {
       if (adopted) {
@@ -235,7 +242,14 @@ Status Reconciler::Recover() {
     driver_.Stop(r.handle, options_.stop_grace, [](StatusOr<ExitInfo>) {});
     (void)Event(EventKind::kUnknownInstanceStopped, r.service, r.revision, name, "kilnd",
                 "instance " + name + " ran with kiln's identity but was not in the store; stopped");
+    ++unknown_count;
   }
+  // One line for whoever reads the log after a restart; the events say which instance.
+  LogInfo("start-up recovery done", {{"adopted", adopted_count},
+                                     {"lost", lost_count},
+                                     {"never_started", never_started},
+                                     {"stopped_while_down", stopped_while_down},
+                                     {"unknown_stopped", unknown_count}});
   for (const auto& name : ServiceNames()) scheduler_.Add(name);
   return Status::Ok();
 }

@@ -151,6 +151,7 @@ TEST_CASE(
     h.Start(same_grpc, http_listen);
     INFO(h.kilnd().Stderr());
     REQUIRE(h.WaitReady());
+    CHECK(h.kilnd().WaitForStderr("start-up recovery done adopted=2 lost=0", 30s));
     CHECK(h.HttpPort() == http_port);
     CHECK(HttpStatus(http_port, "/healthz") == 200);
     CHECK(HttpStatus(http_port, "/api/v1/services") == 200);
