@@ -607,12 +607,11 @@ class KilnApi final : public pb::Kiln::Service {
     RETURN_GRPC_IF_DENIED(ctx, true);
     if (req->service().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "service is required");
     const std::string actor = Actor(ctx);
-    auto s = OnIo([this, service = req->service(), actor]() -> StatusOr<bool> {
-      RETURN_IF_ERROR(reconciler_.Unpin(service, actor));
-      return true;
+    auto target = OnIo([this, service = req->service(), actor]() -> StatusOr<int64_t> {
+      return reconciler_.Unpin(service, actor);
     });
-    if (!s.ok()) return ToGrpc(s.status());
-    (void)resp;
+    if (!target.ok()) return ToGrpc(target.status());
+    resp->set_target_revision(*target);
     return grpc::Status::OK;
   }
 

@@ -626,7 +626,12 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     pb::UnpinRequest req;
     req.set_service(service);
     rc = Mutate(client, &pb::Kiln::Stub::Unpin, req, output, out, err,
-                [&](auto&) { return service + " unpinned; it follows its manifest again"; });
+                [&](const pb::UnpinResponse& r) {
+                  return service + " unpinned; it follows its manifest again" +
+                         (r.target_revision() > 0
+                              ? " (revision " + std::to_string(r.target_revision()) + ")"
+                              : std::string());
+                });
   } else if (pause->parsed()) {
     pb::PauseRequest req;
     req.set_service(service);

@@ -1041,7 +1041,8 @@ StatusOr<RevisionRecord> Reconciler::Rollback(const std::string& service, int64_
   return written;
 }
 
-Status Reconciler::Unpin(const std::string& service, const std::string& actor) {
+StatusOr<int64_t> Reconciler::Unpin(const std::string& service, const std::string& actor) {
+  int64_t target = 0;
   RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
     if (svc.pinned_revision == 0) return FailedPreconditionError(service + " is not pinned");
@@ -1051,10 +1052,11 @@ Status Reconciler::Unpin(const std::string& service, const std::string& actor) {
                               "; following its manifest again"));
     svc.pinned_revision = 0;
     svc.pin_reason.clear();
+    target = svc.desired_revision;
     return store_.PutService(svc);
   }));
   scheduler_.Add(service);
-  return Status::Ok();
+  return target;
 }
 
 Status Reconciler::Pause(const std::string& service, const std::string& reason,

@@ -68,7 +68,8 @@ class Reconciler {
   // Commands, for the API. `actor` is who asked; each is recorded as an event.
   StatusOr<RevisionRecord> Rollback(const std::string& service, int64_t to_revision,
                                     const std::string& reason, const std::string& actor);
-  Status Unpin(const std::string& service, const std::string& actor);
+  // Returns the revision the service now converges to: its manifest's (0 when none yet).
+  StatusOr<int64_t> Unpin(const std::string& service, const std::string& actor);
   Status Pause(const std::string& service, const std::string& reason, const std::string& actor);
   Status Resume(const std::string& service, const std::string& actor);
   Status Promote(const std::string& service, const std::string& actor);

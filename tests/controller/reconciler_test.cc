@@ -282,8 +282,10 @@ TEST_CASE("operator rollback and unpin", "[reconciler]") {
   CHECK(f.Service().pin_reason == "rollback by bob: bad deploy");
   RollOut(f, 2, 3);
   CHECK(f.Count(3) == 2);
-  REQUIRE(f.reconciler->Unpin("web", "bob").ok());
-  CHECK(f.reconciler->Unpin("web", "bob").code() == StatusCode::kFailedPrecondition);
+  StatusOr<int64_t> unpinned = f.reconciler->Unpin("web", "bob");
+  REQUIRE(unpinned.ok());
+  CHECK(*unpinned == 2);  // what the manifest declares
+  CHECK(f.reconciler->Unpin("web", "bob").status().code() == StatusCode::kFailedPrecondition);
   RollOut(f, 2, 3);
   CHECK(f.Count(2) == 2);  // back to what the manifest declares
 }

@@ -456,7 +456,7 @@ TEST_CASE("kilnctl: rollback from the command line pins and replaces - --wait ex
   CHECK(events.out.find("rolled_back") != std::string::npos);
   RunResult unpin = Run({BinPath("kilnctl"), "--addr", addr, "unpin", "web", "--timeout", "5"});
   CHECK(unpin.exit_code == 0);
-  CHECK(unpin.out == "web unpinned; it follows its manifest again\n");
+  CHECK(unpin.out == "web unpinned; it follows its manifest again (revision 2)\n");
 }
 
 TEST_CASE("kilnctl: rollback --wait to a revision that fails exits 1 and says why", "[api]") {
