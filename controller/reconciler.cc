@@ -306,14 +306,17 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
 void Reconciler::NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now,
                              bool permanent, int64_t revision) {
   kiln::NoteFailure(svc, what, now, DecideOptionsOf(options_), permanent, revision);
-  if (svc.crash_count >= 2) {
-    crash_looping_.insert(svc.name);
-    LogWarn("crash-looping; delaying the next start",
-            {{"service", svc.name},
-             {"failures", svc.crash_count},
-             {"last_failure", what},
-             {"next_start_in_ms", svc.next_start_ms - now}});
-  }
+  WarnIfCrashLooping(svc, now);
+}
+
+void Reconciler::WarnIfCrashLooping(const ServiceRecord& svc, int64_t now) {
+  if (svc.crash_count < 2) return;
+  crash_looping_.insert(svc.name);
+  LogWarn("crash-looping; delaying the next start",
+          {{"service", svc.name},
+           {"failures", svc.crash_count},
+           {"last_failure", svc.crash_reason},
+           {"next_start_in_ms", svc.next_start_ms - now}});
 }
 
 Status Reconciler::RecordFailure(const std::string& service, const std::string& what,
@@ -918,14 +921,7 @@ Status Reconciler::Reconcile(const std::string& name) {
                        store_.TransitionInstance(f.instance, f.to, {.reason = f.reason}));
       to_fail.push_back(failed);
     }
-    if (!d.failed.empty() && svc.crash_count >= 2) {
-      crash_looping_.insert(name);
-      LogWarn("crash-looping; delaying the next start",
-              {{"service", name},
-               {"failures", svc.crash_count},
-               {"last_failure", svc.crash_reason},
-               {"next_start_in_ms", svc.next_start_ms - now}});
-    }
+    if (!d.failed.empty()) WarnIfCrashLooping(svc, now);
     if (!d.backoff_reset_by.empty()) {
       LogInfo("running well again; crash-loop back-off reset",
               {{"service", name}, {"instance", d.backoff_reset_by}});

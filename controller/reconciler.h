@@ -159,6 +159,9 @@ class Reconciler {
   // fix, for `revision`.
   void NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now, bool permanent = false,
                    int64_t revision = 0);
+  // After a failure was noted: a service at two or more failures in a row is crash-looping
+  // (its starts are delayed); says so in the log, once per failure or pass.
+  void WarnIfCrashLooping(const ServiceRecord& svc, int64_t now);
   Status RecordFailure(const std::string& service, const std::string& what, bool permanent = false,
                        int64_t revision = 0);
   // Whether an artifact still has the bytes last verified (same inode, size and ctime: any
