@@ -83,7 +83,6 @@ PassResult Decide(const PassInput& in) {
   // Rollout bookkeeping: a new target starts a new rollout and supersedes an unfinished one.
   RolloutRecord& rollout = out.rollout;
   if (in.rollout) rollout = *in.rollout;
-  out.progress_seen = in.progress_seen;
   if (!in.rollout || rollout.to_revision != target_rev) {
     if (in.rollout && IsActive(rollout.state)) {
       out.superseded = rollout;
@@ -100,7 +99,6 @@ PassResult Decide(const PassInput& in) {
     next.started_ms = next.last_progress_ms = now;
     rollout = next;
     out.rollout_is_new = true;
-    out.progress_seen.reset();
     // A new target is a fresh start: a fix must not wait out the old revision's back-off.
     svc.crash_count = 0;
     svc.last_crash_ms = 0;
@@ -179,10 +177,11 @@ PassResult Decide(const PassInput& in) {
 
   // Rollout progress, completion and the progress deadline.
   if (IsActive(rollout.state)) {
-    std::pair<int, int> seen{plan.new_available, plan.old_total};
-    if (!out.progress_seen || *out.progress_seen != seen) {
-      if (out.progress_seen) rollout.last_progress_ms = now;
-      out.progress_seen = seen;
+    if (rollout.seen_new_available != plan.new_available ||
+        rollout.seen_old_total != plan.old_total) {
+      if (rollout.seen_new_available >= 0) rollout.last_progress_ms = now;
+      rollout.seen_new_available = plan.new_available;
+      rollout.seen_old_total = plan.old_total;
     }
     if (plan.promote_now && !rollout.promoted) {
       rollout.promoted = true;

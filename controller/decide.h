@@ -34,10 +34,9 @@ struct PassInput {
   ServiceSpec spec;       // what the manifest declares
   ServiceRecord service;  // with the desired revision ensured (a pin lifted by a new template)
   RevisionRecord target;  // the pinned revision, else the desired one
-  std::map<int64_t, std::string> template_hashes;    // by revision, for every instance's
-  std::vector<InstanceRecord> instances;             // the non-final ones
-  std::optional<RolloutRecord> rollout;              // the latest
-  std::optional<std::pair<int, int>> progress_seen;  // (new available, old total) last seen
+  std::map<int64_t, std::string> template_hashes;  // by revision, for every instance's
+  std::vector<InstanceRecord> instances;           // the non-final ones
+  std::optional<RolloutRecord> rollout;            // the latest
   // For an automatic rollback; needed only while a rollout can fail (active, or starting): the
   // newest fully available revision with another template than the target (none: nothing to
   // go back to), and the number the next revision written gets.
@@ -78,11 +77,10 @@ struct PassResult {
   std::optional<RolloutRecord> superseded;
   RolloutRecord rollout;
   bool rollout_is_new = false;
-  std::optional<std::pair<int, int>> progress_seen;  // to remember for the next pass
-  std::vector<PassEvent> events;                     // in order, before the step's own
-  std::vector<InstanceTransition> failed;            // missed their healthy deadline
-  bool mark_available = false;                       // the target became fully available
-  std::optional<RollbackDecision> rollback;          // automatic, after a failed rollout
+  std::vector<PassEvent> events;             // in order, before the step's own
+  std::vector<InstanceTransition> failed;    // missed their healthy deadline
+  bool mark_available = false;               // the target became fully available
+  std::optional<RollbackDecision> rollback;  // automatic, after a failed rollout
   std::string no_rollback;  // why a failed rollout could not roll back ("" = it did, or no need)
   // The step: instances to drain and how many to create of the target (none when rolling back:
   // the next pass steps towards the rollback's revision).

@@ -835,8 +835,6 @@ StatusOr<PassInput> Reconciler::LoadPassInput(const DesiredService& desired,
       return good.status();
     }
   }
-  auto seen = progress_seen_.find(name);
-  if (seen != progress_seen_.end()) in.progress_seen = seen->second;
   in.now_ms = now;
   in.options = DecideOptionsOf(options_);
   return in;
@@ -910,11 +908,6 @@ Status Reconciler::Reconcile(const std::string& name) {
       ASSIGN_OR_RETURN(rollout.id, store_.PutRollout(rollout));
     } else if (!(rollout == *latest)) {
       RETURN_IF_ERROR(store_.PutRollout(rollout).status());
-    }
-    if (d.progress_seen) {
-      progress_seen_[name] = *d.progress_seen;
-    } else {
-      progress_seen_.erase(name);
     }
     for (const InstanceTransition& f : d.failed) {
       ASSIGN_OR_RETURN(InstanceRecord failed,

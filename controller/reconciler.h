@@ -201,8 +201,6 @@ class Reconciler {
   std::set<std::string> crash_looping_;
   // The manifest errors last logged, so an unchanged broken state is not logged on every load.
   std::vector<std::string> logged_manifest_errors_;
-  // Rollout progress as last seen (new available, old total), to move last_progress_ms.
-  std::map<std::string, std::pair<int, int>> progress_seen_;
 };
 
 }  // namespace kiln

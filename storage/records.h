@@ -251,6 +251,11 @@ struct RolloutRecord {
   int64_t paused_at_ms = 0;  // when the current pause began; 0 when not paused
   int64_t finished_ms = 0;
   bool promoted = false;  // canary: the rest of the rollout may proceed
+  // What the last pass saw of its progress (instances of the target available, instances of
+  // other revisions left); -1 before the first. A change is progress: last_progress_ms moves.
+  // Stored, so that a pass after a restart decides as one without it would.
+  int seen_new_available = -1;
+  int seen_old_total = -1;
 
   friend bool operator==(const RolloutRecord&, const RolloutRecord&) = default;
 };

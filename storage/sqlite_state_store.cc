@@ -11,7 +11,7 @@ namespace kiln {
 namespace {
 
 // Each entry moves the schema from version i to i+1; never edit one that has shipped, add one.
-constexpr std::array<const char*, 5> kMigrations = {
+constexpr std::array<const char*, 6> kMigrations = {
     // 1: services, immutable revisions, instances, events.
     R"sql(
 CREATE TABLE services (
@@ -141,6 +141,12 @@ INSERT INTO events_pruned (through_seq) SELECT coalesce(min(seq) - 1, 0) FROM ev
 ALTER TABLE instances ADD COLUMN pid INTEGER NOT NULL DEFAULT 0;
 UPDATE instances SET pid = CAST(substr(handle, 5, instr(substr(handle, 5), ':') - 1) AS INTEGER)
 WHERE handle LIKE 'pid:%:%';
+)sql",
+    // 6: the progress a rollout last saw, so that its progress deadline counts the same across a
+    // restart. -1: not seen yet (a rollout from before it counts from its next pass, as then).
+    R"sql(
+ALTER TABLE rollouts ADD COLUMN seen_new_available INTEGER NOT NULL DEFAULT -1;
+ALTER TABLE rollouts ADD COLUMN seen_old_total INTEGER NOT NULL DEFAULT -1;
 )sql",
 };
 
@@ -296,7 +302,8 @@ StatusOr<RevisionRecord> ReadRevision(const sqlite::Statement& s) {
 
 constexpr const char* kRolloutColumns =
     "id, service, from_revision, to_revision, strategy, state, reason, started_ms, "
-    "last_progress_ms, paused_ms, paused_at_ms, finished_ms, promoted";
+    "last_progress_ms, paused_ms, paused_at_ms, finished_ms, promoted, seen_new_available, "
+    "seen_old_total";
 
 StatusOr<RolloutRecord> ReadRollout(const sqlite::Statement& s) {
   RolloutRecord r;
@@ -314,6 +321,8 @@ StatusOr<RolloutRecord> ReadRollout(const sqlite::Statement& s) {
   r.paused_at_ms = s.Int(10);
   r.finished_ms = s.Int(11);
   r.promoted = s.Int(12) != 0;
+  r.seen_new_available = static_cast<int>(s.Int(13));
+  r.seen_old_total = static_cast<int>(s.Int(14));
   return r;
 }
 
@@ -858,18 +867,21 @@ StatusOr<int64_t> SqliteStateStore::PutRollout(const RolloutRecord& r) {
     RETURN_IF_ERROR(db_.Run(what,
                             "INSERT INTO rollouts (service, from_revision, to_revision, strategy, "
                             "state, reason, started_ms, last_progress_ms, paused_ms, paused_at_ms, "
-                            "finished_ms, promoted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "finished_ms, promoted, seen_new_available, seen_old_total) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             r.service, r.from_revision, r.to_revision, StrategyName(r.strategy),
                             RolloutStateName(r.state), r.reason, r.started_ms, r.last_progress_ms,
-                            r.paused_ms, r.paused_at_ms, r.finished_ms, r.promoted));
+                            r.paused_ms, r.paused_at_ms, r.finished_ms, r.promoted,
+                            r.seen_new_available, r.seen_old_total));
     return db_.LastInsertRowid();
   }
-  RETURN_IF_ERROR(
-      db_.Run(what,
-              "UPDATE rollouts SET state = ?, reason = ?, last_progress_ms = ?, "
-              "paused_ms = ?, paused_at_ms = ?, finished_ms = ?, promoted = ? WHERE id = ?",
-              RolloutStateName(r.state), r.reason, r.last_progress_ms, r.paused_ms, r.paused_at_ms,
-              r.finished_ms, r.promoted, r.id));
+  RETURN_IF_ERROR(db_.Run(what,
+                          "UPDATE rollouts SET state = ?, reason = ?, last_progress_ms = ?, "
+                          "paused_ms = ?, paused_at_ms = ?, finished_ms = ?, promoted = ?, "
+                          "seen_new_available = ?, seen_old_total = ? WHERE id = ?",
+                          RolloutStateName(r.state), r.reason, r.last_progress_ms, r.paused_ms,
+                          r.paused_at_ms, r.finished_ms, r.promoted, r.seen_new_available,
+                          r.seen_old_total, r.id));
   if (db_.Changes() == 0)
     return NotFoundError("rollout " + std::to_string(r.id) + " does not exist");
   return r.id;

@@ -55,8 +55,9 @@ PassInput RollingToRevision2() {
   r.to_revision = 2;
   r.state = RolloutState::kProgressing;
   r.started_ms = r.last_progress_ms = kNow - 1000;
+  r.seen_new_available = 0;
+  r.seen_old_total = 2;
   in.rollout = r;
-  in.progress_seen = std::make_pair(0, 2);
   in.now_ms = kNow;
   return in;
 }
@@ -176,7 +177,7 @@ TEST_CASE("decide: the last old instance goes and the rollout completes", "[deci
   CHECK(r.rollout.state == RolloutState::kProgressing);
   // The next pass, with it gone.
   in.instances.erase(in.instances.begin());
-  in.progress_seen = r.progress_seen;
+  in.rollout = r.rollout;
   r = Decide(in);
   CHECK(r.rollout.state == RolloutState::kCompleted);
   CHECK(r.rollout.finished_ms == kNow);

@@ -312,6 +312,30 @@ TEST_CASE("pause holds a rollout - paused time does not count toward progress_de
   RollOut(f, 3, 4);
 }
 
+TEST_CASE("progress seen before a restart still counts after it", "[reconciler]") {
+  ReconcilerFixture f;
+  const std::string policy =
+      "update: {max_surge: 1, max_unavailable: 0, min_healthy_time: 0s, healthy_deadline: 5m, "
+      "progress_deadline: 60s}\n";
+  ColdStart(f, 2, policy);
+  f.Declare("v2", 2, policy);
+  REQUIRE(f.Converge().ok());
+  REQUIRE(f.Count(2) == 1);
+  const int64_t began = f.Rollout().last_progress_ms;
+  CHECK(f.Rollout().seen_new_available == 0);
+  f.Advance(50s);
+  // kilnd restarts; meanwhile the new instance becomes healthy: that is progress.
+  f.MakeReconciler();
+  REQUIRE(f.reconciler->Recover().ok());
+  f.Load();
+  f.AllHealthy();
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().last_progress_ms == began + 50'000);
+  f.Advance(20s);  // 70 s after the rollout began, 20 s after its progress
+  REQUIRE(f.Converge().ok());
+  CHECK(f.Rollout().state == RolloutState::kProgressing);
+}
+
 TEST_CASE("history_limit prunes old revisions and their artifacts, never the ones in use",
           "[reconciler]") {
   ReconcilerFixture f;
