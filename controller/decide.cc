@@ -45,17 +45,23 @@ std::string HashOf(const PassInput& in, int64_t revision) {
 
 }  // namespace
 
-void NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now_ms,
-                 const DecideOptions& options, bool permanent, int64_t revision) {
+void CountFailure(ServiceRecord& svc, const std::string& what, int64_t now_ms, bool permanent,
+                  int64_t revision) {
   ++svc.crash_count;
   svc.last_crash_ms = now_ms;
   svc.crash_reason = what;
-  svc.next_start_ms = now_ms + (permanent ? options.crash_backoff_max.count()
-                                          : BackoffMs(svc.crash_count, options));
   if (permanent) {
     svc.start_error = what;
     svc.start_error_revision = revision;
   }
+}
+
+int64_t NextStartMs(const ServiceRecord& svc, const DecideOptions& options) {
+  if (svc.crash_count == 0) return 0;
+  // A start error retrying cannot fix waits the longest; only a new revision (or the start
+  // succeeding after all) lifts it.
+  return svc.last_crash_ms + (!svc.start_error.empty() ? options.crash_backoff_max.count()
+                                                       : BackoffMs(svc.crash_count, options));
 }
 
 std::string PinReason(const std::string& actor, const std::string& reason) {
@@ -63,15 +69,56 @@ std::string PinReason(const std::string& actor, const std::string& reason) {
          (reason.empty() ? "" : ": " + reason);
 }
 
-PassResult Decide(const PassInput& in) {
+namespace {
+
+// Gone from the manifests: wait --retire-after before scaling to zero, so that a file moved,
+// rewritten or removed by mistake costs nothing when it comes back; then drain every instance.
+PassResult DecideRetirement(const PassInput& in) {
+  PassResult out;
+  ServiceRecord& svc = out.service;
+  svc = in.service;
+  if (in.rollout) out.rollout = *in.rollout;
+  const std::string& name = svc.name;
+  const int64_t now = in.now_ms;
+  if (!in.service_exists) return out;  // never recorded: nothing to retire
+  if (!svc.retired && (svc.retire_at_ms == 0 || now < svc.retire_at_ms)) {
+    if (svc.retire_at_ms == 0) {
+      svc.retire_at_ms = now + in.options.retire_after.count();
+      out.events.push_back({EventKind::kServiceMissing, 0, "", "kilnd",
+                            name + " is no longer declared in the manifests (was in " +
+                                svc.manifest_file + "); retiring it in " +
+                                FormatDuration(in.options.retire_after) + " unless it comes back"});
+    }
+    if (svc.retire_at_ms > now) {
+      out.wake_at_ms = svc.retire_at_ms;
+    } else {
+      out.requeue_now = true;
+    }
+    return out;
+  }
+  if (!svc.retired) {
+    svc.retired = true;
+    out.events.push_back({EventKind::kServiceRetired, 0, "", "kilnd",
+                          name + " has not been declared in the manifests for " +
+                              FormatDuration(in.options.retire_after) + "; scaling to zero"});
+  }
+  for (const InstanceRecord& inst : in.instances) {
+    if (inst.state == InstanceState::kDraining) continue;
+    out.drain.push_back({inst.name, inst.revision, InstanceState::kDraining, "service retired"});
+  }
+  return out;
+}
+
+}  // namespace
+
+StatusOr<PassResult> Decide(const PassInput& in) {
+  if (!in.declared) return DecideRetirement(in);
   PassResult out;
   const ServiceSpec& spec = in.spec;
   const int64_t now = in.now_ms;
   ServiceRecord& svc = out.service;
   svc = in.service;
   const std::string& name = svc.name;
-  const int64_t target_rev = in.target.number;
-  const std::string& target_hash = in.target.template_hash;
   auto wake_at = [&](int64_t at) {
     if (at > now && (out.wake_at_ms == 0 || at < out.wake_at_ms)) out.wake_at_ms = at;
   };
@@ -79,6 +126,55 @@ PassResult Decide(const PassInput& in) {
                    const std::string& actor, const std::string& message) {
     out.events.push_back({kind, revision, instance, actor, message});
   };
+
+  // A template no revision has yet becomes the next revision, and the service converges to it;
+  // one that differs from the template rolled away from is the fix, so it lifts a pin.
+  RevisionRecord target = in.target;
+  int64_t next_revision = in.next_revision;
+  std::string manifest_error = in.manifest_error;
+  if (svc.desired_revision == 0 || in.desired_hash != in.template_hash) {
+    if (!in.artifact.ok()) {
+      Status refused = in.artifact.WithContext("revision of " + name + " refused");
+      // Nothing to converge to yet: the pass fails. Otherwise keep converging, and say why.
+      if (svc.desired_revision == 0) return refused;
+      manifest_error = refused.message();
+    } else {
+      RevisionRecord& r = out.revision.emplace();
+      r.service = name;
+      r.number = next_revision++;
+      r.template_hash = in.template_hash;
+      r.template_json = spec.tmpl.Canonical();
+      r.source = RevisionSource::kManifest;
+      r.manifest_file = spec.file;
+      r.manifest_sha256 = in.manifest_sha256;
+      event(EventKind::kRevisionCreated, r.number, "", "kilnd",
+            "revision " + std::to_string(r.number) + " of " + name + " (version " +
+                spec.tmpl.version + ") from " + spec.file);
+      if (svc.pinned_revision > 0 && svc.desired_revision > 0) {
+        event(EventKind::kPinLifted, r.number, "", "kilnd",
+              name + " no longer pinned to revision " + std::to_string(svc.pinned_revision) +
+                  ": the manifest declares a new template");
+        svc.pinned_revision = 0;
+        svc.pin_reason.clear();
+      }
+      svc.desired_revision = r.number;
+      target = r;
+    }
+  }
+  if (svc.manifest_error != manifest_error && !manifest_error.empty()) {
+    event(EventKind::kManifestError, 0, "", "kilnd", manifest_error);
+  }
+  svc.manifest_error = manifest_error;
+  svc.manifest_file = spec.file;
+  svc.spec = in.spec_json;
+  svc.retired = false;
+  if (svc.retire_at_ms != 0) {
+    svc.retire_at_ms = 0;
+    event(EventKind::kRetirementCancelled, 0, "", "kilnd",
+          name + " is declared again (in " + spec.file + "); not retiring it");
+  }
+  const int64_t target_rev = out.target_revision = target.number;
+  const std::string& target_hash = target.template_hash;
 
   // Rollout bookkeeping: a new target starts a new rollout and supersedes an unfinished one.
   RolloutRecord& rollout = out.rollout;
@@ -127,7 +223,7 @@ PassResult Decide(const PassInput& in) {
                                  FormatDuration(spec.update.healthy_deadline) + " (" +
                                  ProbeDetail(inst, now) + ")";
       out.failed.push_back({inst.name, inst.revision, InstanceState::kFailed, reason});
-      NoteFailure(svc, inst.name + " " + reason, now, in.options);
+      CountFailure(svc, inst.name + " " + reason, now);
       event(EventKind::kInstanceFailed, inst.revision, inst.name, "kilnd",
             "instance " + inst.name + " " + reason);
       continue;
@@ -167,6 +263,7 @@ PassResult Decide(const PassInput& in) {
       wake_at(inst.healthy_since_ms + settle);
     }
   }
+  svc.next_start_ms = NextStartMs(svc, in.options);
   if (plan.create > 0 && now < svc.next_start_ms) {
     plan.summary = "crash-looping: " + svc.crash_reason + "; next start in " +
                    FormatDuration(Duration((svc.next_start_ms - now + 999) / 1000 * 1000));
@@ -219,11 +316,15 @@ PassResult Decide(const PassInput& in) {
                 " failed: " + rollout.reason);
       if (spec.update.auto_rollback) {
         // Back to the last revision that was fully available, with another template.
-        if (in.rollback_candidate) {
-          const int64_t number = in.next_revision;
+        const RevisionRecord* candidate = nullptr;
+        for (const RevisionRecord& r : in.last_available) {
+          if (candidate == nullptr && r.template_hash != target_hash) candidate = &r;
+        }
+        if (candidate != nullptr) {
+          const int64_t number = next_revision;
           const std::string reason =
               "rollout to revision " + std::to_string(target_rev) + " failed";
-          out.rollback = RollbackDecision{*in.rollback_candidate, number, reason};
+          out.rollback = RollbackDecision{*candidate, number, reason};
           svc.pinned_revision = number;
           svc.pin_reason = PinReason("auto", reason);
           out.requeue_now = true;
@@ -235,7 +336,7 @@ PassResult Decide(const PassInput& in) {
       wake_at(deadline_at);
     }
   } else if (plan.old_total == 0 && plan.new_available >= spec.replicas && spec.replicas > 0 &&
-             in.target.available_ms == 0) {
+             target.available_ms == 0) {
     out.mark_available = true;
   }
 

@@ -3,12 +3,13 @@
 // The decision of one reconciler pass, as a pure function (issue 10, "A pure decision"): from
 // what a pass loaded (the service's desired spec and its records) and `now`, what it must commit
 // and do. No clock, no store, no driver: Reconciler::Reconcile loads, calls Decide, commits the
-// result in its transaction, then acts on the driver; Reconciler::Plan calls the same Decide on
+// result in one transaction, then acts on the driver; Reconciler::Plan calls the same Decide on
 // the same records, so plan and pass cannot disagree.
 //
-// It covers what follows the desired revision being ensured: rollout bookkeeping, instances past
-// their healthy deadline, the strategy's step (rollout_plan.h), the crash-loop back-off, rollout
-// progress, promotion, completion, failure and automatic rollback, and conditions.
+// It covers the whole pass: a new revision for a new template (and the pin it lifts), the
+// manifest's error and a retirement cancelled or carried out, rollout bookkeeping, instances
+// past their healthy deadline, the strategy's step (rollout_plan.h), the crash-loop back-off,
+// rollout progress, promotion, completion, failure and automatic rollback, and conditions.
 
 #include <map>
 #include <optional>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "common/status.h"
 #include "controller/rollout_plan.h"
 #include "spec/manifest.h"
 #include "storage/records.h"
@@ -25,23 +27,41 @@ namespace kiln {
 
 // What of the reconciler's options the decision depends on (Reconciler::Options says more).
 struct DecideOptions {
+  Duration retire_after{600'000};
   Duration crash_backoff_initial{10'000};
   Duration crash_backoff_max{300'000};
   Duration crash_backoff_reset_after{60'000};
 };
 
 struct PassInput {
-  ServiceSpec spec;       // what the manifest declares
-  ServiceRecord service;  // with the desired revision ensured (a pin lifted by a new template)
-  RevisionRecord target;  // the pinned revision, else the desired one
+  // The service's record as stored (a fresh one, named, when `service_exists` is false).
+  ServiceRecord service;
+  bool service_exists = false;
+  // Whether the manifests declare it. When not, only `service` and `instances` are loaded, and
+  // the decision is its retirement: --retire-after later, every instance drained.
+  bool declared = true;
+
+  // What the manifest declares (the last good spec while its file has an error).
+  ServiceSpec spec;
+  std::string template_hash;    // of spec.tmpl
+  std::string spec_json;        // the spec as recorded on the service
+  std::string manifest_sha256;  // of the file, recorded on a revision written from it
+  std::string manifest_error;   // the file's current error ("" when it loads)
+  // A template no revision has yet had its artifact put into the store before the pass's
+  // transaction; this is how that went (an error refuses the revision).
+  Status artifact;
+
+  std::string desired_hash;  // the template hash of service.desired_revision ("" when none)
+  RevisionRecord target;     // the pinned revision, else the desired one, as stored (if any)
   std::map<int64_t, std::string> template_hashes;  // by revision, for every instance's
   std::vector<InstanceRecord> instances;           // the non-final ones
   std::optional<RolloutRecord> rollout;            // the latest
-  // For an automatic rollback; needed only while a rollout can fail (active, or starting): the
-  // newest fully available revision with another template than the target (none: nothing to
-  // go back to), and the number the next revision written gets.
-  std::optional<RevisionRecord> rollback_candidate;
+  // Needed only while a rollout can fail or a revision be written: the number the next
+  // revision written gets, and for an automatic rollback the newest fully available revision
+  // and the newest fully available one with another template than it (so whichever template
+  // the target has, the newest available other one is among them).
   int64_t next_revision = 0;
+  std::vector<RevisionRecord> last_available;
   int64_t now_ms = 0;
   DecideOptions options;
 };
@@ -71,11 +91,14 @@ struct RollbackDecision {
 };
 
 struct PassResult {
-  ServiceRecord service;  // to write when it differs from what was loaded
+  ServiceRecord service;  // to write when it differs from what was loaded (or is new)
+  // A revision to write first: the manifest's new template (then `service` converges to it).
+  std::optional<RevisionRecord> revision;
+  int64_t target_revision = 0;  // what the pass converges to: pinned, else desired
   // An unfinished rollout a new target supersedes (to write), and the current rollout: new (to
   // insert) when `rollout_is_new`, else to write when it differs from what was loaded.
   std::optional<RolloutRecord> superseded;
-  RolloutRecord rollout;
+  RolloutRecord rollout;  // (untouched when the service is not declared)
   bool rollout_is_new = false;
   std::vector<PassEvent> events;             // in order, before the step's own
   std::vector<InstanceTransition> failed;    // missed their healthy deadline
@@ -93,13 +116,22 @@ struct PassResult {
   bool requeue_now = false;      // a rollback was written: pass again at once
 };
 
-PassResult Decide(const PassInput& in);
+// An error when the pass can do nothing: the first template of a service cannot become a
+// revision (its artifact was refused). A later template refused is a manifest error instead,
+// and the service keeps converging to what it has.
+StatusOr<PassResult> Decide(const PassInput& in);
 
-// A failure of one of the service's instances (exit, start error, missed deadline, failing
-// health) counts toward its crash-loop back-off. `permanent`: a start error retrying cannot fix,
-// for `revision`.
-void NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now_ms,
-                 const DecideOptions& options, bool permanent = false, int64_t revision = 0);
+// Records a failure of one of the service's instances (exit, start error, missed deadline,
+// failing health) on its record: one more in a row, when and why. `permanent`: a start error
+// retrying cannot fix, for `revision`. What follows (the crash-loop back-off) is decided by
+// Decide, from these fields.
+void CountFailure(ServiceRecord& svc, const std::string& what, int64_t now_ms,
+                  bool permanent = false, int64_t revision = 0);
+
+// When the next instance of a crash-looping service may start (0: no back-off): the first
+// failure is replaced at once, each further one waits crash_backoff_initial doubling up to
+// crash_backoff_max after the last, and a start error retrying cannot fix waits the maximum.
+int64_t NextStartMs(const ServiceRecord& svc, const DecideOptions& options);
 
 // How a pin says why it holds: "automatic rollback: ..." or "rollback by bob: ...".
 std::string PinReason(const std::string& actor, const std::string& reason);

@@ -6,6 +6,7 @@
 
 #include "common/duration.h"
 #include "common/logging.h"
+#include "common/unique_fd.h"
 #include "controller/decide.h"
 
 namespace kiln {
@@ -64,7 +65,8 @@ std::string AggregateKey(EventKind kind, int64_t revision, const std::string& in
 }
 
 DecideOptions DecideOptionsOf(const Reconciler::Options& o) {
-  return {o.crash_backoff_initial, o.crash_backoff_max, o.crash_backoff_reset_after};
+  return {o.retire_after, o.crash_backoff_initial, o.crash_backoff_max,
+          o.crash_backoff_reset_after};
 }
 
 // A driver's start error that retrying cannot fix (see Driver::Start).
@@ -303,12 +305,6 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
   return s.ok();
 }
 
-void Reconciler::NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now,
-                             bool permanent, int64_t revision) {
-  kiln::NoteFailure(svc, what, now, DecideOptionsOf(options_), permanent, revision);
-  WarnIfCrashLooping(svc, now);
-}
-
 void Reconciler::WarnIfCrashLooping(const ServiceRecord& svc, int64_t now) {
   if (svc.crash_count < 2) return;
   crash_looping_.insert(svc.name);
@@ -316,14 +312,16 @@ void Reconciler::WarnIfCrashLooping(const ServiceRecord& svc, int64_t now) {
           {{"service", svc.name},
            {"failures", svc.crash_count},
            {"last_failure", svc.crash_reason},
-           {"next_start_in_ms", svc.next_start_ms - now}});
+           {"next_start_in_ms", NextStartMs(svc, DecideOptionsOf(options_)) - now}});
 }
 
 Status Reconciler::RecordFailure(const std::string& service, const std::string& what,
                                  bool permanent, int64_t revision) {
   return store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(ServiceRecord svc, store_.GetService(service));
-    NoteFailure(svc, what, NowMs(), permanent, revision);
+    const int64_t now = NowMs();
+    CountFailure(svc, what, now, permanent, revision);
+    WarnIfCrashLooping(svc, now);
     return store_.PutService(svc);
   });
 }
@@ -639,93 +637,6 @@ void Reconciler::RetryUnrecordedStarts(const std::string& service) {
 // ---------------------------------------------------------------------------------------------
 // The pass
 
-StatusOr<int64_t> Reconciler::EnsureDesiredRevision(const DesiredService& d, ServiceRecord& svc) {
-  const std::string& hash = d.template_hash;
-  if (svc.desired_revision > 0) {
-    ASSIGN_OR_RETURN(std::string current, HashOf(svc.name, svc.desired_revision));
-    if (current == hash) return svc.desired_revision;
-  }
-  // A new template: its artifact goes into the store before its revision is written.
-  if (!d.spec.artifact_path.empty()) {
-    StatusOr<std::string> digest =
-        artifacts_.Put(d.spec.artifact_path, d.spec.tmpl.artifact_sha256);
-    if (!digest.ok()) {
-      return digest.status().WithContext("revision of " + svc.name + " refused");
-    }
-  }
-  RevisionRecord r;
-  r.service = svc.name;
-  ASSIGN_OR_RETURN(r.number, store_.NextRevisionNumber(svc.name));
-  r.template_hash = hash;
-  r.template_json = d.spec.tmpl.Canonical();
-  r.source = RevisionSource::kManifest;
-  r.manifest_file = d.spec.file;
-  r.manifest_sha256 = d.manifest_sha256;
-  RETURN_IF_ERROR(store_.WriteRevision(r));
-  RETURN_IF_ERROR(Event(EventKind::kRevisionCreated, svc.name, r.number, "", "kilnd",
-                        "revision " + std::to_string(r.number) + " of " + svc.name + " (version " +
-                            d.spec.tmpl.version + ") from " + d.spec.file));
-  if (svc.pinned_revision > 0 && svc.desired_revision > 0) {
-    // The manifest declares a template other than the one rolled away from: the fix. The pin lifts.
-    RETURN_IF_ERROR(Event(EventKind::kPinLifted, svc.name, r.number, "", "kilnd",
-                          svc.name + " no longer pinned to revision " +
-                              std::to_string(svc.pinned_revision) +
-                              ": the manifest declares a new template"));
-    svc.pinned_revision = 0;
-    svc.pin_reason.clear();
-  }
-  svc.desired_revision = r.number;
-  return r.number;
-}
-
-Status Reconciler::RetireStep(const std::string& name) {
-  StatusOr<ServiceRecord> svc = store_.GetService(name);
-  if (!svc.ok()) return svc.status().code() == StatusCode::kNotFound ? Status::Ok() : svc.status();
-  const int64_t now = NowMs();
-  if (!svc->retired && (svc->retire_at_ms == 0 || now < svc->retire_at_ms)) {
-    // Gone from the manifests: wait --retire-after before scaling to zero, so that a file moved,
-    // rewritten or removed by mistake costs nothing when it comes back.
-    if (svc->retire_at_ms == 0) {
-      ServiceRecord s = *svc;
-      s.retire_at_ms = now + options_.retire_after.count();
-      RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
-        RETURN_IF_ERROR(store_.PutService(s));
-        return Event(EventKind::kServiceMissing, name, 0, "", "kilnd",
-                     name + " is no longer declared in the manifests (was in " + s.manifest_file +
-                         "); retiring it in " + FormatDuration(options_.retire_after) +
-                         " unless it comes back");
-      }));
-      svc = s;
-    }
-    scheduler_.AddAfter(name, Duration(svc->retire_at_ms - now));
-    return Status::Ok();
-  }
-  ASSIGN_OR_RETURN(auto live, store_.ListInstances(name, false));
-  std::vector<InstanceRecord> to_stop;
-  RETURN_IF_ERROR(store_.Transaction([&]() -> Status {
-    ServiceRecord s = *svc;
-    if (!s.retired) {
-      s.retired = true;
-      RETURN_IF_ERROR(store_.PutService(s));
-      RETURN_IF_ERROR(Event(EventKind::kServiceRetired, name, 0, "", "kilnd",
-                            name + " has not been declared in the manifests for " +
-                                FormatDuration(options_.retire_after) + "; scaling to zero"));
-    }
-    for (const InstanceRecord& inst : live) {
-      if (inst.state == InstanceState::kDraining) continue;
-      ASSIGN_OR_RETURN(InstanceRecord d,
-                       store_.TransitionInstance(inst.name, InstanceState::kDraining,
-                                                 {.reason = "service retired"}));
-      RETURN_IF_ERROR(Event(EventKind::kInstanceDraining, name, inst.revision, inst.name, "kilnd",
-                            "stopping " + inst.name + ": service retired"));
-      to_stop.push_back(d);
-    }
-    return Status::Ok();
-  }));
-  for (const auto& inst : to_stop) StopInstance(inst, true);
-  return Status::Ok();
-}
-
 StatusOr<int> Reconciler::PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit) {
   int deleted = 0;
   ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(svc.name));  // newest first
@@ -807,15 +718,50 @@ Status Reconciler::WriteRollbackRevision(ServiceRecord& svc, const RevisionRecor
   return Status::Ok();
 }
 
-StatusOr<PassInput> Reconciler::LoadPassInput(const DesiredService& desired,
-                                              const ServiceRecord& svc, RevisionRecord target,
+StatusOr<bool> Reconciler::DeclaresNewTemplate(const DesiredService& desired) {
+  StatusOr<ServiceRecord> svc = store_.GetService(desired.spec.name);
+  if (!svc.ok())
+    return svc.status().code() == StatusCode::kNotFound ? StatusOr<bool>(true) : svc.status();
+  if (svc->desired_revision == 0) return true;
+  ASSIGN_OR_RETURN(std::string hash, HashOf(svc->name, svc->desired_revision));
+  return hash != desired.template_hash;
+}
+
+StatusOr<PassInput> Reconciler::LoadPassInput(const std::string& name,
+                                              const DesiredService* desired, Status artifact,
                                               int64_t now) {
-  const std::string& name = svc.name;
   PassInput in;
-  in.spec = desired.spec;
-  in.service = svc;
-  in.target = std::move(target);
-  in.template_hashes[in.target.number] = in.target.template_hash;
+  in.now_ms = now;
+  in.options = DecideOptionsOf(options_);
+  StatusOr<ServiceRecord> existing = store_.GetService(name);
+  if (!existing.ok() && existing.status().code() != StatusCode::kNotFound) {
+    return existing.status();
+  }
+  in.service_exists = existing.ok();
+  in.service = existing.ok() ? *std::move(existing) : ServiceRecord{.name = name};
+  in.declared = desired != nullptr;
+  if (!in.declared) {
+    if (in.service_exists) {
+      ASSIGN_OR_RETURN(in.instances, store_.ListInstances(name, false));
+    }
+    return in;
+  }
+  in.spec = desired->spec;
+  in.template_hash = desired->template_hash;
+  in.spec_json = desired->spec_json;
+  in.manifest_sha256 = desired->manifest_sha256;
+  in.manifest_error = desired->error;
+  in.artifact = std::move(artifact);
+  const ServiceRecord& svc = in.service;
+  if (svc.desired_revision > 0) {
+    ASSIGN_OR_RETURN(in.desired_hash, HashOf(name, svc.desired_revision));
+  }
+  const int64_t stored_target =
+      svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
+  if (stored_target > 0) {
+    ASSIGN_OR_RETURN(in.target, store_.GetRevision(name, stored_target));
+    in.template_hashes[in.target.number] = in.target.template_hash;
+  }
   ASSIGN_OR_RETURN(in.instances, store_.ListInstances(name, false));
   for (const InstanceRecord& inst : in.instances) {
     if (!in.template_hashes.count(inst.revision)) {
@@ -825,18 +771,21 @@ StatusOr<PassInput> Reconciler::LoadPassInput(const DesiredService& desired,
   StatusOr<RolloutRecord> latest = store_.GetLatestRollout(name);
   if (!latest.ok() && latest.status().code() != StatusCode::kNotFound) return latest.status();
   if (latest.ok()) in.rollout = *latest;
-  // Only a rollout in progress (or one this pass starts) can fail and roll back.
-  if (!latest.ok() || latest->to_revision != in.target.number || IsActive(latest->state)) {
+  // Only a new template, or a rollout in progress (or one this pass starts), can write a
+  // revision: a steady pass reads no more than the live instances.
+  const bool new_template = svc.desired_revision == 0 || in.desired_hash != in.template_hash;
+  if (new_template || !latest.ok() || latest->to_revision != stored_target ||
+      IsActive(latest->state)) {
     ASSIGN_OR_RETURN(in.next_revision, store_.NextRevisionNumber(name));
-    StatusOr<int64_t> good = LastAvailableRevision(name, in.target.template_hash);
-    if (good.ok()) {
-      ASSIGN_OR_RETURN(in.rollback_candidate, store_.GetRevision(name, *good));
-    } else if (good.status().code() != StatusCode::kFailedPrecondition) {
-      return good.status();
+    ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(name));  // newest first
+    for (RevisionRecord& r : revisions) {
+      if (r.available_ms == 0) continue;
+      if (in.last_available.empty() || r.template_hash != in.last_available[0].template_hash) {
+        in.last_available.push_back(std::move(r));
+      }
+      if (in.last_available.size() == 2) break;
     }
   }
-  in.now_ms = now;
-  in.options = DecideOptionsOf(options_);
   return in;
 }
 
@@ -850,9 +799,18 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
   }
   const DesiredService* desired = desired_.Find(name);
-  if (desired == nullptr) return RetireStep(name);
-  const ServiceSpec& spec = desired->spec;
   const int64_t now = NowMs();
+
+  // A new template's artifact goes into the store before the transaction that writes its
+  // revision: copying and hashing a file is no work to hold the write lock for.
+  Status artifact;
+  if (desired != nullptr && !desired->spec.artifact_path.empty()) {
+    ASSIGN_OR_RETURN(bool new_template, DeclaresNewTemplate(*desired));
+    if (new_template) {
+      artifact =
+          artifacts_.Put(desired->spec.artifact_path, desired->spec.tmpl.artifact_sha256).status();
+    }
+  }
 
   std::vector<InstanceRecord> to_start, to_stop, to_fail;
   int64_t next_deadline_ms = 0;
@@ -860,53 +818,23 @@ Status Reconciler::Reconcile(const std::string& name) {
   bool collect_artifacts = false;
 
   Status committed = store_.Transaction([&]() -> Status {
-    StatusOr<ServiceRecord> existing = store_.GetService(name);
-    if (!existing.ok() && existing.status().code() != StatusCode::kNotFound)
-      return existing.status();
-    ServiceRecord svc;
-    if (existing.ok()) svc = *existing;
-    svc.name = name;
-    if (!existing.ok()) {
-      RETURN_IF_ERROR(store_.PutService(svc));  // revisions reference it
-      ASSIGN_OR_RETURN(svc, store_.GetService(name));
-      existing = svc;
-    }
-
-    StatusOr<int64_t> desired_rev = EnsureDesiredRevision(*desired, svc);
-    std::string manifest_error = desired->error;
-    if (!desired_rev.ok()) {
-      // The new template cannot become a revision (missing artifact, pin mismatch): keep
-      // converging to what we have, and say why.
-      if (svc.desired_revision == 0) return desired_rev.status();
-      manifest_error = desired_rev.status().message();
-    }
-    if (svc.manifest_error != manifest_error && !manifest_error.empty()) {
-      RETURN_IF_ERROR(Event(EventKind::kManifestError, name, 0, "", "kilnd", manifest_error));
-    }
-    svc.manifest_error = manifest_error;
-    svc.manifest_file = spec.file;
-    svc.spec = desired->spec_json;
-    svc.retired = false;
-    if (svc.retire_at_ms != 0) {
-      svc.retire_at_ms = 0;
-      RETURN_IF_ERROR(Event(EventKind::kRetirementCancelled, name, 0, "", "kilnd",
-                            name + " is declared again (in " + spec.file + "); not retiring it"));
-    }
-
-    const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
-    ASSIGN_OR_RETURN(RevisionRecord target, store_.GetRevision(name, target_rev));
-    ASSIGN_OR_RETURN(PassInput in, LoadPassInput(*desired, svc, std::move(target), now));
+    ASSIGN_OR_RETURN(PassInput in, LoadPassInput(name, desired, artifact, now));
     const std::vector<InstanceRecord>& live = in.instances;
     const std::optional<RolloutRecord>& latest = in.rollout;
 
     // Decide, then commit what was decided, in the order a pass always recorded it.
-    PassResult d = Decide(in);
-    svc = d.service;
+    ASSIGN_OR_RETURN(PassResult d, Decide(in));
+    ServiceRecord& svc = d.service;
+    const int64_t target_rev = d.target_revision;
+    if (!in.service_exists && in.declared) {
+      RETURN_IF_ERROR(store_.PutService({.name = name}));  // revisions reference it
+    }
+    if (d.revision) RETURN_IF_ERROR(store_.WriteRevision(*d.revision));
     if (d.superseded) RETURN_IF_ERROR(store_.PutRollout(*d.superseded).status());
     RolloutRecord rollout = d.rollout;
     if (d.rollout_is_new) {
       ASSIGN_OR_RETURN(rollout.id, store_.PutRollout(rollout));
-    } else if (!(rollout == *latest)) {
+    } else if (latest && !(rollout == *latest)) {
       RETURN_IF_ERROR(store_.PutRollout(rollout).status());
     }
     for (const InstanceTransition& f : d.failed) {
@@ -940,12 +868,14 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
 
     // Intents committed by an earlier pass whose start never happened (the artifact was not
-    // fit to run then): start them now.
+    // fit to run then): start them now, unless the step stops them.
     const std::vector<std::string>& destroy = d.plan.destroy;
     for (const InstanceRecord& inst : live) {
       if (inst.state == InstanceState::kPending && !start_in_flight_.count(inst.name) &&
           !unrecorded_starts_.count(inst.name) &&
-          std::find(destroy.begin(), destroy.end(), inst.name) == destroy.end()) {
+          std::find(destroy.begin(), destroy.end(), inst.name) == destroy.end() &&
+          std::none_of(d.drain.begin(), d.drain.end(),
+                       [&](const InstanceTransition& t) { return t.instance == inst.name; })) {
         to_start.push_back(inst);
       }
     }
@@ -967,10 +897,12 @@ Status Reconciler::Reconcile(const std::string& name) {
     }
     next_deadline_ms = d.wake_at_ms;
     // A steady pass writes nothing: no commit, no fsync.
-    if (!existing.ok() || !(svc == *existing)) RETURN_IF_ERROR(store_.PutService(svc));
-    if (rollout.state == RolloutState::kCompleted && rollout.finished_ms == now) {
+    if (in.service_exists ? !(svc == in.service) : in.declared) {
+      RETURN_IF_ERROR(store_.PutService(svc));
+    }
+    if (in.declared && rollout.state == RolloutState::kCompleted && rollout.finished_ms == now) {
       RETURN_IF_ERROR(store_.PruneFinalInstances(name, options_.final_instances_kept).status());
-      ASSIGN_OR_RETURN(int pruned, PruneHistory(svc, target_rev, spec.history_limit));
+      ASSIGN_OR_RETURN(int pruned, PruneHistory(svc, target_rev, in.spec.history_limit));
       // Only a pruned revision can leave an artifact unreferenced.
       collect_artifacts = pruned > 0;
     }
@@ -979,7 +911,7 @@ Status Reconciler::Reconcile(const std::string& name) {
   if (!committed.ok()) return committed;  // nothing was started or stopped
 
   // Never start instances from bytes that no longer match their digest.
-  if (!to_start.empty() && !desired->spec.tmpl.artifact_sha256.empty()) {
+  if (!to_start.empty() && desired != nullptr && !desired->spec.tmpl.artifact_sha256.empty()) {
     std::set<int64_t> revisions;
     for (const auto& inst : to_start) revisions.insert(inst.revision);
     for (int64_t rev : revisions) {
@@ -1122,39 +1054,20 @@ Status Reconciler::ReplaceInstance(const std::string& instance, const std::strin
 StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
   const DesiredService* d = desired_.Find(service);
   if (d == nullptr) return NotFoundError("service \"" + service + "\" is not declared");
-  StatusOr<ServiceRecord> found = store_.GetService(service);
-  if (!found.ok() && found.status().code() != StatusCode::kNotFound) return found.status();
-  ServiceRecord svc = found.ok() ? *found : ServiceRecord{.name = service};
-  // A template the manifest declares that no revision has yet: the next pass writes it (and
-  // lifts a pin), then converges to it, as EnsureDesiredRevision does.
-  bool new_revision = svc.desired_revision == 0;
-  if (!new_revision) {
-    ASSIGN_OR_RETURN(std::string desired_hash, HashOf(service, svc.desired_revision));
-    new_revision = desired_hash != d->template_hash;
+  // What the pass would find of a new template's artifact, without putting it into the store:
+  // it is there already, or its source is (the pass copies it, checking the digest again).
+  Status artifact;
+  const std::string& digest = d->spec.tmpl.artifact_sha256;
+  if (!d->spec.artifact_path.empty() && !digest.empty() && !artifacts_.Has(digest) &&
+      !std::filesystem::exists(d->spec.artifact_path)) {
+    artifact = ErrnoError(ENOENT, "cannot read artifact " + d->spec.artifact_path);
   }
+  ASSIGN_OR_RETURN(PassInput in, LoadPassInput(service, d, artifact, NowMs()));
+  ASSIGN_OR_RETURN(const PassResult p, Decide(in));
   NextStep next;
-  RevisionRecord target;
-  if (new_revision) {
-    target.service = service;
-    ASSIGN_OR_RETURN(target.number, store_.NextRevisionNumber(service));
-    target.template_hash = d->template_hash;
-    target.template_json = d->spec.tmpl.Canonical();
-    target.source = RevisionSource::kManifest;
-    next.new_revision = target.number;
-    if (svc.pinned_revision > 0 && svc.desired_revision > 0) {
-      svc.pinned_revision = 0;
-      svc.pin_reason.clear();
-    }
-    svc.desired_revision = target.number;
-  } else {
-    const int64_t target_rev = svc.pinned_revision > 0 ? svc.pinned_revision : svc.desired_revision;
-    ASSIGN_OR_RETURN(target, store_.GetRevision(service, target_rev));
-  }
-  ASSIGN_OR_RETURN(PassInput in, LoadPassInput(*d, svc, std::move(target), NowMs()));
-  if (new_revision) in.next_revision = next.new_revision + 1;  // after the one the pass writes
-  const PassResult p = Decide(in);
   next.summary = p.plan.summary;
-  next.target_revision = in.target.number;
+  next.target_revision = p.target_revision;
+  if (p.revision) next.new_revision = p.revision->number;
   next.create = p.create;
   for (const InstanceTransition& t : p.drain) next.destroy.push_back(t.instance);
   if (p.rollback) next.rollback_revision = p.rollback->number;

@@ -124,12 +124,14 @@ class Reconciler {
   StatusOr<std::string> HashOf(const std::string& service, int64_t revision);
   // The artifact digest a revision runs ("" for an image).
   StatusOr<std::string> ArtifactOf(const std::string& service, int64_t revision);
-  StatusOr<int64_t> EnsureDesiredRevision(const DesiredService& d, ServiceRecord& svc);
-  // What Decide needs for a service whose desired revision is ensured in `svc`, converging to
-  // `target`. A steady pass (its rollout finished) reads no more than the live instances.
-  StatusOr<PassInput> LoadPassInput(const DesiredService& desired, const ServiceRecord& svc,
-                                    RevisionRecord target, int64_t now);
-  Status RetireStep(const std::string& name);
+  // Whether the manifest declares a template the service has no revision of yet (its artifact
+  // then goes into the store before the pass).
+  StatusOr<bool> DeclaresNewTemplate(const DesiredService& desired);
+  // What Decide needs for one pass of service `name` (`desired` null: not declared), with how
+  // putting a new template's artifact went. A steady pass (its rollout finished) reads no more
+  // than the service, its target and its live instances.
+  StatusOr<PassInput> LoadPassInput(const std::string& name, const DesiredService* desired,
+                                    Status artifact, int64_t now);
   Status WriteRollbackRevision(ServiceRecord& svc, const RevisionRecord& from,
                                const std::string& reason, const std::string& actor,
                                RevisionRecord* written);
@@ -154,14 +156,11 @@ class Reconciler {
   // means: do not start instances from it now.
   Status CheckArtifact(const std::string& service, const std::string& digest);
   void OnProbe(const ProbeResult& r);
-  // A failure of one of the service's instances (exit, start error, missed deadline, failing
-  // health): counts toward its crash-loop back-off. `permanent`: a start error retrying cannot
-  // fix, for `revision`.
-  void NoteFailure(ServiceRecord& svc, const std::string& what, int64_t now, bool permanent = false,
-                   int64_t revision = 0);
-  // After a failure was noted: a service at two or more failures in a row is crash-looping
+  // After a failure was counted: a service at two or more failures in a row is crash-looping
   // (its starts are delayed); says so in the log, once per failure or pass.
   void WarnIfCrashLooping(const ServiceRecord& svc, int64_t now);
+  // Records a failure of one of the service's instances (exit, start error, failing health) on
+  // its record (CountFailure); the next pass decides the back-off that follows.
   Status RecordFailure(const std::string& service, const std::string& what, bool permanent = false,
                        int64_t revision = 0);
   // Whether an artifact still has the bytes last verified (same inode, size and ctime: any
