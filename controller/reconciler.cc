@@ -719,11 +719,15 @@ Status Reconciler::WriteRollbackRevision(ServiceRecord& svc, const RevisionRecor
 }
 
 StatusOr<bool> Reconciler::DeclaresNewTemplate(const DesiredService& desired) {
-  StatusOr<ServiceRecord> svc = store_.GetService(desired.spec.name);
-  if (!svc.ok())
+  const std::string& name = desired.spec.name;
+  auto known = desired_hash_.find(name);
+  if (known != desired_hash_.end()) return known->second != desired.template_hash;
+  StatusOr<ServiceRecord> svc = store_.GetService(name);
+  if (!svc.ok()) {
     return svc.status().code() == StatusCode::kNotFound ? StatusOr<bool>(true) : svc.status();
+  }
   if (svc->desired_revision == 0) return true;
-  ASSIGN_OR_RETURN(std::string hash, HashOf(svc->name, svc->desired_revision));
+  ASSIGN_OR_RETURN(std::string hash, HashOf(name, svc->desired_revision));
   return hash != desired.template_hash;
 }
 
@@ -816,6 +820,7 @@ Status Reconciler::Reconcile(const std::string& name) {
   int64_t next_deadline_ms = 0;
   bool requeue_now = false;
   bool collect_artifacts = false;
+  std::string desired_hash;  // of the desired revision, once committed
 
   Status committed = store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(PassInput in, LoadPassInput(name, desired, artifact, now));
@@ -830,6 +835,7 @@ Status Reconciler::Reconcile(const std::string& name) {
       RETURN_IF_ERROR(store_.PutService({.name = name}));  // revisions reference it
     }
     if (d.revision) RETURN_IF_ERROR(store_.WriteRevision(*d.revision));
+    if (in.declared) desired_hash = d.revision ? d.revision->template_hash : in.desired_hash;
     if (d.superseded) RETURN_IF_ERROR(store_.PutRollout(*d.superseded).status());
     RolloutRecord rollout = d.rollout;
     if (d.rollout_is_new) {
@@ -909,6 +915,7 @@ Status Reconciler::Reconcile(const std::string& name) {
     return Status::Ok();
   });
   if (!committed.ok()) return committed;  // nothing was started or stopped
+  if (!desired_hash.empty()) desired_hash_[name] = desired_hash;
 
   // Never start instances from bytes that no longer match their digest.
   if (!to_start.empty() && desired != nullptr && !desired->spec.tmpl.artifact_sha256.empty()) {

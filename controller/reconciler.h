@@ -200,6 +200,10 @@ class Reconciler {
   std::set<std::string> crash_looping_;
   // The manifest errors last logged, so an unchanged broken state is not logged on every load.
   std::vector<std::string> logged_manifest_errors_;
+  // A cache of the store: the template hash of each service's desired revision as last
+  // committed (only a pass changes it), so that a steady pass need not read the service twice
+  // to know whether its manifest declares a new template.
+  std::map<std::string, std::string> desired_hash_;
 };
 
 }  // namespace kiln
