@@ -94,6 +94,9 @@ PassResult DecideRetirement(const PassInput& in) {
     } else {
       out.requeue_now = true;
     }
+    out.plan.summary = "not declared in the manifests: retiring in " +
+                       FormatDuration(Duration(
+                           (std::max<int64_t>(svc.retire_at_ms - now, 0) + 999) / 1000 * 1000));
     return out;
   }
   if (!svc.retired) {
@@ -106,6 +109,10 @@ PassResult DecideRetirement(const PassInput& in) {
     if (inst.state == InstanceState::kDraining) continue;
     out.drain.push_back({inst.name, inst.revision, InstanceState::kDraining, "service retired"});
   }
+  out.plan.summary =
+      "retired: " + (out.drain.empty()
+                         ? std::string("nothing left to stop")
+                         : "stopping " + std::to_string(out.drain.size()) + " instance(s)");
   return out;
 }
 

@@ -1060,16 +1060,19 @@ Status Reconciler::ReplaceInstance(const std::string& instance, const std::strin
 
 StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
   const DesiredService* d = desired_.Find(service);
-  if (d == nullptr) return NotFoundError("service \"" + service + "\" is not declared");
   // What the pass would find of a new template's artifact, without putting it into the store:
   // it is there already, or its source is (the pass copies it, checking the digest again).
   Status artifact;
-  const std::string& digest = d->spec.tmpl.artifact_sha256;
-  if (!d->spec.artifact_path.empty() && !digest.empty() && !artifacts_.Has(digest) &&
+  if (d != nullptr && !d->spec.artifact_path.empty() && !d->spec.tmpl.artifact_sha256.empty() &&
+      !artifacts_.Has(d->spec.tmpl.artifact_sha256) &&
       !std::filesystem::exists(d->spec.artifact_path)) {
     artifact = ErrnoError(ENOENT, "cannot read artifact " + d->spec.artifact_path);
   }
   ASSIGN_OR_RETURN(PassInput in, LoadPassInput(service, d, artifact, NowMs()));
+  // A service no longer declared is planned too (its retirement), once it was ever recorded.
+  if (d == nullptr && !in.service_exists) {
+    return NotFoundError("service \"" + service + "\" is not declared");
+  }
   ASSIGN_OR_RETURN(const PassResult p, Decide(in));
   NextStep next;
   next.summary = p.plan.summary;

@@ -60,7 +60,7 @@ Committed CommittedSince(ReconcilerFixture& f, const std::string& service, int64
 }
 
 // Plans the next pass of `service`, runs that pass, and checks that it committed the plan.
-// Returns the number of passes checked (0 for a service Plan does not know: a retired one).
+// Returns the number of passes checked (0 for a service Plan does not know).
 int PlannedPass(ReconcilerFixture& f, const std::string& service) {
   std::string before;
   for (const InstanceRecord& i : f.Live(service)) {
@@ -258,6 +258,28 @@ TEST_CASE("plan equals pass: a crash-looping service backs off", "[reconciler][p
     Converge(f);
   }
   CHECK(f.Service().crash_count >= 2);
+}
+
+TEST_CASE("plan equals pass: a service removed from the manifests is retired",
+          "[reconciler][plan]") {
+  ReconcilerFixture f;
+  ColdStart(f, 2, "");
+  f.Declare("v1", 1, "", "api");
+  Converge(f);
+  std::filesystem::remove(f.tmp / "m/web.yaml");
+  f.Load();
+  StatusOr<Reconciler::NextStep> waiting = f.reconciler->Plan("web");
+  REQUIRE(waiting.ok());
+  CHECK(waiting->summary == "not declared in the manifests: retiring in 1m");
+  CHECK(Converge(f) > 0);
+  f.Advance(60s);
+  StatusOr<Reconciler::NextStep> retiring = f.reconciler->Plan("web");
+  REQUIRE(retiring.ok());
+  CHECK(retiring->summary == "retired: stopping 2 instance(s)");
+  CHECK(retiring->destroy.size() == 2);
+  CHECK(Converge(f) > 0);
+  CHECK(f.Live("web").empty());
+  CHECK(f.reconciler->Plan("nothing").status().code() == StatusCode::kNotFound);
 }
 
 }  // namespace
