@@ -77,6 +77,12 @@ PlanOutput PlanStep(const PlanInput& in) {
       break;
   }
   plan_internal::PlanRolling(in, s, out);
+  if (!out.template_rollout && out.create == 0 && out.destroy.empty() &&
+      s.new_available == s.replicas) {
+    // Nothing to replace, scale or wait for: say so, not the rolling mechanics it would use.
+    out.summary = "up to date: " + std::to_string(s.new_available) + " of " +
+                  std::to_string(s.replicas) + " available";
+  }
   return out;
 }
 

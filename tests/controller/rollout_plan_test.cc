@@ -168,5 +168,22 @@ TEST_CASE("recreate, blue-green and canary steps", "[plan]") {
   CHECK(p.destroy.size() + static_cast<size_t>(p.create) > 0);
 }
 
+TEST_CASE("a service with nothing to do is up to date, whatever its strategy", "[plan]") {
+  for (Strategy strategy : {Strategy::kRolling, Strategy::kRecreate, Strategy::kCanary}) {
+    PlanInput in;
+    in.replicas = 2;
+    in.policy.strategy = strategy;
+    in.instances = Make(2, 0, 0, 0);
+    PlanOutput p = PlanStep(in);
+    CHECK(p.create == 0);
+    CHECK(p.destroy.empty());
+    CHECK(p.summary == "up to date: 2 of 2 available");
+    in.instances = Make(1, 0, 0, 0);  // one short: scaling, rolling mechanics
+    p = PlanStep(in);
+    CHECK(p.create == 1);
+    CHECK(p.summary.rfind("rolling: ", 0) == 0);
+  }
+}
+
 }  // namespace
 }  // namespace kiln
