@@ -5,10 +5,10 @@
 
 namespace kiln {
 
-StatusOr<std::map<std::string, Caller>> LoadTokens(const std::string& path) {
+StatusOr<Tokens> LoadTokens(const std::string& path) {
   std::ifstream f(path);
   if (!f) return NotFoundError("cannot read tokens file " + path);
-  std::map<std::string, Caller> tokens;
+  Tokens tokens;
   std::string line;
   for (int n = 1; std::getline(f, line); ++n) {
     if (size_t hash = line.find('#'); hash != std::string::npos) line.resize(hash);
