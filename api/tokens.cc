@@ -20,7 +20,8 @@ StatusOr<Tokens> LoadTokens(const std::string& path) {
       return InvalidArgumentError(where + "expected \"TOKEN ROLE NAME\"");
     }
     if (role != "viewer" && role != "operator") {
-      return InvalidArgumentError(where + "role must be viewer or operator, got \"" + role + "\"");
+      return InvalidArgumentError(
+          where.append("role must be viewer or operator, got \"").append(role).append("\""));
     }
     if (token.size() < 16)
       return InvalidArgumentError(where + "a token must be at least 16 characters");

@@ -236,7 +236,7 @@ Status Daemon::Impl::Init() {
         ArtifactHasher hash_fn = [this](const fs::path& p) { return (*hasher)(p); };
         return LoadManifestDir(config.manifests, hash_fn);
       },
-      [this](ManifestSet set) {
+      [this](const ManifestSet& set) {
         LogManifestSet(set, last_logged_set);
         metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
         reconciler->ApplyManifests(set);

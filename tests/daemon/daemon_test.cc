@@ -312,7 +312,7 @@ struct StoreSnapshot {
 StoreSnapshot Snapshot(KilndHarness& h) {
   StoreSnapshot s;
   for (const auto& i : h.Live("web")) {
-    s.rows.push_back({std::string(InstanceStateName(i.state)), i.handle});
+    s.rows.emplace_back(InstanceStateName(i.state), i.handle);
   }
   s.events = h.Events("web").size();
   return s;
