@@ -844,11 +844,6 @@ void ApiServer::Shutdown() {
 }
 
 Status ApiServer::CheckOptions(const Options& o) {
-  std::optional<std::map<std::string, Caller>> tokens;
-  if (!o.tokens_file.empty()) {
-    ASSIGN_OR_RETURN(auto t, LoadTokens(o.tokens_file));
-    tokens = std::move(t);
-  }
   const bool tls = !o.tls_cert.empty() || !o.tls_key.empty();
   if (tls && (o.tls_cert.empty() || o.tls_key.empty())) {
     return InvalidArgumentError("--tls-cert and --tls-key go together");
@@ -862,7 +857,7 @@ Status ApiServer::CheckOptions(const Options& o) {
                                   "\"");
     }
     std::string host = o.tcp_listen.substr(0, colon);
-    if (!IsLoopback(host) && !(tls && tokens)) {
+    if (!IsLoopback(host) && !(tls && o.tokens)) {
       return FailedPreconditionError(
           "refusing to serve the API on " + o.tcp_listen +
           " without TLS and tokens: anyone who can reach it could roll back your services. "
@@ -876,11 +871,6 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
                                                       Reconciler& reconciler,
                                                       const ReaderFactory& open_reader) {
   RETURN_IF_ERROR(CheckOptions(o));
-  std::optional<std::map<std::string, Caller>> tokens;
-  if (!o.tokens_file.empty()) {
-    ASSIGN_OR_RETURN(auto t, LoadTokens(o.tokens_file));
-    tokens = std::move(t);
-  }
   const bool tls = !o.tls_cert.empty() || !o.tls_key.empty();
 
   std::vector<std::unique_ptr<StateReader>> readers;
@@ -889,9 +879,9 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
     readers.push_back(std::move(r));
   }
   auto impl = std::make_unique<Impl>();
-  impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), std::move(tokens),
-                                        o.max_streams, o.command_timeout,
-                                        o.clock ? *o.clock : RealClockInstance());
+  impl->api =
+      std::make_unique<KilnApi>(io, reconciler, std::move(readers), o.tokens, o.max_streams,
+                                o.command_timeout, o.clock ? *o.clock : RealClockInstance());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -954,7 +944,7 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
                                  {"tcp_port", impl->tcp_port},
                                  {"tls", tls},
                                  {"mtls", !o.client_ca.empty()},
-                                 {"tokens", !o.tokens_file.empty()}});
+                                 {"tokens", o.tokens.has_value()}});
   return std::unique_ptr<ApiServer>(new ApiServer(std::move(impl)));
 }
 

@@ -7,8 +7,10 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "api/tokens.h"
 #include "common/clock.h"
 #include "common/status.h"
 #include "storage/state_store.h"
@@ -37,7 +39,7 @@ class ApiServer {
     std::string unix_socket;                   // STATE/kiln.sock; made mode 0660
     std::string tcp_listen;                    // HOST:PORT, "" for none; port 0 picks one
     std::string tls_cert, tls_key, client_ca;  // PEM files; client_ca asks for client certs
-    std::string tokens_file;                   // "" = no tokens: every caller may do everything
+    std::optional<Tokens> tokens;              // nullopt: every caller may do everything
     int max_streams = 64;                      // concurrent WatchEvents streams
     int readers = 4;                           // reader connections
     int max_message_bytes = 4 << 20;
@@ -52,11 +54,13 @@ class ApiServer {
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 
-  // Start's checks of `options` (the tokens file read, nothing bound), for start-up to refuse
-  // bad configuration before it acts: FAILED_PRECONDITION for a TCP listener off loopback
-  // without both TLS and tokens; INVALID_ARGUMENT otherwise.
+  // Start's checks of `options` (no file read, nothing bound), for start-up to refuse bad
+  // configuration before it acts: FAILED_PRECONDITION for a TCP listener off loopback without
+  // both TLS and tokens; INVALID_ARGUMENT otherwise.
   static Status CheckOptions(const Options& options);
-  // Refuses (with the reason) a TCP listener off loopback without both TLS and tokens.
+  // Refuses (with the reason) a TCP listener off loopback without both TLS and tokens: kilnd
+  // has decided that already (CheckDaemonConfig), but Start is the one place every caller
+  // passes through before a socket is bound.
   static StatusOr<std::unique_ptr<ApiServer>> Start(const Options& options,
                                                     boost::asio::io_context& io,
                                                     Reconciler& reconciler,

@@ -5,10 +5,10 @@
 
 namespace kiln {
 
-StatusOr<std::map<std::string, Caller>> LoadTokens(const std::string& path) {
+StatusOr<Tokens> LoadTokens(const std::string& path) {
   std::ifstream f(path);
   if (!f) return NotFoundError("cannot read tokens file " + path);
-  std::map<std::string, Caller> tokens;
+  Tokens tokens;
   std::string line;
   for (int n = 1; std::getline(f, line); ++n) {
     if (size_t hash = line.find('#'); hash != std::string::npos) line.resize(hash);
@@ -20,7 +20,8 @@ StatusOr<std::map<std::string, Caller>> LoadTokens(const std::string& path) {
       return InvalidArgumentError(where + "expected \"TOKEN ROLE NAME\"");
     }
     if (role != "viewer" && role != "operator") {
-      return InvalidArgumentError(where + "role must be viewer or operator, got \"" + role + "\"");
+      return InvalidArgumentError(
+          where.append("role must be viewer or operator, got \"").append(role).append("\""));
     }
     if (token.size() < 16)
       return InvalidArgumentError(where + "a token must be at least 16 characters");

@@ -18,8 +18,11 @@ struct Caller {
   Role role = Role::kViewer;
 };
 
+// Callers by token.
+using Tokens = std::map<std::string, Caller>;
+
 // Errors name the file and line.
-StatusOr<std::map<std::string, Caller>> LoadTokens(const std::string& path);
+StatusOr<Tokens> LoadTokens(const std::string& path);
 
 // The caller a presented token belongs to, or nullptr. Compares against every token in time
 // that does not depend on where the presented one first differs.

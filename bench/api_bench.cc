@@ -45,6 +45,7 @@ Result Load(const std::string& addr,
   std::vector<std::vector<double>> lat(kClients);
   std::atomic<int> errors{0};
   std::vector<std::thread> threads;
+  threads.reserve(kClients);
   auto deadline = std::chrono::steady_clock::now() + kPhase;
   for (int t = 0; t < kClients; ++t) {
     threads.emplace_back([&, t] {
@@ -113,6 +114,7 @@ int Main() {
                                    "--http-listen",
                                    ""};
   std::vector<char*> argv;
+  argv.reserve(args.size() + 1);
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   posix_spawn_file_actions_t actions;
@@ -133,7 +135,7 @@ int Main() {
         {.path = (dir / "state/kiln.db").string(), .clock = &clock, .read_only = true});
     if (!s.ok()) continue;
     auto live = (*s)->ListLiveInstances();
-    ready = live.ok() && live->size() == kServices * kReplicas &&
+    ready = live.ok() && live->size() == static_cast<size_t>(kServices) * kReplicas &&
             std::all_of(live->begin(), live->end(),
                         [](auto& x) { return x.state == InstanceState::kHealthy; });
   }
@@ -181,4 +183,4 @@ int Main() {
 }  // namespace
 }  // namespace kiln
 
-int main() { return kiln::Main(); }
+int main() { return kiln::bench::RunMain("api_bench", kiln::Main); }

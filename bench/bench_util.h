@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -55,6 +56,18 @@ inline void KillInstancesOf(const std::filesystem::path& state_dir) {
   const std::string id = ControllerIdForStateDir(state_dir);
   for (pid_t pid : proc::ListPids()) {
     if (proc::ReadEnviron(pid)["KILN_CONTROLLER"] == id) ::kill(-pid, SIGKILL);
+  }
+}
+
+// A benchmark's whole main: what a library throws (Asio, std::filesystem, a parse) ends it with
+// one line on stderr and exit 1 instead of std::terminate.
+template <typename Main>
+int RunMain(const char* name, Main&& main) {
+  try {
+    return main();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
+    return 1;
   }
 }
 

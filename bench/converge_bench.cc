@@ -99,6 +99,7 @@ double CpuSeconds(pid_t pid) {
 double PlainLoop(const fs::path& dir, double* spawn_seconds) {
   const int first = 21000;
   std::vector<pid_t> pids;
+  pids.reserve(kInstances);
   auto begin = Clock::now();
   for (int i = 0; i < kInstances; ++i) {
     pids.push_back(Spawn({kBin + "/kiln-testsvc"}, {"PORT=" + std::to_string(first + i)},
@@ -224,4 +225,4 @@ int Main() {
 }  // namespace
 }  // namespace kiln
 
-int main() { return kiln::Main(); }
+int main() { return kiln::bench::RunMain("converge_bench", kiln::Main); }

@@ -79,7 +79,7 @@ double DriverRound(boost::asio::io_context& io, ProcessDriver& driver, const std
   if (failed) std::printf("  (%d starts failed)\n", failed);
   int stopped = 0;
   for (const auto& h : handles)
-    driver.Stop(h, Duration(5000), [&](StatusOr<ExitInfo>) { ++stopped; });
+    driver.Stop(h, Duration(5000), [&](const StatusOr<ExitInfo>&) { ++stopped; });
   while (stopped < static_cast<int>(handles.size())) io.run_one();
   return took;
 }
@@ -129,4 +129,4 @@ int Main() {
 }  // namespace
 }  // namespace kiln
 
-int main() { return kiln::Main(); }
+int main() { return kiln::bench::RunMain("driver_bench", kiln::Main); }

@@ -72,6 +72,7 @@ int Main() {
                                    "--http-listen",
                                    ""};
   std::vector<char*> argv;
+  argv.reserve(args.size() + 1);
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   posix_spawn_file_actions_t actions;
@@ -123,4 +124,4 @@ int Main() {
 }  // namespace
 }  // namespace kiln
 
-int main() { return kiln::Main(); }
+int main() { return kiln::bench::RunMain("latency_bench", kiln::Main); }

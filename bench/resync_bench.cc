@@ -131,4 +131,6 @@ int Main(int argc, char** argv) {
 }  // namespace
 }  // namespace kiln
 
-int main(int argc, char** argv) { return kiln::Main(argc, argv); }
+int main(int argc, char** argv) {
+  return kiln::bench::RunMain("resync_bench", [&] { return kiln::Main(argc, argv); });
+}

@@ -388,14 +388,16 @@ int Wait(Client& c, const std::string& service, std::ostream& out, std::ostream&
     // Until a pass records the rollout to the target, the latest rollout is an earlier one
     // (possibly failed): it says nothing about this one.
     const bool current = r.to_revision() == want;
-    const std::string counts = std::to_string(sum.available()) + "/" +
-                               std::to_string(sum.replicas()) + " available, " +
-                               std::to_string(old_live) + " old instance(s) left";
-    const std::string line = current ? service + ": rollout to revision " + std::to_string(want) +
-                                           " (" + StrategyLabel(r.strategy()) +
-                                           "): " + RolloutStateName(r.state()) + ", " + counts
-                                     : service + ": waiting for the rollout to revision " +
-                                           std::to_string(want) + " to start, " + counts;
+    std::ostringstream progress;
+    if (current) {
+      progress << service << ": rollout to revision " << want << " (" << StrategyLabel(r.strategy())
+               << "): " << RolloutStateName(r.state());
+    } else {
+      progress << service << ": waiting for the rollout to revision " << want << " to start";
+    }
+    progress << ", " << sum.available() << "/" << sum.replicas() << " available, " << old_live
+             << " old instance(s) left";
+    const std::string line = progress.str();
     if (!current && sum.target_revision() != want) {
       err << "kilnctl: the rollout of " << service << " to revision " << want
           << " will not complete: the target is now revision " << sum.target_revision()

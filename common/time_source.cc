@@ -3,6 +3,8 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include "common/cancel_quietly.h"
+
 namespace kiln {
 namespace {
 
@@ -27,10 +29,10 @@ class AsioTimer final : public Timer {
           fn();
         });
   }
-  void Cancel() override {
-    ++state_->generation;
+  void Cancel() noexcept override {
+    ++state_->generation;  // a handler already due does nothing, even if cancel() failed
     state_->armed = false;
-    state_->timer.cancel();
+    CancelQuietly(state_->timer, "timer");
   }
   bool Armed() const override { return state_->armed; }
   SteadyTime Expiry() const override { return state_->timer.expiry(); }

@@ -24,8 +24,9 @@ class Timer {
   // Calls `fn` on the io_context once `d` has passed (at once, through the io_context, when d <=
   // 0). Arming again replaces the earlier wait: its callback never runs.
   virtual void ExpireAfter(Duration d, std::function<void()> fn) = 0;
-  // The armed callback never runs (also when it was already due but had not run yet).
-  virtual void Cancel() = 0;
+  // The armed callback never runs (also when it was already due but had not run yet). Never
+  // throws: destructors call it.
+  virtual void Cancel() noexcept = 0;
   // Whether a callback is armed and has not run yet.
   virtual bool Armed() const = 0;
   // When the armed callback is due. REQUIRES: Armed().

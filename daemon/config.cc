@@ -65,13 +65,7 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
     return InvalidArgumentError("--http-max-connections: must be within 1-100000");
   }
 
-  std::optional<std::map<std::string, Caller>> tokens;
-  if (!c.tokens_file.empty()) {
-    auto loaded = LoadTokens(c.tokens_file);
-    if (!loaded.ok()) return InvalidArgumentError("--tokens: " + loaded.status().message());
-    tokens = std::move(loaded).value();
-  }
-  if (c.http_metrics_auth && !tokens) {
+  if (c.http_metrics_auth && !c.tokens) {
     return InvalidArgumentError("--http-metrics-auth needs --tokens");
   }
   if (c.tls_cert.empty() != c.tls_key.empty()) {
@@ -86,16 +80,18 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
     RETURN_IF_ERROR(CheckReadable(flag, *path));
   }
 
-  // The servers' own checks of their options, but for the refusal to listen off loopback
-  // without TLS and tokens (FAILED_PRECONDITION): Daemon::Start makes that one, logged.
+  // The servers' own checks of their options. Anything invalid is reported first; the refusal
+  // to listen off loopback without TLS and tokens (FAILED_PRECONDITION) only once nothing is,
+  // HTTP's before the API's.
+  Status refused_grpc, refused_http;
   if (!c.grpc_listen.empty()) {
     if (!IsHostPort(c.grpc_listen)) {
       return InvalidArgumentError("--grpc-listen: expected HOST:PORT, got \"" + c.grpc_listen +
                                   "\"");
     }
-    if (Status s = ApiServer::CheckOptions(ApiOptionsOf(c));
-        !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
-      return InvalidArgumentError(s.message());
+    if (Status s = ApiServer::CheckOptions(ApiOptionsOf(c)); !s.ok()) {
+      if (s.code() != StatusCode::kFailedPrecondition) return InvalidArgumentError(s.message());
+      refused_grpc = s.WithContext("--grpc-listen");
     }
   }
   if (!c.http_listen.empty()) {
@@ -103,14 +99,13 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
       return InvalidArgumentError("--http-listen: expected HOST:PORT, got \"" + c.http_listen +
                                   "\"");
     }
-    HttpServer::Options http = HttpOptionsOf(c);
-    http.tokens = tokens;
-    if (Status s = HttpServer::CheckOptions(http);
-        !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
-      return InvalidArgumentError(s.message());
+    if (Status s = HttpServer::CheckOptions(HttpOptionsOf(c)); !s.ok()) {
+      if (s.code() != StatusCode::kFailedPrecondition) return InvalidArgumentError(s.message());
+      refused_http = s.WithContext("--http-listen");
     }
   }
-  return Status::Ok();
+  if (!refused_http.ok()) return refused_http;
+  return refused_grpc;
 }
 
 ApiServer::Options ApiOptionsOf(const DaemonConfig& config) {
@@ -119,7 +114,7 @@ ApiServer::Options ApiOptionsOf(const DaemonConfig& config) {
   api.tls_cert = config.tls_cert;
   api.tls_key = config.tls_key;
   api.client_ca = config.client_ca;
-  api.tokens_file = config.tokens_file;
+  api.tokens = config.tokens;
   api.idle_timeout = config.grpc_idle_timeout;
   return api;
 }
@@ -134,6 +129,7 @@ HttpServer::Options HttpOptionsOf(const DaemonConfig& config) {
   http.tls_key = config.tls_key;
   http.client_ca = config.client_ca;
   http.metrics_auth = config.http_metrics_auth;
+  http.tokens = config.tokens;
   return http;
 }
 
@@ -173,7 +169,8 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
   app.add_option("--tls-key", config.tls_key,
                  "PEM private key for the gRPC TCP and HTTP listeners");
   app.add_option("--client-ca", config.client_ca, "PEM CA: require client certificates it signed");
-  app.add_option("--tokens", config.tokens_file,
+  std::string tokens_file;
+  app.add_option("--tokens", tokens_file,
                  "file of \"TOKEN ROLE NAME\" lines (viewer|operator); the API, /api/v1 and the "
                  "dashboard then need one");
   app.add_option("--http-listen", http_listen,
@@ -231,7 +228,16 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
   config.http_listen = http_listen;
   config.log_format = *ParseLogFormat(log_format);  // CLI11 checked both
   config.log_level = *ParseLogLevel(log_level);
-  RETURN_IF_ERROR(CheckDaemonConfig(config));
+  if (!tokens_file.empty()) {
+    auto tokens = LoadTokens(tokens_file);  // the only read: both listeners get what it held
+    if (!tokens.ok()) return InvalidArgumentError("--tokens: " + tokens.status().message());
+    config.tokens = std::move(tokens).value();
+  }
+  // A refusal to serve (FAILED_PRECONDITION) is not bad usage: Daemon::Start logs it, exit 1.
+  if (Status s = CheckDaemonConfig(config);
+      !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
+    return s;
+  }
   return config;
 }
 

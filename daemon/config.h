@@ -6,9 +6,11 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include "api/api_server.h"
+#include "api/tokens.h"
 #include "common/clock.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -32,7 +34,9 @@ struct DaemonConfig {
   Duration grpc_idle_timeout{300'000};
   std::string tls_cert, tls_key;  // PEM files, both or neither (gRPC TCP and HTTP)
   std::string client_ca;          // PEM: require client certificates it signed
-  std::string tokens_file;        // "TOKEN ROLE NAME" lines; "" = no tokens
+  // What --tokens FILE holds ("TOKEN ROLE NAME" lines), read once by ParseDaemonFlags and passed
+  // to both listeners; nullopt: no tokens.
+  std::optional<Tokens> tokens;
 
   int64_t event_retention = 100'000;
 
@@ -50,12 +54,13 @@ struct DaemonConfig {
   uint64_t instance_nofile_soft = 0;
 };
 
-// Parses and checks kilnd's command line. Nothing is created, opened for writing or bound.
-// Errors, and what RunDaemon does with them (ReportFlagError):
+// Parses and checks kilnd's command line, and reads the --tokens file (once). Nothing is
+// created, opened for writing or bound. Errors, and what RunDaemon does with them
+// (ReportFlagError):
 //   CANCELLED         --help or --version: the message is the text for stdout; exit 0.
 //   INVALID_ARGUMENT  bad usage: the message is what to tell the user; exit 2.
-// A listener off loopback without TLS and tokens is not refused here but by Daemon::Start,
-// before it acts (it is a refusal to serve, logged, exit 1; not a usage error).
+// CheckDaemonConfig's FAILED_PRECONDITION (a listener off loopback without TLS and tokens) is
+// not a usage error: the config is returned, and Daemon::Start refuses it, logged, exit 1.
 StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv);
 
 // Prints what ParseDaemonFlags' error says (help or version on stdout, "kilnd: ..." on
@@ -63,12 +68,18 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv);
 int ReportFlagError(const Status& error);
 
 // The checks of values that a config built in code must pass too (ParseDaemonFlags and
-// Daemon::Start make them): ranges, durations, addresses, files that must be readable (TLS,
-// tokens), combinations. Reads files, changes nothing. INVALID_ARGUMENT names the flag.
+// Daemon::Start make them): ranges, durations, addresses, TLS files that must be readable,
+// combinations. Reads files, changes nothing. Errors are "FLAG: why":
+//   INVALID_ARGUMENT     a bad value or combination.
+//   FAILED_PRECONDITION  only when nothing is invalid: the refusal to serve a listener off
+//                        loopback without TLS and tokens, "--http-listen: refusing to serve HTTP
+//                        on ..." or "--grpc-listen: refusing to serve the API on ..." (HTTP's
+//                        first). The one place that decides it for kilnd; the servers' own
+//                        Start keeps the same rule for whoever starts them without a config.
 Status CheckDaemonConfig(const DaemonConfig& config);
 
-// The listeners' options as the flags set them, for checking and for starting; the daemon adds
-// its own parts (the unix socket, metrics, clock, data sources). Tokens are not read here.
+// The listeners' options as the flags set them (tokens included), for checking and for
+// starting; the daemon adds its own parts (the unix socket, metrics, clock, data sources).
 ApiServer::Options ApiOptionsOf(const DaemonConfig& config);
 HttpServer::Options HttpOptionsOf(const DaemonConfig& config);
 

@@ -18,7 +18,6 @@
 #include <thread>
 
 #include "api/api_server.h"
-#include "api/tokens.h"
 #include "common/clock.h"
 #include "common/descriptors.h"
 #include "common/logging.h"
@@ -237,7 +236,7 @@ Status Daemon::Impl::Init() {
         ArtifactHasher hash_fn = [this](const fs::path& p) { return (*hasher)(p); };
         return LoadManifestDir(config.manifests, hash_fn);
       },
-      [this](ManifestSet set) {
+      [this](const ManifestSet& set) {
         LogManifestSet(set, last_logged_set);
         metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
         reconciler->ApplyManifests(set);
@@ -317,14 +316,6 @@ Status Daemon::Impl::Init() {
   });
   if (!config.http_listen.empty()) {
     HttpServer::Options http_options = HttpOptionsOf(config);
-    if (!config.tokens_file.empty()) {
-      auto tokens = LoadTokens(config.tokens_file);
-      if (!tokens.ok()) {
-        LogError("cannot start HTTP", {{"error", tokens.status().message()}});
-        return tokens.status().WithContext("cannot start HTTP");
-      }
-      http_options.tokens = std::move(tokens).value();
-    }
     HttpServer::Sources sources;
     sources.metrics = [this] { return metrics.Render(); };
     sources.reader = http_reader.get();
@@ -449,30 +440,20 @@ Daemon::~Daemon() {
 StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonConfig& config) {
   // Every check before anything is created, opened or bound.
   if (Status s = CheckDaemonConfig(config); !s.ok()) {
-    LogError("invalid configuration", {{"error", s.message()}});
-    return s;
-  }
-  if (!config.http_listen.empty()) {
-    HttpServer::Options http = HttpOptionsOf(config);
-    if (!config.tokens_file.empty()) {
-      auto tokens = LoadTokens(config.tokens_file);  // checked above; read again, it may change
-      if (!tokens.ok()) {
-        LogError("cannot start HTTP", {{"error", tokens.status().message()}});
-        return tokens.status().WithContext("cannot start HTTP");
+    // A listener refused ("FLAG: why") is logged as kilnd always has: "cannot start HTTP
+    // error=..." or "cannot start the API error=...".
+    const char* what = "invalid configuration";
+    std::string why = s.message();
+    for (const auto& [flag, refused] : {std::pair{"--http-listen: ", "cannot start HTTP"},
+                                        {"--grpc-listen: ", "cannot start the API"}}) {
+      if (s.code() == StatusCode::kFailedPrecondition && why.starts_with(flag)) {
+        what = refused;
+        why.erase(0, std::string_view(flag).size());
+        break;
       }
-      http.tokens = std::move(tokens).value();
     }
-    // A listener that must not start stops kilnd.
-    if (Status s = HttpServer::CheckOptions(http); !s.ok()) {
-      LogError("cannot start HTTP", {{"error", s.message()}});
-      return s.WithContext("cannot start HTTP");
-    }
-  }
-  if (!config.grpc_listen.empty()) {
-    if (Status s = ApiServer::CheckOptions(ApiOptionsOf(config)); !s.ok()) {
-      LogError("cannot start the API", {{"error", s.message()}});
-      return s.WithContext("cannot start the API");
-    }
+    LogError(what, {{"error", why}});
+    return s;
   }
   auto impl = std::make_unique<Impl>(config);
   RETURN_IF_ERROR(impl->Init());

@@ -14,8 +14,8 @@ namespace kiln {
 
 class Daemon {
  public:
-  // Checks `config` (CheckDaemonConfig, then the refusal to listen off loopback without TLS and
-  // tokens) before anything else; then creates the state directory, opens the store, starts
+  // Checks `config` (CheckDaemonConfig, which also refuses a listener off loopback without TLS
+  // and tokens) before anything else; then creates the state directory, opens the store, starts
   // start-up recovery and the first manifest load, and binds the gRPC API (STATE/kiln.sock and
   // grpc_listen) and HTTP (port 0 picks one). An error is logged as kilnd logs it, and returned.
   // REQUIRES: logging set up. Process-wide set-up (descriptors, limits) is RunDaemon's.

@@ -18,6 +18,7 @@
 #include <optional>
 #include <set>
 
+#include "common/cancel_quietly.h"
 #include "common/logging.h"
 #include "common/sha256.h"
 #include "common/unique_fd.h"
@@ -174,8 +175,8 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
       boost::system::error_code ignored;
       w->pidfd.close(ignored);
       for (auto& m : w->member_fds) m->close(ignored);
-      w->kill_timer.cancel();
-      w->retry_timer.cancel();
+      CancelQuietly(w->kill_timer, "kill timer");
+      CancelQuietly(w->retry_timer, "retry timer");
     }
     if (cgroup_base) (void)cgroup::Remove(*cgroup_base);  // only succeeds when it is empty
   }
@@ -421,7 +422,7 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
                                         " at " + artifact.string()));
     }
     ASSIGN_OR_RETURN(int port, ports.Allocate());
-    auto release_port = [&](Status s) {
+    auto release_port = [&](const Status& s) {
       ports.Release(port);
       return fail(s);
     };
@@ -448,7 +449,12 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     if (!path.ok()) return release_port(path.status());
     req.path = *path;
     req.argv = argv;
-    for (const auto& [k, v] : env) req.env.push_back(k + "=" + v);
+    req.env.reserve(env.size());
+    for (const auto& [k, v] : env) {
+      std::string& entry = req.env.emplace_back(k);
+      entry += '=';
+      entry += v;
+    }
     req.log = options.log_dir / (spec.instance + ".log");
     req.nofile_soft = options.instance_nofile_soft;
 
@@ -579,7 +585,8 @@ struct ProcessDriver::Impl : std::enable_shared_from_this<Impl> {
     if (w->stop_done) {
       // A second Stop while one is in progress: both callers hear the one ending.
       auto first = std::move(w->stop_done);
-      w->stop_done = [first = std::move(first), done = std::move(done)](StatusOr<ExitInfo> r) {
+      w->stop_done = [first = std::move(first),
+                      done = std::move(done)](const StatusOr<ExitInfo>& r) {
         first(r);
         done(r);
       };

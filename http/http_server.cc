@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "api/api_server.h"
+#include "common/cancel_quietly.h"
 #include "common/descriptors.h"
 #include "common/logging.h"
 #include "storage/state_store.h"
@@ -374,7 +375,7 @@ HttpServer::HttpServer(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 HttpServer::~HttpServer() {
   beast::error_code ignored;
   impl_->acceptor.close(ignored);
-  impl_->retry_timer.cancel();
+  CancelQuietly(impl_->retry_timer, "HTTP accept retry timer");
 }
 
 int HttpServer::port() const { return impl_->acceptor.local_endpoint().port(); }

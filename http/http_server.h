@@ -38,8 +38,8 @@ class HttpServer {
     // its TLS handshake) or from the end of the previous response on a kept-alive connection.
     Duration header_timeout{5'000};
     Duration read_timeout{10'000};  // a request's body; writing a response
-    size_t header_limit = 8 * 1024;
-    size_t body_limit = 16 * 1024;
+    size_t header_limit = size_t{8} * 1024;
+    size_t body_limit = size_t{16} * 1024;
     std::string tls_cert, tls_key;  // PEM files, both or neither: HTTPS
     std::string client_ca;          // PEM: require client certificates it signed (needs TLS)
     // With tokens, / and /api/v1 need a token of any role; so does /metrics with metrics_auth.

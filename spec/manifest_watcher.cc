@@ -92,7 +92,7 @@ struct ManifestWatcher::Impl : std::enable_shared_from_this<Impl> {
   asio::posix::stream_descriptor stream;
   std::unique_ptr<Timer> debounce_timer;
   std::unique_ptr<Timer> retry_timer;
-  alignas(inotify_event) std::array<char, 16 * 1024> buf{};
+  alignas(inotify_event) std::array<char, size_t{16} * 1024> buf{};
   bool retrying = false;
 };
 

@@ -26,7 +26,7 @@ class SqliteStateStore final : public StateStore {
     std::function<void(double seconds)> on_commit;  // duration of each committed transaction
     // An event with an aggregate key that repeats the service's last one with that key within
     // this window replaces it, counted (0: never aggregate).
-    int64_t event_aggregation_window_ms = 10 * 60 * 1000;
+    int64_t event_aggregation_window_ms = int64_t{10} * 60 * 1000;
   };
 
   // Opens or creates the database and migrates it to the current schema. What it opens:

@@ -18,9 +18,9 @@ TEST_CASE("simulated timers fire in deadline order, on their io_context", "[time
   boost::asio::io_context io;
   const SteadyTime start = time.SteadyNow();
   std::vector<std::pair<std::string, Duration>> fired;
-  auto record = [&](std::string name) {
+  auto record = [&](const std::string& name) {
     return [&, name] {
-      fired.push_back({name, std::chrono::duration_cast<Duration>(time.SteadyNow() - start)});
+      fired.emplace_back(name, std::chrono::duration_cast<Duration>(time.SteadyNow() - start));
     };
   };
   auto late = time.MakeTimer(io);
@@ -56,13 +56,13 @@ TEST_CASE("a cancelled, re-armed or destroyed simulated timer does not fire", "[
   auto b = time.MakeTimer(io);
   auto c = time.MakeTimer(io);
   auto d = time.MakeTimer(io);
-  a->ExpireAfter(Duration(10), [&] { fired.push_back("a"); });
+  a->ExpireAfter(Duration(10), [&] { fired.emplace_back("a"); });
   a->Cancel();
-  b->ExpireAfter(Duration(10), [&] { fired.push_back("b first"); });
-  b->ExpireAfter(Duration(50), [&] { fired.push_back("b again"); });
-  c->ExpireAfter(Duration(10), [&] { fired.push_back("c"); });
+  b->ExpireAfter(Duration(10), [&] { fired.emplace_back("b first"); });
+  b->ExpireAfter(Duration(50), [&] { fired.emplace_back("b again"); });
+  c->ExpireAfter(Duration(10), [&] { fired.emplace_back("c"); });
   c.reset();
-  d->ExpireAfter(Duration(10), [&] { fired.push_back("d"); });
+  d->ExpireAfter(Duration(10), [&] { fired.emplace_back("d"); });
   time.Advance(Duration(20));  // d's callback is posted...
   d->Cancel();                 // ...and cancelled before it ran
   io.run();
@@ -95,11 +95,11 @@ TEST_CASE("real timers fire on the io_context and can be cancelled or re-armed",
   auto b = time.MakeTimer(io);
   auto c = time.MakeTimer(io);
   const SteadyTime start = time.SteadyNow();
-  a->ExpireAfter(Duration(1), [&] { fired.push_back("a"); });
-  b->ExpireAfter(Duration(1), [&] { fired.push_back("b"); });
+  a->ExpireAfter(Duration(1), [&] { fired.emplace_back("a"); });
+  b->ExpireAfter(Duration(1), [&] { fired.emplace_back("b"); });
   b->Cancel();
-  c->ExpireAfter(Duration(1), [&] { fired.push_back("c first"); });
-  c->ExpireAfter(Duration(2), [&] { fired.push_back("c again"); });
+  c->ExpireAfter(Duration(1), [&] { fired.emplace_back("c first"); });
+  c->ExpireAfter(Duration(2), [&] { fired.emplace_back("c again"); });
   CHECK(a->Armed());
   CHECK_FALSE(b->Armed());
   io.run();

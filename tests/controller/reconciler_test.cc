@@ -65,7 +65,7 @@ TEST_CASE("cold start creates the replicas and completes the first rollout", "[r
   // The artifact went into the store and instances run it by digest.
   CHECK(f.artifacts->Has(f.driver.starts[0].artifact_sha256));
   // Steady: another pass does nothing.
-  f.scheduler.queue.push_back("web");
+  f.scheduler.queue.emplace_back("web");
   REQUIRE(f.Converge().ok());
   CHECK(f.driver.starts.size() == 3);
 }
@@ -454,7 +454,7 @@ TEST_CASE("drift: an altered artifact with no source to restore it starts nothin
   // The source has the bytes again: the next pass restores and starts.
   testing::WriteFile(f.tmp / "artifacts/app-v1", "app v1");
   f.Advance(61s);
-  f.scheduler.queue.push_back("web");
+  f.scheduler.queue.emplace_back("web");
   REQUIRE(f.Converge().ok());
   CHECK(f.driver.starts.size() == 2);
   CHECK(f.artifacts->Verify(digest).ok());
@@ -471,7 +471,7 @@ TEST_CASE("an exit the store could not take is recorded on the next pass", "[rec
   CHECK(f.faults->failed_commits() > 0);
   f.faults->Clear();
   Status first = f.Converge();  // may still report the earlier failure; the retry succeeds
-  f.scheduler.queue.push_back("web");
+  f.scheduler.queue.emplace_back("web");
   REQUIRE(f.Converge().ok());
   CHECK(f.store->GetInstance(victim)->state == InstanceState::kFailed);
   CHECK(f.Live().size() == 1);
@@ -813,7 +813,7 @@ TEST_CASE("no instance is started without its intent committed", "[reconciler]")
   CHECK(f.Live().size() == 1);
   // Space again: it resumes.
   f.faults->Clear();
-  f.scheduler.queue.push_back("web");
+  f.scheduler.queue.emplace_back("web");
   REQUIRE(f.Converge().ok());
   CHECK(f.Live().size() == 30);
 }
@@ -847,7 +847,7 @@ TEST_CASE("a pass whose commit fails acts on nothing and the next pass converges
   for (const auto& i : f.Live()) CHECK(i.state == InstanceState::kHealthy);
   CHECK(f.EventKinds().size() == events);
   // The fault has cleared: the retried pass converges.
-  f.scheduler.queue.push_back("web");
+  f.scheduler.queue.emplace_back("web");
   REQUIRE(f.Converge().ok());
   CHECK(f.faults->WriteFailure().ok());
   CHECK(f.Count(1) == 1);
@@ -860,7 +860,7 @@ TEST_CASE("a pass whose commit fails acts on nothing and the next pass converges
   CHECK(f.driver.starts.size() == 3);
   CHECK(f.store->ListRevisions("web")->size() == 1);
   CHECK(f.Count(1) == 1);
-  f.scheduler.queue.push_back("web");
+  f.scheduler.queue.emplace_back("web");
   REQUIRE(f.Converge().ok());
   CHECK(f.store->ListRevisions("web")->size() == 2);
   CHECK(f.Count(2) == 1);
@@ -908,8 +908,8 @@ TEST_CASE("a full disk during an artifact put refuses the revision, the old keep
   };
   REQUIRE(files(stored / "sha256") == 1);
   // v2's artifact is several chunks; the disk fills after its first 64 KiB.
-  testing::WriteFile(f.tmp / "artifacts/app-v2", std::string(256 * 1024, 'b'));
-  size_t room = 64 * 1024;
+  testing::WriteFile(f.tmp / "artifacts/app-v2", std::string(size_t{256} * 1024, 'b'));
+  size_t room = size_t{64} * 1024;
   f.artifacts->SetWriterForTest([&room](int fd, const void* data, size_t size) -> ssize_t {
     if (room == 0) {
       errno = ENOSPC;
@@ -938,7 +938,7 @@ TEST_CASE("a full disk during an artifact put refuses the revision, the old keep
   CHECK(f.driver.stops.empty());
   // Space again: the next pass writes revision 2 and rolls out.
   f.artifacts->SetWriterForTest(nullptr);
-  f.scheduler.queue.push_back("web");
+  f.scheduler.queue.emplace_back("web");
   RollOut(f, 2, 3);
   CHECK(f.store->ListRevisions("web")->size() == 2);
   CHECK(f.Count(2) == 2);

@@ -13,11 +13,13 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "api/tokens.h"
 #include "daemon/config.h"
 #include "daemon/readiness.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
+#include "tests/test_util.h"
 
 namespace kiln::testing {
 namespace {
@@ -180,6 +182,81 @@ TEST_CASE("ParseDaemonFlags reads every flag into typed values", "[daemon]") {
   CHECK(r.status().message() == "--port-range: expected FIRST-LAST within 1-65535, got \"9-3\"");
 }
 
+TEST_CASE("CheckDaemonConfig alone refuses a listener off loopback without TLS and tokens",
+          "[daemon]") {
+  TempDir tmp;
+  WriteFile(tmp.path() / "cert.pem", "not checked here");
+  WriteFile(tmp.path() / "key.pem", "not checked here");
+  DaemonConfig c;
+  c.manifests = tmp.path() / "manifests";
+  c.state = tmp.path() / "state";
+  c.http_listen = "127.0.0.1:0";
+  CHECK(CheckDaemonConfig(c).ok());
+
+  DaemonConfig open_http = c;
+  open_http.http_listen = "0.0.0.0:0";
+  Status s = CheckDaemonConfig(open_http);
+  CHECK(s.code() == StatusCode::kFailedPrecondition);
+  CHECK(
+      s.message().starts_with("--http-listen: refusing to serve HTTP on 0.0.0.0:0 without TLS "
+                              "and tokens"));
+
+  DaemonConfig open_grpc = c;
+  open_grpc.grpc_listen = "0.0.0.0:0";
+  s = CheckDaemonConfig(open_grpc);
+  CHECK(s.code() == StatusCode::kFailedPrecondition);
+  CHECK(s.message().starts_with("--grpc-listen: refusing to serve the API on 0.0.0.0:0"));
+
+  // Both refused: HTTP's is the one reported, as kilnd always has.
+  DaemonConfig both = open_grpc;
+  both.http_listen = "0.0.0.0:0";
+  CHECK(CheckDaemonConfig(both).message().starts_with("--http-listen: "));
+
+  // Anything invalid is reported before a refusal, as a usage error.
+  DaemonConfig also_invalid = both;
+  also_invalid.http_read_timeout = Duration(0);
+  s = CheckDaemonConfig(also_invalid);
+  CHECK(s.code() == StatusCode::kInvalidArgument);
+  CHECK(s.message() == "--http-read-timeout: must be more than 0");
+
+  // Tokens alone, or TLS alone, are not enough; both are.
+  DaemonConfig tokens_only = both;
+  tokens_only.tokens = Tokens{{"0123456789abcdef", Caller{"ops", Role::kOperator}}};
+  CHECK(CheckDaemonConfig(tokens_only).code() == StatusCode::kFailedPrecondition);
+  DaemonConfig tls_only = both;
+  tls_only.tls_cert = (tmp.path() / "cert.pem").string();
+  tls_only.tls_key = (tmp.path() / "key.pem").string();
+  CHECK(CheckDaemonConfig(tls_only).code() == StatusCode::kFailedPrecondition);
+  DaemonConfig tls_and_tokens = tls_only;
+  tls_and_tokens.tokens = tokens_only.tokens;
+  CHECK(CheckDaemonConfig(tls_and_tokens).ok());
+}
+
+TEST_CASE("ParseDaemonFlags reads --tokens once and leaves the refusal to Daemon::Start",
+          "[daemon]") {
+  TempDir tmp;
+  const std::string tokens = (tmp.path() / "tokens").string();
+  WriteFile(tokens, "# ops\n0123456789abcdef operator ops\nfedcba9876543210 viewer ci\n");
+  const char* argv[] = {"kilnd",        "--manifests",   "/m",       "--state", "/s", "--tokens",
+                        tokens.c_str(), "--http-listen", "0.0.0.0:0"};
+  auto c = ParseDaemonFlags(static_cast<int>(std::size(argv)), argv);
+  // Not a usage error: the config comes back, and CheckDaemonConfig says why it cannot serve.
+  REQUIRE(c.ok());
+  REQUIRE(c->tokens.has_value());
+  CHECK(c->tokens->size() == 2);
+  CHECK(c->tokens->at("0123456789abcdef").name == "ops");
+  CHECK(c->tokens->at("fedcba9876543210").role == Role::kViewer);
+  CHECK(CheckDaemonConfig(*c).code() == StatusCode::kFailedPrecondition);
+
+  // Read once, here: a tokens file removed afterwards changes nothing for this config.
+  std::filesystem::remove(tokens);
+  CHECK(CheckDaemonConfig(*c).code() == StatusCode::kFailedPrecondition);
+  auto missing = ParseDaemonFlags(static_cast<int>(std::size(argv)), argv);
+  REQUIRE_FALSE(missing.ok());
+  CHECK(missing.status().code() == StatusCode::kInvalidArgument);
+  CHECK(missing.status().message() == "--tokens: cannot read tokens file " + tokens);
+}
+
 TEST_CASE("readiness names each check that fails, from the published snapshot", "[daemon]") {
   const auto now = std::chrono::steady_clock::now();
   ReconcilerSnapshot s;
@@ -235,7 +312,7 @@ struct StoreSnapshot {
 StoreSnapshot Snapshot(KilndHarness& h) {
   StoreSnapshot s;
   for (const auto& i : h.Live("web")) {
-    s.rows.push_back({std::string(InstanceStateName(i.state)), i.handle});
+    s.rows.emplace_back(InstanceStateName(i.state), i.handle);
   }
   s.events = h.Events("web").size();
   return s;

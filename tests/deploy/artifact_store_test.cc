@@ -65,9 +65,9 @@ TEST_CASE("a full disk partway through a put stores nothing and leaves no partia
   TempDir tmp;
   auto store = ArtifactStore::Open(tmp / "artifacts");
   REQUIRE(store.ok());
-  const std::string bits(300 * 1024, 'b');  // several chunks
+  const std::string bits(size_t{300} * 1024, 'b');  // several chunks
   WriteFile(tmp / "app", bits);
-  size_t room = 100 * 1024;  // the disk fills after 100 KiB
+  size_t room = size_t{100} * 1024;  // the disk fills after 100 KiB
   store->SetWriterForTest([&room](int fd, const void* data, size_t size) -> ssize_t {
     if (room == 0) {
       errno = ENOSPC;
@@ -123,6 +123,7 @@ TEST_CASE("concurrent puts of the same content are safe", "[artifacts]") {
   std::string big(4 << 20, 'x');
   WriteFile(tmp / "app", big);
   std::vector<std::thread> threads;
+  threads.reserve(8);
   std::vector<StatusOr<std::string>> results(8, InternalError("not run"));
   for (int i = 0; i < 8; ++i) {
     threads.emplace_back([&, i] { results[i] = store->Put(tmp / "app"); });

@@ -27,7 +27,7 @@ class FakeDriver final : public Driver {
       return done(FailedPreconditionError("start " + spec.instance + ": " + why));
     }
     if (defer_starts) {
-      deferred.push_back({spec, std::move(done)});
+      deferred.emplace_back(spec, std::move(done));
       return;
     }
     done(Run(spec));

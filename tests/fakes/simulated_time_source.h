@@ -88,7 +88,7 @@ class SimulatedTimeSource final : public TimeSource {
       Cancel();
       time_->Arm(io_, shared_, d, std::move(fn));
     }
-    void Cancel() override { time_->Disarm(shared_); }
+    void Cancel() noexcept override { time_->Disarm(shared_); }
     bool Armed() const override {
       std::lock_guard lock(time_->mu_);
       return shared_->armed;

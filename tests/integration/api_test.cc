@@ -21,7 +21,7 @@ const char* kPolicy = "{strategy: rolling, max_surge: 1, max_unavailable: 0}";
 
 std::unique_ptr<pb::Kiln::Stub> Stub(
     const std::string& addr,
-    std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials()) {
+    const std::shared_ptr<grpc::ChannelCredentials>& creds = grpc::InsecureChannelCredentials()) {
   return pb::Kiln::NewStub(grpc::CreateChannel(addr, creds));
 }
 
@@ -35,7 +35,7 @@ struct Ctx {
 
 // A kilnd with service "web" converged at version 1.0 (2 instances).
 struct ApiFixture {
-  explicit ApiFixture(std::vector<std::string> extra = {}) {
+  explicit ApiFixture(const std::vector<std::string>& extra = {}) {
     h.Declare("web", "1.0", 2, kPolicy);
     h.Start(extra);
     REQUIRE(h.WaitReady());

@@ -213,9 +213,8 @@ class ChaosRun {
     h_.SetStopGrace("1s");
   }
 
-  ~ChaosRun() {
-    // The harness kills kilnd and every instance process (orphans included) on destruction.
-  }
+  // The harness kills kilnd and every instance process (orphans included) on destruction.
+  ~ChaosRun() = default;
 
   void Go() {
     const auto began = SteadyClock::now();

@@ -31,7 +31,7 @@ Reply Request(int port, const std::string& target, http::verb method = http::ver
 }
 
 struct HttpFixture {
-  explicit HttpFixture(std::vector<std::string> extra = {}) {
+  explicit HttpFixture(const std::vector<std::string>& extra = {}) {
     h.Declare("web", "1.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
     h.Start(extra);
     REQUIRE(h.WaitReady());

@@ -73,7 +73,8 @@ std::string Leaks(pid_t instance, const std::string& name, int port, pid_t kilnd
   const auto tcp_ports = TcpSocketPorts(instance);
   const std::string own_log = (state / "logs" / (name + ".log")).string();
   for (const auto& [fd, target] : fds) {
-    const std::string where = name + " fd " + std::to_string(fd) + " -> " + target + ": ";
+    std::string where = name;
+    where.append(" fd ").append(std::to_string(fd)).append(" -> ").append(target).append(": ");
     for (const auto& [kfd, ktarget] : kilnd_fds) {
       long same = ::syscall(SYS_kcmp, instance, kilnd, KCMP_FILE, fd, kfd);
       if (same == 0) problems += where + "is kilnd's fd " + std::to_string(kfd) + "; ";

@@ -245,6 +245,7 @@ TEST_CASE("required keys and the artifact/image choice", "[manifest]") {
   CHECK(errors == std::vector<std::string>{
                       "a.yaml:1:1: name: is required",
                       "a.yaml:1:1: version: is required",
+                      // NOLINTNEXTLINE(bugprone-suspicious-missing-comma): split on purpose
                       "a.yaml:1:1: a service needs an artifact (process driver) or an image "
                       "(container driver)",
                       "b.yaml:1:1: a service needs an artifact (process driver) or an image "

@@ -793,7 +793,7 @@ TEST_CASE("readers see consistent snapshots while the writer commits", "[store]"
       problems.push_back(std::to_string(instances) + " instances vs " + std::to_string(events) +
                          " events");
     }
-    if (static_cast<int64_t>(events) < last_seen) problems.push_back("went backwards");
+    if (static_cast<int64_t>(events) < last_seen) problems.emplace_back("went backwards");
     last_seen = static_cast<int64_t>(events);
     ++snapshots;
   }
