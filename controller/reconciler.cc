@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "common/duration.h"
 #include "common/logging.h"
@@ -83,7 +84,7 @@ Reconciler::Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober,
       artifacts_(artifacts),
       clock_(clock),
       scheduler_(scheduler),
-      options_(options) {
+      options_(std::move(options)) {
   driver_.SetExitCallback([this](const ExitInfo& e) { OnExit(e); });
 }
 
@@ -147,7 +148,7 @@ Status Reconciler::Recover() {
   for (const ServiceRecord& s : services) {
     if (s.retired || s.spec.empty()) continue;
     StatusOr<ServiceSpec> spec = ServiceSpecFromJson(s.spec);
-    if (spec.ok()) seed.push_back({*spec, "", ""});
+    if (spec.ok()) seed.emplace_back(*spec, "", "");
   }
   desired_.Seed(std::move(seed));
 
@@ -241,7 +242,7 @@ Status Reconciler::Recover() {
     if (known.count(name)) continue;
     LogWarn("stopping an instance unknown to the store",
             {{"instance", name}, {"service", r.service}, {"revision", r.revision}});
-    driver_.Stop(r.handle, options_.stop_grace, [](StatusOr<ExitInfo>) {});
+    driver_.Stop(r.handle, options_.stop_grace, [](const StatusOr<ExitInfo>&) {});
     (void)Event(EventKind::kUnknownInstanceStopped, r.service, r.revision, name, "kilnd",
                 "instance " + name + " ran with kiln's identity but was not in the store; stopped");
     ++unknown_count;
