@@ -190,6 +190,33 @@ TEST_CASE("a refused connect is retried on another endpoint, which is ejected", 
   }
 }
 
+TEST_CASE("a connect that times out is retried on another endpoint", "[proxy]") {
+  // A listener with a backlog of 0 that never accepts: once one connection waits in its queue,
+  // the kernel drops further SYNs, so a connect to it neither succeeds nor fails.
+  UniqueFd silent(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(silent.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  REQUIRE(::listen(silent.get(), 0) == 0);
+  socklen_t len = sizeof(addr);
+  REQUIRE(::getsockname(silent.get(), reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+  int silent_port = ntohs(addr.sin_port);
+  UniqueFd queued = testing::Connect(silent_port);
+  REQUIRE(queued);
+
+  EchoBackend live("web-2");
+  ProxyUnderTest proxy({.connect_timeout = 200ms});
+  Endpoint stuck{.instance = "web-1", .host = "127.0.0.1", .port = silent_port};
+  proxy.Apply({Web({stuck, To(live)})});
+
+  CHECK(Request(proxy.Port("web"), "slow") == "web-2");
+  std::optional<EndpointStats> e = proxy.EndpointOf("web", "web-1");
+  CHECK(e->state == EndpointState::kEjected);
+  CHECK(e->connect_failures == 1);
+  CHECK(e->open_connections == 0);
+}
+
 TEST_CASE("an endpoint left out of Apply drains: its open connection goes on", "[proxy]") {
   EchoBackend old_one("web-1");
   EchoBackend new_one("web-2");
