@@ -160,8 +160,10 @@ class Session : public std::enable_shared_from_this<Session> {
     upstream_.close(ignored);
     timed_out_ = false;
     timer_.expires_after(shared_->options.connect_timeout);
-    timer_.async_wait([self = shared_from_this()](error_code ec) {
-      if (ec) return;
+    // The attempt number keeps a timeout that fired just as its connect failed from cutting the
+    // next attempt's connect.
+    timer_.async_wait([self = shared_from_this(), attempt = tried_.size()](error_code ec) {
+      if (ec || attempt != self->tried_.size()) return;
       self->timed_out_ = true;
       error_code ignored;
       self->upstream_.cancel(ignored);

@@ -49,6 +49,7 @@ std::string_view EndpointStateName(EndpointState s);
 struct EndpointStats {
   Endpoint endpoint;
   EndpointState state = EndpointState::kActive;
+  // Open connections, counting a connect in flight: 0 on a draining endpoint means drained.
   int64_t open_connections = 0;
   uint64_t total_connections = 0;  // connections made to it
   uint64_t connect_failures = 0;   // refused, unreachable or timed out
