@@ -274,6 +274,20 @@ TEST_CASE("a removed service stops listening and drains its connections", "[prox
   CHECK(Eventually([&] { return proxy.Snapshot().routes.empty(); }));
 }
 
+TEST_CASE("destroying the proxy closes its listeners and its connections", "[proxy]") {
+  EchoBackend a("web-1");
+  auto proxy = std::make_unique<ProxyUnderTest>();
+  proxy->Apply({Web({To(a)})});
+  int port = proxy->Port("web");
+  UniqueFd kept = testing::Connect(port);
+  REQUIRE(testing::SendAll(kept.get(), "ping"));
+  CHECK(testing::ReadExactly(kept.get(), 4) == "ping");
+
+  proxy.reset();
+  CHECK(testing::ReadAll(kept.get()) == "");  // end of stream, not the 10 s timeout
+  CHECK_FALSE(testing::Connect(port));
+}
+
 TEST_CASE("a listen port in use is an error on its route, retried, and others work", "[proxy]") {
   EchoBackend a("web-1");
   EchoBackend b("api-1");
