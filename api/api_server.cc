@@ -15,6 +15,7 @@
 #include <future>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
@@ -418,6 +419,42 @@ Status BuildGetService(StateReader& r, const Clock& clock, const std::string& na
   });
 }
 
+// The address of every started instance of `service` (every service when empty), in a snapshot.
+Status BuildEndpoints(StateReader& r, const Clock& clock, const std::string& service,
+                      pb::GetEndpointsResponse* resp) {
+  return r.Snapshot([&]() -> Status {
+    std::vector<ServiceRecord> services;
+    if (service.empty()) {
+      ASSIGN_OR_RETURN(services, r.ListServices());
+    } else {
+      ASSIGN_OR_RETURN(ServiceRecord s, r.GetService(service));
+      services.push_back(std::move(s));
+    }
+    ASSIGN_OR_RETURN(auto live, r.ListLiveInstances());
+    std::map<std::string, std::vector<InstanceRecord>> by_service;
+    for (auto& i : live) by_service[i.service].push_back(std::move(i));
+    const int64_t now = NowMs(clock);
+    for (const ServiceRecord& s : services) {
+      pb::ServiceEndpoints* se = resp->add_services();
+      se->set_service(s.name);
+      const int64_t min_healthy = MinHealthyMs(s);
+      for (const InstanceRecord& i : by_service[s.name]) {
+        if (i.port <= 0) continue;  // not started: no address yet
+        pb::Endpoint* e = se->add_endpoints();
+        e->set_instance(i.name);
+        e->set_revision(i.revision);
+        if (auto facts = Cache().Revision(r, s.name, i.revision)) e->set_version(facts->version);
+        e->set_host(i.host.empty() ? "127.0.0.1" : i.host);
+        e->set_port(i.port);
+        e->set_state(i.state == InstanceState::kDraining ? pb::ENDPOINT_STATE_DRAINING
+                     : IsAvailable(i, now, min_healthy)  ? pb::ENDPOINT_STATE_READY
+                                                         : pb::ENDPOINT_STATE_NOT_READY);
+      }
+    }
+    return Status::Ok();
+  });
+}
+
 std::string MessageJson(const google::protobuf::Message& m) {
   std::string out;
   google::protobuf::util::JsonPrintOptions o;
@@ -439,6 +476,30 @@ StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name, const
   pb::GetServiceResponse resp;
   RETURN_IF_ERROR(BuildGetService(r, clock, name, &resp));
   return MessageJson(resp);
+}
+
+StatusOr<std::string> EndpointsJson(StateReader& r, const std::string& service,
+                                    const Clock& clock) {
+  pb::GetEndpointsResponse resp;
+  RETURN_IF_ERROR(BuildEndpoints(r, clock, service, &resp));
+  return MessageJson(resp);
+}
+
+StatusOr<std::string> PrometheusSdJson(StateReader& r) {
+  pb::GetEndpointsResponse resp;
+  RETURN_IF_ERROR(BuildEndpoints(r, RealClockInstance(), "", &resp));
+  nlohmann::json groups = nlohmann::json::array();
+  for (const pb::ServiceEndpoints& s : resp.services()) {
+    for (const pb::Endpoint& e : s.endpoints()) {
+      groups.push_back({{"targets", {e.host() + ":" + std::to_string(e.port())}},
+                        {"labels",
+                         {{"service", s.service()},
+                          {"revision", std::to_string(e.revision())},
+                          {"version", e.version()},
+                          {"instance", e.instance()}}}});
+    }
+  }
+  return groups.dump(2) + "\n";
 }
 
 StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service,
@@ -497,6 +558,13 @@ class KilnApi final : public pb::Kiln::Service {
     if (req->name().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "name is required");
     return ToGrpc(
         WithReader([&](StateReader& r) { return BuildGetService(r, clock_, req->name(), resp); }));
+  }
+
+  grpc::Status GetEndpoints(ServerContext* ctx, const pb::GetEndpointsRequest* req,
+                            pb::GetEndpointsResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    return ToGrpc(WithReader(
+        [&](StateReader& r) { return BuildEndpoints(r, clock_, req->service(), resp); }));
   }
 
   grpc::Status ListInstances(ServerContext* ctx, const pb::ListInstancesRequest* req,

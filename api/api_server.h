@@ -25,10 +25,17 @@ class Metrics;
 class Reconciler;
 
 // The JSON that HTTP's /api/v1 serves: the same messages as the gRPC API (ListServices,
-// GetService, WatchEvents), with proto field names. `clock` says what is available now.
+// GetService, GetEndpoints, WatchEvents), with proto field names. `clock` says what is available
+// now.
 StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock = RealClockInstance());
 StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name,
                                   const Clock& clock = RealClockInstance());
+// GetEndpoints of one service (every service when `service` is empty).
+StatusOr<std::string> EndpointsJson(StateReader& r, const std::string& service,
+                                    const Clock& clock = RealClockInstance());
+// Every running instance as Prometheus file_sd JSON: one target group per instance, with labels
+// service, revision, version and instance.
+StatusOr<std::string> PrometheusSdJson(StateReader& r);
 // OUT_OF_RANGE when events after `after_seq` were already pruned.
 StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service,
                                  int limit);

@@ -121,6 +121,12 @@ std::string RolloutStateName(pb::RolloutState s) {
   return n;
 }
 
+std::string EndpointStateName(pb::EndpointState s) {
+  std::string n = pb::EndpointState_Name(s).substr(std::string("ENDPOINT_STATE_").size());
+  for (char& c : n) c = c == '_' ? '-' : static_cast<char>(std::tolower(c));
+  return n;
+}
+
 std::string StrategyLabel(pb::Strategy s) {
   std::string n = pb::Strategy_Name(s).substr(std::string("STRATEGY_").size());
   for (char& c : n) c = c == '_' ? '-' : static_cast<char>(std::tolower(c));
@@ -308,6 +314,24 @@ int Instances(Client& c, const std::string& service, bool all, const std::string
         for (const auto& i : r.instances()) rows.push_back(InstanceRow(i));
         return rows;
       });
+}
+
+int Endpoints(Client& c, const std::string& service, const std::string& format, std::ostream& out,
+              std::ostream& err) {
+  pb::GetEndpointsRequest req;
+  req.set_service(service);
+  return Query(c, &pb::Kiln::Stub::GetEndpoints, req, format, out, err,
+               [](const pb::GetEndpointsResponse& r) {
+                 Rows rows = {{"SERVICE", "INSTANCE", "ADDRESS", "STATE", "REVISION", "VERSION"}};
+                 for (const auto& s : r.services()) {
+                   for (const auto& e : s.endpoints()) {
+                     rows.push_back(
+                         {s.service(), e.instance(), e.host() + ":" + std::to_string(e.port()),
+                          EndpointStateName(e.state()), std::to_string(e.revision()), e.version()});
+                   }
+                 }
+                 return rows;
+               });
 }
 
 int History(Client& c, const std::string& service, const std::string& format, std::ostream& out,
@@ -552,6 +576,9 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   auto* instances = app.add_subcommand("instances", "instances of a service");
   instances->add_option("SERVICE", service)->required();
   instances->add_flag("-a,--all", all, "also terminated, failed and lost ones");
+  auto* endpoints = app.add_subcommand(
+      "endpoints", "where each running instance is reached, and whether it takes connections");
+  endpoints->add_option("SERVICE", service, "a service (default: every service)");
   auto* history = app.add_subcommand("history", "revisions of a service, newest first");
   history->add_option("SERVICE", service)->required();
   auto* plan = app.add_subcommand("plan", "what the next passes would do");
@@ -605,6 +632,7 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   Client client(conn);
   if (status->parsed()) return ShowStatus(client, service, output, out, err);
   if (instances->parsed()) return Instances(client, service, all, output, out, err);
+  if (endpoints->parsed()) return Endpoints(client, service, output, out, err);
   if (history->parsed()) return History(client, service, output, out, err);
   if (plan->parsed()) return Plan(client, service, output, out, err);
   if (events->parsed()) return Events(client, since, service, follow, output, out, err);

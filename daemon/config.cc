@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -78,6 +79,15 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
                                    {"--tls-key", &c.tls_key},
                                    {"--client-ca", &c.client_ca}}) {
     RETURN_IF_ERROR(CheckReadable(flag, *path));
+  }
+
+  if (!c.prometheus_sd_file.empty()) {
+    const std::filesystem::path dir = std::filesystem::absolute(c.prometheus_sd_file).parent_path();
+    std::error_code ec;
+    if (!std::filesystem::is_directory(dir, ec)) {
+      return InvalidArgumentError("--prometheus-sd-file: directory " + dir.string() +
+                                  " does not exist");
+    }
   }
 
   // The servers' own checks of their options. Anything invalid is reported first; the refusal
@@ -185,6 +195,9 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
       ->check(CLI::Range(1, 100000));
   app.add_flag("--http-metrics-auth", config.http_metrics_auth,
                "with --tokens, /metrics needs a token too");
+  app.add_option("--prometheus-sd-file", config.prometheus_sd_file,
+                 "write every running instance as Prometheus file_sd JSON to this file (labels "
+                 "service, revision, version, instance), rewritten when one changes");
   app.add_option("--event-retention", config.event_retention, "events kept (older ones are pruned)")
       ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
   app.add_option("--log-format", log_format, "text or json")

@@ -46,6 +46,10 @@ struct DaemonConfig {
   int http_max_connections = 256;
   bool http_metrics_auth = false;
 
+  // Prometheus file_sd JSON of every running instance, rewritten (atomically) when one changes;
+  // "" for none. Its directory must exist.
+  std::string prometheus_sd_file;
+
   LogFormat log_format = LogFormat::kText;
   LogLevel log_level = LogLevel::kInfo;
 

@@ -84,6 +84,10 @@ struct Daemon::Impl {
   void TryRecover();
   void Publish();
   void PublishEvery();
+  // --prometheus-sd-file: rewritten shortly after an instance event (a burst of them, once),
+  // once its pass has committed; only when what it says changed.
+  void ScheduleSdFile(std::chrono::milliseconds delay = std::chrono::milliseconds(100));
+  void WriteSdFile();
   void Prune();
   void Verify();
   void ShutDown(const char* signal_name);
@@ -127,6 +131,11 @@ struct Daemon::Impl {
   boost::asio::steady_timer verify_timer{io};
   std::optional<boost::asio::signal_set> signals;
   bool addr_written = false;
+  std::unique_ptr<StateReader> sd_reader;
+  boost::asio::steady_timer sd_timer{io};
+  bool sd_scheduled = false;
+  std::string sd_written;  // what the file holds
+  std::string sd_error;    // the last error writing it, logged once
 };
 
 Status Daemon::Impl::Init() {
@@ -197,6 +206,7 @@ Status Daemon::Impl::Init() {
     }
   };
   rec_options.on_event = [this](const EventRecord& e) {
+    if (!e.instance.empty()) ScheduleSdFile();
     if (e.kind == EventKind::kRolloutCompleted)
       metrics.Add("kiln_rollouts_total", {{"result", "completed"}});
     if (e.kind == EventKind::kRolloutFailed)
@@ -332,6 +342,13 @@ Status Daemon::Impl::Init() {
     http_thread.thread = std::thread([this] { http_io.run(); });
   }
 
+  if (!config.prometheus_sd_file.empty()) {
+    auto sd = store->OpenReader();
+    if (!sd.ok()) return sd.status().WithContext("cannot open a reader for --prometheus-sd-file");
+    sd_reader = std::move(sd).value();
+    WriteSdFile();
+  }
+
   // Events are pruned by count, on the reconciler's thread like every write.
   Prune();
   // Artifacts are re-hashed at start-up and every --verify-artifacts, off this thread (a large
@@ -373,6 +390,36 @@ void Daemon::Impl::Publish() {
   s.queue_retries = queue->Retries();
   s.at = std::chrono::steady_clock::now();
   published.Publish(std::move(s));
+}
+
+void Daemon::Impl::ScheduleSdFile(std::chrono::milliseconds delay) {
+  if (!sd_reader || sd_scheduled) return;
+  sd_scheduled = true;
+  sd_timer.expires_after(delay);
+  sd_timer.async_wait([this](const boost::system::error_code& ec) {
+    sd_scheduled = false;
+    if (!ec) WriteSdFile();
+  });
+}
+
+void Daemon::Impl::WriteSdFile() {
+  StatusOr<std::string> text = PrometheusSdJson(*sd_reader);
+  Status written = text.ok() ? Status::Ok() : text.status();
+  if (text.ok() && *text != sd_written) {
+    written = WriteFileAtomically(config.prometheus_sd_file, *text);
+    if (written.ok()) sd_written = *std::move(text);
+  }
+  if (!written.ok()) {
+    if (written.message() != sd_error) {
+      LogError("cannot write --prometheus-sd-file; will retry",
+               {{"path", config.prometheus_sd_file}, {"error", written.message()}});
+    }
+    sd_error = written.message();
+    ScheduleSdFile(std::chrono::seconds(1));
+    return;
+  }
+  if (!sd_error.empty()) LogInfo("--prometheus-sd-file written again");
+  sd_error.clear();
 }
 
 void Daemon::Impl::PublishEvery() {

@@ -132,7 +132,14 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
       body = EventsJson(*sources.reader, since, q["service"], 500);
     } else {
       std::string name(path.substr(std::string_view("/api/v1/services/").size()));
-      body = ServiceJson(*sources.reader, name);
+      constexpr std::string_view kEndpoints = "/endpoints";
+      if (name.size() > kEndpoints.size() &&
+          name.compare(name.size() - kEndpoints.size(), kEndpoints.size(), kEndpoints) == 0) {
+        name.resize(name.size() - kEndpoints.size());
+        body = EndpointsJson(*sources.reader, name);
+      } else {
+        body = ServiceJson(*sources.reader, name);
+      }
     }
     if (!body.ok()) {
       return {static_cast<unsigned>(HttpCode(body.status().code())), "application/json",

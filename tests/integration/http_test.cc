@@ -7,9 +7,11 @@
 #include <boost/beast/http.hpp>
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
+#include "tests/integration/process.h"
 
 namespace kiln::testing {
 namespace {
@@ -114,6 +116,44 @@ TEST_CASE("the JSON API serves what the gRPC API serves", "[http]") {
     CHECK((bad.status == 400 || bad.status == 404));
     CHECK_NOTHROW(nlohmann::json::parse(bad.body).at("error").get<std::string>());
   }
+}
+
+TEST_CASE("endpoints: where each instance is reached, over HTTP and kilnctl", "[http]") {
+  HttpFixture f;
+  Reply one = Request(f.port, "/api/v1/services/web");
+  REQUIRE(one.status == 200);
+  std::set<std::string> ports;
+  const nlohmann::json svc = nlohmann::json::parse(one.body)["service"];
+  for (const auto& i : svc["instances"]) {
+    ports.insert(std::to_string(i["port"].get<int>()));
+  }
+  REQUIRE(ports.size() == 2);
+
+  Reply eps = Request(f.port, "/api/v1/services/web/endpoints");
+  REQUIRE(eps.status == 200);
+  auto services = nlohmann::json::parse(eps.body)["services"];
+  REQUIRE(services.size() == 1);
+  CHECK(services[0]["service"] == "web");
+  REQUIRE(services[0]["endpoints"].size() == 2);
+  for (const auto& e : services[0]["endpoints"]) {
+    CHECK(e["host"] == "127.0.0.1");
+    CHECK(ports.count(std::to_string(e["port"].get<int>())) == 1);
+    CHECK(e["state"] == "ENDPOINT_STATE_READY");
+    CHECK(e["revision"] == "1");
+    CHECK(e["version"] == "1.0");
+  }
+  CHECK(Request(f.port, "/api/v1/services/nope/endpoints").status == 404);
+
+  RunResult table = Run({BinPath("kilnctl"), "--addr", f.h.UnixAddr(), "endpoints", "web"});
+  INFO(table.err);
+  REQUIRE(table.exit_code == 0);
+  CHECK(table.out.rfind("SERVICE  INSTANCE  ADDRESS", 0) == 0);
+  for (const std::string& port : ports) {
+    CHECK(table.out.find("127.0.0.1:" + port + "  ready") != std::string::npos);
+  }
+  RunResult js = Run({BinPath("kilnctl"), "--addr", f.h.UnixAddr(), "-o", "json", "endpoints"});
+  REQUIRE(js.exit_code == 0);
+  CHECK(nlohmann::json::parse(js.out)["services"][0]["endpoints"].size() == 2);
 }
 
 TEST_CASE("unknown paths are 404, wrong methods 405, huge headers 431", "[http]") {

@@ -3,8 +3,12 @@
 #include <signal.h>
 
 #include <catch2/catch.hpp>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
 
 #include "storage/sqlite.h"
+#include "tests/integration/kilnd_harness.h"
 #include "tests/integration/process.h"
 #include "tests/test_util.h"
 
@@ -77,6 +81,38 @@ TEST_CASE("kilnd refuses a state store it cannot open, with one clear line", "[k
   CHECK(ReadFile(tmp / "state/kiln.db") == std::string(4096, 'x'));
 }
 
+TEST_CASE("the Prometheus file_sd file lists every running instance and follows a rollout",
+          "[kilnd]") {
+  KilndHarness h;
+  const std::filesystem::path sd = h.tmp() / "sd/kiln.json";
+  std::filesystem::create_directories(sd.parent_path());
+  h.Declare("web", "1.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+  h.Start({"--prometheus-sd-file", sd.string()});
+  REQUIRE(h.WaitReady());
+  // The file as Prometheus reads it: a JSON array of target groups. It is replaced by rename,
+  // so it parses whenever it exists.
+  auto groups = [&] {
+    std::ifstream in(sd);
+    return in ? nlohmann::json::parse(in) : nlohmann::json::array();
+  };
+  auto versions = [&] {
+    std::multiset<std::string> out;
+    for (const auto& g : groups()) out.insert(g["labels"]["version"].get<std::string>());
+    return out;
+  };
+  REQUIRE(WaitFor([&] { return versions() == std::multiset<std::string>{"1.0", "1.0"}; }));
+  for (const auto& g : groups()) {
+    REQUIRE(g["targets"].size() == 1);
+    CHECK(g["targets"][0].get<std::string>().rfind("127.0.0.1:", 0) == 0);
+    CHECK(g["labels"]["service"] == "web");
+    CHECK(g["labels"]["revision"] == "1");
+    CHECK(g["labels"]["instance"].get<std::string>().rfind("web-", 0) == 0);
+  }
+  h.Declare("web", "2.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+  REQUIRE(WaitFor([&] { return versions() == std::multiset<std::string>{"2.0", "2.0"}; }));
+  for (const auto& g : groups()) CHECK(g["labels"]["revision"] == "2");
+}
+
 TEST_CASE("kilnd --help, --version and bad flags", "[kilnd]") {
   RunResult help = Run({BinPath("kilnd"), "--help"});
   CHECK(help.exit_code == 0);
@@ -98,6 +134,12 @@ TEST_CASE("kilnd --help, --version and bad flags", "[kilnd]") {
   RunResult bad_level =
       Run({BinPath("kilnd"), "--manifests", "m", "--state", "s", "--log-level", "loud"});
   CHECK(bad_level.exit_code == 2);
+
+  RunResult bad_sd = Run({BinPath("kilnd"), "--manifests", "m", "--state", "s",
+                          "--prometheus-sd-file", "/nonexistent-dir/kiln.json"});
+  CHECK(bad_sd.exit_code == 2);
+  CHECK(bad_sd.err.find("--prometheus-sd-file: directory /nonexistent-dir does not exist") !=
+        std::string::npos);
 }
 
 }  // namespace
