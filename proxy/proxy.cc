@@ -226,8 +226,11 @@ class Session : public std::enable_shared_from_this<Session> {
     Backend* b = backend_.get();
     up_ = MakePump(client_, upstream_, [b](size_t n) { b->bytes_in += n; });
     down_ = MakePump(upstream_, client_, [b](size_t n) { b->bytes_out += n; });
+    // The pumps' pending operations hold the session (`self`); what a pump keeps of `done`
+    // must not, or a session whose operations are dropped unrun (its io_context shut down)
+    // would keep itself alive through its own pumps.
     auto self = shared_from_this();
-    auto done = [self](error_code ec) { self->OnPumpDone(ec); };
+    auto done = [this](error_code ec) { OnPumpDone(ec); };
     up_->Start(self, done);
     if (!closed_) down_->Start(self, done);
   }
