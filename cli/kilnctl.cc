@@ -12,6 +12,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 #include "common/status.h"
@@ -108,30 +109,27 @@ std::string Time(int64_t ms) {
   return buf;
 }
 
-std::string StateName(pb::InstanceState s) {
-  std::string n = pb::InstanceState_Name(s);
-  n = n.substr(std::string("INSTANCE_STATE_").size());
-  for (char& c : n) c = static_cast<char>(std::tolower(c));
+// A proto enum value's name as kilnctl prints it: without its prefix, in lower case, with '_'
+// kept or written as `sep` ("INSTANCE_STATE_HEALTHY" -> "healthy", "BLUE_GREEN" -> "blue-green").
+std::string Label(const std::string& proto_name, std::string_view prefix, char sep = '_') {
+  std::string n = proto_name.substr(prefix.size());
+  for (char& c : n) c = c == '_' ? sep : static_cast<char>(std::tolower(c));
   return n;
+}
+
+std::string StateName(pb::InstanceState s) {
+  return Label(pb::InstanceState_Name(s), "INSTANCE_STATE_");
 }
 
 std::string RolloutStateName(pb::RolloutState s) {
-  std::string n = pb::RolloutState_Name(s).substr(std::string("ROLLOUT_STATE_").size());
-  for (char& c : n) c = static_cast<char>(std::tolower(c));
-  return n;
+  return Label(pb::RolloutState_Name(s), "ROLLOUT_STATE_");
 }
 
 std::string EndpointStateName(pb::EndpointState s) {
-  std::string n = pb::EndpointState_Name(s).substr(std::string("ENDPOINT_STATE_").size());
-  for (char& c : n) c = c == '_' ? '-' : static_cast<char>(std::tolower(c));
-  return n;
+  return Label(pb::EndpointState_Name(s), "ENDPOINT_STATE_", '-');
 }
 
-std::string StrategyLabel(pb::Strategy s) {
-  std::string n = pb::Strategy_Name(s).substr(std::string("STRATEGY_").size());
-  for (char& c : n) c = c == '_' ? '-' : static_cast<char>(std::tolower(c));
-  return n;
-}
+std::string StrategyLabel(pb::Strategy s) { return Label(pb::Strategy_Name(s), "STRATEGY_", '-'); }
 
 // How to reach kilnd.
 struct Connection {
