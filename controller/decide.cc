@@ -108,6 +108,7 @@ PassResult DecideRetirement(const PassInput& in) {
   for (const InstanceRecord& inst : in.instances) {
     if (inst.state == InstanceState::kDraining) continue;
     out.drain.push_back({inst.name, inst.revision, InstanceState::kDraining, "service retired"});
+    out.plan.destroy.push_back(inst.name);
   }
   out.plan.summary =
       "retired: " + (out.drain.empty()
@@ -139,7 +140,7 @@ StatusOr<PassResult> Decide(const PassInput& in) {
   RevisionRecord target = in.target;
   int64_t next_revision = in.next_revision;
   std::string manifest_error = in.manifest_error;
-  if (svc.desired_revision == 0 || in.desired_hash != in.template_hash) {
+  if (in.NewTemplate()) {
     if (!in.artifact.ok()) {
       Status refused = in.artifact.WithContext("revision of " + name + " refused");
       // Nothing to converge to yet: the pass fails. Otherwise keep converging, and say why.

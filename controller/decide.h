@@ -52,7 +52,11 @@ struct PassInput {
   Status artifact;
 
   std::string desired_hash;  // the template hash of service.desired_revision ("" when none)
-  RevisionRecord target;     // the pinned revision, else the desired one, as stored (if any)
+  // Whether the manifest declares a template the service has no desired revision of yet.
+  bool NewTemplate() const {
+    return service.desired_revision == 0 || desired_hash != template_hash;
+  }
+  RevisionRecord target;  // the pinned revision, else the desired one, as stored (if any)
   std::map<int64_t, std::string> template_hashes;  // by revision, for every instance's
   std::vector<InstanceRecord> instances;           // the non-final ones
   std::optional<RolloutRecord> rollout;            // the latest

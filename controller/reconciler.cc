@@ -778,8 +778,7 @@ StatusOr<PassInput> Reconciler::LoadPassInput(const std::string& name,
   if (latest.ok()) in.rollout = *latest;
   // Only a new template, or a rollout in progress (or one this pass starts), can write a
   // revision: a steady pass reads no more than the live instances.
-  const bool new_template = svc.desired_revision == 0 || in.desired_hash != in.template_hash;
-  if (new_template || !latest.ok() || latest->to_revision != stored_target ||
+  if (in.NewTemplate() || !latest.ok() || latest->to_revision != stored_target ||
       IsActive(latest->state)) {
     ASSIGN_OR_RETURN(in.next_revision, store_.NextRevisionNumber(name));
     ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(name));  // newest first
@@ -880,9 +879,7 @@ Status Reconciler::Reconcile(const std::string& name) {
     for (const InstanceRecord& inst : live) {
       if (inst.state == InstanceState::kPending && !start_in_flight_.count(inst.name) &&
           !unrecorded_starts_.count(inst.name) &&
-          std::find(destroy.begin(), destroy.end(), inst.name) == destroy.end() &&
-          std::none_of(d.drain.begin(), d.drain.end(),
-                       [&](const InstanceTransition& t) { return t.instance == inst.name; })) {
+          std::find(destroy.begin(), destroy.end(), inst.name) == destroy.end()) {
         to_start.push_back(inst);
       }
     }

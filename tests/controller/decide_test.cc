@@ -287,6 +287,7 @@ TEST_CASE("decide: a service no longer declared waits, then is retired and drain
   CHECK(r.drain[0].instance == "web-1");
   CHECK(r.drain[1].instance == "web-2");
   CHECK(r.drain[0].reason == "service retired");
+  CHECK(r.plan.destroy == std::vector<std::string>{"web-1", "web-2"});  // none of them starts
 
   in.service_exists = false;  // never recorded: nothing to do
   in.service = {.name = "web"};
