@@ -1,5 +1,6 @@
 #include "spec/manifest.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -23,14 +24,15 @@ namespace fs = std::filesystem;
 namespace {
 
 // Keys each block accepts, for unknown-key errors and suggestions.
-const std::vector<std::string> kServiceKeys = {"name",   "version", "replicas",     "artifact",
-                                               "image",  "command", "env",          "port",
-                                               "health", "update",  "history_limit"};
+const std::vector<std::string> kServiceKeys = {"name",   "version", "replicas",      "artifact",
+                                               "image",  "command", "env",           "port",
+                                               "health", "update",  "history_limit", "expose"};
 const std::vector<std::string> kArtifactKeys = {"path", "sha256"};
 const std::vector<std::string> kHealthKeys = {"http",     "tcp",     "exec",
                                               "interval", "timeout", "failure_threshold"};
 const std::vector<std::string> kHttpKeys = {"path", "port"};
 const std::vector<std::string> kTcpKeys = {"port"};
+const std::vector<std::string> kExposeKeys = {"port", "listen", "drain"};
 const std::vector<std::string> kUpdateKeys = {
     "strategy",          "max_surge",     "max_unavailable", "min_healthy_time", "healthy_deadline",
     "progress_deadline", "auto_rollback", "canary",          "auto_promote"};
@@ -481,6 +483,61 @@ class FileParser {
     }
   }
 
+  // expose: {port: 8080} (on 127.0.0.1), or {listen: HOST:PORT}; drain: a duration.
+  void ParseExpose(const Entry& e, ServiceSpec* s) {
+    if (!ExpectMap(e, "expose")) return;
+    ExposeSpec x;
+    std::optional<Entry> port, listen;
+    for (const Entry& xe : Entries(e.value, "expose", kExposeKeys)) {
+      const std::string path = "expose." + xe.key;
+      if (xe.key == "port") {
+        port = xe;
+        GetInt(xe, path, 1, 65535, &x.port);
+      } else if (xe.key == "listen") {
+        listen = xe;
+        std::string text;
+        if (!GetString(xe, path, &text)) continue;
+        const size_t colon = text.rfind(':');
+        std::string host = colon == std::string::npos ? "" : text.substr(0, colon);
+        if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+          host = host.substr(1, host.size() - 2);
+        }
+        const std::string port_text = colon == std::string::npos ? "" : text.substr(colon + 1);
+        char* end = nullptr;
+        const long p = std::strtol(port_text.c_str(), &end, 10);
+        in6_addr v6{};
+        in_addr v4{};
+        const bool ip = inet_pton(AF_INET, host.c_str(), &v4) == 1 ||
+                        inet_pton(AF_INET6, host.c_str(), &v6) == 1;
+        if (!ip || port_text.empty() || *end != '\0' || p < 1 || p > 65535) {
+          Add(xe.value, xe.key_node, path,
+              "expected IP:PORT with a port in 1-65535 (127.0.0.1:8080, 0.0.0.0:8080, "
+              "[::1]:8080), got " +
+                  Quote(text));
+          continue;
+        }
+        x.listen_host = host;
+        x.port = static_cast<int>(p);
+      } else if (xe.key == "drain") {
+        GetDuration(xe, path, /*allow_zero=*/true, &x.drain);
+      }
+    }
+    if (port && listen) {
+      Add(listen->key_node, e.value, "expose.listen",
+          "give expose.port (on 127.0.0.1) or expose.listen (HOST:PORT), not both");
+      return;
+    }
+    if (!port && !listen) {
+      Add(e.value, e.key_node, "expose", "needs a port (expose.port, or expose.listen HOST:PORT)");
+      return;
+    }
+    const Entry& at = port ? *port : *listen;
+    const YamlNode* where = at.value->line > 0 ? at.value : at.key_node;
+    x.line = where->line;
+    x.column = where->column;
+    s->expose = x;
+  }
+
   void ParseUpdate(const Entry& e, UpdatePolicy* u) {
     if (!ExpectMap(e, "update")) return;
     std::map<std::string, const YamlNode*> given;
@@ -587,6 +644,8 @@ class FileParser {
         if (!IsNull(e.value)) ParseUpdate(e, &s.update);
       } else if (e.key == "history_limit") {
         GetInt(e, "history_limit", 1, 1000, &s.history_limit);
+      } else if (e.key == "expose") {
+        ParseExpose(e, &s);
       }
     }
     if (has_name) file_.declared.push_back({s.name, s.line, s.column});
@@ -797,6 +856,12 @@ std::string ServiceSpecToJson(const ServiceSpec& s) {
         {"canary", u.canary},
         {"auto_promote", u.auto_promote}}},
       {"history_limit", s.history_limit},
+      {"expose", s.expose ? nlohmann::json{{"listen_host", s.expose->listen_host},
+                                           {"port", s.expose->port},
+                                           {"drain_ms", s.expose->drain.count()},
+                                           {"line", s.expose->line},
+                                           {"column", s.expose->column}}
+                          : nlohmann::json(nullptr)},
       {"file", s.file},
       {"line", s.line},
       {"column", s.column},
@@ -830,6 +895,16 @@ StatusOr<ServiceSpec> ServiceSpecFromJson(std::string_view text) {
     s.update.canary = u.at("canary").get<int>();
     s.update.auto_promote = u.at("auto_promote").get<bool>();
     s.history_limit = j.at("history_limit").get<int>();
+    // Specs stored before `expose` existed have no key.
+    if (auto x = j.find("expose"); x != j.end() && x->is_object()) {
+      ExposeSpec e;
+      e.listen_host = x->at("listen_host").get<std::string>();
+      e.port = x->at("port").get<int>();
+      e.drain = Duration(x->at("drain_ms").get<int64_t>());
+      e.line = x->at("line").get<int>();
+      e.column = x->at("column").get<int>();
+      s.expose = e;
+    }
     s.file = j.at("file").get<std::string>();
     s.line = j.at("line").get<int>();
     s.column = j.at("column").get<int>();
@@ -965,6 +1040,34 @@ ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
       set.files[here.file].errors.push_back(
           {set.files[here.file].path, here.decl.line, here.decl.column, "name",
            "service " + Quote(name) + " is also declared at " + others});
+    }
+  }
+  // One address, one service: two services exposed on the same port (on the same address, or
+  // one of them on every address) is an error at both places.
+  struct Exposed {
+    size_t file;
+    const ServiceSpec* spec;
+  };
+  std::vector<Exposed> exposed;
+  for (size_t i = 0; i < set.files.size(); ++i) {
+    for (const ServiceSpec& s : set.files[i].services) {
+      if (s.expose) exposed.push_back({i, &s});
+    }
+  }
+  auto any = [](const std::string& host) { return host == "0.0.0.0" || host == "::"; };
+  for (const Exposed& here : exposed) {
+    const ExposeSpec& a = *here.spec->expose;
+    for (const Exposed& other : exposed) {
+      const ExposeSpec& b = *other.spec->expose;
+      if (&other == &here || a.port != b.port ||
+          !(a.listen_host == b.listen_host || any(a.listen_host) || any(b.listen_host))) {
+        continue;
+      }
+      set.files[here.file].errors.push_back(
+          {set.files[here.file].path, a.line, a.column, "expose",
+           "port " + std::to_string(a.port) + " is also exposed by service " +
+               Quote(other.spec->name) + " at " + set.files[other.file].path + ":" +
+               std::to_string(b.line) + ":" + std::to_string(b.column)});
     }
   }
   for (ManifestFile& f : set.files) {

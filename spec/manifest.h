@@ -44,6 +44,20 @@ struct UpdatePolicy {
   friend bool operator==(const UpdatePolicy&, const UpdatePolicy&) = default;
 };
 
+// A stable address for the service: kiln-proxy listens on listen_host:port and sends each new
+// connection to an available instance; an instance that leaves the pool has `drain` for its
+// open connections before it is stopped. Not part of the template: changing it replaces nothing.
+struct ExposeSpec {
+  std::string listen_host = "127.0.0.1";  // an IP address literal; 0.0.0.0 or :: for every one
+  int port = 0;
+  Duration drain{10'000};
+  // Where the address was written (expose.port or expose.listen), for errors across files.
+  int line = 0;
+  int column = 0;
+
+  friend bool operator==(const ExposeSpec&, const ExposeSpec&) = default;
+};
+
 struct ServiceSpec {
   std::string name;
   int replicas = 1;
@@ -52,6 +66,7 @@ struct ServiceSpec {
   Template tmpl;
   UpdatePolicy update;
   int history_limit = 10;
+  std::optional<ExposeSpec> expose;
 
   // Where it was declared: the document's `name:` value.
   std::string file;

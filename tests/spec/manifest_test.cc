@@ -587,5 +587,86 @@ TEST_CASE("a long unknown key is reported without its text", "[manifest]") {
   CHECK(errors[0] == "w.yaml:4:1: unknown key of 129 bytes (keys are at most 128)");
 }
 
+TEST_CASE("expose: a stable address, its drain, and its errors at their place", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", std::string(kMinimal) + "expose: {port: 8080, drain: 30s}\n");
+  f.Write("api.yaml", R"(name: api
+version: "1.0"
+artifact: {path: ../artifacts/app}
+expose: {listen: "[::1]:9000"}
+)");
+  ManifestSet set = f.Load();
+  REQUIRE(set.ok());
+  std::map<std::string, ExposeSpec> by_name;
+  for (const ServiceSpec* s : set.Services()) {
+    REQUIRE(s->expose);
+    by_name[s->name] = *s->expose;
+  }
+  CHECK(by_name["web"].listen_host == "127.0.0.1");
+  CHECK(by_name["web"].port == 8080);
+  CHECK(by_name["web"].drain == Duration(30'000));
+  CHECK(by_name["web"].line == 4);
+  CHECK(by_name["api"].listen_host == "::1");
+  CHECK(by_name["api"].port == 9000);
+  CHECK(by_name["api"].drain == Duration(10'000));  // the default
+
+  // Stored and read back with the rest of the spec; a spec stored before has none.
+  const ServiceSpec* web = nullptr;
+  for (const ServiceSpec* s : set.Services()) {
+    if (s->name == "web") web = s;
+  }
+  REQUIRE(web != nullptr);
+  StatusOr<ServiceSpec> back = ServiceSpecFromJson(ServiceSpecToJson(*web));
+  REQUIRE(back.ok());
+  CHECK(back->expose == web->expose);
+  nlohmann::json old = nlohmann::json::parse(ServiceSpecToJson(*web));
+  old.erase("expose");
+  StatusOr<ServiceSpec> before = ServiceSpecFromJson(old.dump());
+  REQUIRE(before.ok());
+  CHECK_FALSE(before->expose);
+
+  f.Write("web.yaml", std::string(kMinimal) + "expose: {port: 70000, drain: soon}\n");
+  f.Write("api.yaml", R"(name: api
+version: "1.0"
+artifact: {path: ../artifacts/app}
+expose: {port: 1, listen: "localhost:80"}
+)");
+  CHECK(f.Errors() ==
+        std::vector<std::string>{
+            "api.yaml:4:19: expose.listen: give expose.port (on 127.0.0.1) or expose.listen "
+            "(HOST:PORT), not both",
+            "api.yaml:4:27: expose.listen: expected IP:PORT with a port in 1-65535 "
+            "(127.0.0.1:8080, 0.0.0.0:8080, [::1]:8080), got \"localhost:80\"",
+            "web.yaml:4:16: expose.port: must be from 1 to 65535, got 70000",
+            "web.yaml:4:30: expose.drain: expected a duration like 500ms, 2s or 10m, got "
+            "\"soon\""});
+}
+
+TEST_CASE("expose: one port, one service, across files", "[manifest]") {
+  Fixture f;
+  f.Write("web.yaml", std::string(kMinimal) + "expose: {port: 8080}\n");
+  f.Write("api.yaml", R"(name: api
+version: "1.0"
+artifact: {path: ../artifacts/app}
+expose: {listen: "0.0.0.0:8080"}
+)");
+  f.Write("db.yaml", R"(name: db
+version: "1.0"
+artifact: {path: ../artifacts/app}
+expose: {listen: "127.0.0.2:8081"}
+)");
+  const std::string dir = f.dir().string() + "/";
+  CHECK(f.Errors() ==
+        std::vector<std::string>{
+            "api.yaml:4:18: expose: port 8080 is also exposed by service \"web\" at " + dir +
+                "web.yaml:4:16",
+            "web.yaml:4:16: expose: port 8080 is also exposed by service \"api\" at " + dir +
+                "api.yaml:4:18"});
+  const ManifestSet set = f.Load();
+  std::vector<const ServiceSpec*> loaded = set.Services();
+  REQUIRE(loaded.size() == 1);  // another address on another port is fine
+  CHECK(loaded[0]->name == "db");
+}
+
 }  // namespace
 }  // namespace kiln
