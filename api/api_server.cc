@@ -26,6 +26,7 @@
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/utf8.h"
+#include "controller/endpoints_hub.h"
 #include "controller/reconciler.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "spec/manifest.h"
@@ -304,11 +305,153 @@ int64_t MinHealthyMs(const ServiceRecord& s) {
   return spec ? spec->update.min_healthy_time.count() : 0;
 }
 
+pb::EndpointState ToProto(PoolState s) {
+  switch (s) {
+    case PoolState::kReady:
+      return pb::ENDPOINT_STATE_READY;
+    case PoolState::kNotReady:
+      return pb::ENDPOINT_STATE_NOT_READY;
+    case PoolState::kDraining:
+      return pb::ENDPOINT_STATE_DRAINING;
+  }
+  return pb::ENDPOINT_STATE_UNSPECIFIED;
+}
+
+pb::ProxyEndpointState ToProto(ProxyEndpointReport::State s) {
+  switch (s) {
+    case ProxyEndpointReport::State::kActive:
+      return pb::PROXY_ENDPOINT_STATE_ACTIVE;
+    case ProxyEndpointReport::State::kDraining:
+      return pb::PROXY_ENDPOINT_STATE_DRAINING;
+    case ProxyEndpointReport::State::kEjected:
+      return pb::PROXY_ENDPOINT_STATE_EJECTED;
+  }
+  return pb::PROXY_ENDPOINT_STATE_UNSPECIFIED;
+}
+
+void FillExpose(const ExposeSpec& e, pb::Expose* out) {
+  out->set_host(e.listen_host);
+  out->set_port(e.port);
+  out->set_drain_ms(e.drain.count());
+}
+
+void FillPool(const ServicePool& pool, pb::ServiceEndpoints* out) {
+  out->set_service(pool.service);
+  FillExpose(pool.expose, out->mutable_expose());
+  for (const PoolEndpoint& p : pool.endpoints) {
+    pb::Endpoint* e = out->add_endpoints();
+    e->set_instance(p.instance);
+    e->set_revision(p.revision);
+    e->set_version(p.version);
+    e->set_host(p.host);
+    e->set_port(p.port);
+    e->set_state(ToProto(p.state));
+  }
+}
+
+void FillProxyRoute(const std::string& proxy, const ProxyRouteReport& r, pb::ProxyRoute* out) {
+  out->set_proxy(proxy);
+  out->set_service(r.service);
+  out->set_listen_host(r.listen_host);
+  out->set_listen_port(r.listen_port);
+  out->set_bound_port(r.bound_port);
+  out->set_bind_error(r.bind_error);
+  out->set_rejected_connections(r.rejected_connections);
+  for (const ProxyEndpointReport& e : r.endpoints) {
+    pb::ProxyEndpoint* p = out->add_endpoints();
+    p->set_instance(e.instance);
+    p->set_revision(e.revision);
+    p->set_host(e.host);
+    p->set_port(e.port);
+    p->set_state(ToProto(e.state));
+    p->set_open_connections(e.open_connections);
+    p->set_total_connections(e.total_connections);
+    p->set_connect_failures(e.connect_failures);
+    p->set_bytes_in(e.bytes_in);
+    p->set_bytes_out(e.bytes_out);
+  }
+}
+
+ProxyReportData FromProto(const pb::ProxyReport& in) {
+  ProxyReportData out;
+  out.proxy = in.proxy();
+  out.kilnd_id = in.kilnd_id();
+  out.version = in.version();
+  out.started_ms = in.started_unix_ms();
+  for (const pb::ProxyRoute& r : in.routes()) {
+    ProxyRouteReport route;
+    route.service = r.service();
+    route.listen_host = r.listen_host();
+    route.listen_port = r.listen_port();
+    route.bound_port = r.bound_port();
+    route.bind_error = r.bind_error();
+    route.rejected_connections = r.rejected_connections();
+    for (const pb::ProxyEndpoint& e : r.endpoints()) {
+      ProxyEndpointReport p;
+      p.instance = e.instance();
+      p.revision = e.revision();
+      p.host = e.host();
+      p.port = e.port();
+      p.state =
+          e.state() == pb::PROXY_ENDPOINT_STATE_DRAINING  ? ProxyEndpointReport::State::kDraining
+          : e.state() == pb::PROXY_ENDPOINT_STATE_EJECTED ? ProxyEndpointReport::State::kEjected
+                                                          : ProxyEndpointReport::State::kActive;
+      p.open_connections = e.open_connections();
+      p.total_connections = e.total_connections();
+      p.connect_failures = e.connect_failures();
+      p.bytes_in = e.bytes_in();
+      p.bytes_out = e.bytes_out();
+      route.endpoints.push_back(std::move(p));
+    }
+    out.routes.push_back(std::move(route));
+  }
+  return out;
+}
+
+// "draining: 3 open connections, 6s left" for a draining instance of an exposed service.
+std::string DrainLine(const EndpointsHub::DrainStatus& st, int64_t deadline_ms, int64_t now_ms) {
+  std::string line = "draining: ";
+  if (st.proxies == 0) {
+    line += "no proxy reporting";
+  } else {
+    line += std::to_string(st.open_connections) + " open connection" +
+            (st.open_connections == 1 ? "" : "s");
+  }
+  const int64_t left = std::max<int64_t>(0, (deadline_ms - now_ms + 999) / 1000 * 1000);
+  return line + ", " + FormatDuration(Duration(left)) + " left";
+}
+
+// A proxy that cannot listen on the service's address makes the service Degraded
+// (ExposeBindFailed), whatever the stored conditions say: it is the proxy's to report.
+void OverlayBindErrors(const std::string& service, const std::vector<ProxyReportData>& reports,
+                       int64_t now_ms, google::protobuf::RepeatedPtrField<pb::Condition>* out) {
+  for (const ProxyReportData& r : reports) {
+    for (const ProxyRouteReport& route : r.routes) {
+      if (route.service != service || route.bind_error.empty()) continue;
+      pb::Condition* degraded = nullptr;
+      for (pb::Condition& c : *out) {
+        if (c.type() == "Degraded") degraded = &c;
+      }
+      if (degraded == nullptr) {
+        degraded = out->Add();
+        degraded->set_type("Degraded");
+        degraded->set_last_transition_unix_ms(now_ms);
+      }
+      degraded->set_status(true);
+      degraded->set_reason("ExposeBindFailed");
+      degraded->set_message(r.proxy + " cannot listen on " + route.listen_host + ":" +
+                            std::to_string(route.listen_port) + ": " + route.bind_error +
+                            "; retrying");
+      return;
+    }
+  }
+}
+
 // Summary (and with `full`, everything of GetService) for one service.
 // `prefetched`: the service's live instances when the caller already has them.
 Status FillSummary(StateReader& r, const Clock& clock, const ServiceRecord& s,
                    pb::ServiceSummary* sum, pb::Service* full,
-                   const std::vector<InstanceRecord>* prefetched = nullptr) {
+                   const std::vector<InstanceRecord>* prefetched, const EndpointsHub* hub) {
   std::shared_ptr<const ServiceSpec> spec = Cache().Spec(s.spec);
   sum->set_name(s.name);
   sum->set_desired_revision(s.desired_revision);
@@ -320,6 +463,11 @@ Status FillSummary(StateReader& r, const Clock& clock, const ServiceRecord& s,
   sum->set_manifest_error(s.manifest_error);
   FillConditions(s.conditions, sum->mutable_conditions());
   const int64_t now = NowMs(clock);
+  const bool exposed = spec && spec->expose && !s.retired;
+  if (exposed) FillExpose(*spec->expose, sum->mutable_expose());
+  std::vector<ProxyReportData> reports;
+  if (hub != nullptr && spec && spec->expose) reports = hub->LiveReports();
+  if (exposed) OverlayBindErrors(s.name, reports, now, sum->mutable_conditions());
   sum->set_crash_count(s.crash_count);
   sum->set_crash_reason(s.crash_reason);
   sum->set_next_start_unix_ms(s.next_start_ms);
@@ -356,12 +504,26 @@ Status FillSummary(StateReader& r, const Clock& clock, const ServiceRecord& s,
     c.set_total(c.total() + 1);
     c.set_healthy(c.healthy() + (i.state == InstanceState::kHealthy));
     c.set_available(c.available() + avail);
-    if (full) FillInstance(i, now, min_healthy, full->add_instances());
+    if (!full) continue;
+    pb::Instance* out = full->add_instances();
+    FillInstance(i, now, min_healthy, out);
+    if (hub != nullptr && spec && spec->expose && i.state == InstanceState::kDraining) {
+      EndpointsHub::DrainStatus st = hub->Drain(i.name);
+      const int64_t deadline = i.state_changed_ms + spec->expose->drain.count();
+      out->set_open_connections(st.open_connections);
+      out->set_drain_deadline_unix_ms(deadline);
+      out->set_drain(DrainLine(st, deadline, now));
+    }
   }
   sum->set_available(available);
   sum->set_live(static_cast<int32_t>(live.size()));
   if (!full) return Status::Ok();
   full->set_manifest_file(s.manifest_file);
+  for (const ProxyReportData& rep : reports) {
+    for (const ProxyRouteReport& route : rep.routes) {
+      if (route.service == s.name) FillProxyRoute(rep.proxy, route, full->add_proxy_routes());
+    }
+  }
   full->set_pin_reason(s.pin_reason);
   for (auto& [rev, c] : counts) *full->add_revisions() = c;
   if (spec) {
@@ -396,7 +558,8 @@ Status FillSummary(StateReader& r, const Clock& clock, const ServiceRecord& s,
   return Status::Ok();
 }
 
-Status BuildListServices(StateReader& r, const Clock& clock, pb::ListServicesResponse* resp) {
+Status BuildListServices(StateReader& r, const Clock& clock, pb::ListServicesResponse* resp,
+                         const EndpointsHub* hub) {
   return r.Snapshot([&]() -> Status {
     ASSIGN_OR_RETURN(auto services, r.ListServices());
     // One query for every live instance rather than one per service.
@@ -404,18 +567,19 @@ Status BuildListServices(StateReader& r, const Clock& clock, pb::ListServicesRes
     std::map<std::string, std::vector<InstanceRecord>> by_service;
     for (auto& i : live) by_service[i.service].push_back(std::move(i));
     for (const auto& s : services) {
-      RETURN_IF_ERROR(FillSummary(r, clock, s, resp->add_services(), nullptr, &by_service[s.name]));
+      RETURN_IF_ERROR(
+          FillSummary(r, clock, s, resp->add_services(), nullptr, &by_service[s.name], hub));
     }
     return Status::Ok();
   });
 }
 
 Status BuildGetService(StateReader& r, const Clock& clock, const std::string& name,
-                       pb::GetServiceResponse* resp) {
+                       pb::GetServiceResponse* resp, const EndpointsHub* hub) {
   return r.Snapshot([&]() -> Status {
     ASSIGN_OR_RETURN(ServiceRecord s, r.GetService(name));
     return FillSummary(r, clock, s, resp->mutable_service()->mutable_summary(),
-                       resp->mutable_service());
+                       resp->mutable_service(), nullptr, hub);
   });
 }
 
@@ -435,21 +599,23 @@ Status BuildEndpoints(StateReader& r, const Clock& clock, const std::string& ser
     for (auto& i : live) by_service[i.service].push_back(std::move(i));
     const int64_t now = NowMs(clock);
     for (const ServiceRecord& s : services) {
-      pb::ServiceEndpoints* se = resp->add_services();
-      se->set_service(s.name);
-      const int64_t min_healthy = MinHealthyMs(s);
-      for (const InstanceRecord& i : by_service[s.name]) {
-        if (i.port <= 0) continue;  // not started: no address yet
-        pb::Endpoint* e = se->add_endpoints();
-        e->set_instance(i.name);
-        e->set_revision(i.revision);
-        if (auto facts = Cache().Revision(r, s.name, i.revision)) e->set_version(facts->version);
-        e->set_host(i.host.empty() ? "127.0.0.1" : i.host);
-        e->set_port(i.port);
-        e->set_state(i.state == InstanceState::kDraining ? pb::ENDPOINT_STATE_DRAINING
-                     : IsAvailable(i, now, min_healthy)  ? pb::ENDPOINT_STATE_READY
-                                                         : pb::ENDPOINT_STATE_NOT_READY);
+      std::shared_ptr<const ServiceSpec> spec = Cache().Spec(s.spec);
+      const bool exposed = spec && spec->expose && !s.retired;
+      // The same pool states the proxies are sent (a blue-green rollout holds its new set back).
+      std::optional<RolloutRecord> rollout;
+      if (exposed) {
+        StatusOr<RolloutRecord> ro = r.GetLatestRollout(s.name);
+        if (ro.ok()) rollout = *ro;
       }
+      auto version_of = [&](int64_t revision) {
+        auto facts = Cache().Revision(r, s.name, revision);
+        return facts ? facts->version : std::string();
+      };
+      ServicePool pool = BuildPool(s.name, exposed ? *spec->expose : ExposeSpec{},
+                                   by_service[s.name], rollout, now, MinHealthyMs(s), version_of);
+      pb::ServiceEndpoints* se = resp->add_services();
+      FillPool(pool, se);
+      if (!exposed) se->clear_expose();
     }
     return Status::Ok();
   });
@@ -466,15 +632,16 @@ std::string MessageJson(const google::protobuf::Message& m) {
 
 }  // namespace
 
-StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock) {
+StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock, const EndpointsHub* hub) {
   pb::ListServicesResponse resp;
-  RETURN_IF_ERROR(BuildListServices(r, clock, &resp));
+  RETURN_IF_ERROR(BuildListServices(r, clock, &resp, hub));
   return MessageJson(resp);
 }
 
-StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name, const Clock& clock) {
+StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name, const Clock& clock,
+                                  const EndpointsHub* hub) {
   pb::GetServiceResponse resp;
-  RETURN_IF_ERROR(BuildGetService(r, clock, name, &resp));
+  RETURN_IF_ERROR(BuildGetService(r, clock, name, &resp, hub));
   return MessageJson(resp);
 }
 
@@ -534,10 +701,11 @@ class KilnApi final : public pb::Kiln::Service {
   KilnApi(boost::asio::io_context& io, Reconciler& reconciler,
           std::vector<std::unique_ptr<StateReader>> readers,
           std::optional<std::map<std::string, Caller>> tokens, int max_streams,
-          Duration command_timeout, const Clock& clock)
+          Duration command_timeout, const Clock& clock, EndpointsHub* hub)
       : io_(io),
         reconciler_(reconciler),
         clock_(clock),
+        hub_(hub),
         tokens_(std::move(tokens)),
         max_streams_(max_streams),
         command_timeout_(command_timeout) {
@@ -549,15 +717,16 @@ class KilnApi final : public pb::Kiln::Service {
   grpc::Status ListServices(ServerContext* ctx, const pb::ListServicesRequest*,
                             pb::ListServicesResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
-    return ToGrpc(WithReader([&](StateReader& r) { return BuildListServices(r, clock_, resp); }));
+    return ToGrpc(
+        WithReader([&](StateReader& r) { return BuildListServices(r, clock_, resp, hub_); }));
   }
 
   grpc::Status GetService(ServerContext* ctx, const pb::GetServiceRequest* req,
                           pb::GetServiceResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
     if (req->name().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "name is required");
-    return ToGrpc(
-        WithReader([&](StateReader& r) { return BuildGetService(r, clock_, req->name(), resp); }));
+    return ToGrpc(WithReader(
+        [&](StateReader& r) { return BuildGetService(r, clock_, req->name(), resp, hub_); }));
   }
 
   grpc::Status GetEndpoints(ServerContext* ctx, const pb::GetEndpointsRequest* req,
@@ -565,6 +734,56 @@ class KilnApi final : public pb::Kiln::Service {
     RETURN_GRPC_IF_DENIED(ctx, false);
     return ToGrpc(WithReader(
         [&](StateReader& r) { return BuildEndpoints(r, clock_, req->service(), resp); }));
+  }
+
+  grpc::Status WatchEndpoints(ServerContext* ctx, const pb::WatchEndpointsRequest* req,
+                              grpc::ServerWriter<pb::EndpointsSnapshot>* writer) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    if (hub_ == nullptr)
+      return grpc::Status(grpc::UNIMPLEMENTED, "this kilnd has no endpoints hub");
+    if (++streams_ > max_streams_) {
+      --streams_;
+      return grpc::Status(grpc::RESOURCE_EXHAUSTED,
+                          "too many streams (" + std::to_string(max_streams_) + "); try later");
+    }
+    struct Release {
+      std::atomic<int>& n;
+      ~Release() { --n; }
+    } release{streams_};
+    std::string kilnd_id = req->kilnd_id();
+    uint64_t version = req->after_version();
+    // Whole snapshots, each only after the previous one was written: a slow proxy skips
+    // versions, never falls behind.
+    while (!ctx->IsCancelled() && !stopping_) {
+      if (!hub_->WaitForChange(kilnd_id, version, std::chrono::milliseconds(500))) continue;
+      EndpointsHub::Snapshot snap = hub_->Current();
+      pb::EndpointsSnapshot out;
+      out.set_kilnd_id(snap.kilnd_id);
+      out.set_version(snap.version);
+      for (const ServicePool& pool : snap.services) FillPool(pool, out.add_services());
+      if (!writer->Write(out)) return grpc::Status::OK;  // the client went away
+      kilnd_id = snap.kilnd_id;
+      version = snap.version;
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ReportProxy(ServerContext* ctx, const pb::ProxyReport* req,
+                           pb::ReportProxyResponse* resp) override {
+    if (tokens_) {
+      StatusOr<Caller> caller = CallerOf(ctx);
+      if (!caller.ok()) return ToGrpc(caller.status());
+      if (caller->role != Role::kOperator && caller->role != Role::kProxy) {
+        return grpc::Status(grpc::PERMISSION_DENIED,
+                            caller->name + " is a viewer; ReportProxy needs the proxy role");
+      }
+    }
+    if (hub_ == nullptr)
+      return grpc::Status(grpc::UNIMPLEMENTED, "this kilnd has no endpoints hub");
+    if (req->proxy().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "proxy is required");
+    hub_->Report(FromProto(*req));
+    resp->set_report_interval_ms(hub_->report_interval().count());
+    return grpc::Status::OK;
   }
 
   grpc::Status ListInstances(ServerContext* ctx, const pb::ListInstancesRequest* req,
@@ -782,18 +1001,24 @@ class KilnApi final : public pb::Kiln::Service {
  private:
   // Authorization for one call: UNAUTHENTICATED without a known token, PERMISSION_DENIED for a
   // viewer calling a mutating RPC.
-  grpc::Status Authorize(ServerContext* ctx, bool mutating) {
-    if (!tokens_) return grpc::Status::OK;
+  StatusOr<Caller> CallerOf(ServerContext* ctx) {
     auto md = ctx->client_metadata();
     auto it = md.find("authorization");
     std::string_view value = it == md.end()
                                  ? std::string_view()
                                  : std::string_view(it->second.data(), it->second.size());
-    StatusOr<Caller> caller = AuthenticateBearer(*tokens_, value);
+    return AuthenticateBearer(*tokens_, value);
+  }
+
+  grpc::Status Authorize(ServerContext* ctx, bool mutating) {
+    if (!tokens_) return grpc::Status::OK;
+    StatusOr<Caller> caller = CallerOf(ctx);
     if (!caller.ok()) return ToGrpc(caller.status());
     if (mutating && caller->role != Role::kOperator) {
       return grpc::Status(grpc::PERMISSION_DENIED,
-                          caller->name + " is a viewer; this call needs the operator role");
+                          caller->name + " is a " +
+                              (caller->role == Role::kProxy ? "proxy" : "viewer") +
+                              "; this call needs the operator role");
     }
     return grpc::Status::OK;
   }
@@ -850,6 +1075,7 @@ class KilnApi final : public pb::Kiln::Service {
   boost::asio::io_context& io_;
   Reconciler& reconciler_;
   const Clock& clock_;
+  EndpointsHub* hub_;  // null: no stable addresses
   std::vector<ReaderSlot> readers_;
   std::atomic<size_t> next_{0};
   std::optional<std::map<std::string, Caller>> tokens_;
@@ -947,9 +1173,9 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
     readers.push_back(std::move(r));
   }
   auto impl = std::make_unique<Impl>();
-  impl->api =
-      std::make_unique<KilnApi>(io, reconciler, std::move(readers), o.tokens, o.max_streams,
-                                o.command_timeout, o.clock ? *o.clock : RealClockInstance());
+  impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), o.tokens, o.max_streams,
+                                        o.command_timeout, o.clock ? *o.clock : RealClockInstance(),
+                                        o.endpoints);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -21,15 +21,18 @@ class io_context;
 
 namespace kiln {
 
+class EndpointsHub;
 class Metrics;
 class Reconciler;
 
 // The JSON that HTTP's /api/v1 serves: the same messages as the gRPC API (ListServices,
 // GetService, GetEndpoints, WatchEvents), with proto field names. `clock` says what is available
-// now.
-StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock = RealClockInstance());
+// now; `hub` (when there is one) what proxies report: drains, listeners, connections.
+StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock = RealClockInstance(),
+                                   const EndpointsHub* hub = nullptr);
 StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name,
-                                  const Clock& clock = RealClockInstance());
+                                  const Clock& clock = RealClockInstance(),
+                                  const EndpointsHub* hub = nullptr);
 // GetEndpoints of one service (every service when `service` is empty).
 StatusOr<std::string> EndpointsJson(StateReader& r, const std::string& service,
                                     const Clock& clock = RealClockInstance());
@@ -58,6 +61,9 @@ class ApiServer {
     int max_threads = 128;              // threads running calls (WatchEvents streams included)
     Metrics* metrics = nullptr;         // counts requests by method and code
     const Clock* clock = nullptr;       // availability and back-off figures; null = the system's
+    // Pools streamed by WatchEndpoints and proxies' reports (ReportProxy); null: both are
+    // UNIMPLEMENTED.
+    EndpointsHub* endpoints = nullptr;
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 

@@ -19,14 +19,16 @@ StatusOr<Tokens> LoadTokens(const std::string& path) {
     if (!(in >> role >> name) || (in >> extra)) {
       return InvalidArgumentError(where + "expected \"TOKEN ROLE NAME\"");
     }
-    if (role != "viewer" && role != "operator") {
+    if (role != "viewer" && role != "operator" && role != "proxy") {
       return InvalidArgumentError(
-          where.append("role must be viewer or operator, got \"").append(role).append("\""));
+          where.append("role must be viewer, operator or proxy, got \"").append(role).append("\""));
     }
     if (token.size() < 16)
       return InvalidArgumentError(where + "a token must be at least 16 characters");
     if (tokens.count(token)) return InvalidArgumentError(where + "duplicate token");
-    tokens[token] = {name, role == "operator" ? Role::kOperator : Role::kViewer};
+    tokens[token] = {name, role == "operator" ? Role::kOperator
+                           : role == "proxy"  ? Role::kProxy
+                                              : Role::kViewer};
   }
   return tokens;
 }

@@ -1,7 +1,8 @@
 #pragma once
 
 // API access tokens (`kilnd --tokens FILE`): one per line, "TOKEN ROLE NAME", ROLE `viewer`
-// (reads) or `operator` (reads and mutating calls); '#' starts a comment.
+// (reads), `operator` (reads and mutating calls) or `proxy` (reads and ReportProxy: what a
+// kiln-proxy run by hand needs); '#' starts a comment.
 
 #include <map>
 #include <string>
@@ -11,7 +12,7 @@
 
 namespace kiln {
 
-enum class Role { kViewer, kOperator };
+enum class Role { kViewer, kOperator, kProxy };
 
 struct Caller {
   std::string name;

@@ -15,6 +15,7 @@
 #include <string_view>
 #include <thread>
 
+#include "common/duration.h"
 #include "common/status.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "kiln/version.h"
@@ -204,10 +205,12 @@ int Query(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, c
 }
 
 std::vector<std::string> InstanceRow(const pb::Instance& i, const std::string& indent = "") {
+  // A draining instance of an exposed service says how its drain goes.
+  std::string reason = i.drain().empty() ? i.reason() : i.drain() + "; " + i.reason();
   return {indent + i.id(),          std::to_string(i.revision()),
           StateName(i.state()),     i.available() ? "yes" : "no",
           std::to_string(i.port()), std::to_string(i.pid()),
-          Age(i.created_unix_ms()), i.reason()};
+          Age(i.created_unix_ms()), reason};
 }
 
 // "http 503 from 127.0.0.1:20001/healthz (failing 12s, first: connect refused ...)".
@@ -275,6 +278,24 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
   out << "Instances:  " << sum.available() << " available of " << sum.replicas() << " wanted, "
       << sum.live() << " live\n";
   out << "Strategy:   " << StrategyLabel(sv.update().strategy()) << "\n";
+  if (sum.has_expose()) {
+    out << "Address:    " << sum.expose().host() << ":" << sum.expose().port() << " (drain "
+        << FormatDuration(Duration(sum.expose().drain_ms())) << ")";
+    if (sv.proxy_routes().empty()) out << "; no proxy reporting";
+    for (const auto& route : sv.proxy_routes()) {
+      int ready = 0;
+      int64_t open = 0;
+      for (const auto& e : route.endpoints()) {
+        ready += e.state() == pb::PROXY_ENDPOINT_STATE_ACTIVE;
+        open += e.open_connections();
+      }
+      out << "; " << route.proxy() << ": "
+          << (route.bind_error().empty() ? std::to_string(ready) + " in pool, " +
+                                               std::to_string(open) + " open connections"
+                                         : "cannot listen: " + route.bind_error());
+    }
+    out << "\n";
+  }
   if (sv.has_rollout()) {
     const auto& r = sv.rollout();
     out << "Rollout:    " << r.from_revision() << " -> " << r.to_revision() << " "

@@ -35,8 +35,8 @@ bool IsFailureEvent(EventKind kind) {
 }
 bool IsLifecycleEvent(EventKind kind) {
   return kind == EventKind::kInstanceCreated || kind == EventKind::kInstanceStarted ||
-         kind == EventKind::kInstanceDraining || kind == EventKind::kInstanceTerminated ||
-         kind == EventKind::kInstanceHealthy;
+         kind == EventKind::kInstanceDraining || kind == EventKind::kInstanceDrained ||
+         kind == EventKind::kInstanceTerminated || kind == EventKind::kInstanceHealthy;
 }
 
 // What makes two events "the same thing again": kind, revision and message, with the instance
@@ -201,8 +201,11 @@ Status Reconciler::Recover() {
         });
       }
     } else if (inst.state == InstanceState::kDraining) {
-      if (adopted) {
-        StopInstance(inst, /*mark_terminated=*/true);
+      const DesiredService* d = desired_.Find(inst.service);
+      if (adopted && options_.endpoints != nullptr && d != nullptr && d->spec.expose) {
+        // Its drain goes on: the first pass stops it once no proxy routes to it.
+      } else if (adopted) {
+        IssueStop(inst);
       } else {
         s = store_.Transaction([&]() -> Status {
           RETURN_IF_ERROR(store_
@@ -254,6 +257,22 @@ Status Reconciler::Recover() {
                                      {"stopped_while_down", stopped_while_down},
                                      {"unknown_stopped", unknown_count}});
   for (const auto& name : ServiceNames()) scheduler_.Add(name);
+  // The pools as recorded, before any proxy is served a snapshot: a proxy that reconnects to a
+  // restarted kilnd must find every address it served, never a partial view.
+  if (options_.endpoints != nullptr) {
+    const int64_t now = NowMs();
+    for (const ServiceRecord& s : services) {
+      if (s.spec.empty()) continue;
+      StatusOr<ServiceSpec> spec = ServiceSpecFromJson(s.spec);
+      if (!spec.ok() || !spec->expose) continue;
+      Status p = PublishAndDrain(s.name, spec->expose, !s.retired,
+                                 spec->update.min_healthy_time.count(), now);
+      if (!p.ok()) {
+        LogError("cannot publish a pool", {{"service", s.name}, {"error", p.ToString()}});
+      }
+    }
+    options_.endpoints->MarkReady();
+  }
   return Status::Ok();
 }
 
@@ -592,6 +611,8 @@ void Reconciler::StopInstance(const InstanceRecord& inst, bool mark_terminated) 
   }
   auto finish = [this, inst, mark_terminated](StatusOr<ExitInfo> r) {
     unrecorded_starts_.erase(inst.name);
+    stop_issued_.erase(inst.name);
+    if (options_.endpoints) options_.endpoints->Forget(inst.name);
     if (!mark_terminated) return;
     Status s = store_.Transaction([&]() -> Status {
       ASSIGN_OR_RETURN(InstanceRecord now, store_.GetInstance(inst.name));
@@ -821,6 +842,8 @@ Status Reconciler::Reconcile(const std::string& name) {
   bool requeue_now = false;
   bool collect_artifacts = false;
   std::string desired_hash;  // of the desired revision, once committed
+  std::string stored_spec;   // the service's spec as recorded, for one no longer declared
+  bool retired = false;
 
   Status committed = store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(PassInput in, LoadPassInput(name, desired, artifact, now));
@@ -831,6 +854,8 @@ Status Reconciler::Reconcile(const std::string& name) {
     ASSIGN_OR_RETURN(PassResult d, Decide(in));
     ServiceRecord& svc = d.service;
     const int64_t target_rev = d.target_revision;
+    stored_spec = in.service.spec;
+    retired = svc.retired;
     if (!in.service_exists && in.declared) {
       RETURN_IF_ERROR(store_.PutService({.name = name}));  // revisions reference it
     }
@@ -915,6 +940,24 @@ Status Reconciler::Reconcile(const std::string& name) {
   if (!committed.ok()) return committed;  // nothing was started or stopped
   if (!desired_hash.empty()) desired_hash_[name] = desired_hash;
 
+  // Instances leave their service's pool before they are stopped: for a service with a stable
+  // address, a draining instance is stopped only once no proxy routes to it.
+  const std::optional<ExposeSpec> expose = ExposeOf(name, desired, stored_spec);
+  auto stop_drained = [&]() -> Status {
+    if (!expose || !options_.endpoints) {
+      for (const auto& inst : to_stop) IssueStop(inst);
+      if (options_.endpoints && published_.count(name)) {
+        RETURN_IF_ERROR(PublishAndDrain(name, std::nullopt, false, 0, now));
+      }
+      return Status::Ok();
+    }
+    const ServiceSpec* spec = desired != nullptr ? &desired->spec : nullptr;
+    StatusOr<ServiceSpec> stored = ServiceSpecFromJson(stored_spec);
+    if (spec == nullptr && stored.ok()) spec = &*stored;
+    const int64_t min_healthy = spec != nullptr ? spec->update.min_healthy_time.count() : 0;
+    return PublishAndDrain(name, expose, !retired, min_healthy, now);
+  };
+
   // Never start instances from bytes that no longer match their digest.
   if (!to_start.empty() && desired != nullptr && !desired->spec.tmpl.artifact_sha256.empty()) {
     std::set<int64_t> revisions;
@@ -925,19 +968,136 @@ Status Reconciler::Reconcile(const std::string& name) {
       if (!checked.ok()) {
         // The intents stay pending; the next pass (after backoff) starts them once it is fixed.
         for (const auto& inst : to_fail) StopInstance(inst, false);
-        for (const auto& inst : to_stop) StopInstance(inst, true);
+        Status drained = stop_drained();
+        if (!drained.ok()) {
+          LogError("cannot publish a pool", {{"service", name}, {"error", drained.ToString()}});
+        }
         return checked;
       }
     }
   }
 
   for (const auto& inst : to_fail) StopInstance(inst, /*mark_terminated=*/false);
-  for (const auto& inst : to_stop) StopInstance(inst, /*mark_terminated=*/true);
+  Status drained = stop_drained();
   for (const auto& inst : to_start) StartInstance(inst);
   if (collect_artifacts) CollectArtifacts();
   if (requeue_now) scheduler_.Add(name);
   if (next_deadline_ms > 0) scheduler_.AddAfter(name, Duration(next_deadline_ms - now));
+  return drained;
+}
+
+std::optional<ExposeSpec> Reconciler::ExposeOf(const std::string& name,
+                                               const DesiredService* desired,
+                                               const std::string& stored_spec) {
+  if (desired != nullptr) return desired->spec.expose;
+  if (stored_spec.empty()) return std::nullopt;
+  StatusOr<ServiceSpec> spec = ServiceSpecFromJson(stored_spec);
+  if (!spec.ok()) {
+    LogWarn("recorded spec unreadable", {{"service", name}, {"error", spec.status().ToString()}});
+    return std::nullopt;
+  }
+  return spec->expose;
+}
+
+StatusOr<std::string> Reconciler::VersionOf(const std::string& service, int64_t revision) {
+  auto key = std::make_pair(service, revision);
+  auto it = version_cache_.find(key);
+  if (it != version_cache_.end()) return it->second;
+  ASSIGN_OR_RETURN(RevisionRecord r, store_.GetRevision(service, revision));
+  ASSIGN_OR_RETURN(Template t, Template::FromCanonical(r.template_json));
+  version_cache_.emplace(key, t.version);
+  return t.version;
+}
+
+Status Reconciler::PublishAndDrain(const std::string& name, const std::optional<ExposeSpec>& expose,
+                                   bool listening, int64_t min_healthy_ms, int64_t now) {
+  EndpointsHub& hub = *options_.endpoints;
+  if (!expose) {
+    hub.Publish(name, std::nullopt);
+    published_.erase(name);
+    draining_services_.erase(name);
+    return Status::Ok();
+  }
+  ASSIGN_OR_RETURN(auto live, store_.ListInstances(name, false));
+  StatusOr<RolloutRecord> latest = store_.GetLatestRollout(name);
+  if (!latest.ok() && latest.status().code() != StatusCode::kNotFound) return latest.status();
+  std::optional<RolloutRecord> rollout;
+  if (latest.ok()) rollout = *latest;
+  Status versions = Status::Ok();
+  auto version_of = [&](int64_t revision) {
+    StatusOr<std::string> v = VersionOf(name, revision);
+    if (!v.ok()) versions = v.status();
+    return v.ok() ? *v : std::string();
+  };
+  if (listening) {
+    hub.Publish(name, BuildPool(name, *expose, live, rollout, now, min_healthy_ms, version_of));
+    published_.insert(name);
+  } else {
+    hub.Publish(name, std::nullopt);  // retired: its address closes; open connections finish
+    published_.erase(name);
+  }
+  RETURN_IF_ERROR(versions);
+
+  int64_t wake = NextPoolChangeMs(live, now, min_healthy_ms);
+  bool waiting = false;
+  for (const InstanceRecord& inst : live) {
+    if (inst.state != InstanceState::kDraining || stop_issued_.count(inst.name)) continue;
+    int64_t deadline = 0;
+    const std::string why = DrainDone(inst, *expose, now, &deadline);
+    if (why.empty()) {
+      waiting = true;
+      if (wake == 0 || deadline < wake) wake = deadline;
+      continue;
+    }
+    Status s = store_.Transaction([&]() -> Status {
+      return Event(EventKind::kInstanceDrained, name, inst.revision, inst.name, "kilnd",
+                   "instance " + inst.name + " " + why + "; stopping it");
+    });
+    if (!s.ok())
+      LogWarn("cannot record a drain", {{"instance", inst.name}, {"error", s.ToString()}});
+    LogInfo(
+        "instance drained",
+        {{"service", name}, {"revision", inst.revision}, {"instance", inst.name}, {"why", why}});
+    IssueStop(inst);
+  }
+  if (waiting) {
+    draining_services_.insert(name);
+  } else {
+    draining_services_.erase(name);
+  }
+  if (wake > now) scheduler_.AddAfter(name, Duration(wake - now));
   return Status::Ok();
+}
+
+std::string Reconciler::DrainDone(const InstanceRecord& inst, const ExposeSpec& expose, int64_t now,
+                                  int64_t* deadline) {
+  if (inst.port <= 0) return "never took connections";
+  const int64_t drain_ms = expose.drain.count();
+  *deadline = inst.state_changed_ms + drain_ms;
+  EndpointsHub::DrainStatus st = options_.endpoints->Drain(inst.name);
+  const std::string waited =
+      FormatDuration(Duration(std::max<int64_t>(0, now - inst.state_changed_ms)));
+  if (st.drained) {
+    return "drained: no proxy routes to it and no connection is open (after " + waited + ")";
+  }
+  if (now >= *deadline) {
+    if (st.proxies == 0) {
+      return "not drained within its drain time (" + FormatDuration(expose.drain) +
+             "): no proxy reporting";
+    }
+    return "not drained within its drain time (" + FormatDuration(expose.drain) +
+           "): " + std::to_string(st.open_connections) + " connection(s) still open";
+  }
+  return "";
+}
+
+void Reconciler::IssueStop(const InstanceRecord& inst) {
+  if (!stop_issued_.insert(inst.name).second) return;
+  StopInstance(inst, /*mark_terminated=*/true);
+}
+
+void Reconciler::OnProxyReport() {
+  for (const std::string& name : draining_services_) scheduler_.Add(name);
 }
 
 // ---------------------------------------------------------------------------------------------

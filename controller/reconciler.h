@@ -19,6 +19,7 @@
 
 #include "common/clock.h"
 #include "controller/decide.h"
+#include "controller/endpoints_hub.h"
 #include "controller/work_queue.h"
 #include "deploy/artifact_store.h"
 #include "deploy/driver.h"
@@ -46,6 +47,9 @@ class Reconciler {
     std::function<void(const EventRecord&)> on_event;  // every event recorded (metrics)
     // Every probe result (metrics): `service` is the instance's.
     std::function<void(const std::string& service, const ProbeResult&)> on_probe;
+    // Where the pools of services with `expose:` are published and proxies report; null: no
+    // stable addresses (a draining instance is stopped at once).
+    EndpointsHub* endpoints = nullptr;
   };
 
   Reconciler(StateStore& store, Driver& driver, HealthWatcher& prober, ArtifactStore& artifacts,
@@ -61,6 +65,8 @@ class Reconciler {
 
   // One pass for one service.
   Status Reconcile(const std::string& service);
+  // A proxy reported (EndpointsHub::Report): services waiting for a drain look again.
+  void OnProxyReport();
 
   // Every service with desired state or live instances (what a resync enqueues).
   std::vector<std::string> ServiceNames() const;
@@ -145,6 +151,21 @@ class Reconciler {
                                           const std::string& except_hash);
   void StartInstance(const InstanceRecord& inst);
   void StopInstance(const InstanceRecord& inst, bool mark_terminated);
+  // Stops a draining instance, once: StopInstance(inst, true) unless a stop is already under way.
+  void IssueStop(const InstanceRecord& inst);
+  // The service's stable address as its manifest declares it, else as last recorded (a service
+  // no longer declared keeps its address until it is retired); nullopt when it has none.
+  std::optional<ExposeSpec> ExposeOf(const std::string& name, const DesiredService* desired,
+                                     const std::string& stored_spec);
+  // Publishes the pool of an exposed service (`listening`), or that it has none; then stops each
+  // draining instance no proxy has a connection open to, or whose `drain` has passed, and wakes
+  // the service for the rest. `now` is the pass's time.
+  Status PublishAndDrain(const std::string& name, const std::optional<ExposeSpec>& expose,
+                         bool listening, int64_t min_healthy_ms, int64_t now);
+  // Whether a draining instance may be stopped now, and why ("" = not yet).
+  std::string DrainDone(const InstanceRecord& inst, const ExposeSpec& expose, int64_t now,
+                        int64_t* deadline);
+  StatusOr<std::string> VersionOf(const std::string& service, int64_t revision);
   void WatchHealth(const InstanceRecord& inst, const Template& tmpl);
   void OnExit(const ExitInfo& info);
   // Records an exit; false when the store refused (it is retried on the next pass).
@@ -204,6 +225,14 @@ class Reconciler {
   // committed (only a pass changes it), so that a steady pass need not read the service twice
   // to know whether its manifest declares a new template.
   std::map<std::string, std::string> desired_hash_;
+  // Draining instances whose stop was handed to the driver (a pass never stops one twice).
+  std::set<std::string> stop_issued_;
+  // Services with a draining instance waiting for proxies: a proxy's report wakes them.
+  std::set<std::string> draining_services_;
+  // Services whose pool is published (so that one losing its address is unpublished).
+  std::set<std::string> published_;
+  // The `version` of each (service, revision) a pool names: revisions never change.
+  std::map<std::pair<std::string, int64_t>, std::string> version_cache_;
 };
 
 }  // namespace kiln

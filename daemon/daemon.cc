@@ -15,6 +15,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <random>
 #include <thread>
 
 #include "api/api_server.h"
@@ -23,6 +24,7 @@
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/time_source.h"
+#include "controller/endpoints_hub.h"
 #include "controller/reconciler.h"
 #include "controller/work_queue.h"
 #include "daemon/kiln_metrics.h"
@@ -41,6 +43,16 @@ namespace kiln {
 namespace fs = std::filesystem;
 
 namespace {
+
+// Names this run of kilnd for the proxies (EndpointsSnapshot.kilnd_id): a proxy that sees a new
+// one resynchronises from a whole snapshot.
+std::string NewKilndId() {
+  std::random_device rd;
+  const uint64_t bits = (static_cast<uint64_t>(rd()) << 32) | rd();
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(bits));
+  return buf;
+}
 
 // Writes `text` to `path` so that a reader sees the old file or the new one, never a part:
 // a temporary file beside it, then rename.
@@ -95,6 +107,8 @@ struct Daemon::Impl {
   const DaemonConfig config;
   RealTimeSource clock;  // time and timers for the store, queue, watcher, reconciler and API
   Metrics metrics;
+  // Pools of exposed services and proxies' reports; outlives the API that serves them.
+  std::unique_ptr<EndpointsHub> endpoints;
   std::unique_ptr<SqliteStateStore> store;
   std::optional<ArtifactStore> artifacts;
   boost::asio::io_context io;
@@ -195,7 +209,14 @@ Status Daemon::Impl::Init() {
         return s;
       },
       [this] { return reconciler->ServiceNames(); });
+  endpoints = std::make_unique<EndpointsHub>(clock, NewKilndId(), std::chrono::milliseconds(500));
+  endpoints->SetOnReport([this] {
+    boost::asio::post(io, [this] {
+      if (reconciler && recovered) reconciler->OnProxyReport();
+    });
+  });
   Reconciler::Options rec_options;
+  rec_options.endpoints = endpoints.get();
   rec_options.stop_grace = config.stop_grace;
   rec_options.retire_after = config.retire_after;
   rec_options.on_probe = [this](const std::string& service, const ProbeResult& r) {
@@ -244,7 +265,9 @@ Status Daemon::Impl::Init() {
       io,
       [this] {
         ArtifactHasher hash_fn = [this](const fs::path& p) { return (*hasher)(p); };
-        return LoadManifestDir(config.manifests, hash_fn);
+        ManifestSet set = LoadManifestDir(config.manifests, hash_fn);
+        RejectExposedPortsIn(set, config.port_first, config.port_last);
+        return set;
       },
       [this](const ManifestSet& set) {
         LogManifestSet(set, last_logged_set);
@@ -262,6 +285,7 @@ Status Daemon::Impl::Init() {
   api_options.unix_socket = (config.state / "kiln.sock").string();
   api_options.metrics = &metrics;
   api_options.clock = &clock;
+  api_options.endpoints = endpoints.get();
   auto api_started =
       ApiServer::Start(api_options, io, *reconciler, [this] { return store->OpenReader(); });
   if (!api_started.ok()) {
@@ -324,11 +348,13 @@ Status Daemon::Impl::Init() {
     }
     return out;
   });
+  CollectProxyMetrics(metrics, *endpoints);
   if (!config.http_listen.empty()) {
     HttpServer::Options http_options = HttpOptionsOf(config);
     HttpServer::Sources sources;
     sources.metrics = [this] { return metrics.Render(); };
     sources.reader = http_reader.get();
+    sources.endpoints = endpoints.get();
     sources.readiness = [this] {
       return ReadinessOf(published.Get(), std::chrono::steady_clock::now(),
                          ToUnixMillis(clock.SystemNow()));
@@ -475,6 +501,7 @@ void Daemon::Impl::ShutDown(const char* signal_name) {
   }
   shutting_down = true;
   Publish();
+  endpoints->Stop();  // proxies keep serving what they have; they reconnect to the next kilnd
   io.stop();
 }
 

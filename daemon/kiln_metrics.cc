@@ -1,7 +1,12 @@
 #include "daemon/kiln_metrics.h"
 
+#include <map>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
+#include "controller/endpoints_hub.h"
 #include "kiln/version.h"
 
 namespace kiln {
@@ -42,6 +47,111 @@ void DeclareKilnMetrics(Metrics& m) {
   m.Declare("kiln_grpc_requests_total", "counter", "gRPC requests by method and status code.");
   m.Declare("kiln_store_commit_duration_seconds", "histogram",
             "Duration of state store write transactions.", seconds);
+  m.Declare("kiln_proxies", "gauge", "Proxies that reported within the last 3 report intervals.");
+  m.Declare("kiln_proxy_listening", "gauge",
+            "Whether the proxies listen on a service's stable address (1), or cannot bind it (0).");
+  m.Declare("kiln_proxy_connections_active", "gauge",
+            "Connections open through the proxies, by service and revision.");
+  m.Declare("kiln_proxy_connections_total", "counter",
+            "Connections the proxies made to instances, by service and revision.");
+  m.Declare("kiln_proxy_connect_failures_total", "counter",
+            "Connects to instances that failed (refused, unreachable, timed out); the client was "
+            "sent to another instance when one was left.");
+  m.Declare("kiln_proxy_rejected_connections_total", "counter",
+            "Client connections closed because no instance of the service took them.");
+  m.Declare("kiln_proxy_bytes_total", "counter",
+            "Bytes the proxies moved, by service, revision and direction (in: client to "
+            "instance, out: instance to client).");
+  m.Declare("kiln_pool_endpoints", "gauge",
+            "Each started instance of an exposed service by pool state (ready, not_ready, "
+            "draining); 1 per instance.");
+}
+
+void CollectProxyMetrics(Metrics& m, const EndpointsHub& hub) {
+  using Series = std::vector<std::pair<Labels, double>>;
+  auto by_revision = [&hub](auto value) {
+    std::map<std::pair<std::string, int64_t>, double> sums;
+    for (const ProxyReportData& r : hub.LiveReports()) {
+      for (const ProxyRouteReport& route : r.routes) {
+        for (const ProxyEndpointReport& e : route.endpoints) {
+          sums[{route.service, e.revision}] += value(e);
+        }
+      }
+    }
+    Series out;
+    for (const auto& [key, v] : sums) {
+      out.push_back({{{"service", key.first}, {"revision", std::to_string(key.second)}}, v});
+    }
+    return out;
+  };
+  m.SetCollector("kiln_proxies", [&hub] {
+    return Series{{{}, static_cast<double>(hub.LiveReports().size())}};
+  });
+  m.SetCollector("kiln_proxy_listening", [&hub] {
+    std::map<std::string, bool> listening;
+    for (const ProxyReportData& r : hub.LiveReports()) {
+      for (const ProxyRouteReport& route : r.routes) {
+        auto [it, fresh] = listening.emplace(route.service, true);
+        it->second = it->second && route.bound_port > 0;
+      }
+    }
+    Series out;
+    for (const auto& [service, up] : listening)
+      out.push_back({{{"service", service}}, up ? 1.0 : 0.0});
+    return out;
+  });
+  m.SetCollector("kiln_proxy_connections_active", [by_revision] {
+    return by_revision(
+        [](const ProxyEndpointReport& e) { return static_cast<double>(e.open_connections); });
+  });
+  m.SetCollector("kiln_proxy_connections_total", [by_revision] {
+    return by_revision(
+        [](const ProxyEndpointReport& e) { return static_cast<double>(e.total_connections); });
+  });
+  m.SetCollector("kiln_proxy_connect_failures_total", [by_revision] {
+    return by_revision(
+        [](const ProxyEndpointReport& e) { return static_cast<double>(e.connect_failures); });
+  });
+  m.SetCollector("kiln_proxy_rejected_connections_total", [&hub] {
+    std::map<std::string, double> sums;
+    for (const ProxyReportData& r : hub.LiveReports()) {
+      for (const ProxyRouteReport& route : r.routes) {
+        sums[route.service] += static_cast<double>(route.rejected_connections);
+      }
+    }
+    Series out;
+    for (const auto& [service, v] : sums) out.push_back({{{"service", service}}, v});
+    return out;
+  });
+  m.SetCollector("kiln_proxy_bytes_total", [by_revision] {
+    Series out;
+    for (auto [direction, field] : {std::pair{"in", &ProxyEndpointReport::bytes_in},
+                                    {"out", &ProxyEndpointReport::bytes_out}}) {
+      for (auto& [labels, v] : by_revision([field = field](const ProxyEndpointReport& e) {
+             return static_cast<double>(e.*field);
+           })) {
+        labels.push_back({"direction", direction});
+        out.push_back({labels, v});
+      }
+    }
+    return out;
+  });
+  m.SetCollector("kiln_pool_endpoints", [&hub] {
+    Series out;
+    for (const ServicePool& pool : hub.Current().services) {
+      for (const PoolEndpoint& e : pool.endpoints) {
+        const char* state = e.state == PoolState::kReady      ? "ready"
+                            : e.state == PoolState::kDraining ? "draining"
+                                                              : "not_ready";
+        out.push_back({{{"service", pool.service},
+                        {"revision", std::to_string(e.revision)},
+                        {"instance", e.instance},
+                        {"state", state}},
+                       1});
+      }
+    }
+    return out;
+  });
 }
 
 }  // namespace kiln

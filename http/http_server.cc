@@ -119,7 +119,7 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
     }
     StatusOr<std::string> body = InternalError("unrouted");
     if (path == "/api/v1/services") {
-      body = ServicesJson(*sources.reader);
+      body = ServicesJson(*sources.reader, RealClockInstance(), sources.endpoints);
     } else if (path == "/api/v1/events") {
       auto q = Query(query);
       char* end = nullptr;
@@ -138,7 +138,7 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
         name.resize(name.size() - kEndpoints.size());
         body = EndpointsJson(*sources.reader, name);
       } else {
-        body = ServiceJson(*sources.reader, name);
+        body = ServiceJson(*sources.reader, name, RealClockInstance(), sources.endpoints);
       }
     }
     if (!body.ok()) {

@@ -23,6 +23,7 @@ class io_context;
 
 namespace kiln {
 
+class EndpointsHub;
 class StateReader;
 
 class HttpServer {
@@ -52,9 +53,10 @@ class HttpServer {
     std::string json;  // {"ready":..,"checks":{..}}
   };
   struct Sources {
-    std::function<std::string()> metrics;  // Prometheus text
-    std::function<Readiness()> readiness;  // /readyz
-    StateReader* reader = nullptr;         // /api/v1; used on the io_context's thread only
+    std::function<std::string()> metrics;     // Prometheus text
+    std::function<Readiness()> readiness;     // /readyz
+    StateReader* reader = nullptr;            // /api/v1; used on the io_context's thread only
+    const EndpointsHub* endpoints = nullptr;  // proxies' reports in /api/v1/services; optional
   };
 
   // Refuses (FAILED_PRECONDITION, with the reason) to listen off loopback without both TLS and

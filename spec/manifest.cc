@@ -961,6 +961,20 @@ ManifestFile ParseManifest(const std::string& path, const std::string& text,
   return file;
 }
 
+namespace {
+
+// A file with an error applies none of its services; its errors are listed in file order.
+void SortErrorsAndDropBroken(ManifestSet& set) {
+  for (ManifestFile& f : set.files) {
+    if (!f.ok()) f.services.clear();
+    std::sort(f.errors.begin(), f.errors.end(), [](const ManifestError& a, const ManifestError& b) {
+      return std::tie(a.line, a.column) < std::tie(b.line, b.column);
+    });
+  }
+}
+
+}  // namespace
+
 ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
   ManifestSet set;
   set.dir = dir.string();
@@ -1070,13 +1084,22 @@ ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
                std::to_string(b.line) + ":" + std::to_string(b.column)});
     }
   }
-  for (ManifestFile& f : set.files) {
-    if (!f.ok()) f.services.clear();
-    std::sort(f.errors.begin(), f.errors.end(), [](const ManifestError& a, const ManifestError& b) {
-      return std::tie(a.line, a.column) < std::tie(b.line, b.column);
-    });
-  }
+  SortErrorsAndDropBroken(set);
   return set;
+}
+
+void RejectExposedPortsIn(ManifestSet& set, int first, int last) {
+  for (ManifestFile& f : set.files) {
+    for (const ServiceSpec& s : f.services) {
+      if (!s.expose || s.expose->port < first || s.expose->port > last) continue;
+      f.errors.push_back({f.path, s.expose->line, s.expose->column, "expose",
+                          "port " + std::to_string(s.expose->port) +
+                              " is in kilnd's --port-range " + std::to_string(first) + "-" +
+                              std::to_string(last) +
+                              ", where instances get their ports; pick one outside it"});
+    }
+  }
+  SortErrorsAndDropBroken(set);
 }
 
 }  // namespace kiln

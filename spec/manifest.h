@@ -130,6 +130,10 @@ ManifestFile ParseManifest(const std::string& path, const std::string& text,
 // temporaries are skipped), then reports duplicate service names at each place they occur.
 ManifestSet LoadManifestDir(const std::filesystem::path& dir, const ArtifactHasher& hasher = {});
 
+// An error at each `expose:` whose port is in [first, last] (kilnd's --port-range: an instance
+// may be given that port); the files with one apply none of their services, like any error.
+void RejectExposedPortsIn(ManifestSet& set, int first, int last);
+
 // True for the names LoadManifestDir reads: "*.yaml" or "*.yml", not hidden, not an editor's
 // temporary ("#web.yaml#", ".web.yaml.swp", "web.yaml~").
 bool IsManifestFileName(std::string_view file_name);

@@ -272,6 +272,7 @@ enum class EventKind {
   kInstanceHealthy,
   kInstanceUnhealthy,
   kInstanceDraining,
+  kInstanceDrained,  // out of every proxy's pool with no connection open (or `drain` passed)
   kInstanceTerminated,
   kInstanceExited,
   kInstanceFailed,
@@ -299,13 +300,14 @@ enum class EventKind {
   kRetirementCancelled,
 };
 
-inline constexpr std::array<NamedValue<EventKind>, 29> kEventKindNames = {{
+inline constexpr std::array<NamedValue<EventKind>, 30> kEventKindNames = {{
     {EventKind::kInstanceCreated, "instance_created"},
     {EventKind::kInstanceStarted, "instance_started"},
     {EventKind::kInstanceStartFailed, "instance_start_failed"},
     {EventKind::kInstanceHealthy, "instance_healthy"},
     {EventKind::kInstanceUnhealthy, "instance_unhealthy"},
     {EventKind::kInstanceDraining, "instance_draining"},
+    {EventKind::kInstanceDrained, "instance_drained"},
     {EventKind::kInstanceTerminated, "instance_terminated"},
     {EventKind::kInstanceExited, "instance_exited"},
     {EventKind::kInstanceFailed, "instance_failed"},

@@ -69,6 +69,7 @@ TEST_CASE("event kinds: every name round-trips, an unknown one is rejected", "[r
                                                "instance_adopted",
                                                "instance_created",
                                                "instance_draining",
+                                               "instance_drained",
                                                "instance_exited",
                                                "instance_failed",
                                                "instance_healthy",
