@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
+#include <map>
 
 #include "common/logging.h"
 #include "common/status.h"
@@ -32,6 +33,9 @@ namespace {
 constexpr idtype_t kIdTypePidfd = static_cast<idtype_t>(3);
 // The end of a process that is not our child (started by an earlier kilnd): only /proc saw it.
 constexpr const char* kGone = "gone (status unknown: not started by this kilnd)";
+// In the environment of every process a supervisor starts: the state dir it belongs to, so that
+// one the pidfile does not name can still be recognised (see AdoptUnrecorded).
+constexpr const char* kMarkKey = "KILN_SUPERVISOR_STATE";
 
 // Signals the very process the pidfd refers to, never one that reused its pid.
 int PidfdSendSignal(int pidfd, int sig) {
@@ -78,6 +82,10 @@ bool ParsePidfile(const std::string& text, PidfileEntry* out) {
   if (r.ec != std::errc() || (r.ptr != end && *r.ptr != '\n')) return false;
   *out = e;
   return true;
+}
+
+std::string PidfileText(pid_t pid, uint64_t start_ticks) {
+  return std::to_string(pid) + " " + std::to_string(start_ticks) + "\n";
 }
 
 // Writes the pidfile so that a reader (a later kilnd, after a crash at any moment) sees the old
@@ -134,12 +142,15 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
         kill_timer(time->MakeTimer(io)),
         backoff(options.backoff_initial) {
     if (options.log_path.empty()) options.log_path = options.state_dir / "output.log";
+    std::error_code ec;
+    mark_value = fs::weakly_canonical(fs::absolute(options.state_dir, ec), ec).string();
   }
 
   asio::io_context& io;
   Options options;
   std::unique_ptr<RealTimeSource> owned_time;
   TimeSource* time;
+  std::string mark_value;  // the state dir, absolute: kMarkKey's value
 
   bool wanted = false;
   Phase phase = Phase::kIdle;
@@ -223,9 +234,13 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
     ScheduleRestart(Duration(0));
   }
 
-  // Whether the pidfile names a process that runs and is this program; when it does, watches it.
-  // Removes a pidfile that names anything else.
-  bool Adopt() {
+  // Whether a process of this program that a supervisor of this state dir started runs; when
+  // one does, watches it.
+  bool Adopt() { return AdoptRecorded() || AdoptUnrecorded(); }
+
+  // The process the pidfile names, when it runs and is this program. Removes a pidfile that
+  // names anything else.
+  bool AdoptRecorded() {
     std::error_code ec;
     if (!fs::exists(Pidfile(), ec)) return false;
     std::optional<std::string> text = proc::ReadSmallFile(Pidfile());
@@ -241,7 +256,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
       fd = UniqueFd(proc::PidfdOpen(entry.pid));
       StatusOr<proc::Stat> st =
           fd ? proc::ReadStat(entry.pid) : StatusOr<proc::Stat>(NotFoundError(""));
-      if (!st.ok() || st->state == 'Z') {
+      if (!st.ok() || st->state == 'Z' || st->state == 'X') {
         why = "its process is gone";
       } else if (st->start_time != entry.start_ticks) {
         why = "its pid now belongs to another process";
@@ -258,15 +273,60 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
       RemovePidfile();
       return false;
     }
-    Watch(std::move(fd), entry.pid, entry.start_ticks, /*was_adopted=*/true);
-    started_unix_ms = StartTimeUnixMs(entry.start_ticks);
+    Take(std::move(fd), entry.pid, entry.start_ticks, "pidfile");
+    return true;
+  }
+
+  // A process of this program that carries this state dir's mark but that the pidfile does not
+  // name: started by a kilnd that crashed before it wrote the pidfile, or the pidfile was
+  // removed by hand. Adopting it keeps a second one from starting beside it (and failing to bind
+  // its ports); any others found are stopped, so that one runs.
+  bool AdoptUnrecorded() {
+    struct Found {
+      pid_t pid;
+      uint64_t start_ticks;
+      UniqueFd fd;
+    };
+    std::vector<Found> found;
+    for (pid_t p : proc::ListPids()) {
+      if (p == ::getpid()) continue;
+      std::map<std::string, std::string> env = proc::ReadEnviron(p);
+      auto mark = env.find(kMarkKey);
+      if (mark == env.end() || mark->second != mark_value) continue;
+      UniqueFd fd(proc::PidfdOpen(p));
+      StatusOr<proc::Stat> st = fd ? proc::ReadStat(p) : StatusOr<proc::Stat>(NotFoundError(""));
+      if (!st.ok() || st->state == 'Z' || st->state == 'X' || !RunsBinary(p)) continue;
+      found.push_back({p, st->start_time, std::move(fd)});
+    }
+    if (found.empty()) return false;
+    std::sort(found.begin(), found.end(),
+              [](const Found& a, const Found& b) { return a.start_ticks < b.start_ticks; });
+    for (size_t i = 1; i < found.size(); ++i) {
+      LogWarn("stopping an unrecorded duplicate of a supervised process",
+              {{"program", options.name}, {"pid", static_cast<int64_t>(found[i].pid)}});
+      (void)PidfdSendSignal(found[i].fd.get(), SIGTERM);
+    }
+    kiln::Status recorded =
+        WritePidfile(Pidfile(), PidfileText(found[0].pid, found[0].start_ticks));
+    if (!recorded.ok()) {
+      // It serves; stopping it for want of a pidfile would take the data plane down.
+      LogError("cannot record an adopted supervised process",
+               {{"program", options.name}, {"error", recorded.message()}});
+    }
+    Take(std::move(found[0].fd), found[0].pid, found[0].start_ticks, "its environment");
+    return true;
+  }
+
+  void Take(UniqueFd fd, pid_t p, uint64_t ticks, const char* found_by) {
+    Watch(std::move(fd), p, ticks, /*was_adopted=*/true);
+    started_unix_ms = StartTimeUnixMs(ticks);
     error.clear();
     logged_error.clear();
     LogInfo("adopted a supervised process that outlived the previous kilnd",
             {{"program", options.name},
              {"pid", static_cast<int64_t>(pid)},
+             {"found_by", found_by},
              {"started_unix_ms", started_unix_ms}});
-    return true;
   }
 
   // Whether /proc/PID/exe is the binary, or the binary as it was before an upgrade replaced it.
@@ -294,6 +354,9 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
     } else {
       for (char** e = environ; *e != nullptr; ++e) req.env.emplace_back(*e);
     }
+    const std::string mark_prefix = std::string(kMarkKey) + "=";
+    std::erase_if(req.env, [&](const std::string& kv) { return kv.starts_with(mark_prefix); });
+    req.env.push_back(mark_prefix + mark_value);
     req.log = options.log_path;
     ASSIGN_OR_RETURN(Spawned spawned, SpawnProcess(req));
     // Our unreaped child: its /proc entry stays, as a zombie at worst, until we wait for it.

@@ -199,16 +199,22 @@ TEST_CASE("proxy supervisor: the process outlives the supervisor and the next on
   }
 }
 
+// Starts `/bin/sleep 1000` from a shell that exits, so that it is nobody's child here (like a
+// proxy adopted from an earlier kilnd); `env` goes before the command. Returns its pid.
+pid_t StartOrphanSleep(Fixture& f, const std::string& env = "") {
+  RunResult r =
+      Run({"/bin/sh", "-c", env + " /bin/sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"});
+  REQUIRE(r.exit_code == 0);
+  const pid_t pid = std::atoi(r.out.c_str());
+  REQUIRE(pid > 0);
+  f.seen.insert(pid);
+  return pid;
+}
+
 TEST_CASE("proxy supervisor: an adopted process that is not its child ends as gone",
           "[proxy_supervisor]") {
   Fixture f;
-  // Started by a shell that exits: the sleep is nobody's child here, like a proxy adopted from an
-  // earlier kilnd.
-  RunResult r = Run({"/bin/sh", "-c", "/bin/sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"});
-  REQUIRE(r.exit_code == 0);
-  const pid_t orphan = std::atoi(r.out.c_str());
-  REQUIRE(orphan > 0);
-  f.seen.insert(orphan);
+  const pid_t orphan = StartOrphanSleep(f);
   WriteFile(f.Pidfile(), PidfileFor(orphan));
 
   ProxySupervisor sup(f.io, f.Opts("/bin/sleep", {"1000"}));
@@ -221,6 +227,48 @@ TEST_CASE("proxy supervisor: an adopted process that is not its child ends as go
   REQUIRE(f.Until(sup, [&](const SupervisorStatus& s) { return s.running && s.pid != orphan; }));
   CHECK(sup.Status().last_exit == "gone (status unknown: not started by this kilnd)");
   CHECK(sup.Status().restarts == 1);
+}
+
+TEST_CASE("proxy supervisor: a process the pidfile does not name is found by its mark",
+          "[proxy_supervisor]") {
+  Fixture f;
+  SECTION("the pidfile was lost") {
+    pid_t pid = 0;
+    {
+      ProxySupervisor first(f.io, f.Opts("/bin/sleep", {"1000"}));
+      first.SetWanted(true);
+      REQUIRE(f.Until(first, Running));
+      pid = first.Status().pid;
+    }
+    REQUIRE(fs::remove(f.Pidfile()));
+    ProxySupervisor second(f.io, f.Opts("/bin/sleep", {"1000"}));
+    second.SetWanted(true);
+    REQUIRE(f.Until(second, Running));
+    CHECK(second.Status().pid == pid);
+    CHECK(second.Status().adopted);
+    CHECK(ReadFile(f.Pidfile()) == PidfileFor(pid));  // recorded again
+  }
+  SECTION("two carry the mark: the older is adopted, the other stopped") {
+    const std::string mark = "KILN_SUPERVISOR_STATE=" + fs::weakly_canonical(f.StateDir()).string();
+    const pid_t older = StartOrphanSleep(f, mark);
+    std::this_thread::sleep_for(20ms);  // start times are in clock ticks (10 ms)
+    const pid_t younger = StartOrphanSleep(f, mark);
+    ProxySupervisor sup(f.io, f.Opts("/bin/sleep", {"1000"}));
+    sup.SetWanted(true);
+    REQUIRE(f.Until(sup, Running));
+    CHECK(sup.Status().pid == older);
+    REQUIRE(RunUntil(f.io, [&] { return !Alive(younger); }));
+    CHECK(Alive(older));
+  }
+  SECTION("another state dir's mark is not this one's") {
+    const pid_t other = StartOrphanSleep(f, "KILN_SUPERVISOR_STATE=" + (f.tmp / "other").string());
+    ProxySupervisor sup(f.io, f.Opts("/bin/sleep", {"1000"}));
+    sup.SetWanted(true);
+    REQUIRE(f.Until(sup, Running));
+    CHECK(sup.Status().pid != other);
+    CHECK_FALSE(sup.Status().adopted);
+    CHECK(Alive(other));
+  }
 }
 
 TEST_CASE("proxy supervisor: a pidfile naming another process is not adopted",
