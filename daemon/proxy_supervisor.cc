@@ -153,6 +153,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
   std::string mark_value;  // the state dir, absolute: kMarkKey's value
 
   bool wanted = false;
+  bool leftover_checked = false;  // whether a not-wanted call has looked for an earlier process
   Phase phase = Phase::kIdle;
   // The process, while kRunning or kStopping.
   asio::posix::stream_descriptor pidfd;
@@ -188,9 +189,11 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
       case Phase::kIdle:
         if (wanted) {
           Start();
-        } else if (Adopt()) {
-          // Left running by an earlier kilnd while the manifests wanted it; they no longer do.
-          Stop();
+        } else if (!leftover_checked) {
+          // One left running by an earlier kilnd while the manifests wanted it; they no longer
+          // do. Looked for once: after that, whatever runs was started by this supervisor.
+          leftover_checked = true;
+          if (Adopt()) Stop();
         }
         return;
       case Phase::kRunning:
@@ -215,6 +218,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
   // REQUIRES: phase is kIdle. Adopts what the pidfile names or starts a new process; on failure
   // waits the back-off and tries again.
   void Start() {
+    leftover_checked = true;
     if (Adopt()) return;
     kiln::Status started = Spawn();
     if (started.ok()) {
@@ -320,6 +324,9 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
   void Take(UniqueFd fd, pid_t p, uint64_t ticks, const char* found_by) {
     Watch(std::move(fd), p, ticks, /*was_adopted=*/true);
     started_unix_ms = StartTimeUnixMs(ticks);
+    // How long it has run counts from its start, not from its adoption (for the back-off reset).
+    const int64_t age_ms = ToUnixMillis(time->SystemNow()) - started_unix_ms;
+    if (started_unix_ms > 0 && age_ms > 0) started_steady -= Duration(age_ms);
     error.clear();
     logged_error.clear();
     LogInfo("adopted a supervised process that outlived the previous kilnd",
@@ -361,10 +368,8 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
     ASSIGN_OR_RETURN(Spawned spawned, SpawnProcess(req));
     // Our unreaped child: its /proc entry stays, as a zombie at worst, until we wait for it.
     StatusOr<proc::Stat> st = proc::ReadStat(spawned.pid);
-    kiln::Status recorded = st.ok()
-                                ? WritePidfile(Pidfile(), std::to_string(spawned.pid) + " " +
-                                                              std::to_string(st->start_time) + "\n")
-                                : st.status();
+    kiln::Status recorded =
+        st.ok() ? WritePidfile(Pidfile(), PidfileText(spawned.pid, st->start_time)) : st.status();
     if (!recorded.ok()) {
       // Unrecorded, a later kilnd could not find it and would start a second one.
       (void)PidfdSendSignal(spawned.pidfd.get(), SIGKILL);
