@@ -13,6 +13,7 @@
 #include <charconv>
 #include <cstring>
 #include <map>
+#include <string_view>
 
 #include "common/logging.h"
 #include "common/status.h"
@@ -35,6 +36,8 @@ constexpr idtype_t kIdTypePidfd = static_cast<idtype_t>(3);
 constexpr const char* kGone = "gone (status unknown: not started by this kilnd)";
 // In the environment of every process a supervisor starts: the state dir it belongs to, so that
 // one the pidfile does not name can still be recognised (see AdoptUnrecorded).
+// How /proc/PID/exe shows a binary that was removed or replaced since the process started.
+constexpr std::string_view kDeleted = " (deleted)";
 constexpr const char* kMarkKey = "KILN_SUPERVISOR_STATE";
 
 // Signals the very process the pidfd refers to, never one that reused its pid.
@@ -160,6 +163,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
   pid_t pid = 0;
   uint64_t start_ticks = 0;
   bool adopted = false;
+  bool binary_replaced = false;
   SteadyTime started_steady{};
   int64_t started_unix_ms = 0;
 
@@ -323,6 +327,9 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
 
   void Take(UniqueFd fd, pid_t p, uint64_t ticks, const char* found_by) {
     Watch(std::move(fd), p, ticks, /*was_adopted=*/true);
+    std::error_code ec;
+    binary_replaced =
+        fs::read_symlink("/proc/" + std::to_string(p) + "/exe", ec).string().ends_with(kDeleted);
     started_unix_ms = StartTimeUnixMs(ticks);
     // How long it has run counts from its start, not from its adoption (for the back-off reset).
     const int64_t age_ms = ToUnixMillis(time->SystemNow()) - started_unix_ms;
@@ -343,7 +350,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
     if (ec) return false;
     const std::string want = fs::weakly_canonical(options.binary, ec).string();
     if (ec) return false;
-    return exe.string() == want || exe.string() == want + " (deleted)";
+    return exe.string() == want || exe.string() == want + std::string(kDeleted);
   }
 
   kiln::Status Spawn() {
@@ -393,6 +400,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
     pid = p;
     start_ticks = ticks;
     adopted = was_adopted;
+    binary_replaced = false;
     started_steady = time->SteadyNow();
     phase = Phase::kRunning;
     restart_delay = Duration(0);
@@ -445,6 +453,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
     const pid_t ended_pid = pid;
     pid = 0;
     adopted = false;
+    binary_replaced = false;
     RemovePidfile();
     if (phase == Phase::kStopping) {
       LogInfo("stopped a supervised process", {{"program", options.name},
@@ -528,6 +537,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
       s.pid = pid;
       s.started_unix_ms = started_unix_ms;
       s.adopted = adopted;
+      s.binary_replaced = binary_replaced;
     }
     s.restarts = restarts;
     s.last_exit = last_exit;

@@ -28,10 +28,13 @@ class TimeSource;
 // What kilnd shows in status and metrics.
 struct SupervisorStatus {
   bool wanted = false;
-  bool running = false;          // a process is up and watched (also while it is being stopped)
-  pid_t pid = 0;                 // when running
-  int64_t started_unix_ms = 0;   // when running: when the process started (adopted: from /proc)
-  bool adopted = false;          // when running: found running from an earlier supervisor
+  bool running = false;         // a process is up and watched (also while it is being stopped)
+  pid_t pid = 0;                // when running
+  int64_t started_unix_ms = 0;  // when running: when the process started (adopted: from /proc)
+  bool adopted = false;         // when running: found running from an earlier supervisor
+  // When adopted: it runs a binary that has since been replaced (an upgrade); a new process
+  // would run the new one.
+  bool binary_replaced = false;
   int64_t restarts = 0;          // starts after an unexpected exit or a failed start
   std::string last_exit;         // how the last process ended ("exited with code 1", ...), or ""
   std::string error;             // why the last start failed ("cannot execute ..."), or ""

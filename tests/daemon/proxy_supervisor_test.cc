@@ -176,6 +176,7 @@ TEST_CASE("proxy supervisor: the process outlives the supervisor and the next on
   SupervisorStatus s = second.Status();
   CHECK(s.pid == pid);
   CHECK(s.adopted);
+  CHECK_FALSE(s.binary_replaced);
   CHECK(s.restarts == 0);
   CHECK(s.started_unix_ms > 0);
   f.RunFor(300ms);
@@ -197,6 +198,34 @@ TEST_CASE("proxy supervisor: the process outlives the supervisor and the next on
     CHECK(ReadFile(f.Pidfile()) == PidfileFor(s.pid));
     REQUIRE(RunUntil(f.io, [&] { return Count(ReadFile(f.Log()), listening) == 2; }));
   }
+}
+
+TEST_CASE("proxy supervisor: a process whose binary an upgrade replaced is still adopted",
+          "[proxy_supervisor]") {
+  Fixture f;
+  const fs::path binary = f.tmp / "bin" / "proxy";
+  fs::create_directories(binary.parent_path());
+  fs::copy_file("/bin/sleep", binary);
+  pid_t pid = 0;
+  {
+    ProxySupervisor first(f.io, f.Opts(binary.string(), {"1000"}));
+    first.SetWanted(true);
+    REQUIRE(f.Until(first, Running));
+    pid = first.Status().pid;
+  }
+  // The upgrade, as a package manager makes it: the new file renamed over the old one.
+  fs::copy_file("/bin/sleep", binary.string() + ".new");
+  fs::rename(binary.string() + ".new", binary);
+  REQUIRE(fs::read_symlink("/proc/" + std::to_string(pid) + "/exe").string() ==
+          fs::weakly_canonical(binary).string() + " (deleted)");
+
+  ProxySupervisor second(f.io, f.Opts(binary.string(), {"1000"}));
+  second.SetWanted(true);
+  REQUIRE(f.Until(second, Running));
+  const SupervisorStatus s = second.Status();
+  CHECK(s.pid == pid);
+  CHECK(s.adopted);
+  CHECK(s.binary_replaced);
 }
 
 // Starts `/bin/sleep 1000` from a shell that exits, so that it is nobody's child here (like a
