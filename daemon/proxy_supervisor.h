@@ -71,11 +71,15 @@ class ProxySupervisor {
 
   // Wanted: adopt the process the pidfile names when it is the same process (pid, start time,
   // and /proc/PID/exe is the binary, or the binary deleted by an upgrade), else start one and
-  // record it; restart it with back-off whenever it exits. Not wanted: stop it (SIGTERM, SIGKILL
-  // after the grace period), also one left by an earlier supervisor, and remove the pidfile.
-  // Idempotent: kilnd calls it after every manifest load.
+  // record it; restart it with back-off whenever it exits. Every process started carries
+  // KILN_SUPERVISOR_STATE=<state dir> in its environment, so that one the pidfile does not name
+  // (kilnd crashed before writing it) is adopted too rather than run beside a second one.
+  // Not wanted: stop it (SIGTERM, SIGKILL after the grace period), also one left by an earlier
+  // supervisor, and remove the pidfile. Idempotent: kilnd calls it after every manifest load.
   void SetWanted(bool wanted);
 
+  // On the io_context's thread, like everything else here: kilnd copies it into what it
+  // publishes for the HTTP and API threads.
   SupervisorStatus Status() const;
 
   std::filesystem::path PidfilePath() const;

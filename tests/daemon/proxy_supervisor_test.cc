@@ -17,6 +17,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/logging.h"
 #include "common/unique_fd.h"
 #include "deploy/proc.h"
 #include "tests/deploy/deploy_test_util.h"
@@ -80,6 +81,23 @@ struct Fixture {
 };
 
 bool Running(const SupervisorStatus& s) { return s.running; }
+
+// What kilnd logs (to stderr) while it lives goes to a file.
+class StderrCapture {
+ public:
+  explicit StderrCapture(fs::path file)
+      : file_(std::move(file)), saved_(::fcntl(2, F_DUPFD_CLOEXEC, 3)) {
+    UniqueFd fd(::open(file_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    REQUIRE(fd);
+    REQUIRE(::dup2(fd.get(), 2) == 2);
+  }
+  ~StderrCapture() { ::dup2(saved_.get(), 2); }
+  std::string Text() const { return ReadFile(file_); }
+
+ private:
+  fs::path file_;
+  UniqueFd saved_;
+};
 
 std::string PidfileFor(pid_t pid) {
   StatusOr<proc::Stat> st = proc::ReadStat(pid);
@@ -444,6 +462,8 @@ TEST_CASE("proxy supervisor: the back-off starts over once a process ran long en
 TEST_CASE("proxy supervisor: a missing or non-executable binary is an error, retried",
           "[proxy_supervisor]") {
   Fixture f;
+  SetupLogging(LogFormat::kText, LogLevel::kInfo);
+  StderrCapture log(f.tmp / "kilnd.log");
   const fs::path binary = f.tmp / "bin" / "proxy";
   ProxySupervisor sup(f.io, f.Opts(binary.string(), {"1000"}));
   sup.SetWanted(true);
@@ -470,6 +490,11 @@ TEST_CASE("proxy supervisor: a missing or non-executable binary is an error, ret
   REQUIRE(f.Until(sup, Running));
   CHECK(sup.Status().error.empty());
   CHECK(ReadFile(f.Pidfile()) == PidfileFor(sup.Status().pid));
+  // Logged once per distinct error, not once per attempt.
+  const std::string logged = log.Text();
+  CHECK(Count(logged, "cannot start a supervised process") == 2);
+  CHECK(Count(logged, "No such file or directory") == 1);
+  CHECK(Count(logged, "Permission denied") == 1);
 }
 
 }  // namespace
