@@ -255,6 +255,12 @@ pid_t StartOrphanSleep(Fixture& f, const std::string& env = "") {
   const pid_t pid = std::atoi(r.out.c_str());
   REQUIRE(pid > 0);
   f.seen.insert(pid);
+  // The shell's child may not have exec'd sleep yet.
+  const fs::path sleep = fs::canonical("/bin/sleep");
+  REQUIRE(RunUntil(f.io, [&] {
+    std::error_code ec;
+    return fs::read_symlink("/proc/" + std::to_string(pid) + "/exe", ec) == sleep;
+  }));
   return pid;
 }
 
