@@ -388,6 +388,36 @@ TEST_CASE("proxy supervisor: not wanted stops the process and removes the pidfil
     CHECK(sup.Status().last_exit == "killed by SIGKILL");
     CHECK_FALSE(fs::exists(f.Pidfile()));
   }
+  SECTION("wanted again while it stops: a new one once the old one has ended") {
+    auto opts =
+        f.Opts(TestServicePath(), {"--port", std::to_string(PortWindow() + 9), "--ignore-sigterm"});
+    opts.stop_grace = 300ms;
+    ProxySupervisor sup(f.io, opts);
+    sup.SetWanted(true);
+    REQUIRE(f.Until(sup, Running));
+    const pid_t pid = sup.Status().pid;
+    REQUIRE(
+        RunUntil(f.io, [&] { return ReadFile(f.Log()).find("listening") != std::string::npos; }));
+    sup.SetWanted(false);
+    sup.SetWanted(true);
+    CHECK(sup.Status().pid == pid);  // never two at once: the new one waits for the old one's end
+    REQUIRE(f.Until(sup, [&](const SupervisorStatus& s) { return s.running && s.pid != pid; }));
+    CHECK_FALSE(Alive(pid));
+    CHECK(sup.Status().last_exit == "killed by SIGKILL");
+    CHECK(sup.Status().restarts == 0);  // a stop and a start, not a crash
+    CHECK(ReadFile(f.Pidfile()) == PidfileFor(sup.Status().pid));
+  }
+  SECTION("not wanted while it waits to restart: it is not restarted") {
+    ProxySupervisor sup(f.io, f.Opts((f.tmp / "missing").string(), {}));
+    sup.SetWanted(true);
+    REQUIRE(sup.Status().restart_delay_ms == 100);
+    sup.SetWanted(false);
+    CHECK(sup.Status().restart_delay_ms == 0);
+    CHECK(sup.Status().error.empty());
+    f.RunFor(500ms);
+    CHECK(sup.Status().restarts == 0);
+    CHECK_FALSE(sup.Status().running);
+  }
   SECTION("one left running by an earlier supervisor") {
     pid_t pid = 0;
     {
