@@ -59,6 +59,9 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
                                 {"--grpc-idle-timeout", c.grpc_idle_timeout}}) {
     if (d <= Duration(0)) return InvalidArgumentError(std::string(flag) + ": must be more than 0");
   }
+  if (c.proxy != "managed" && c.proxy != "off") {
+    return InvalidArgumentError("--proxy: expected managed or off, got \"" + c.proxy + "\"");
+  }
   if (c.event_retention < 1 || c.event_retention > 100'000'000) {
     return InvalidArgumentError("--event-retention: must be within 1-100000000");
   }
@@ -198,6 +201,13 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
   app.add_option("--prometheus-sd-file", config.prometheus_sd_file,
                  "write every running instance as Prometheus file_sd JSON to this file (labels "
                  "service, revision, version, instance), rewritten when one changes");
+  app.add_option("--proxy", config.proxy,
+                 "managed: kilnd runs kiln-proxy for services with expose: (it outlives kilnd); "
+                 "off: run kiln-proxy yourself")
+      ->check(CLI::IsMember({"managed", "off"}));
+  std::string proxy_binary;
+  app.add_option("--proxy-binary", proxy_binary,
+                 "the kiln-proxy executable (default: beside kilnd's own)");
   app.add_option("--event-retention", config.event_retention, "events kept (older ones are pruned)")
       ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
   app.add_option("--log-format", log_format, "text or json")
@@ -220,6 +230,7 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
 
   config.manifests = manifests;
   config.state = state;
+  config.proxy_binary = proxy_binary;
   if (std::sscanf(port_range.c_str(), "%d-%d", &config.port_first, &config.port_last) != 2 ||
       !(config.port_first > 0 && config.port_first <= config.port_last &&
         config.port_last <= 65535)) {

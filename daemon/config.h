@@ -50,6 +50,11 @@ struct DaemonConfig {
   // "" for none. Its directory must exist.
   std::string prometheus_sd_file;
 
+  // The data plane for services with `expose:`: "managed" (kilnd starts kiln-proxy, adopts it
+  // after a restart, and leaves it running when it stops) or "off" (someone else runs one).
+  std::string proxy = "managed";
+  std::filesystem::path proxy_binary;  // "": kiln-proxy beside kilnd's own executable
+
   LogFormat log_format = LogFormat::kText;
   LogLevel log_level = LogLevel::kInfo;
 

@@ -9,8 +9,10 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -29,6 +31,7 @@
 #include "controller/work_queue.h"
 #include "daemon/kiln_metrics.h"
 #include "daemon/manifest_loader.h"
+#include "daemon/proxy_supervisor.h"
 #include "daemon/readiness.h"
 #include "deploy/artifact_store.h"
 #include "deploy/prober.h"
@@ -56,9 +59,9 @@ std::string NewKilndId() {
 
 // Writes `text` to `path` so that a reader sees the old file or the new one, never a part:
 // a temporary file beside it, then rename.
-Status WriteFileAtomically(const fs::path& path, const std::string& text) {
+Status WriteFileAtomically(const fs::path& path, const std::string& text, mode_t mode = 0644) {
   const fs::path tmp = path.string() + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
   if (fd < 0) return UnavailableError(tmp.string() + ": " + std::strerror(errno));
   size_t done = 0;
   while (done < text.size()) {
@@ -85,6 +88,31 @@ std::string BoundAddress(const std::string& listen, int port) {
   return listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
 }
 
+// The token in `path` (its first line), made (random, mode 0600) when the file does not exist.
+StatusOr<std::string> EnsureToken(const fs::path& path) {
+  if (std::ifstream in(path); in) {
+    std::string token;
+    std::getline(in, token);
+    while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) {
+      token.pop_back();
+    }
+    if (token.size() >= 16) return token;
+  }
+  std::error_code ec;
+  fs::create_directories(path.parent_path(), ec);
+  if (ec) return UnavailableError(path.parent_path().string() + ": " + ec.message());
+  const std::string token = NewKilndId() + NewKilndId();  // 128 bits from std::random_device
+  RETURN_IF_ERROR(WriteFileAtomically(path, token + "\n", 0600));
+  return token;
+}
+
+// A program installed beside kilnd's own executable (how kiln-proxy is found by default).
+fs::path BesideSelf(const std::string& name) {
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  return ec ? fs::path(name) : self.parent_path() / name;
+}
+
 }  // namespace
 
 // Everything kilnd runs, in the order it is made; members are destroyed in reverse, so nothing
@@ -95,6 +123,8 @@ struct Daemon::Impl {
   Status Init();
   void TryRecover();
   void Publish();
+  // Whether a proxy still has a connection open (a retired service's last ones draining).
+  bool ProxyHasOpenConnections() const;
   void PublishEvery();
   // --prometheus-sd-file: rewritten shortly after an instance event (a burst of them, once),
   // once its pass has committed; only when what it says changed.
@@ -125,6 +155,9 @@ struct Daemon::Impl {
   std::unique_ptr<BackgroundLoader> loader;
   std::unique_ptr<ManifestWatcher> watcher;
   std::unique_ptr<ApiServer> api;
+  // kiln-proxy (--proxy managed): wanted while a service has a stable address; left running
+  // when kilnd stops.
+  std::unique_ptr<ProxySupervisor> proxy;
   bool shutting_down = false;
   PublishedState published;
   boost::asio::steady_timer publish_timer{io};
@@ -283,6 +316,18 @@ Status Daemon::Impl::Init() {
 
   ApiServer::Options api_options = ApiOptionsOf(config);
   api_options.unix_socket = (config.state / "kiln.sock").string();
+  std::vector<std::string> proxy_args = {"--kilnd", "unix:" + api_options.unix_socket,
+                                         "--endpoints-file",
+                                         (config.state / "proxy" / "endpoints.json").string()};
+  if (api_options.tokens && config.proxy == "managed") {
+    // The managed proxy's own token (role proxy), kept in the state directory so that a proxy
+    // outliving this kilnd still presents one the next kilnd accepts.
+    const fs::path token_file = config.state / "proxy" / "token";
+    StatusOr<std::string> token = EnsureToken(token_file);
+    if (!token.ok()) return token.status().WithContext("cannot make kiln-proxy's token");
+    (*api_options.tokens)[*token] = Caller{.name = "kiln-proxy", .role = Role::kProxy};
+    proxy_args.insert(proxy_args.end(), {"--token-file", token_file.string()});
+  }
   api_options.metrics = &metrics;
   api_options.clock = &clock;
   api_options.endpoints = endpoints.get();
@@ -293,6 +338,15 @@ Status Daemon::Impl::Init() {
     return api_started.status().WithContext("cannot start the API");
   }
   api = std::move(api_started).value();
+
+  if (config.proxy == "managed") {
+    ProxySupervisor::Options po;
+    po.binary = config.proxy_binary.empty() ? BesideSelf("kiln-proxy") : config.proxy_binary;
+    po.args = std::move(proxy_args);
+    po.state_dir = config.state / "proxy";
+    po.log_path = config.state / "logs" / "kiln-proxy.log";
+    proxy = std::make_unique<ProxySupervisor>(io, po);
+  }
 
   // HTTP: metrics, health, /api/v1 and the dashboard, on a thread of its own with its own
   // reader, so that slow clients, TLS handshakes and store reads never hold up the reconciler,
@@ -416,6 +470,27 @@ void Daemon::Impl::Publish() {
   s.queue_retries = queue->Retries();
   s.at = std::chrono::steady_clock::now();
   published.Publish(std::move(s));
+  if (proxy) {
+    // Only once the pools are known: a kilnd that cannot recover yet must not stop the proxy
+    // that serves the last pools it knew.
+    if (recovered && endpoints->ready() && !shutting_down) {
+      proxy->SetWanted(!endpoints->Current().services.empty() || ProxyHasOpenConnections());
+    }
+    const SupervisorStatus ps = proxy->Status();
+    metrics.Set("kiln_proxy_process_up", {}, ps.running ? 1 : 0);
+    metrics.Set("kiln_proxy_process_restarts", {}, static_cast<double>(ps.restarts));
+  }
+}
+
+bool Daemon::Impl::ProxyHasOpenConnections() const {
+  for (const ProxyReportData& r : endpoints->LiveReports()) {
+    for (const ProxyRouteReport& route : r.routes) {
+      for (const ProxyEndpointReport& e : route.endpoints) {
+        if (e.open_connections > 0) return true;
+      }
+    }
+  }
+  return false;
 }
 
 void Daemon::Impl::ScheduleSdFile(std::chrono::milliseconds delay) {

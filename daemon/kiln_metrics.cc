@@ -47,6 +47,10 @@ void DeclareKilnMetrics(Metrics& m) {
   m.Declare("kiln_grpc_requests_total", "counter", "gRPC requests by method and status code.");
   m.Declare("kiln_store_commit_duration_seconds", "histogram",
             "Duration of state store write transactions.", seconds);
+  m.Declare("kiln_proxy_process_up", "gauge",
+            "Whether the kiln-proxy kilnd manages runs (1) or not (0; only with --proxy managed).");
+  m.Declare("kiln_proxy_process_restarts", "gauge",
+            "Times this kilnd restarted kiln-proxy after it exited or failed to start.");
   m.Declare("kiln_proxies", "gauge", "Proxies that reported within the last 3 report intervals.");
   m.Declare("kiln_proxy_listening", "gauge",
             "Whether the proxies listen on a service's stable address (1), or cannot bind it (0).");
