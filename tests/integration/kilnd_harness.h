@@ -62,7 +62,8 @@ class KilndHarness {
     WriteFile(manifests() / (name + ".yaml"),
               "name: " + name + "\nversion: \"" + version + "\"\nreplicas: " +
                   std::to_string(replicas) + "\nartifact: {path: " + BinPath("kiln-testsvc") +
-                  "}\ncommand: " + cmd + "\nhealth: " + health + "\nupdate: " + update + "\n");
+                  "}\ncommand: " + cmd + "\nhealth: " + health + "\nupdate: " + update + "\n" +
+                  extra_yaml_);
   }
 
   // `http_listen` is kilnd's --http-listen (port 0: kilnd picks one; HttpPort() reads it back).
@@ -85,6 +86,8 @@ class KilndHarness {
     argv.insert(argv.end(), extra.begin(), extra.end());
     kilnd_ = std::make_unique<Child>(argv, tmp_.path());
   }
+  // YAML lines every later Declare appends ("expose: {port: 18080}\n").
+  void SetExtraYaml(const std::string& yaml) { extra_yaml_ = yaml; }
   // kilnd's --stop-grace for the next Start() (default 2s).
   void SetStopGrace(const std::string& grace) { stop_grace_ = grace; }
   std::string UnixAddr() const { return "unix:" + (state() / "kiln.sock").string(); }
@@ -272,7 +275,21 @@ class KilndHarness {
   void KillInstances() {
     for (const auto& [pid, name] : InstanceProcesses()) ::kill(-pid, SIGKILL);
     for (const auto& p : ControllerProcesses()) ::kill(p.pid, SIGKILL);
+    for (pid_t pid : ProxyProcesses()) ::kill(pid, SIGKILL);
     RemoveCgroups();
+  }
+
+  // The kiln-proxy processes this kilnd's supervisor started (they outlive kilnd): marked with
+  // KILN_SUPERVISOR_STATE=STATE/proxy.
+  std::vector<pid_t> ProxyProcesses() {
+    std::vector<pid_t> out;
+    const std::string mark = (state() / "proxy").string();
+    for (pid_t pid : proc::ListPids()) {
+      auto st = proc::ReadStat(pid);
+      if (!st.ok() || st->state == 'Z') continue;
+      if (proc::ReadEnviron(pid)["KILN_SUPERVISOR_STATE"] == mark) out.push_back(pid);
+    }
+    return out;
   }
 
   // The instances' cgroups (the process driver makes one per instance under
@@ -302,6 +319,7 @@ class KilndHarness {
   FakeClock clock_;  // only for the read-only store's timestamps, which it never writes
   std::unique_ptr<Child> kilnd_;
   std::string stop_grace_ = "2s";
+  std::string extra_yaml_;
 };
 
 }  // namespace kiln::testing
