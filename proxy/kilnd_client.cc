@@ -152,7 +152,7 @@ struct KilndClient::Impl : std::enable_shared_from_this<KilndClient::Impl> {
   bool stopping = false;
   bool report_now = false;                  // a snapshot was just applied
   grpc::ClientContext* calls[kCalls] = {};  // the calls in flight, cancelled on stop
-  std::set<std::string> errors[kCalls];     // logged since the call last succeeded
+  std::set<std::string> errors[kCalls];     // seen since the call last succeeded; logged
   bool connected = false;                   // the last report went through
   bool ever_connected = false;
   std::string file_error;  // the last error writing endpoints_file, logged
@@ -172,11 +172,14 @@ void KilndClient::Impl::Failed(Call call, const grpc::Status& status) {
   std::string code =
       status.ok() ? "OK"
                   : std::string(StatusCodeName(static_cast<StatusCode>(status.error_code())));
+  std::string key = code + " " + error;
   std::lock_guard lock(mu);
   if (call == kReport) connected = false;
-  if (!errors[call].insert(code + " " + error).second) return;
-  LogWarn(call == kWatch ? "kilnd endpoints stream failed; serving the endpoints last applied"
-                         : "cannot report to kilnd; serving the endpoints last applied",
+  // kilnd down fails both calls alike: one line for the two.
+  const bool logged = errors[kWatch].contains(key) || errors[kReport].contains(key);
+  errors[call].insert(std::move(key));
+  if (logged) return;
+  LogWarn("call to kilnd failed; serving the endpoints last applied",
           {{"kilnd", options.target}, {"call", CallName(call)}, {"code", code}, {"error", error}});
 }
 
@@ -184,9 +187,12 @@ void KilndClient::Impl::Succeeded(Call call) {
   std::lock_guard lock(mu);
   errors[call].clear();
   // The report is the heartbeat (every interval): it tells when kilnd is reachable again, where
-  // a resumed stream may stay silent until a pool changes.
+  // a resumed stream may stay silent until a pool changes. So kilnd back also forgets the
+  // stream's errors (the next outage is logged again); a stream that fails while the reports go
+  // through keeps them (its error is logged once, not at each retry).
   if (call != kReport || connected) return;
   connected = true;
+  errors[kWatch].clear();
   LogInfo(ever_connected ? "connected to kilnd again" : "connected to kilnd",
           {{"kilnd", options.target}});
   ever_connected = true;
