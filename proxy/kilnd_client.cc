@@ -35,6 +35,9 @@ v1::ProxyEndpointState ToProto(EndpointState s) {
   return v1::PROXY_ENDPOINT_STATE_UNSPECIFIED;
 }
 
+constexpr Duration kMaxReportInterval = std::chrono::seconds(10);
+constexpr int kKeepaliveMs = 20'000;  // > kMaxReportInterval: see the channel arguments
+
 int64_t Millis(Duration d) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
 }
@@ -331,10 +334,12 @@ void KilndClient::Impl::ReportLoop() {
     }
     if (status.ok()) {
       Succeeded(kReport);
-      // Bounded, so that a wrong answer neither floods kilnd nor silences the proxy for long.
+      // Bounded, so that a wrong answer neither floods kilnd nor silences the proxy for long
+      // (and kilnd answers more often than the keepalive pings come). Sooner than asked is
+      // within the contract: "after at most this long".
       if (response.report_interval_ms() > 0) {
         interval = std::clamp<Duration>(std::chrono::milliseconds(response.report_interval_ms()),
-                                        std::chrono::milliseconds(10), std::chrono::minutes(1));
+                                        std::chrono::milliseconds(10), kMaxReportInterval);
       }
       backoff = options.backoff_first;
       due = steady_clock::now() + interval;
@@ -355,6 +360,13 @@ KilndClient::KilndClient(boost::asio::io_context& io, Proxy& proxy, Options opti
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, backoff_first);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
               static_cast<int>(Millis(impl_->options.backoff_max)));
+  // Over TCP, a kilnd host that vanishes (no RST) would leave the stream waiting for ever on a
+  // dead connection; pings find it. (A unix socket's peer dying ends the stream at once.) The
+  // reports keep kilnd writing between pings, so its ping policy counts no strike.
+  if (!impl_->options.target.starts_with("unix:")) {
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, kKeepaliveMs);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
+  }
   // A snapshot holds every pool at once.
   args.SetMaxReceiveMessageSize(static_cast<int>(kMaxEndpointsFileBytes));
   impl_->stub = v1::Kiln::NewStub(
