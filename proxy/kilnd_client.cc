@@ -38,10 +38,6 @@ v1::ProxyEndpointState ToProto(EndpointState s) {
 constexpr Duration kMaxReportInterval = std::chrono::seconds(10);
 constexpr int kKeepaliveMs = 20'000;  // > kMaxReportInterval: see the channel arguments
 
-int64_t Millis(Duration d) {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
-}
-
 }  // namespace
 
 std::vector<ServiceRoute> RoutesFromSnapshot(const v1::EndpointsSnapshot& snapshot,
@@ -130,6 +126,7 @@ struct KilndClient::Impl : std::enable_shared_from_this<KilndClient::Impl> {
   void Received(const v1::EndpointsSnapshot& snapshot);
   std::optional<Taken> Take();
   void Prepare(grpc::ClientContext& ctx) const;
+  std::unique_ptr<v1::Kiln::Stub> MakeStub() const;
   // Sleeps for `d`; false when asked to stop meanwhile.
   bool Sleep(Duration d);
   // Logs each distinct error of a call once until that call succeeds again.
@@ -139,7 +136,6 @@ struct KilndClient::Impl : std::enable_shared_from_this<KilndClient::Impl> {
   boost::asio::io_context& io;
   Proxy& proxy;
   const Options options;
-  std::unique_ptr<v1::Kiln::Stub> stub;
   std::thread watch_thread, report_thread;
   // Read by handlers posted to the io thread: once set, they leave the Proxy alone.
   std::atomic<bool> stopped{false};
@@ -165,6 +161,26 @@ void KilndClient::Impl::Prepare(grpc::ClientContext& ctx) const {
   if (!options.token.empty()) ctx.AddMetadata("authorization", "Bearer " + options.token);
 }
 
+std::unique_ptr<v1::Kiln::Stub> KilndClient::Impl::MakeStub() const {
+  grpc::ChannelArguments args;
+  // A channel of its own, not one shared through gRPC's global pool of connections: a failed
+  // call is retried on a new one, which connects at once, on this client's back-off (100 ms to
+  // 2 s). A channel kept across failures would wait for gRPC's own reconnect back-off, which
+  // grows to 2 minutes (seen: 7 s before a restarted kilnd was reached).
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  // Over TCP, a kilnd host that vanishes (no RST) would leave the stream waiting for ever on a
+  // dead connection; pings find it. (A unix socket's peer dying ends the stream at once.) The
+  // reports keep kilnd writing between pings, so its ping policy counts no strike.
+  if (!options.target.starts_with("unix:")) {
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, kKeepaliveMs);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
+  }
+  // A snapshot holds every pool at once.
+  args.SetMaxReceiveMessageSize(static_cast<int>(kMaxEndpointsFileBytes));
+  return v1::Kiln::NewStub(
+      grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args));
+}
+
 bool KilndClient::Impl::Sleep(Duration d) {
   std::unique_lock lock(mu);
   return !cv.wait_for(lock, d, [this] { return stopping; });
@@ -181,7 +197,10 @@ void KilndClient::Impl::Failed(Call call, const grpc::Status& status) {
   // kilnd down fails both calls alike: one line for the two.
   const bool logged = errors[kWatch].contains(key) || errors[kReport].contains(key);
   errors[call].insert(std::move(key));
-  if (logged) return;
+  if (logged) {
+    LogDebug("call to kilnd failed again", {{"call", CallName(call)}, {"error", error}});
+    return;
+  }
   LogWarn("call to kilnd failed; serving the endpoints last applied",
           {{"kilnd", options.target}, {"call", CallName(call)}, {"code", code}, {"error", error}});
 }
@@ -205,6 +224,7 @@ void KilndClient::Impl::WatchLoop() {
   std::string resume_id = options.kilnd_id;
   uint64_t resume_version = options.version;
   Duration backoff = options.backoff_first;
+  std::unique_ptr<v1::Kiln::Stub> stub = MakeStub();
   for (;;) {
     grpc::ClientContext ctx;
     Prepare(ctx);
@@ -241,6 +261,7 @@ void KilndClient::Impl::WatchLoop() {
     }
     Failed(kWatch, status);
     if (!Sleep(backoff)) return;
+    stub = MakeStub();
     backoff = std::min(backoff * 2, options.backoff_max);
   }
 }
@@ -306,6 +327,7 @@ void KilndClient::Impl::ReportLoop() {
   Duration interval = options.report_interval;
   Duration backoff = options.backoff_first;
   auto due = steady_clock::now();  // the first report at once: kilnd learns of the proxy
+  std::unique_ptr<v1::Kiln::Stub> stub = MakeStub();
   for (;;) {
     {
       std::unique_lock lock(mu);
@@ -345,6 +367,7 @@ void KilndClient::Impl::ReportLoop() {
       due = steady_clock::now() + interval;
     } else {
       Failed(kReport, status);
+      stub = MakeStub();
       due = steady_clock::now() + backoff;
       backoff = std::min(backoff * 2, options.backoff_max);
     }
@@ -352,26 +375,7 @@ void KilndClient::Impl::ReportLoop() {
 }
 
 KilndClient::KilndClient(boost::asio::io_context& io, Proxy& proxy, Options options)
-    : impl_(std::make_shared<Impl>(io, proxy, std::move(options))) {
-  grpc::ChannelArguments args;
-  // gRPC's own reconnect back-off grows to 2 minutes; kilnd back must be seen within ours.
-  const int backoff_first = static_cast<int>(Millis(impl_->options.backoff_first));
-  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, backoff_first);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, backoff_first);
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
-              static_cast<int>(Millis(impl_->options.backoff_max)));
-  // Over TCP, a kilnd host that vanishes (no RST) would leave the stream waiting for ever on a
-  // dead connection; pings find it. (A unix socket's peer dying ends the stream at once.) The
-  // reports keep kilnd writing between pings, so its ping policy counts no strike.
-  if (!impl_->options.target.starts_with("unix:")) {
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, kKeepaliveMs);
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
-  }
-  // A snapshot holds every pool at once.
-  args.SetMaxReceiveMessageSize(static_cast<int>(kMaxEndpointsFileBytes));
-  impl_->stub = v1::Kiln::NewStub(
-      grpc::CreateCustomChannel(impl_->options.target, grpc::InsecureChannelCredentials(), args));
-}
+    : impl_(std::make_shared<Impl>(io, proxy, std::move(options))) {}
 
 KilndClient::~KilndClient() { Stop(); }
 

@@ -190,7 +190,7 @@ TEST_CASE("kiln-proxy keeps serving while kilnd is down and resyncs with a new k
   CHECK(requests > 20);
   const std::string log = proxy->Stderr();
   // Once per distinct error, not once per retry.
-  const size_t failures = Count(log, "call to kilnd failed");
+  const size_t failures = Count(log, "call to kilnd failed;");
   CHECK(failures >= 1);
   CHECK(failures <= 4);
   CHECK(proxy->Wait(0ms) == -1);  // still running
@@ -209,7 +209,7 @@ TEST_CASE("kiln-proxy keeps serving while kilnd is down and resyncs with a new k
 
   // The next outage is logged again, and the proxy still serves.
   again.Stop();
-  CHECK(Eventually([&] { return Count(proxy->Stderr(), "call to kilnd failed") > failures; }));
+  CHECK(Eventually([&] { return Count(proxy->Stderr(), "call to kilnd failed;") > failures; }));
   CHECK(AllAnsweredBy(web, "b"));
 }
 
