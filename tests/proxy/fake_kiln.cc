@@ -10,14 +10,25 @@ using namespace std::chrono_literals;
 FakeKiln::FakeKiln(std::string kilnd_id, int port) {
   snapshot_.set_kilnd_id(std::move(kilnd_id));
   snapshot_.set_version(1);
+  Serve("127.0.0.1:" + std::to_string(port));
+  target_ = "127.0.0.1:" + std::to_string(port_);
+}
+
+FakeKiln::FakeKiln(std::string kilnd_id, const std::filesystem::path& unix_socket) {
+  snapshot_.set_kilnd_id(std::move(kilnd_id));
+  snapshot_.set_version(1);
+  target_ = "unix:" + unix_socket.string();
+  Serve(target_);
+}
+
+void FakeKiln::Serve(const std::string& address) {
   grpc::ServerBuilder builder;
-  builder.AddListeningPort("127.0.0.1:" + std::to_string(port), grpc::InsecureServerCredentials(),
-                           &port_);
+  int bound = 0;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &bound);
   builder.RegisterService(this);
   server_ = builder.BuildAndStart();
-  if (!server_ || port_ == 0) {
-    throw std::runtime_error("fake kiln: cannot listen on 127.0.0.1:" + std::to_string(port));
-  }
+  if (!server_ || bound == 0) throw std::runtime_error("fake kiln: cannot listen on " + address);
+  if (address.starts_with("127.0.0.1:")) port_ = bound;
 }
 
 FakeKiln::~FakeKiln() { Stop(); }

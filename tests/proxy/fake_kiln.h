@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -29,14 +30,17 @@ class FakeKiln final : public v1::Kiln::Service {
   };
 
   // Serves on 127.0.0.1:port (0: any free port) with `kilnd_id` and an empty snapshot, version 1.
-  FakeKiln(std::string kilnd_id, int port = 0);
+  explicit FakeKiln(std::string kilnd_id, int port = 0);
+  // Serves on a unix socket, as kilnd does on STATE/kiln.sock.
+  FakeKiln(std::string kilnd_id, const std::filesystem::path& unix_socket);
   // Stop()
   ~FakeKiln() override;
   FakeKiln(const FakeKiln&) = delete;
   FakeKiln& operator=(const FakeKiln&) = delete;
 
-  int port() const { return port_; }
-  std::string target() const { return "127.0.0.1:" + std::to_string(port_); }
+  int port() const { return port_; }  // 0 on a unix socket
+  // What a client dials: "127.0.0.1:PORT" or "unix:PATH".
+  const std::string& target() const { return target_; }
 
   // Replaces the pools with `services` as the next version (sent to every open stream); returns
   // the version.
@@ -73,7 +77,10 @@ class FakeKiln final : public v1::Kiln::Service {
   std::vector<Watch> watches_;
   std::vector<v1::ProxyReport> reports_;
 
+  void Serve(const std::string& address);
+
   int port_ = 0;
+  std::string target_;
   std::unique_ptr<grpc::Server> server_;
 };
 

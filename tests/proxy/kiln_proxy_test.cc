@@ -213,6 +213,28 @@ TEST_CASE("kiln-proxy keeps serving while kilnd is down and resyncs with a new k
   CHECK(AllAnsweredBy(web, "b"));
 }
 
+TEST_CASE("kiln-proxy follows kilnd on its unix socket across a kilnd restart", "[kiln-proxy]") {
+  TempDir dir;
+  EchoBackend a("a"), b("b");
+  const int web = NextPort();
+  const fs::path socket = dir / "kiln.sock";
+  auto kiln = std::make_unique<FakeKiln>("k1", socket);
+  const uint64_t ver1 = kiln->Publish({Exposed("web", web, {EndpointAt("a", a.port())})});
+  auto proxy = StartProxy(dir, {"--kilnd", "unix:" + socket.string()});
+  INFO(proxy->Stderr());
+  REQUIRE(kiln->WaitForReport(Serving("k1", ver1, "web", web)));
+  CHECK(AllAnsweredBy(web, "a"));
+
+  kiln.reset();
+  REQUIRE(proxy->WaitForStderr("call to kilnd failed;", 5s));
+  CHECK(AllAnsweredBy(web, "a"));
+
+  FakeKiln again("k2", socket);
+  const uint64_t ver2 = again.Publish({Exposed("web", web, {EndpointAt("b", b.port())})});
+  REQUIRE(again.WaitForReport(Serving("k2", ver2, "web", web)));
+  CHECK(AllAnsweredBy(web, "b"));
+}
+
 TEST_CASE("kiln-proxy resumes the stream from the snapshot it applied", "[kiln-proxy]") {
   TempDir dir;
   EchoBackend a("a"), b("b");
