@@ -129,7 +129,8 @@ struct KilndClient::Impl : std::enable_shared_from_this<KilndClient::Impl> {
   std::unique_ptr<v1::Kiln::Stub> MakeStub() const;
   // Sleeps for `d`; false when asked to stop meanwhile.
   bool Sleep(Duration d);
-  // Logs each distinct error of a call once until that call succeeds again.
+  // Logs each distinct error once (the same error of both calls once) until kilnd is reached
+  // again; repeats go to the debug level.
   void Failed(Call call, const grpc::Status& status);
   void Succeeded(Call call);
 
@@ -254,8 +255,8 @@ void KilndClient::Impl::WatchLoop() {
       calls[kWatch] = nullptr;
       if (stopping) return;
     }
-    // A stream that worked a while ago (kilnd restarted) is retried at once; one that keeps
-    // failing backs off.
+    // A stream that worked until now (kilnd restarted) is retried after the first back-off; one
+    // that keeps failing backs off further.
     if (received || steady_clock::now() - opened >= options.backoff_max) {
       backoff = options.backoff_first;
     }
