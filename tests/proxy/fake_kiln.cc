@@ -59,6 +59,12 @@ void FakeKiln::Stop() {
   server_->Wait();
 }
 
+void FakeKiln::SetHung(bool hung) {
+  std::lock_guard lock(mu_);
+  hung_ = hung;
+  cv_.notify_all();
+}
+
 void FakeKiln::SetReportInterval(std::chrono::milliseconds interval) {
   std::lock_guard lock(mu_);
   report_interval_ = interval;
@@ -114,13 +120,14 @@ grpc::Status FakeKiln::WatchEndpoints(grpc::ServerContext* ctx,
       request->kilnd_id() == snapshot_.kilnd_id() ? request->after_version() : 0;
   for (;;) {
     cv_.wait_for(lock, 20ms, [&] {
-      return stopping_ || streams_ended_ != ended || snapshot_.version() != sent_version;
+      return stopping_ || streams_ended_ != ended ||
+             (!hung_ && snapshot_.version() != sent_version);
     });
     if (stopping_ || streams_ended_ != ended) {
       return grpc::Status(grpc::StatusCode::UNAVAILABLE, "stream ended by the test");
     }
     if (ctx->IsCancelled()) return grpc::Status::CANCELLED;
-    if (snapshot_.version() == sent_version) continue;
+    if (hung_ || snapshot_.version() == sent_version) continue;
     v1::EndpointsSnapshot copy = snapshot_;
     lock.unlock();
     const bool written = writer->Write(copy);
@@ -132,9 +139,13 @@ grpc::Status FakeKiln::WatchEndpoints(grpc::ServerContext* ctx,
   }
 }
 
-grpc::Status FakeKiln::ReportProxy(grpc::ServerContext*, const v1::ProxyReport* report,
+grpc::Status FakeKiln::ReportProxy(grpc::ServerContext* ctx, const v1::ProxyReport* report,
                                    v1::ReportProxyResponse* response) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
+  while (hung_ && !stopping_) {
+    if (ctx->IsCancelled()) return grpc::Status::CANCELLED;
+    cv_.wait_for(lock, 20ms);
+  }
   if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "stopping");
   reports_.push_back(*report);
   response->set_report_interval_ms(report_interval_.count());

@@ -49,6 +49,9 @@ class FakeKiln final : public v1::Kiln::Service {
   void EndStreams();
   // Ends the streams and shuts the server down (kilnd gone). Idempotent.
   void Stop();
+  // While hung, kilnd accepts calls but answers none (a stopped or overloaded process): reports
+  // wait until the proxy gives up on them, streams send nothing.
+  void SetHung(bool hung);
   // What the next ReportProxyResponse says.
   void SetReportInterval(std::chrono::milliseconds interval);
 
@@ -73,6 +76,7 @@ class FakeKiln final : public v1::Kiln::Service {
   v1::EndpointsSnapshot snapshot_;
   uint64_t streams_ended_ = 0;  // EndStreams calls: a stream opened before one ends
   bool stopping_ = false;
+  bool hung_ = false;
   std::chrono::milliseconds report_interval_{100};
   std::vector<Watch> watches_;
   std::vector<v1::ProxyReport> reports_;

@@ -235,6 +235,29 @@ TEST_CASE("kiln-proxy follows kilnd on its unix socket across a kilnd restart", 
   CHECK(AllAnsweredBy(web, "b"));
 }
 
+TEST_CASE("kiln-proxy keeps serving while kilnd hangs", "[kiln-proxy]") {
+  TempDir dir;
+  EchoBackend a("a"), b("b");
+  const int web = NextPort();
+  FakeKiln kiln("k1", NextPort());
+  const uint64_t ver1 = kiln.Publish({Exposed("web", web, {EndpointAt("a", a.port())})});
+  auto proxy = StartProxy(dir, {"--kilnd", kiln.target()});
+  INFO(proxy->Stderr());
+  REQUIRE(kiln.WaitForReport(Serving("k1", ver1, "web", web)));
+
+  // Calls are accepted and never answered: reports time out, the data plane does not notice.
+  kiln.SetHung(true);
+  const uint64_t ver2 = kiln.Publish({Exposed("web", web, {EndpointAt("b", b.port())})});
+  REQUIRE(proxy->WaitForStderr("DEADLINE_EXCEEDED", 10s));
+  CHECK(AllAnsweredBy(web, "a", 20));
+  CHECK(proxy->Wait(0ms) == -1);
+
+  kiln.SetHung(false);
+  REQUIRE(kiln.WaitForReport(Serving("k1", ver2, "web", web)));
+  CHECK(AllAnsweredBy(web, "b"));
+  CHECK(proxy->WaitForStderr("connected to kilnd again", 5s));
+}
+
 TEST_CASE("kiln-proxy resumes the stream from the snapshot it applied", "[kiln-proxy]") {
   TempDir dir;
   EchoBackend a("a"), b("b");
