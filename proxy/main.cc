@@ -1,0 +1,3 @@
+#include "proxy/proxy_main.h"
+
+int main(int argc, char** argv) { return kiln::RunKilnProxy(argc, argv); }
