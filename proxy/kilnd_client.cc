@@ -178,8 +178,15 @@ std::unique_ptr<v1::Kiln::Stub> KilndClient::Impl::MakeStub() const {
   }
   // A snapshot holds every pool at once.
   args.SetMaxReceiveMessageSize(static_cast<int>(kMaxEndpointsFileBytes));
-  return v1::Kiln::NewStub(
-      grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args));
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!options.tls_ca.empty() || !options.tls_cert.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls_ca;
+    ssl.pem_cert_chain = options.tls_cert;
+    ssl.pem_private_key = options.tls_key;
+    credentials = grpc::SslCredentials(ssl);
+  }
+  return v1::Kiln::NewStub(grpc::CreateCustomChannel(options.target, credentials, args));
 }
 
 bool KilndClient::Impl::Sleep(Duration d) {

@@ -42,6 +42,9 @@ class KilndClient {
   struct Options {
     std::string target;  // gRPC target: "unix:/path/kiln.sock" or "host:port"
     std::string token;   // sent as "authorization: Bearer TOKEN"; "" sends none
+    // PEM contents. With a CA (or a client certificate), the channel is TLS and kilnd's
+    // certificate must be signed by that CA; cert and key: mutual TLS. All "": plaintext.
+    std::string tls_ca, tls_cert, tls_key;
     std::string proxy_id;
     // Rewritten (atomically) with each snapshot received from kilnd; "" for none.
     std::filesystem::path endpoints_file;

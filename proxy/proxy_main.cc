@@ -12,6 +12,7 @@
 #include <iostream>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "common/descriptors.h"
 #include "common/logging.h"
@@ -29,6 +30,7 @@ namespace fs = std::filesystem;
 struct ProxyFlags {
   std::string kilnd;
   std::string token;
+  std::string tls_ca, tls_cert, tls_key;  // PEM contents
   std::string id;
   fs::path endpoints_file;
   LogFormat log_format = LogFormat::kText;
@@ -70,6 +72,11 @@ StatusOr<ProxyFlags> ParseFlags(int argc, char** argv) {
                  "endpoints file is the only source (static mode)");
   app.add_option("--token-file", token_file,
                  "file whose first line is the API token sent to kilnd (with kilnd --tokens)");
+  std::string tls_ca, tls_cert, tls_key;
+  app.add_option("--tls-ca", tls_ca,
+                 "PEM CA that signed kilnd's certificate: TLS to a HOST:PORT --kilnd");
+  app.add_option("--tls-cert", tls_cert, "PEM client certificate (mutual TLS; with --tls-key)");
+  app.add_option("--tls-key", tls_key, "PEM client key (mutual TLS; with --tls-cert)");
   app.add_option("--id", flags.id, "this proxy's name in its reports (default HOSTNAME:PID)");
   app.add_option("--endpoints-file", endpoints_file,
                  "served at start-up if it exists, then rewritten with each snapshot from kilnd "
@@ -99,6 +106,21 @@ StatusOr<ProxyFlags> ParseFlags(int argc, char** argv) {
     StatusOr<std::string> token = ReadToken(token_file);
     if (!token.ok()) return InvalidArgumentError(token.status().message());
     flags.token = std::move(token).value();
+  }
+  if (tls_cert.empty() != tls_key.empty()) {
+    return InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if ((!tls_ca.empty() || !tls_cert.empty()) &&
+      (flags.kilnd.empty() || flags.kilnd.starts_with("unix:"))) {
+    return InvalidArgumentError("--tls-ca, --tls-cert and --tls-key are for a HOST:PORT --kilnd");
+  }
+  for (const auto& [flag, path, out] : {std::tuple{"--tls-ca", &tls_ca, &flags.tls_ca},
+                                        std::tuple{"--tls-cert", &tls_cert, &flags.tls_cert},
+                                        std::tuple{"--tls-key", &tls_key, &flags.tls_key}}) {
+    if (path->empty()) continue;
+    StatusOr<std::string> pem = ReadRegularFile(*path, 1 << 20, std::string(flag) + " " + *path);
+    if (!pem.ok()) return InvalidArgumentError(pem.status().message());
+    *out = std::move(pem).value();
   }
   if (flags.id.empty()) flags.id = DefaultId();
   flags.endpoints_file = endpoints_file;
@@ -179,6 +201,9 @@ int RunKilnProxy(int argc, char** argv) {
   if (!flags->kilnd.empty()) {
     client_options.target = flags->kilnd;
     client_options.token = flags->token;
+    client_options.tls_ca = flags->tls_ca;
+    client_options.tls_cert = flags->tls_cert;
+    client_options.tls_key = flags->tls_key;
     client_options.proxy_id = flags->id;
     client_options.endpoints_file = flags->endpoints_file;
     client_options.started_unix_ms = started_unix_ms;

@@ -14,6 +14,14 @@ FakeKiln::FakeKiln(std::string kilnd_id, int port) {
   target_ = "127.0.0.1:" + std::to_string(port_);
 }
 
+FakeKiln::FakeKiln(std::string kilnd_id, int port,
+                   std::shared_ptr<grpc::ServerCredentials> credentials) {
+  snapshot_.set_kilnd_id(std::move(kilnd_id));
+  snapshot_.set_version(1);
+  Serve("127.0.0.1:" + std::to_string(port), std::move(credentials));
+  target_ = "127.0.0.1:" + std::to_string(port_);
+}
+
 FakeKiln::FakeKiln(std::string kilnd_id, const std::filesystem::path& unix_socket) {
   snapshot_.set_kilnd_id(std::move(kilnd_id));
   snapshot_.set_version(1);
@@ -21,10 +29,11 @@ FakeKiln::FakeKiln(std::string kilnd_id, const std::filesystem::path& unix_socke
   Serve(target_);
 }
 
-void FakeKiln::Serve(const std::string& address) {
+void FakeKiln::Serve(const std::string& address,
+                     std::shared_ptr<grpc::ServerCredentials> credentials) {
   grpc::ServerBuilder builder;
   int bound = 0;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &bound);
+  builder.AddListeningPort(address, std::move(credentials), &bound);
   builder.RegisterService(this);
   server_ = builder.BuildAndStart();
   if (!server_ || bound == 0) throw std::runtime_error("fake kiln: cannot listen on " + address);

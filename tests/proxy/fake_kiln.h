@@ -31,6 +31,8 @@ class FakeKiln final : public v1::Kiln::Service {
 
   // Serves on 127.0.0.1:port (0: any free port) with `kilnd_id` and an empty snapshot, version 1.
   explicit FakeKiln(std::string kilnd_id, int port = 0);
+  // Serves on 127.0.0.1:port with TLS (grpc::SslServerCredentials).
+  FakeKiln(std::string kilnd_id, int port, std::shared_ptr<grpc::ServerCredentials> credentials);
   // Serves on a unix socket, as kilnd does on STATE/kiln.sock.
   FakeKiln(std::string kilnd_id, const std::filesystem::path& unix_socket);
   // Stop()
@@ -81,7 +83,8 @@ class FakeKiln final : public v1::Kiln::Service {
   std::vector<Watch> watches_;
   std::vector<v1::ProxyReport> reports_;
 
-  void Serve(const std::string& address);
+  void Serve(const std::string& address, std::shared_ptr<grpc::ServerCredentials> credentials =
+                                             grpc::InsecureServerCredentials());
 
   int port_ = 0;
   std::string target_;

@@ -258,6 +258,56 @@ TEST_CASE("kiln-proxy keeps serving while kilnd hangs", "[kiln-proxy]") {
   CHECK(proxy->WaitForStderr("connected to kilnd again", 5s));
 }
 
+TEST_CASE("kiln-proxy reaches kilnd over TLS with --tls-ca", "[kiln-proxy]") {
+  TempDir dir;
+  testing::RunResult cert =
+      testing::Run({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                    "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", (dir / "key.pem").string(), "-out", (dir / "cert.pem").string()});
+  INFO(cert.err);
+  REQUIRE(cert.exit_code == 0);
+  grpc::SslServerCredentialsOptions tls;
+  tls.pem_key_cert_pairs.push_back(
+      {testing::ReadFile(dir / "key.pem"), testing::ReadFile(dir / "cert.pem")});
+  EchoBackend a("a");
+  const int web = NextPort();
+  FakeKiln kiln("k1", NextPort(), grpc::SslServerCredentials(tls));
+  const uint64_t v = kiln.Publish({Exposed("web", web, {EndpointAt("a", a.port())})});
+
+  // Plaintext to a TLS port: refused, logged, nothing served.
+  auto plain = StartProxy(dir, {"--kilnd", kiln.target()});
+  CHECK(plain->WaitForStderr("call to kilnd failed;", 10s));
+  plain->Signal(SIGTERM);
+  CHECK(plain->Wait(5s) == 0);
+  CHECK(kiln.Reports().empty());
+
+  auto proxy = StartProxy(dir, {"--kilnd", kiln.target(), "--tls-ca", (dir / "cert.pem").string()});
+  INFO(proxy->Stderr());
+  REQUIRE(kiln.WaitForReport(Serving("k1", v, "web", web)));
+  CHECK(AllAnsweredBy(web, "a"));
+
+  // Mutual TLS: kilnd asks for a client certificate signed by its CA (here, the same one).
+  tls.pem_root_certs = testing::ReadFile(dir / "cert.pem");
+  tls.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  FakeKiln mutual("k2", NextPort(), grpc::SslServerCredentials(tls));
+  const uint64_t mv = mutual.Publish({Exposed("api", NextPort(), {EndpointAt("a", a.port())})});
+  auto without =
+      StartProxy(dir, {"--kilnd", mutual.target(), "--tls-ca", (dir / "cert.pem").string()});
+  CHECK(without->WaitForStderr("call to kilnd failed;", 10s));
+  without->Signal(SIGTERM);
+  CHECK(without->Wait(5s) == 0);
+  CHECK(mutual.Reports().empty());
+  auto with = StartProxy(
+      dir, {"--kilnd", mutual.target(), "--tls-ca", (dir / "cert.pem").string(), "--tls-cert",
+            (dir / "cert.pem").string(), "--tls-key", (dir / "key.pem").string()});
+  CHECK(mutual.WaitForReport([&](const v1::ProxyReport& r) { return r.version() == mv; }));
+
+  testing::RunResult alone = testing::Run(
+      {BinPath("kiln-proxy"), "--kilnd", kiln.target(), "--tls-cert", (dir / "cert.pem").string()});
+  CHECK(alone.exit_code == 2);
+  CHECK(alone.err.find("--tls-key") != std::string::npos);
+}
+
 TEST_CASE("kiln-proxy resumes the stream from the snapshot it applied", "[kiln-proxy]") {
   TempDir dir;
   EchoBackend a("a"), b("b");
