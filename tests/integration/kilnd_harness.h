@@ -59,11 +59,11 @@ class KilndHarness {
       const std::string& health =
           "{http: {path: /healthz}, interval: 100ms, timeout: 500ms, failure_threshold: 2}") {
     std::string cmd = "[\"{artifact}\", \"--version-string\", \"" + version + "\"" + flags + "]";
-    WriteFile(manifests() / (name + ".yaml"),
-              "name: " + name + "\nversion: \"" + version + "\"\nreplicas: " +
-                  std::to_string(replicas) + "\nartifact: {path: " + BinPath("kiln-testsvc") +
-                  "}\ncommand: " + cmd + "\nhealth: " + health + "\nupdate: " + update + "\n" +
-                  extra_yaml_);
+    WriteFile(manifests() / (name + ".yaml"), "name: " + name + "\nversion: \"" + version +
+                                                  "\"\nreplicas: " + std::to_string(replicas) +
+                                                  "\nartifact: {path: " + BinPath("kiln-testsvc") +
+                                                  "}\ncommand: " + cmd + "\nhealth: " + health +
+                                                  "\nupdate: " + update + "\n" + extra_yaml_);
   }
 
   // `http_listen` is kilnd's --http-listen (port 0: kilnd picks one; HttpPort() reads it back).
