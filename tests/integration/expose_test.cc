@@ -14,6 +14,7 @@
 #include <mutex>
 #include <thread>
 
+#include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
 
 namespace kiln::testing {
@@ -444,6 +445,56 @@ TEST_CASE(
   }
   CHECK(drained_ms >= closed_ms);
   CHECK(terminated_ms >= drained_ms);
+
+  // What the proxy did is in kilnd's metrics, by service and revision, with each instance's
+  // pool state.
+  HttpReply metrics = HttpRequest(h.HttpPort(), "/metrics");
+  REQUIRE(metrics.status == 200);
+  CHECK(metrics.body.find("kiln_proxy_connections_total{service=\"web\",revision=\"1\"}") !=
+        std::string::npos);
+  CHECK(metrics.body.find("kiln_pool_endpoints{service=\"web\",revision=\"2\"") !=
+        std::string::npos);
+  CHECK(metrics.body.find("kiln_proxy_process_up 1") != std::string::npos);
+}
+
+TEST_CASE("expose: a port another program holds is a Degraded condition, retried until free",
+          "[expose][integration]") {
+  // Another program has the port.
+  const int port = FreePort();
+  int holder = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  REQUIRE(::bind(holder, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  REQUIRE(::listen(holder, 8) == 0);
+
+  KilndHarness h;
+  h.SetExtraYaml("expose: {port: " + std::to_string(port) + "}\n");
+  h.Declare("web", "v1", 1, "{strategy: rolling}");
+  h.Start();
+  REQUIRE(h.WaitReady());
+  REQUIRE(WaitFor([&] { return Converged(h, 1); }));
+  auto status = [&] {
+    return Run({BinPath("kilnctl"), "--addr", h.UnixAddr(), "status", "web"}).out;
+  };
+  CHECK(WaitFor([&] { return status().find("ExposeBindFailed") != std::string::npos; }));
+  const std::string out = status();
+  CHECK(out.find("cannot listen on 127.0.0.1:" + std::to_string(port)) != std::string::npos);
+  CHECK(out.find("Address already in use") != std::string::npos);
+  CHECK(h.kilnd().Wait(std::chrono::milliseconds(0)) == -1);  // kilnd runs on
+
+  ::close(holder);
+  CHECK(WaitFor([&] {
+    int fd = Connect(port);
+    bool any = false;
+    std::string err;
+    bool ok = fd >= 0 && SendAll(fd, "GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n") &&
+              ReadResponse(fd, &any, &err) == std::optional<std::string>("v1\n");
+    if (fd >= 0) ::close(fd);
+    return ok;
+  }));
+  CHECK(WaitFor([&] { return status().find("ExposeBindFailed") == std::string::npos; }));
 }
 
 TEST_CASE(
