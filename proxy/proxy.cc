@@ -230,21 +230,14 @@ class Session : public std::enable_shared_from_this<Session> {
     // must not, or a session whose operations are dropped unrun (its io_context shut down)
     // would keep itself alive through its own pumps.
     auto self = shared_from_this();
-    auto done = [this](error_code ec) { OnPumpDone(ec); };
-    up_->Start(self, done);
-    if (!closed_) down_->Start(self, done);
+    up_->Start(self, [this](error_code ec) { OnPumpDone(ec, *down_); });
+    if (!closed_) down_->Start(self, [this](error_code ec) { OnPumpDone(ec, *up_); });
   }
 
-  std::unique_ptr<Pump> MakePump(tcp::socket& in, tcp::socket& out, Pump::Counter counter) {
-    StatusOr<std::unique_ptr<Pump>> pump = MakeSplicePump(in, out, counter);
-    if (pump.ok()) return std::move(*pump);
-    LogWarn("no pipe for zero-copy forwarding; copying through a buffer",
-            {{"service", route_->service}, {"error", pump.status().message()}});
-    return MakeBufferedPump(in, out, std::move(counter));
-  }
-
-  void OnPumpDone(error_code ec) {
+  void OnPumpDone(error_code ec, Pump& other) {
     ++pumps_done_;
+    // The first direction to end half-closes its output; the second need not, as Close is next.
+    if (!ec && pumps_done_ == 1) other.SkipHalfClose();
     if (ec && ec != asio::error::operation_aborted) {
       LogDebug("connection ended with an error",
                {{"service", route_->service},
