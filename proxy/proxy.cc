@@ -272,8 +272,9 @@ class Session : public std::enable_shared_from_this<Session> {
     // must not, or a session whose operations are dropped unrun (its io_context shut down)
     // would keep itself alive through its own pumps.
     auto self = shared_from_this();
+    // The client has most likely sent its request already; the endpoint's reply comes after it.
     up_->Start(self, [this](error_code ec) { OnPumpDone(ec, *down_); });
-    if (!closed_) down_->Start(self, [this](error_code ec) { OnPumpDone(ec, *up_); });
+    if (!closed_) down_->StartWaiting(self, [this](error_code ec) { OnPumpDone(ec, *up_); });
   }
 
   void OnPumpDone(error_code ec, Pump& other) {

@@ -31,6 +31,11 @@ class Pump {
   // `owner` (held by each pending handler) is what keeps them and this pump alive. Reads at once
   // (the input may hold bytes already) before it waits for the input.
   virtual void Start(const std::shared_ptr<void>& owner, Done done) = 0;
+  // Start, but waiting for the input first: for a direction that has nothing to move yet (a
+  // reply before its request has gone), where a read would only say EAGAIN. Bytes that came
+  // before are not lost: Asio's wait re-arms the descriptor (EPOLL_CTL_MOD), which reports what
+  // is already there.
+  virtual void StartWaiting(const std::shared_ptr<void>& owner, Done done) = 0;
   // The opposite direction has ended and the caller closes both sockets when this one ends: at
   // end of input `done` is called without the half-close, which the close does as well (a
   // system call saved per connection).
