@@ -20,8 +20,9 @@ namespace kiln {
 
 class Pump {
  public:
-  // Called once: with no error after end of stream and the half-close, or with the error that
-  // stopped the direction (operation_aborted when a socket was closed under it).
+  // Called once: with no error after end of stream and the half-close (unless SkipHalfClose),
+  // or with the error that stopped the direction (operation_aborted when a socket was closed
+  // under it).
   using Done = std::function<void(boost::system::error_code)>;
   // Told the bytes written to the output as they go, for the counters.
   using Counter = std::function<void(size_t)>;
