@@ -1,10 +1,15 @@
 #include "proxy/proxy.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 #include <optional>
 #include <unordered_set>
 #include <utility>
@@ -87,7 +92,14 @@ struct Proxy::Route : std::enable_shared_from_this<Proxy::Route> {
     acceptor.close(ignored);
     bound_port = 0;
   }
+  // Waits until the listener is readable, then AcceptReady.
   void Accept();
+  // Out of descriptors, most likely: pause rather than spin on the error, then accept again
+  // without waiting (what is pending raises no new readiness).
+  void PauseAccepting(const std::string& error);
+  // Accepts what is pending (up to a batch), each socket non-blocking and close-on-exec from
+  // accept4(2) itself; waits again only after EAGAIN (the reactor is edge-triggered).
+  void AcceptReady();
   // The next endpoint in rotation that `tried` does not hold; null when none is left.
   std::shared_ptr<Backend> Pick(const std::vector<std::shared_ptr<Backend>>& tried);
 
@@ -99,6 +111,8 @@ struct Proxy::Route : std::enable_shared_from_this<Proxy::Route> {
   std::string bind_error;
   bool removed = false;  // not in the last Apply: no listener, kept while connections drain
   tcp::acceptor acceptor;
+  tcp protocol = tcp::v4();  // the listener's, for the sockets it accepts
+  uint64_t listening = 0;    // counts Listen calls: a batch posted for an older listener stops
   asio::steady_timer timer;  // bind retry, or a pause after a failed accept
   std::vector<std::shared_ptr<Backend>> backends;
   size_t next = 0;  // round-robin cursor into `backends`
@@ -158,6 +172,23 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     error_code ignored;
     upstream_.close(ignored);
+    // Non-blocking and close-on-exec from socket(2) itself: Asio 1.74 opens without
+    // SOCK_CLOEXEC, and two fcntl(2) after it cost time and leave a window for an exec
+    // elsewhere in the process. TCP_NODELAY: forwarded bytes go as they come, never held back.
+    tcp protocol = backend_->address->protocol();
+    int fd = ::socket(protocol.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    error_code ec;
+    if (fd < 0) {
+      ec.assign(errno, boost::system::system_category());
+    } else {
+      upstream_.assign(protocol, fd, ec);
+      if (ec) ::close(fd);
+    }
+    if (!ec) upstream_.set_option(tcp::no_delay(true), ec);
+    if (ec) {
+      ConnectFailed("socket: " + ec.message());
+      return;
+    }
     timed_out_ = false;
     timer_.expires_after(shared_->options.connect_timeout);
     // The attempt number keeps a timeout that fired just as its connect failed from cutting the
@@ -168,10 +199,32 @@ class Session : public std::enable_shared_from_this<Session> {
       error_code ignored;
       self->upstream_.cancel(ignored);
     });
-    upstream_.async_connect(*backend_->address, [self = shared_from_this()](error_code ec) {
-      CancelQuietly(self->timer_, "connect timer");
-      self->OnConnected(ec);
+    Connect();
+  }
+
+  // connect(2) on the non-blocking socket, and again each time it is writable: 0 or EISCONN say
+  // it is connected, EALREADY that it is still connecting (a spurious wake-up), anything else is
+  // the connect's error. Asio's async_connect asks poll(2) and getsockopt(2) instead: one system
+  // call more per connection.
+  void Connect() {
+    const tcp::endpoint& to = *backend_->address;
+    for (;;) {
+      if (::connect(upstream_.native_handle(), to.data(), static_cast<socklen_t>(to.size())) == 0 ||
+          errno == EISCONN) {
+        return Connected({});
+      }
+      if (errno == EINPROGRESS || errno == EALREADY) break;
+      if (errno != EINTR) return Connected({errno, boost::system::system_category()});
+    }
+    upstream_.async_wait(tcp::socket::wait_write, [self = shared_from_this()](error_code ec) {
+      if (ec) return self->Connected(ec);
+      self->Connect();
     });
+  }
+
+  void Connected(error_code ec) {
+    CancelQuietly(timer_, "connect timer");
+    OnConnected(ec);
   }
 
   void OnConnected(error_code ec) {
@@ -209,20 +262,9 @@ class Session : public std::enable_shared_from_this<Session> {
     TryNext();
   }
 
+  // Both sockets are non-blocking, close-on-exec and TCP_NODELAY already (the client's from
+  // the listener's options and accept4).
   void Forward() {
-    error_code ignored;
-    client_.non_blocking(true, ignored);
-    upstream_.non_blocking(true, ignored);
-    client_.set_option(tcp::no_delay(true), ignored);
-    upstream_.set_option(tcp::no_delay(true), ignored);
-    // Asio 1.74 opens and accepts without SOCK_CLOEXEC; the proxy spawns nothing, but a process
-    // that embeds it might.
-    for (int fd : {client_.native_handle(), upstream_.native_handle()}) {
-      if (Status s = SetCloseOnExec(fd); !s.ok()) {
-        LogWarn("cannot mark a socket close-on-exec",
-                {{"service", route_->service}, {"error", s.message()}});
-      }
-    }
     Backend* b = backend_.get();
     up_ = MakePump(client_, upstream_, [b](size_t n) { b->bytes_in += n; });
     down_ = MakePump(upstream_, client_, [b](size_t n) { b->bytes_out += n; });
@@ -230,21 +272,15 @@ class Session : public std::enable_shared_from_this<Session> {
     // must not, or a session whose operations are dropped unrun (its io_context shut down)
     // would keep itself alive through its own pumps.
     auto self = shared_from_this();
-    auto done = [this](error_code ec) { OnPumpDone(ec); };
-    up_->Start(self, done);
-    if (!closed_) down_->Start(self, done);
+    // The client has most likely sent its request already; the endpoint's reply comes after it.
+    up_->Start(self, [this](error_code ec) { OnPumpDone(ec, *down_); });
+    if (!closed_) down_->StartWaiting(self, [this](error_code ec) { OnPumpDone(ec, *up_); });
   }
 
-  std::unique_ptr<Pump> MakePump(tcp::socket& in, tcp::socket& out, Pump::Counter counter) {
-    StatusOr<std::unique_ptr<Pump>> pump = MakeSplicePump(in, out, counter);
-    if (pump.ok()) return std::move(*pump);
-    LogWarn("no pipe for zero-copy forwarding; copying through a buffer",
-            {{"service", route_->service}, {"error", pump.status().message()}});
-    return MakeBufferedPump(in, out, std::move(counter));
-  }
-
-  void OnPumpDone(error_code ec) {
+  void OnPumpDone(error_code ec, Pump& other) {
     ++pumps_done_;
+    // The first direction to end half-closes its output; the second need not, as Close is next.
+    if (!ec && pumps_done_ == 1) other.SkipHalfClose();
     if (ec && ec != asio::error::operation_aborted) {
       LogDebug("connection ended with an error",
                {{"service", route_->service},
@@ -271,12 +307,17 @@ class Session : public std::enable_shared_from_this<Session> {
 }  // namespace
 
 void Proxy::Route::Listen() {
+  ++listening;
   error_code ec;
   asio::ip::address address = asio::ip::make_address(listen_host, ec);
   if (!ec) {
     tcp::endpoint at(address, static_cast<uint16_t>(listen_port));
+    protocol = at.protocol();
     acceptor.open(at.protocol(), ec);
     if (!ec) acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
+    // Inherited by every accepted socket on Linux: one system call per listener, not per client.
+    if (!ec) acceptor.set_option(tcp::no_delay(true), ec);
+    if (!ec) acceptor.non_blocking(true, ec);
     if (!ec) acceptor.bind(at, ec);
     if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
   }
@@ -312,19 +353,47 @@ void Proxy::Route::Listen() {
 }
 
 void Proxy::Route::Accept() {
-  acceptor.async_accept([self = shared_from_this()](error_code ec, tcp::socket socket) {
+  acceptor.async_wait(tcp::acceptor::wait_read, [self = shared_from_this()](error_code ec) {
     if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
-    if (ec) {
-      // Out of descriptors, most likely: pause rather than spin on the error.
-      LogWarn("accept failed", {{"service", self->service}, {"error", ec.message()}});
-      self->timer.expires_after(std::chrono::milliseconds(100));
-      self->timer.async_wait([self](error_code wec) {
-        if (!wec && self->acceptor.is_open()) self->Accept();
-      });
-      return;
+    if (ec) return self->PauseAccepting(ec.message());
+    self->AcceptReady();
+  });
+}
+
+void Proxy::Route::PauseAccepting(const std::string& error) {
+  LogWarn("accept failed", {{"service", service}, {"error", error}});
+  timer.expires_after(std::chrono::milliseconds(100));
+  timer.async_wait([self = shared_from_this()](error_code ec) {
+    if (!ec && self->acceptor.is_open()) self->AcceptReady();
+  });
+}
+
+void Proxy::Route::AcceptReady() {
+  // Connections accepted before yielding to the others' handlers.
+  constexpr int kAcceptBatch = 16;
+  for (int i = 0; i < kAcceptBatch; ++i) {
+    int fd = ::accept4(acceptor.native_handle(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      int err = errno;
+      // A connection that went away before it was accepted, or a signal: the next one.
+      if (err == EINTR || err == ECONNABORTED || err == EPROTO) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK) return Accept();
+      return PauseAccepting(std::strerror(err));
     }
-    std::make_shared<Session>(self->shared, self, std::move(socket))->Start();
-    self->Accept();
+    tcp::socket socket(shared->io);
+    error_code ec;
+    socket.assign(protocol, fd, ec);
+    if (ec) {
+      ::close(fd);
+      LogWarn("cannot watch an accepted connection; closing it",
+              {{"service", service}, {"error", ec.message()}});
+      continue;
+    }
+    std::make_shared<Session>(shared, shared_from_this(), std::move(socket))->Start();
+  }
+  // More may be pending, and no new readiness would say so.
+  asio::post(shared->io, [self = shared_from_this(), listening = listening] {
+    if (self->acceptor.is_open() && self->listening == listening) self->AcceptReady();
   });
 }
 

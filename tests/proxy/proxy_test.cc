@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 
+#include "proxy/pump.h"
 #include "tests/proxy/proxy_test_util.h"
 
 namespace kiln {
@@ -117,6 +118,33 @@ TEST_CASE("the proxy forwards both ways and keeps a half-closed connection", "[p
     CHECK(e.bytes_out == payload.size() + 6);
     CHECK(e.state == EndpointState::kActive);
   }
+}
+
+TEST_CASE("a conversation past the splice threshold keeps every byte in order", "[proxy]") {
+  EchoBackend a("web-1");
+  ProxyUnderTest proxy;
+  proxy.Apply({Web({To(a)})});
+  UniqueFd fd = testing::Connect(proxy.Port("web"));
+  REQUIRE(fd);
+  // 160 rounds of 1 KiB each way, each echoed before the next is sent: both directions copy
+  // first, cross kSpliceAfterBytes (64 KiB) in the middle of the conversation, then splice.
+  size_t total = 0;
+  for (int round = 0; round < 160; ++round) {
+    std::string message(1024, static_cast<char>('a' + round % 26));
+    message[0] = static_cast<char>(round);
+    REQUIRE(testing::SendAll(fd.get(), message));
+    REQUIRE(testing::ReadExactly(fd.get(), message.size()) == message);
+    total += message.size();
+  }
+  REQUIRE(total > 2 * kSpliceAfterBytes);
+  // A half-close after the switch still reaches the backend, and its reply comes back.
+  ::shutdown(fd.get(), SHUT_WR);
+  CHECK(testing::ReadAll(fd.get()) == "|web-1");
+  fd.reset();
+  REQUIRE(Eventually([&] { return proxy.EndpointOf("web", "web-1")->open_connections == 0; }));
+  EndpointStats e = *proxy.EndpointOf("web", "web-1");
+  CHECK(e.bytes_in == total);
+  CHECK(e.bytes_out == total + 6);
 }
 
 TEST_CASE("the proxy shares new connections round-robin and Apply is idempotent", "[proxy]") {
