@@ -448,10 +448,19 @@ TEST_CASE(
 
   // What the proxy did is in kilnd's metrics, by service and revision, with each instance's
   // pool state.
-  HttpReply metrics = HttpRequest(h.HttpPort(), "/metrics");
-  REQUIRE(metrics.status == 200);
-  CHECK(metrics.body.find("kiln_proxy_connections_total{service=\"web\",revision=\"1\"}") !=
-        std::string::npos);
+  int fresh = Connect(port);
+  bool any = false;
+  std::string err;
+  REQUIRE(fresh >= 0);
+  REQUIRE(SendAll(fresh, "GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"));
+  CHECK(ReadResponse(fresh, &any, &err) == std::optional<std::string>("v2\n"));
+  ::close(fresh);
+  HttpReply metrics;
+  CHECK(WaitFor([&] {
+    metrics = HttpRequest(h.HttpPort(), "/metrics");
+    return metrics.body.find("kiln_proxy_connections_total{service=\"web\",revision=\"2\"} 1") !=
+           std::string::npos;
+  }));
   CHECK(metrics.body.find("kiln_pool_endpoints{service=\"web\",revision=\"2\"") !=
         std::string::npos);
   CHECK(metrics.body.find("kiln_proxy_process_up 1") != std::string::npos);
