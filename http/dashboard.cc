@@ -35,6 +35,9 @@ const char* DashboardHtml() {
   .bar { height:8px; background:#30363d; border-radius:4px; overflow:hidden; display:flex; width:240px; }
   .bar .new { background:var(--ok); } .bar .old { background:var(--accent); }
   .error { color:var(--bad); white-space:pre-wrap; }
+  .address { font-family:ui-monospace, monospace; color:var(--accent); }
+  .pool { margin-top:.5rem; } .pool h3 { font-size:.95rem; margin:.3rem 0; font-weight:normal; }
+  .ep-active { color:var(--ok); } .ep-draining, .drain { color:var(--warn); } .ep-ejected { color:var(--bad); }
   #events td { font-family:ui-monospace, monospace; font-size:12px; }
   #login { display:flex; gap:.5rem; align-items:baseline; }
   #login[hidden], #signout[hidden] { display:none; }
@@ -57,6 +60,11 @@ const esc = (s) => String(s ?? "").replace(/[&<>"]/g, (c) => ({"&":"&amp;","<":"
 const lower = (s, prefix) => String(s || "").replace(prefix, "").toLowerCase();
 const age = (ms) => { ms = Number(ms); if (!ms) return "-"; const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
   return s < 120 ? s + "s" : s < 7200 ? Math.round(s / 60) + "m" : Math.round(s / 3600) + "h"; };
+const bytes = (n) => { n = Number(n) || 0; const u = ["B", "KiB", "MiB", "GiB", "TiB"]; let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; ++i; } return (i ? n.toFixed(1) : n) + " " + u[i]; };
+// "HOST:PORT", with an IPv6 literal in brackets.
+const hostPort = (host, port) => (String(host).includes(":") ? `[${host}]` : host) + ":" + port;
+const epState = { active: "in pool", draining: "draining", ejected: "ejected" };
 let lastSeq = 0;
 const events = [];
 const tokenKey = "kiln-token";
@@ -98,9 +106,24 @@ function serviceHtml(s) {
   const inst = (s.instances || []).map((i) => {
     const st = lower(i.state, "INSTANCE_STATE_");
     return `<tr data-instance="${esc(i.id)}"><td>${esc(i.id)}</td><td>${esc(i.revision)}</td><td class="state ${st}">${st}</td>
-      <td>${i.available ? "yes" : "no"}</td><td>${esc(i.port)}</td><td>${age(i.created_unix_ms)}</td><td>${esc(i.last_probe || i.reason)}</td></tr>`; }).join("");
+      <td>${i.available ? "yes" : "no"}</td><td>${esc(i.port)}</td><td>${age(i.created_unix_ms)}</td>
+      <td>${i.drain ? `<div class="drain">${esc(i.drain)}</div>` : ""}${esc(i.last_probe || i.reason)}</td></tr>`; }).join("");
+  // The stable address and, per proxy that reported, its listener and the pool behind it.
+  const address = sum.expose ? hostPort(sum.expose.host, sum.expose.port) : "";
+  const routes = (s.proxy_routes || []).map((pr) => {
+    const eps = (pr.endpoints || []).map((e) => {
+      const st = lower(e.state, "PROXY_ENDPOINT_STATE_");
+      return `<tr data-endpoint="${esc(e.instance)}"><td>${esc(e.instance)}</td><td>${esc(e.revision)}</td>
+        <td class="ep-state ep-${esc(st)}">${esc(epState[st] || st)}</td><td>${esc(e.open_connections)}</td>
+        <td>${esc(e.total_connections)}</td><td>${esc(e.connect_failures)}</td><td>${bytes(e.bytes_in)}</td><td>${bytes(e.bytes_out)}</td></tr>`; }).join("");
+    const listener = pr.bind_error
+      ? `<span class="error bind-error">cannot listen on ${esc(hostPort(pr.listen_host, pr.listen_port))}: ${esc(pr.bind_error)}</span>`
+      : `<span class="listening">listening on <span class="address">${esc(hostPort(pr.listen_host, pr.bound_port))}</span></span>`;
+    return `<div class="route" data-proxy="${esc(pr.proxy)}"><h3>Pool · proxy ${esc(pr.proxy)}: ${listener}
+        ${Number(pr.rejected_connections) ? ` · <span class="unhealthy">${esc(pr.rejected_connections)} connections rejected (no instance took them)</span>` : ""}</h3>
+      <table class="endpoints"><thead><tr><th>instance</th><th>revision</th><th>state</th><th>open</th><th>total</th><th>connect failures</th><th>bytes in</th><th>bytes out</th></tr></thead><tbody>${eps}</tbody></table></div>`; }).join("");
   return `<section class="service" data-service="${esc(sum.name)}">
-    <h2>${esc(sum.name)} <span class="pill">version ${esc(sum.version)}</span>
+    <h2>${esc(sum.name)} <span class="pill">version ${esc(sum.version)}</span>${address ? ` <span class="address">${esc(address)}</span>` : ""}
       <span class="dim">revision ${target} · manifest ${esc(sum.desired_revision)}${Number(sum.pinned_revision) ? ` · <span class="unhealthy">pinned to ${esc(sum.pinned_revision)}</span> (${esc(s.pin_reason)})` : ""}${sum.paused ? " · paused" : ""}</span></h2>
     <div>rollout ${esc(r.from_revision || 0)} → ${esc(r.to_revision || target)}: <span class="rollout ${lower(r.state, "ROLLOUT_STATE_")}">${lower(r.state, "ROLLOUT_STATE_")}</span>
       ${r.reason ? `<span class="error">${esc(r.reason)}</span>` : ""}
@@ -109,6 +132,7 @@ function serviceHtml(s) {
     ${sum.manifest_error ? `<div class="error manifest-error">manifest error: ${esc(sum.manifest_error)}</div>` : ""}
     <table class="conditions">${conds}</table>
     <table class="instances"><thead><tr><th>instance</th><th>revision</th><th>state</th><th>available</th><th>port</th><th>age</th><th>last probe</th></tr></thead><tbody>${inst}</tbody></table>
+    ${address ? `<div class="pool">${routes || `<span class="dim no-proxy">Pool: no proxy has reported for ${esc(address)} yet</span>`}</div>` : ""}
   </section>`;
 }
 

@@ -1,11 +1,15 @@
 // Opens kilnd's dashboard once in headless Chromium and watches it update without reloading:
-//   node dashboard.mjs URL SCREENSHOT_DIR
+//   node dashboard.mjs URL SCREENSHOT_DIR [ADDRESS [BUSY_SERVICE]]
 // Prints "READY <instance ids>" when the service and its healthy instances show, then waits
 // (the test changes the manifest meanwhile) until instances of revision 2 show healthy and the
 // old ones are gone, prints "UPDATED", saves screenshots and exits 0. Exits 1 on any failure.
+// With ADDRESS (the service's `expose:` HOST:PORT): before READY the service also shows that
+// address and a proxy listening on it with exactly its instances in the pool, and BUSY_SERVICE
+// (whose address is taken) shows its proxy's bind error; after the rollout the pool holds
+// exactly the instances of revision 2.
 import { chromium } from "playwright-core";
 
-const [url, shots] = process.argv.slice(2);
+const [url, shots, address, busy] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,13 +33,49 @@ try {
   };
   const first = await waitFor("2 healthy instances of revision 1",
     (r) => r.length === 2 && r.every((x) => x.rev === "1" && x.state === "healthy"), 30000);
+  // The pool as the page shows it: per proxy route its listener line and its endpoint rows.
+  const pool = () => page.locator(`section[data-service="web"] .route`).evaluateAll((divs) =>
+    divs.map((d) => ({ listener: d.querySelector("h3").textContent.replace(/\s+/g, " "),
+                       endpoints: [...d.querySelectorAll("tr[data-endpoint]")].map((tr) => ({
+                         id: tr.dataset.endpoint, rev: tr.children[1].textContent,
+                         state: tr.querySelector(".ep-state").textContent })) })));
+  const poolHolds = async (what, ids, rev, ms) => {
+    const end = Date.now() + ms;
+    let p = [];
+    while (Date.now() < end) {
+      p = await pool();
+      const inPool = p.length === 1 ? p[0].endpoints.filter((e) => e.state === "in pool") : [];
+      if (p.length === 1 && p[0].listener.includes("listening on " + address) &&
+          inPool.length === ids.length && inPool.every((e) => ids.includes(e.id) && e.rev === rev))
+        return;
+      await page.waitForTimeout(200);
+    }
+    throw new Error(`timed out waiting for ${what}; pool: ${JSON.stringify(p)}`);
+  };
+  if (address) {
+    const shown = await page.locator(`section[data-service="web"] h2 .address`).textContent();
+    if (shown !== address) throw new Error(`address shows "${shown}", not "${address}"`);
+    await poolHolds("the proxy listening with both instances in the pool", first.map((x) => x.id),
+                    "1", 30000);
+  }
+  if (busy) {
+    const bindError = page.locator(`section[data-service="${busy}"] .route .bind-error`);
+    await bindError.waitFor({ timeout: 30000 });
+    const text = await bindError.textContent();
+    if (!text.startsWith("cannot listen on ")) throw new Error(`bind error shows "${text}"`);
+    const degraded = await page.locator(`section[data-service="${busy}"] .conditions .true-Degraded`).count();
+    if (degraded !== 1) throw new Error("the service with a taken address is not Degraded");
+  }
   const version = await page.locator(`section[data-service="web"] h2 .pill`).textContent();
   if (version !== "version 1.0") throw new Error(`version shows "${version}"`);
   await page.screenshot({ path: `${shots}/dashboard-before.png`, fullPage: true });
   console.log("READY " + first.map((x) => x.id).join(" "));
   // Same page, no reload: the rollout appears as it happens.
-  await waitFor("2 healthy instances of revision 2 and no old ones",
+  const second = await waitFor("2 healthy instances of revision 2 and no old ones",
     (r) => r.length === 2 && r.every((x) => x.rev === "2" && x.state === "healthy"), 60000);
+  if (address) {
+    await poolHolds("the instances of revision 2 in the pool", second.map((x) => x.id), "2", 30000);
+  }
   const events = await page.locator("#events tbody").textContent();
   if (!events.includes("rollout_completed")) throw new Error("events do not show the rollout");
   await page.screenshot({ path: `${shots}/dashboard-after.png`, fullPage: true });

@@ -206,5 +206,42 @@ TEST_CASE("with --tokens the dashboard takes its token from the link and shows t
   CHECK(std::filesystem::exists(shots + "/dashboard-after.png"));
 }
 
+TEST_CASE("the dashboard shows a stable address with its live pool and a proxy that cannot bind",
+          "[http][browser][expose]") {
+  // Two ports on 127.0.0.1 the kernel hands out (outside kilnd's --port-range window): one for
+  // "web", free; one for "busy", held by a listener here so that kiln-proxy cannot bind it.
+  asio::io_context io;
+  tcp::acceptor taken(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  const int busy_port = taken.local_endpoint().port();
+  int web_port = 0;
+  {
+    tcp::acceptor probe(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+    web_port = probe.local_endpoint().port();
+  }
+  const std::string web_expose = "expose: {port: " + std::to_string(web_port) + ", drain: 2s}\n";
+  KilndHarness h;
+  h.SetExtraYaml("expose: {listen: \"127.0.0.1:" + std::to_string(busy_port) + "\"}\n");
+  h.Declare("busy", "1.0", 1, "{strategy: rolling}");
+  h.SetExtraYaml(web_expose);
+  h.Declare("web", "1.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+  h.Start();
+  REQUIRE(h.WaitReady());
+  const int port = h.HttpPort();
+  REQUIRE(port > 0);
+  const std::string shots = std::string(KILN_BIN_DIR) + "/../screenshots/expose";
+  std::filesystem::create_directories(shots);
+  Child browser({"/usr/bin/node", SourcePath("tests/browser/dashboard.mjs"),
+                 "http://127.0.0.1:" + std::to_string(port) + "/", shots,
+                 "127.0.0.1:" + std::to_string(web_port), "busy"},
+                h.tmp().path());
+  INFO(browser.Stdout() << browser.Stderr());
+  REQUIRE(browser.WaitForStdout("READY", 90s));
+  h.Declare("web", "2.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+  CHECK(browser.Wait(90s) == 0);
+  CHECK(browser.Stdout().find("UPDATED") != std::string::npos);
+  INFO(browser.Stdout() << browser.Stderr());
+  CHECK(std::filesystem::exists(shots + "/dashboard-after.png"));
+}
+
 }  // namespace
 }  // namespace kiln::testing
