@@ -99,6 +99,20 @@ std::optional<std::string> ReadResponse(int fd, bool* got_any, std::string* erro
   return buf.substr(header_end + 4, length);
 }
 
+// One GET / on a new connection through `port`: the body of a 200, or nullopt.
+std::optional<std::string> GetOnce(int port) {
+  int fd = Connect(port);
+  if (fd < 0) return std::nullopt;
+  bool any = false;
+  std::string err;
+  std::optional<std::string> body;
+  if (SendAll(fd, "GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")) {
+    body = ReadResponse(fd, &any, &err);
+  }
+  ::close(fd);
+  return body;
+}
+
 // Clients sending GET / through the stable address until stopped: `short_clients` threads with
 // a new connection per request, `keepalive_clients` threads each reusing one connection. A
 // keep-alive client does what HTTP clients do when the server closed an idle connection before
@@ -260,15 +274,7 @@ TEST_CASE(
   REQUIRE(h.WaitReady());
   REQUIRE(WaitFor([&] { return Converged(h, 3); }));
   // The proxy serves once it has the pool.
-  REQUIRE(WaitFor([&] {
-    int fd = Connect(port);
-    bool any = false;
-    std::string err;
-    bool ok = fd >= 0 && SendAll(fd, "GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n") &&
-              ReadResponse(fd, &any, &err).has_value();
-    if (fd >= 0) ::close(fd);
-    return ok;
-  }));
+  REQUIRE(WaitFor([&] { return GetOnce(port).has_value(); }));
 
   Load load(port, 4, 2);
   int cut_by_kill = 0;
@@ -448,13 +454,7 @@ TEST_CASE(
 
   // What the proxy did is in kilnd's metrics, by service and revision, with each instance's
   // pool state.
-  int fresh = Connect(port);
-  bool any = false;
-  std::string err;
-  REQUIRE(fresh >= 0);
-  REQUIRE(SendAll(fresh, "GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"));
-  CHECK(ReadResponse(fresh, &any, &err) == std::optional<std::string>("v2\n"));
-  ::close(fresh);
+  CHECK(GetOnce(port) == std::optional<std::string>("v2\n"));
   HttpReply metrics;
   CHECK(WaitFor([&] {
     metrics = HttpRequest(h.HttpPort(), "/metrics");
@@ -494,15 +494,7 @@ TEST_CASE("expose: a port another program holds is a Degraded condition, retried
   CHECK(h.kilnd().Wait(std::chrono::milliseconds(0)) == -1);  // kilnd runs on
 
   ::close(holder);
-  CHECK(WaitFor([&] {
-    int fd = Connect(port);
-    bool any = false;
-    std::string err;
-    bool ok = fd >= 0 && SendAll(fd, "GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n") &&
-              ReadResponse(fd, &any, &err) == std::optional<std::string>("v1\n");
-    if (fd >= 0) ::close(fd);
-    return ok;
-  }));
+  CHECK(WaitFor([&] { return GetOnce(port) == std::optional<std::string>("v1\n"); }));
   CHECK(WaitFor([&] { return status().find("ExposeBindFailed") == std::string::npos; }));
 }
 
@@ -521,15 +513,7 @@ TEST_CASE(
   h.Start({"--retire-after", "0s"});
   REQUIRE(h.WaitReady());
   REQUIRE(WaitFor([&] { return Converged(h, 2); }));
-  auto get = [&] {
-    int fd = Connect(port);
-    bool any = false;
-    std::string err;
-    bool ok = fd >= 0 && SendAll(fd, "GET / HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n") &&
-              ReadResponse(fd, &any, &err).has_value();
-    if (fd >= 0) ::close(fd);
-    return ok;
-  };
+  auto get = [&] { return GetOnce(port).has_value(); };
   REQUIRE(WaitFor(get));
   REQUIRE(h.ProxyProcesses().size() == 1);
   const pid_t proxy = h.ProxyProcesses()[0];
