@@ -240,6 +240,7 @@ void RunBulkBackends(int report_fd) {
   ::close(report_fd);
   static const std::vector<char> zeros(1 << 20, 0);
   std::vector<std::thread> acceptors;
+  acceptors.reserve(listeners.size());
   for (int fd : listeners) {
     acceptors.emplace_back([fd] {
       for (;;) {
@@ -414,6 +415,7 @@ void RunShortSlice(const std::vector<int>& ports, pid_t proxy, Clock::duration m
   auto now = Clock::now();
   Window window{now + kShortWarmup, now + kShortWarmup + measure};
   std::vector<std::unique_ptr<asio::io_context>> ios;
+  ios.reserve(kLoadThreads);
   std::vector<ShortClient::Figures> figures(kLoadThreads);
   for (int t = 0; t < kLoadThreads; ++t) {
     ios.push_back(std::make_unique<asio::io_context>(1));
@@ -424,6 +426,7 @@ void RunShortSlice(const std::vector<int>& ports, pid_t proxy, Clock::duration m
     asio::post(*ios[t], [client] { client->Next(); });
   }
   std::vector<std::thread> threads;
+  threads.reserve(ios.size());
   for (auto& io : ios) threads.emplace_back([&io] { io->run(); });
   std::this_thread::sleep_until(window.begin);
   double cpu0 = proxy ? CpuSeconds(proxy) : 0;
@@ -445,7 +448,7 @@ class BulkReader : public std::enable_shared_from_this<BulkReader> {
              std::atomic<uint64_t>& errors)
       : socket_(io), bytes_(bytes), stop_(stop), errors_(errors), buffer_(256 << 10) {}
 
-  void Start(tcp::endpoint to) {
+  void Start(const tcp::endpoint& to) {
     socket_.async_connect(to, [self = shared_from_this()](error_code ec) {
       if (ec) return self->Fail();
       self->Read();
@@ -494,12 +497,14 @@ void RunBulkSlice(const std::vector<int>& ports, int connections, pid_t proxy,
   std::atomic<bool> stop{false};
   int nthreads = std::min(connections, kLoadThreads);
   std::vector<std::unique_ptr<asio::io_context>> ios;
+  ios.reserve(nthreads);
   for (int t = 0; t < nthreads; ++t) ios.push_back(std::make_unique<asio::io_context>(1));
   for (int c = 0; c < connections; ++c) {
     auto reader = std::make_shared<BulkReader>(*ios[c % nthreads], bytes, stop, errors);
     reader->Start(target.Next());
   }
   std::vector<std::thread> threads;
+  threads.reserve(ios.size());
   for (auto& io : ios) threads.emplace_back([&io] { io->run(); });
   std::this_thread::sleep_for(kBulkWarmup);
   uint64_t b0 = bytes.load();
@@ -607,7 +612,8 @@ void PrintTable(const std::vector<Row>& rows) {
                 Fixed(r.kib_per_conn.value_or(0), 2, r.kib_per_conn.has_value()).c_str());
     if (r.bulk1.errors + r.bulk8.errors > 0) {
       std::printf("%-14s   bulk streams that ended early: %llu\n", "",
-                  static_cast<unsigned long long>(r.bulk1.errors + r.bulk8.errors));
+                  static_cast<unsigned long long>(r.bulk1.errors) +
+                      static_cast<unsigned long long>(r.bulk8.errors));
     }
     if (r.kib_per_conn && r.idle_upstream < kIdleConnections) {
       std::printf("%-14s   only %d of %d idle connections reached a backend\n", "", r.idle_upstream,

@@ -43,7 +43,7 @@ int NextPort() {
 
 std::unique_ptr<Child> StartProxy(const TempDir& dir, std::vector<std::string> args) {
   args.insert(args.begin(), BinPath("kiln-proxy"));
-  args.push_back("--log-level=debug");
+  args.emplace_back("--log-level=debug");
   return std::make_unique<Child>(args, dir.path());
 }
 
