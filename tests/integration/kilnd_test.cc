@@ -108,6 +108,16 @@ TEST_CASE("the Prometheus file_sd file lists every running instance and follows 
     CHECK(g["labels"]["revision"] == "1");
     CHECK(g["labels"]["instance"].get<std::string>().rfind("web-", 0) == 0);
   }
+  // Prometheus itself accepts it: promtool checks a config's file_sd files, labels included.
+  const std::filesystem::path config = h.tmp() / "prometheus.yml";
+  WriteFile(config,
+            "scrape_configs:\n  - job_name: kiln-instances\n    file_sd_configs:\n"
+            "      - files: [\"" +
+                sd.string() + "\"]\n");
+  RunResult promtool = Run({"/bin/sh", "-c", "promtool check config " + config.string()});
+  INFO(promtool.out << promtool.err);
+  CHECK(promtool.exit_code == 0);
+
   h.Declare("web", "2.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
   REQUIRE(WaitFor([&] { return versions() == std::multiset<std::string>{"2.0", "2.0"}; }));
   for (const auto& g : groups()) CHECK(g["labels"]["revision"] == "2");
