@@ -285,13 +285,15 @@ TEST_CASE(
   // flight on it at that very moment sees its connection end. Those, and only those, are
   // allowed: a connection cut without a response within 250 ms of the kill.
   std::optional<std::chrono::steady_clock::time_point> killed;
-  auto step = [&](const std::string& what, const std::function<void()>& act, int replicas) {
+  // Ends once `replicas` instances of the target run and the address answers `serves` (so a
+  // step whose manifest kilnd has not reloaded yet does not pass for converged).
+  auto step = [&](const std::string& what, const std::function<void()>& act, int replicas,
+                  const std::string& serves) {
     INFO(what);
     killed.reset();
     act();
-    // Let the change begin before waiting for the end of it.
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    CHECK(WaitFor([&] { return Converged(h, replicas); }, std::chrono::seconds(60)));
+    CHECK(WaitFor([&] { return Converged(h, replicas) && GetOnce(port) == serves + "\n"; },
+                  std::chrono::seconds(60)));
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     std::vector<Load::Failure> failures;
     for (Load::Failure& f : load.TakeFailures()) {
@@ -310,12 +312,13 @@ TEST_CASE(
   };
 
   step(
-      "rolling update", [&] { h.Declare("web", "v2", 3, rolling); }, 3);
+      "rolling update", [&] { h.Declare("web", "v2", 3, rolling); }, 3, "v2");
   CHECK(load.Versions().count("v2\n") == 1);
 
   step(
       "blue-green update",
-      [&] { h.Declare("web", "v3", 3, "{strategy: blue-green, min_healthy_time: 300ms}"); }, 3);
+      [&] { h.Declare("web", "v3", 3, "{strategy: blue-green, min_healthy_time: 300ms}"); }, 3,
+      "v3");
 
   step(
       "canary with promotion",
@@ -328,7 +331,7 @@ TEST_CASE(
                  Kilnctl(h, {"promote", "web"}) == 0;
         }));
       },
-      3);
+      3, "v4");
 
   step(
       "automatic rollback of a revision that never becomes healthy",
@@ -340,7 +343,7 @@ TEST_CASE(
         REQUIRE(WaitFor([&] { return h.HasEvent("web", EventKind::kRolledBack); },
                         std::chrono::seconds(30)));
       },
-      3);
+      3, "v4");
   CHECK(load.Versions().count("v5\n") == 0);  // never in the pool
 
   step(
@@ -351,7 +354,7 @@ TEST_CASE(
         killed = std::chrono::steady_clock::now();
         ::kill(static_cast<pid_t>(live[0].pid), SIGKILL);
       },
-      3);
+      3, "v4");
 
   step(
       "kilnctl replace",
@@ -360,17 +363,18 @@ TEST_CASE(
         REQUIRE(!live.empty());
         REQUIRE(Kilnctl(h, {"replace", live[0].name}) == 0);
       },
-      3);
+      3, "v4");
 
   // Unpin (the rollback pinned it) and scale down then up.
   REQUIRE(Kilnctl(h, {"unpin", "web"}) == 0);
   h.Declare("web", "v6", 3, rolling);
-  REQUIRE(WaitFor([&] { return Converged(h, 3); }, std::chrono::seconds(60)));
+  REQUIRE(WaitFor([&] { return Converged(h, 3) && GetOnce(port) == "v6\n"; },
+                  std::chrono::seconds(60)));
   CHECK(load.TakeFailures().empty());
   step(
-      "scale 3 -> 1", [&] { h.Declare("web", "v6", 1, rolling); }, 1);
+      "scale 3 -> 1", [&] { h.Declare("web", "v6", 1, rolling); }, 1, "v6");
   step(
-      "scale 1 -> 3", [&] { h.Declare("web", "v6", 3, rolling); }, 3);
+      "scale 1 -> 3", [&] { h.Declare("web", "v6", 3, rolling); }, 3, "v6");
 
   step(
       "SIGKILL of kilnd in the middle of a rolling update, then a restart",
@@ -383,7 +387,7 @@ TEST_CASE(
         h.Start();
         REQUIRE(h.WaitReady());
       },
-      3);
+      3, "v7");
 
   load.Stop();
   const double seconds =
