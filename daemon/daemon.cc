@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "api/api_server.h"
+#include "common/atomic_file.h"
 #include "common/clock.h"
 #include "common/descriptors.h"
 #include "common/logging.h"
@@ -57,32 +58,6 @@ std::string NewKilndId() {
   return buf;
 }
 
-// Writes `text` to `path` so that a reader sees the old file or the new one, never a part:
-// a temporary file beside it, then rename.
-Status WriteFileAtomically(const fs::path& path, const std::string& text, mode_t mode = 0644) {
-  const fs::path tmp = path.string() + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-  if (fd < 0) return UnavailableError(tmp.string() + ": " + std::strerror(errno));
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return UnavailableError(tmp.string() + ": " + std::strerror(err));
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (::close(fd) != 0 || ::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return UnavailableError(path.string() + ": " + std::strerror(err));
-  }
-  return Status::Ok();
-}
-
 // "HOST:PORT" of a listen address with the port it was bound to (port 0 picks one).
 std::string BoundAddress(const std::string& listen, int port) {
   return listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
@@ -102,7 +77,7 @@ StatusOr<std::string> EnsureToken(const fs::path& path) {
   fs::create_directories(path.parent_path(), ec);
   if (ec) return UnavailableError(path.parent_path().string() + ": " + ec.message());
   const std::string token = NewKilndId() + NewKilndId();  // 128 bits from std::random_device
-  RETURN_IF_ERROR(WriteFileAtomically(path, token + "\n", 0600));
+  RETURN_IF_ERROR(WriteFileAtomically(path, token + "\n", Durability::kSynced, 0600));
   return token;
 }
 
@@ -507,7 +482,7 @@ void Daemon::Impl::WriteSdFile() {
   StatusOr<std::string> text = PrometheusSdJson(*sd_reader);
   Status written = text.ok() ? Status::Ok() : text.status();
   if (text.ok() && *text != sd_written) {
-    written = WriteFileAtomically(config.prometheus_sd_file, *text);
+    written = WriteFileAtomically(config.prometheus_sd_file, *text, Durability::kVisible);
     if (written.ok()) sd_written = *std::move(text);
   }
   if (!written.ok()) {
@@ -633,7 +608,8 @@ void Daemon::Run() {
   if (!d.config.grpc_listen.empty())
     addr["grpc_tcp"] = BoundAddress(d.config.grpc_listen, grpc_tcp_port());
   if (d.http) addr["http"] = BoundAddress(d.config.http_listen, http_port());
-  if (Status s = WriteFileAtomically(addr_file(), addr.dump() + "\n"); s.ok()) {
+  if (Status s = WriteFileAtomically(addr_file(), addr.dump() + "\n", Durability::kVisible);
+      s.ok()) {
     d.addr_written = true;
   } else {
     LogWarn("cannot write the address file", {{"error", s.message()}});

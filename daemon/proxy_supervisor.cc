@@ -15,6 +15,7 @@
 #include <map>
 #include <string_view>
 
+#include "common/atomic_file.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/time_source.h"
@@ -89,40 +90,6 @@ bool ParsePidfile(const std::string& text, PidfileEntry* out) {
 
 std::string PidfileText(pid_t pid, uint64_t start_ticks) {
   return std::to_string(pid) + " " + std::to_string(start_ticks) + "\n";
-}
-
-// Writes the pidfile so that a reader (a later kilnd, after a crash at any moment) sees the old
-// content or the new, whole and on disk: a temporary file beside it, fsync, rename, fsync of the
-// directory.
-Status WritePidfile(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (!fd) return ErrnoError(errno, "cannot write " + tmp.string());
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(fd.get(), text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = n < 0 ? errno : EIO;
-      ::unlink(tmp.c_str());
-      return ErrnoError(err, "cannot write " + tmp.string());
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd.get()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoError(err, "cannot write " + tmp.string());
-  }
-  fd.reset();
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoError(err, "cannot write " + path.string());
-  }
-  UniqueFd dir(::open(path.parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir) (void)::fsync(dir.get());  // best effort: the rename is done either way
-  return Status::Ok();
 }
 
 }  // namespace
@@ -314,8 +281,8 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
               {{"program", options.name}, {"pid", static_cast<int64_t>(found[i].pid)}});
       (void)PidfdSendSignal(found[i].fd.get(), SIGTERM);
     }
-    kiln::Status recorded =
-        WritePidfile(Pidfile(), PidfileText(found[0].pid, found[0].start_ticks));
+    kiln::Status recorded = WriteFileAtomically(
+        Pidfile(), PidfileText(found[0].pid, found[0].start_ticks), Durability::kSynced);
     if (!recorded.ok()) {
       // It serves; stopping it for want of a pidfile would take the data plane down.
       LogError("cannot record an adopted supervised process",
@@ -376,7 +343,9 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
     // Our unreaped child: its /proc entry stays, as a zombie at worst, until we wait for it.
     StatusOr<proc::Stat> st = proc::ReadStat(spawned.pid);
     kiln::Status recorded =
-        st.ok() ? WritePidfile(Pidfile(), PidfileText(spawned.pid, st->start_time)) : st.status();
+        st.ok() ? WriteFileAtomically(Pidfile(), PidfileText(spawned.pid, st->start_time),
+                                      Durability::kSynced)
+                : st.status();
     if (!recorded.ok()) {
       // Unrecorded, a later kilnd could not find it and would start a second one.
       (void)PidfdSendSignal(spawned.pidfd.get(), SIGKILL);

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <string>
 
+#include "common/atomic_file.h"
 #include "common/regular_file.h"
 #include "common/unique_fd.h"
 
@@ -41,40 +42,7 @@ Status WriteEndpointsFile(const fs::path& path, const v1::EndpointsSnapshot& sna
     return InternalError("cannot encode the endpoints snapshot: " +
                          std::string(message.data(), message.size()));
   }
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-    if (!fd) return ErrnoError(errno, "cannot write " + tmp.string());
-    size_t done = 0;
-    while (done < text.size()) {
-      const ssize_t n = ::write(fd.get(), text.data() + done, text.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) {
-        Status error = ErrnoError(errno, "cannot write " + tmp.string());
-        ::unlink(tmp.c_str());
-        return error;
-      }
-      done += static_cast<size_t>(n);
-    }
-    if (::fsync(fd.get()) != 0) {
-      Status error = ErrnoError(errno, "cannot sync " + tmp.string());
-      ::unlink(tmp.c_str());
-      return error;
-    }
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    Status error = ErrnoError(errno, "cannot rename " + tmp.string() + " to " + path.string());
-    ::unlink(tmp.c_str());
-    return error;
-  }
-  // The rename itself survives a crash only once the directory is synced.
-  fs::path dir = path.parent_path();
-  if (dir.empty()) dir = ".";
-  UniqueFd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!dir_fd || ::fsync(dir_fd.get()) != 0) {
-    return ErrnoError(errno, "cannot sync directory " + dir.string());
-  }
-  return Status::Ok();
+  return WriteFileAtomically(path, text, Durability::kSynced);
 }
 
 }  // namespace kiln
