@@ -1,22 +1,28 @@
 #include "proxy/proxy.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/container/small_vector.hpp>
+#include <boost/intrusive/list.hpp>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <optional>
-#include <unordered_set>
+#include <span>
 #include <utility>
 
 #include "common/cancel_quietly.h"
-#include "common/descriptors.h"
 #include "common/logging.h"
+#include "common/unique_fd.h"
+#include "proxy/poller.h"
 #include "proxy/pump.h"
 
 namespace kiln {
@@ -71,37 +77,76 @@ std::string HostPort(const std::string& host, int port) {
   return host + ":" + std::to_string(port);
 }
 
-}  // namespace
+// A connect in flight, in Shared's list of them until it ends (the hook unlinks itself).
+struct ConnectDeadline {
+  using Hook = boost::intrusive::list_member_hook<
+      boost::intrusive::link_mode<boost::intrusive::auto_unlink>>;
+  Hook hook;
+  std::chrono::steady_clock::time_point at;
+  virtual void TimedOut() = 0;
 
-struct Proxy::Shared {
-  Shared(asio::io_context& io_context, Options opts) : io(io_context), options(opts) {}
-  asio::io_context& io;
-  Options options;
-  std::unordered_set<Session*> sessions;  // the open connections, closed with the Proxy
+ protected:
+  ~ConnectDeadline() = default;
 };
 
-struct Proxy::Route : std::enable_shared_from_this<Proxy::Route> {
+// An open client connection, in Shared's list of them until it is closed.
+struct OpenConnection {
+  ConnectDeadline::Hook open_hook;
+  virtual void Close() noexcept = 0;
+
+ protected:
+  ~OpenConnection() = default;
+};
+
+}  // namespace
+
+struct Proxy::Shared : std::enable_shared_from_this<Proxy::Shared> {
+  Shared(asio::io_context& io_context, Options opts)
+      : io(io_context), options(opts), poller(io_context), connect_timer(io_context) {}
+
+  // Watches the connects in flight: one timer for all, at the oldest one's deadline (every
+  // connect has the same timeout, so the list is in deadline order).
+  void WatchConnect(ConnectDeadline& c);
+  void OnConnectTimer();
+
+  asio::io_context& io;
+  Options options;
+  Poller poller;
+  // The open connections, closed with the Proxy.
+  boost::intrusive::list<OpenConnection,
+                         boost::intrusive::member_hook<OpenConnection, ConnectDeadline::Hook,
+                                                       &OpenConnection::open_hook>,
+                         boost::intrusive::constant_time_size<false>>
+      sessions;
+  boost::intrusive::list<
+      ConnectDeadline,
+      boost::intrusive::member_hook<ConnectDeadline, ConnectDeadline::Hook, &ConnectDeadline::hook>,
+      boost::intrusive::constant_time_size<false>>
+      connecting;
+  asio::steady_timer connect_timer;
+  bool connect_timer_armed = false;
+};
+
+struct Proxy::Route : Pollable, std::enable_shared_from_this<Proxy::Route> {
   Route(std::shared_ptr<Shared> s, std::string name)
-      : shared(std::move(s)), service(std::move(name)), acceptor(shared->io), timer(shared->io) {}
+      : shared(std::move(s)), service(std::move(name)), timer(shared->io) {}
 
   // Binds and listens on listen_host:listen_port, or keeps the error and tries again later.
   void Listen();
   void Unlisten() noexcept {
-    error_code ignored;
     CancelQuietly(timer, "listen retry timer");
-    acceptor.close(ignored);
+    shared->poller.Forget(this);
+    listener.reset();
     bound_port = 0;
   }
-  // Waits until the listener is readable, then AcceptReady.
-  void Accept();
   // Out of descriptors, most likely: pause rather than spin on the error, then accept again
-  // without waiting (what is pending raises no new readiness).
+  // (what is pending raises no new edge).
   void PauseAccepting(const std::string& error);
-  // Accepts what is pending (up to a batch), each socket non-blocking and close-on-exec from
-  // accept4(2) itself; waits again only after EAGAIN (the reactor is edge-triggered).
-  void AcceptReady();
+  // Accepts what is pending, each socket non-blocking and close-on-exec from accept4(2) itself,
+  // until EAGAIN (the set is edge-triggered) or a batch, after which it takes another turn.
+  void OnReady(unsigned tag, uint32_t events) override;
   // The next endpoint in rotation that `tried` does not hold; null when none is left.
-  std::shared_ptr<Backend> Pick(const std::vector<std::shared_ptr<Backend>>& tried);
+  std::shared_ptr<Backend> Pick(std::span<const std::shared_ptr<Backend>> tried);
 
   std::shared_ptr<Shared> shared;
   std::string service;
@@ -110,9 +155,7 @@ struct Proxy::Route : std::enable_shared_from_this<Proxy::Route> {
   int bound_port = 0;
   std::string bind_error;
   bool removed = false;  // not in the last Apply: no listener, kept while connections drain
-  tcp::acceptor acceptor;
-  tcp protocol = tcp::v4();  // the listener's, for the sockets it accepts
-  uint64_t listening = 0;    // counts Listen calls: a batch posted for an older listener stops
+  UniqueFd listener;
   asio::steady_timer timer;  // bind retry, or a pause after a failed accept
   std::vector<std::shared_ptr<Backend>> backends;
   size_t next = 0;  // round-robin cursor into `backends`
@@ -122,41 +165,63 @@ struct Proxy::Route : std::enable_shared_from_this<Proxy::Route> {
 namespace {
 
 // One client connection: connects to an endpoint of the route (the next in rotation, then the
-// others once each on failure), then forwards both directions until both have ended.
-class Session : public std::enable_shared_from_this<Session> {
+// others once each on failure), then forwards both directions until both have ended. Owned by
+// Shared::sessions while open; Close hands it to the poller, which frees it when no event can
+// name it any more.
+class Session final : public Pollable, public ConnectDeadline, public OpenConnection {
  public:
-  Session(std::shared_ptr<Proxy::Shared> shared, std::shared_ptr<Proxy::Route> route,
-          tcp::socket client)
-      : shared_(std::move(shared)),
-        route_(std::move(route)),
-        client_(std::move(client)),
-        upstream_(shared_->io),
-        timer_(shared_->io) {
-    shared_->sessions.insert(this);
-  }
-  ~Session() {
-    Close();
-    shared_->sessions.erase(this);
+  Session(Proxy::Shared& shared, std::shared_ptr<Proxy::Route> route, UniqueFd client)
+      : shared_(shared), route_(std::move(route)) {
+    client_.fd = std::move(client);
   }
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  void Start() { TryNext(); }
+  void Start() {
+    if (Status s = shared_.poller.Add(client_.fd.get(), this, kClient); !s.ok()) {
+      LogWarn("cannot watch an accepted connection; closing it",
+              {{"service", route_->service}, {"error", s.message()}});
+      Close();
+      return;
+    }
+    TryNext();
+  }
 
-  // Closes both sides; pending operations end with operation_aborted and release the session.
-  void Close() noexcept {
+  // Closes both sides (which takes them out of the epoll set) and retires the session.
+  void Close() noexcept override {
     if (closed_) return;
     closed_ = true;
-    error_code ignored;
-    CancelQuietly(timer_, "connect timer");
-    client_.close(ignored);
-    upstream_.close(ignored);
+    hook.unlink();
+    client_.fd.reset();
+    upstream_.fd.reset();
     if (backend_) --backend_->open;
+    open_hook.unlink();
+    shared_.poller.Retire(std::unique_ptr<Pollable>(this));
+  }
+
+  void OnReady(unsigned tag, uint32_t events) override {
+    if (closed_) return;
+    if (tag == kClient) {
+      client_.Note(events);
+    } else {
+      upstream_.Note(events);
+    }
+    if (connecting_) {
+      if (tag == kUpstream && events != 0) OnConnectEvent(events);
+      return;
+    }
+    if (up_) Forward();
+  }
+
+  void TimedOut() override {
+    if (!closed_ && connecting_) ConnectFailed("connect timed out");
   }
 
  private:
+  enum Tag : unsigned { kClient = 0, kUpstream = 1 };
+
   void TryNext() {
-    backend_ = route_->Pick(tried_);
+    backend_ = route_->Pick({tried_.data(), tried_.size()});
     if (!backend_) {
       ++route_->rejected;
       LogWarn("no endpoint took the connection; closing it",
@@ -170,81 +235,70 @@ class Session : public std::enable_shared_from_this<Session> {
       ConnectFailed("not an IP address: " + backend_->endpoint.host);
       return;
     }
-    error_code ignored;
-    upstream_.close(ignored);
-    // Non-blocking and close-on-exec from socket(2) itself: Asio 1.74 opens without
-    // SOCK_CLOEXEC, and two fcntl(2) after it cost time and leave a window for an exec
-    // elsewhere in the process. TCP_NODELAY: forwarded bytes go as they come, never held back.
-    tcp protocol = backend_->address->protocol();
-    int fd = ::socket(protocol.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    error_code ec;
-    if (fd < 0) {
-      ec.assign(errno, boost::system::system_category());
-    } else {
-      upstream_.assign(protocol, fd, ec);
-      if (ec) ::close(fd);
-    }
-    if (!ec) upstream_.set_option(tcp::no_delay(true), ec);
-    if (ec) {
-      ConnectFailed("socket: " + ec.message());
-      return;
-    }
-    timed_out_ = false;
-    timer_.expires_after(shared_->options.connect_timeout);
-    // The attempt number keeps a timeout that fired just as its connect failed from cutting the
-    // next attempt's connect.
-    timer_.async_wait([self = shared_from_this(), attempt = tried_.size()](error_code ec) {
-      if (ec || attempt != self->tried_.size()) return;
-      self->timed_out_ = true;
-      error_code ignored;
-      self->upstream_.cancel(ignored);
-    });
-    Connect();
-  }
-
-  // connect(2) on the non-blocking socket, and again each time it is writable: 0 or EISCONN say
-  // it is connected, EALREADY that it is still connecting (a spurious wake-up), anything else is
-  // the connect's error. Asio's async_connect asks poll(2) and getsockopt(2) instead: one system
-  // call more per connection.
-  void Connect() {
+    // Non-blocking and close-on-exec from socket(2) itself. TCP_NODELAY: forwarded bytes go as
+    // they come, never held back.
     const tcp::endpoint& to = *backend_->address;
-    for (;;) {
-      if (::connect(upstream_.native_handle(), to.data(), static_cast<socklen_t>(to.size())) == 0 ||
-          errno == EISCONN) {
-        return Connected({});
-      }
-      if (errno == EINPROGRESS || errno == EALREADY) break;
-      if (errno != EINTR) return Connected({errno, boost::system::system_category()});
-    }
-    upstream_.async_wait(tcp::socket::wait_write, [self = shared_from_this()](error_code ec) {
-      if (ec) return self->Connected(ec);
-      self->Connect();
-    });
-  }
-
-  void Connected(error_code ec) {
-    CancelQuietly(timer_, "connect timer");
-    OnConnected(ec);
-  }
-
-  void OnConnected(error_code ec) {
-    if (closed_) return;
-    if (ec) {
-      ConnectFailed(timed_out_ ? "connect timed out" : ec.message());
+    upstream_ = PumpSocket{};
+    upstream_.fd.reset(
+        ::socket(to.protocol().family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!upstream_.fd) {
+      ConnectFailed(std::string("socket: ") + std::strerror(errno));
       return;
     }
+    const int one = 1;
+    ::setsockopt(upstream_.fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    int rc = 0;
+    do {
+      rc = ::connect(upstream_.fd.get(), to.data(), static_cast<socklen_t>(to.size()));
+    } while (rc != 0 && errno == EINTR);
+    if (rc != 0 && errno != EINPROGRESS) {
+      ConnectFailed(std::strerror(errno));
+      return;
+    }
+    // Added after connect(2): a socket not yet connecting reports EPOLLHUP. What happened since
+    // connect returned is reported by the add itself.
+    if (Status s = shared_.poller.Add(upstream_.fd.get(), this, kUpstream); !s.ok()) {
+      ConnectFailed(s.message());
+      return;
+    }
+    connecting_ = true;
+    shared_.WatchConnect(*this);
+  }
+
+  // The first event of a connecting socket says how the connect went: writable without an
+  // error is connected (no connect(2) or getsockopt(2) to ask), an error is the connect's.
+  void OnConnectEvent(uint32_t events) {
+    if ((events & (EPOLLERR | EPOLLHUP)) != 0) {
+      int err = 0;
+      socklen_t len = sizeof err;
+      ::getsockopt(upstream_.fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+      ConnectFailed(std::strerror(err != 0 ? err : ECONNREFUSED));
+      return;
+    }
+    if ((events & EPOLLOUT) == 0) return;
+    connecting_ = false;
+    hook.unlink();
     ++backend_->total;
-    backend_->next_ejection = shared_->options.eject_first;
+    backend_->next_ejection = shared_.options.eject_first;
+    // The client has most likely sent its request already (a wasted read at worst); the
+    // endpoint's reply comes after it, with its own event.
+    client_.readable = client_.writable = true;
+    Backend* b = backend_.get();
+    up_.emplace(client_, upstream_, &b->bytes_in);
+    down_.emplace(upstream_, client_, &b->bytes_out);
     Forward();
   }
 
   // Takes the endpoint out of rotation (unless a connection before this one already did) and
   // tries the next.
   void ConnectFailed(const std::string& error) {
+    connecting_ = false;
+    hook.unlink();
+    upstream_.fd.reset();
     Backend& b = *backend_;
     --b.open;
     ++b.failures;
-    const Proxy::Options& o = shared_->options;
+    const Proxy::Options& o = shared_.options;
     SteadyTime now = o.clock->SteadyNow();
     if (b.listed && !b.Ejected(now)) {
       Duration d = b.next_ejection.count() > 0 ? b.next_ejection : o.eject_first;
@@ -262,82 +316,115 @@ class Session : public std::enable_shared_from_this<Session> {
     TryNext();
   }
 
-  // Both sockets are non-blocking, close-on-exec and TCP_NODELAY already (the client's from
-  // the listener's options and accept4).
+  // Runs both directions. The first to end half-closes its output; the second need not, as
+  // Close is next. A direction that used its turn with work left runs again after the others.
   void Forward() {
-    Backend* b = backend_.get();
-    up_ = MakePump(client_, upstream_, [b](size_t n) { b->bytes_in += n; });
-    down_ = MakePump(upstream_, client_, [b](size_t n) { b->bytes_out += n; });
-    // The pumps' pending operations hold the session (`self`); what a pump keeps of `done`
-    // must not, or a session whose operations are dropped unrun (its io_context shut down)
-    // would keep itself alive through its own pumps.
-    auto self = shared_from_this();
-    // The client has most likely sent its request already; the endpoint's reply comes after it.
-    up_->Start(self, [this](error_code ec) { OnPumpDone(ec, *down_); });
-    if (!closed_) down_->StartWaiting(self, [this](error_code ec) { OnPumpDone(ec, *up_); });
-  }
-
-  void OnPumpDone(error_code ec, Pump& other) {
-    ++pumps_done_;
-    // The first direction to end half-closes its output; the second need not, as Close is next.
-    if (!ec && pumps_done_ == 1) other.SkipHalfClose();
-    if (ec && ec != asio::error::operation_aborted) {
-      LogDebug("connection ended with an error",
-               {{"service", route_->service},
-                {"instance", backend_ ? backend_->endpoint.instance : std::string()},
-                {"error", ec.message()}});
+    bool again = false;
+    for (auto [pump, other] : {std::pair{&*up_, &*down_}, std::pair{&*down_, &*up_}}) {
+      if (pump->ended()) continue;
+      switch (pump->Run()) {
+        case Pump::Result::kBlocked:
+          break;
+        case Pump::Result::kYield:
+          again = true;
+          break;
+        case Pump::Result::kEnded:
+          if (other->ended()) {
+            Close();
+            return;
+          }
+          other->SkipHalfClose();
+          break;
+        case Pump::Result::kFailed:
+          LogDebug("connection ended with an error",
+                   {{"service", route_->service},
+                    {"instance", backend_ ? backend_->endpoint.instance : std::string()},
+                    {"error", std::strerror(pump->error())}});
+          Close();
+          return;
+      }
     }
-    if (ec || pumps_done_ == 2) Close();
+    if (again) shared_.poller.Again(this, kClient);
   }
 
-  std::shared_ptr<Proxy::Shared> shared_;
+  Proxy::Shared& shared_;
   std::shared_ptr<Proxy::Route> route_;
-  tcp::socket client_;
-  tcp::socket upstream_;
-  asio::steady_timer timer_;          // the connect timeout
+  PumpSocket client_;
+  PumpSocket upstream_;
   std::shared_ptr<Backend> backend_;  // the endpoint being connected to or forwarded to
-  std::vector<std::shared_ptr<Backend>> tried_;
-  std::unique_ptr<Pump> up_;    // client -> endpoint
-  std::unique_ptr<Pump> down_;  // endpoint -> client
-  int pumps_done_ = 0;
-  bool timed_out_ = false;
+  boost::container::small_vector<std::shared_ptr<Backend>, 2> tried_;
+  std::optional<Pump> up_;    // client -> endpoint
+  std::optional<Pump> down_;  // endpoint -> client
+  bool connecting_ = false;
   bool closed_ = false;
 };
 
 }  // namespace
 
+void Proxy::Shared::WatchConnect(ConnectDeadline& c) {
+  c.at = std::chrono::steady_clock::now() + options.connect_timeout;
+  connecting.push_back(c);
+  if (connect_timer_armed) return;
+  connect_timer_armed = true;
+  connect_timer.expires_at(c.at);
+  connect_timer.async_wait([self = weak_from_this()](error_code ec) {
+    if (auto s = self.lock(); s && !ec) s->OnConnectTimer();
+  });
+}
+
+void Proxy::Shared::OnConnectTimer() {
+  connect_timer_armed = false;
+  const auto now = std::chrono::steady_clock::now();
+  while (!connecting.empty() && connecting.front().at <= now) {
+    ConnectDeadline& c = connecting.front();
+    c.hook.unlink();
+    c.TimedOut();  // may start another connect, which joins the list at the back
+  }
+  if (connecting.empty()) return;
+  connect_timer_armed = true;
+  connect_timer.expires_at(connecting.front().at);
+  connect_timer.async_wait([self = weak_from_this()](error_code ec) {
+    if (auto s = self.lock(); s && !ec) s->OnConnectTimer();
+  });
+}
+
 void Proxy::Route::Listen() {
-  ++listening;
   error_code ec;
   asio::ip::address address = asio::ip::make_address(listen_host, ec);
-  if (!ec) {
-    tcp::endpoint at(address, static_cast<uint16_t>(listen_port));
-    protocol = at.protocol();
-    acceptor.open(at.protocol(), ec);
-    if (!ec) acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
-    // Inherited by every accepted socket on Linux: one system call per listener, not per client.
-    if (!ec) acceptor.set_option(tcp::no_delay(true), ec);
-    if (!ec) acceptor.non_blocking(true, ec);
-    if (!ec) acceptor.bind(at, ec);
-    if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
-  }
-  if (!ec) {
-    if (Status s = SetCloseOnExec(acceptor.native_handle()); !s.ok()) {
-      LogWarn("cannot mark a listener close-on-exec",
-              {{"service", service}, {"error", s.message()}});
-    }
-    bound_port = acceptor.local_endpoint(ec).port();
-  }
+  std::string error;
   if (ec) {
-    error_code ignored;
-    acceptor.close(ignored);
+    error = ec.message();
+  } else {
+    tcp::endpoint at(address, static_cast<uint16_t>(listen_port));
+    UniqueFd fd(::socket(at.protocol().family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    const int one = 1;
+    sockaddr_storage bound{};
+    socklen_t bound_len = sizeof bound;
+    // TCP_NODELAY is inherited by every accepted socket on Linux: one system call per
+    // listener, not per client.
+    if (!fd || ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0 ||
+        ::bind(fd.get(), at.data(), static_cast<socklen_t>(at.size())) != 0 ||
+        ::listen(fd.get(), SOMAXCONN) != 0 ||
+        ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&bound), &bound_len) != 0) {
+      error = std::strerror(errno);
+    } else if (Status s = shared->poller.Add(fd.get(), this, 0); !s.ok()) {
+      error = s.message();
+    } else {
+      listener = std::move(fd);
+      bound_port =
+          ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                            : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+    }
+  }
+  if (!error.empty()) {
     bound_port = 0;
-    std::string error = "listen on " + HostPort(listen_host, listen_port) + ": " + ec.message();
+    error = "listen on " + HostPort(listen_host, listen_port) + ": " + error;
     if (error != bind_error) {
       LogWarn("cannot listen for a service; retrying",
               {{"service", service},
                {"address", HostPort(listen_host, listen_port)},
-               {"error", ec.message()}});
+               {"error", error}});
     }
     bind_error = std::move(error);
     timer.expires_after(shared->options.bind_retry);
@@ -349,55 +436,38 @@ void Proxy::Route::Listen() {
   bind_error.clear();
   LogInfo("listening for a service",
           {{"service", service}, {"address", HostPort(listen_host, bound_port)}});
-  Accept();
-}
-
-void Proxy::Route::Accept() {
-  acceptor.async_wait(tcp::acceptor::wait_read, [self = shared_from_this()](error_code ec) {
-    if (ec == asio::error::operation_aborted || !self->acceptor.is_open()) return;
-    if (ec) return self->PauseAccepting(ec.message());
-    self->AcceptReady();
-  });
 }
 
 void Proxy::Route::PauseAccepting(const std::string& error) {
   LogWarn("accept failed", {{"service", service}, {"error", error}});
   timer.expires_after(std::chrono::milliseconds(100));
   timer.async_wait([self = shared_from_this()](error_code ec) {
-    if (!ec && self->acceptor.is_open()) self->AcceptReady();
+    if (!ec && self->listener) self->OnReady(0, 0);
   });
 }
 
-void Proxy::Route::AcceptReady() {
-  // Connections accepted before yielding to the others' handlers.
+void Proxy::Route::OnReady(unsigned /*tag*/, uint32_t /*events*/) {
+  // Connections accepted before the others' events get a turn.
   constexpr int kAcceptBatch = 16;
   for (int i = 0; i < kAcceptBatch; ++i) {
-    int fd = ::accept4(acceptor.native_handle(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (!listener) return;
+    int fd = ::accept4(listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       int err = errno;
       // A connection that went away before it was accepted, or a signal: the next one.
       if (err == EINTR || err == ECONNABORTED || err == EPROTO) continue;
-      if (err == EAGAIN || err == EWOULDBLOCK) return Accept();
+      if (err == EAGAIN || err == EWOULDBLOCK) return;
       return PauseAccepting(std::strerror(err));
     }
-    tcp::socket socket(shared->io);
-    error_code ec;
-    socket.assign(protocol, fd, ec);
-    if (ec) {
-      ::close(fd);
-      LogWarn("cannot watch an accepted connection; closing it",
-              {{"service", service}, {"error", ec.message()}});
-      continue;
-    }
-    std::make_shared<Session>(shared, shared_from_this(), std::move(socket))->Start();
+    auto* session = new Session(*shared, shared_from_this(), UniqueFd(fd));
+    shared->sessions.push_back(*session);
+    session->Start();
   }
-  // More may be pending, and no new readiness would say so.
-  asio::post(shared->io, [self = shared_from_this(), listening = listening] {
-    if (self->acceptor.is_open() && self->listening == listening) self->AcceptReady();
-  });
+  // More may be pending, and no new edge would say so.
+  shared->poller.Again(this, 0);
 }
 
-std::shared_ptr<Backend> Proxy::Route::Pick(const std::vector<std::shared_ptr<Backend>>& tried) {
+std::shared_ptr<Backend> Proxy::Route::Pick(std::span<const std::shared_ptr<Backend>> tried) {
   SteadyTime now = shared->options.clock->SteadyNow();
   for (size_t i = 0; i < backends.size(); ++i) {
     size_t at = (next + i) % backends.size();
@@ -420,7 +490,11 @@ Proxy::~Proxy() {
     route->removed = true;
     route->Unlisten();
   }
-  for (Session* s : shared_->sessions) s->Close();
+  while (!shared_->sessions.empty()) shared_->sessions.front().Close();
+  CancelQuietly(shared_->connect_timer, "connect timer");
+  // Not in a batch: nothing can name a closed session any more. (A session holds its route,
+  // which holds Shared and so the poller: they must not wait for a posted handler.)
+  shared_->poller.FreeRetired();
 }
 
 void Proxy::Apply(const std::vector<ServiceRoute>& wanted) {

@@ -8,41 +8,30 @@
 // short request or reply, and no pipe to make and close) and switches to zero-copy splice(2)
 // through a pipe of its own once it has moved `splice_after` bytes, like HAProxy's splice-auto:
 // short connections never make a pipe, long transfers do not copy.
+//
+// A pump makes no system call it can know is useless: the sockets are in an edge-triggered epoll
+// set (proxy/poller.h), and each PumpSocket keeps what the last event said until a call says
+// otherwise. A read shorter than asked emptied the socket; after the peer's shutdown
+// (EPOLLRDHUP) it also means end of stream, without another read to see it.
 
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/system/error_code.hpp>
 #include <cstddef>
-#include <functional>
+#include <cstdint>
 #include <limits>
 #include <memory>
 
+#include "common/unique_fd.h"
+
 namespace kiln {
 
-class Pump {
- public:
-  // Called once: with no error after end of stream and the half-close (unless SkipHalfClose),
-  // or with the error that stopped the direction (operation_aborted when a socket was closed
-  // under it).
-  using Done = std::function<void(boost::system::error_code)>;
-  // Told the bytes written to the output as they go, for the counters.
-  using Counter = std::function<void(size_t)>;
+// A socket of a forwarded connection (non-blocking) and its readiness as far as known.
+struct PumpSocket {
+  UniqueFd fd;
+  bool readable = false;
+  bool writable = false;
+  bool peer_closed = false;  // the peer shut down its side: what is queued is all there is
 
-  virtual ~Pump() = default;
-  // REQUIRES: both sockets connected and non-blocking, and they outlive every pending handler;
-  // `owner` (held by each pending handler) is what keeps them and this pump alive. Reads at once
-  // (the input may hold bytes already) before it waits for the input.
-  virtual void Start(const std::shared_ptr<void>& owner, Done done) = 0;
-  // Start, but waiting for the input first: for a direction that has nothing to move yet (a
-  // reply before its request has gone), where a read would only say EAGAIN. Bytes that came
-  // before are not lost: Asio's wait re-arms the descriptor (EPOLL_CTL_MOD), which reports what
-  // is already there.
-  virtual void StartWaiting(const std::shared_ptr<void>& owner, Done done) = 0;
-  // The opposite direction has ended and the caller closes both sockets when this one ends: at
-  // end of input `done` is called without the half-close, which the close does as well (a
-  // system call saved per connection).
-  virtual void SkipHalfClose() = 0;
-  // Whether the pump has switched to splice(2) (a pipe is held).
-  virtual bool splicing() const = 0;
+  // Takes in an epoll event mask. An error makes both ways "ready": the next call reports it.
+  void Note(uint32_t epoll_events);
 };
 
 // User-space copies go through a buffer of this size: one shared by the thread's pumps for what
@@ -53,10 +42,61 @@ inline constexpr size_t kPumpBufferBytes = 16 << 10;
 inline constexpr size_t kSpliceAfterBytes = 64 << 10;
 inline constexpr size_t kNeverSplice = std::numeric_limits<size_t>::max();
 
-// `splice_after`: bytes moved by copying before switching to splice; 0 splices from the start,
-// kNeverSplice never does. If a pipe cannot be made (out of descriptors) the pump logs it and
-// goes on copying.
-std::unique_ptr<Pump> MakePump(boost::asio::ip::tcp::socket& in, boost::asio::ip::tcp::socket& out,
-                               Pump::Counter counter, size_t splice_after = kSpliceAfterBytes);
+class Pump {
+ public:
+  enum class Result {
+    kBlocked,  // waits for the input to be readable or the output writable
+    kYield,    // moved its share for this turn and has more: run it again later
+    kEnded,    // end of input passed on (the output half-closed unless SkipHalfClose)
+    kFailed,   // a system call failed: error() says which errno
+  };
+
+  // `counter` is told the bytes written to the output. `splice_after`: bytes moved by copying
+  // before switching to splice; 0 splices from the start, kNeverSplice never does. If a pipe
+  // cannot be made (out of descriptors) the pump logs it and goes on copying.
+  // REQUIRES: `in`, `out` and `counter` outlive the pump.
+  Pump(PumpSocket& in, PumpSocket& out, uint64_t* counter, size_t splice_after = kSpliceAfterBytes);
+  ~Pump();
+  Pump(const Pump&) = delete;
+  Pump& operator=(const Pump&) = delete;
+
+  // Moves what the sockets allow, a bounded number of rounds so one fast connection cannot hold
+  // the thread. After kEnded or kFailed it returns the same again and does nothing.
+  Result Run();
+
+  // The opposite direction has ended and the caller closes both sockets when this one ends: at
+  // end of input nothing is half-closed, which the close does as well (a system call saved).
+  void SkipHalfClose() { half_close_ = false; }
+  bool splicing() const { return static_cast<bool>(pipe_read_); }
+  bool ended() const { return result_ == Result::kEnded; }
+  int error() const { return error_; }
+
+ private:
+  enum class Next { kAgain, kBlocked, kStop };
+  Next CopyOnce();
+  Next SpliceOnce();
+  bool SwitchToSplice();
+  Next End();
+  Next Fail(int err);
+  void Sent(size_t n);
+
+  PumpSocket& in_;
+  PumpSocket& out_;
+  uint64_t* counter_;
+  size_t splice_after_;
+  Result result_ = Result::kBlocked;
+  int error_ = 0;
+  size_t moved_ = 0;  // bytes written to `out_`
+  bool eof_ = false;  // `in_` reached end of stream
+  bool half_close_ = true;
+  // Copying: bytes read and not yet written, [held_, held_bytes_) of held_buffer_.
+  std::unique_ptr<char[]> held_buffer_;
+  size_t held_ = 0;
+  size_t held_bytes_ = 0;
+  // Splicing: the pipe, and the bytes in it.
+  UniqueFd pipe_read_;
+  UniqueFd pipe_write_;
+  size_t in_pipe_ = 0;
+};
 
 }  // namespace kiln
