@@ -127,7 +127,9 @@ void EndpointsHub::Report(ProxyReportData report) {
     std::lock_guard<std::mutex> lock(mu_);
     report.received_ms = ToUnixMillis(clock_.SystemNow());
     std::string name = report.proxy;
-    reports_[name] = std::move(report);
+    ProxyReportData& last = reports_[name];
+    RetireCountsLocked(last, report);
+    last = std::move(report);
     notify = on_report_;
   }
   if (notify) notify();
@@ -145,6 +147,59 @@ std::vector<const ProxyReportData*> EndpointsHub::LiveLocked(int64_t now) const 
     if (now - r.received_ms <= horizon) live.push_back(&r);
   }
   return live;
+}
+
+void EndpointsHub::RetireCountsLocked(const ProxyReportData& before, const ProxyReportData& after) {
+  // A proxy that restarted counts from zero again: all it had counted is retired.
+  const bool restarted = before.started_ms != after.started_ms;
+  for (const ProxyRouteReport& old_route : before.routes) {
+    const ProxyRouteReport* now = nullptr;
+    if (!restarted) {
+      for (const ProxyRouteReport& r : after.routes) {
+        if (r.service == old_route.service) now = &r;
+      }
+    }
+    if (now == nullptr || now->rejected_connections < old_route.rejected_connections) {
+      retired_.rejected_by_service[old_route.service] += old_route.rejected_connections;
+    }
+    for (const ProxyEndpointReport& e : old_route.endpoints) {
+      const ProxyEndpointReport* still = nullptr;
+      if (now != nullptr) {
+        for (const ProxyEndpointReport& n : now->endpoints) {
+          if (n.instance == e.instance && n.host == e.host && n.port == e.port) still = &n;
+        }
+      }
+      // Kept, and its counters did not go back: they are still in the proxy's report.
+      if (still != nullptr && still->total_connections >= e.total_connections &&
+          still->connect_failures >= e.connect_failures && still->bytes_in >= e.bytes_in &&
+          still->bytes_out >= e.bytes_out) {
+        continue;
+      }
+      TrafficCounts& t = retired_.by_revision[{old_route.service, e.revision}];
+      t.connections += e.total_connections;
+      t.connect_failures += e.connect_failures;
+      t.bytes_in += e.bytes_in;
+      t.bytes_out += e.bytes_out;
+    }
+  }
+}
+
+EndpointsHub::TrafficTotals EndpointsHub::Totals() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  TrafficTotals out = retired_;
+  for (const auto& [name, r] : reports_) {
+    for (const ProxyRouteReport& route : r.routes) {
+      out.rejected_by_service[route.service] += route.rejected_connections;
+      for (const ProxyEndpointReport& e : route.endpoints) {
+        TrafficCounts& t = out.by_revision[{route.service, e.revision}];
+        t.connections += e.total_connections;
+        t.connect_failures += e.connect_failures;
+        t.bytes_in += e.bytes_in;
+        t.bytes_out += e.bytes_out;
+      }
+    }
+  }
+  return out;
 }
 
 std::vector<ProxyReportData> EndpointsHub::LiveReports() const {

@@ -132,6 +132,22 @@ class EndpointsHub {
   // The last report of every proxy heard from within 3 report intervals.
   std::vector<ProxyReportData> LiveReports() const;
 
+  struct TrafficCounts {
+    uint64_t connections = 0;
+    uint64_t connect_failures = 0;
+    uint64_t bytes_in = 0;
+    uint64_t bytes_out = 0;
+  };
+  struct TrafficTotals {
+    std::map<std::pair<std::string, int64_t>, TrafficCounts> by_revision;  // (service, revision)
+    std::map<std::string, uint64_t> rejected_by_service;
+  };
+  // The proxies' counters over this run of kilnd: every proxy heard from, live or not, plus what
+  // proxies counted for endpoints and services they have since forgotten or lost in a restart.
+  // They only grow, as Prometheus counters must: a drained endpoint leaving a proxy's report does
+  // not take its connections out of the total.
+  TrafficTotals Totals() const;
+
   struct DrainStatus {
     bool drained = false;          // no live proxy routes to it or has a connection open to it
     int64_t open_connections = 0;  // summed over the live proxies
@@ -145,6 +161,9 @@ class EndpointsHub {
 
  private:
   std::vector<const ProxyReportData*> LiveLocked(int64_t now) const;
+  // Adds to retired_ what `before` counted that `after` (the same proxy's next report) no
+  // longer holds: endpoints and routes it forgot, and everything when it restarted.
+  void RetireCountsLocked(const ProxyReportData& before, const ProxyReportData& after);
 
   const Clock& clock_;
   const std::string kilnd_id_;
@@ -158,6 +177,7 @@ class EndpointsHub {
   // The version from which each instance that was ready in this run of kilnd no longer is.
   std::map<std::string, uint64_t> left_at_;
   std::map<std::string, ProxyReportData> reports_;
+  TrafficTotals retired_;  // counted by proxies, no longer in their reports
   std::function<void()> on_report_;
 };
 

@@ -108,32 +108,32 @@ void CollectProxyMetrics(Metrics& m, const EndpointsHub& hub) {
     return by_revision(
         [](const ProxyEndpointReport& e) { return static_cast<double>(e.open_connections); });
   });
-  m.SetCollector("kiln_proxy_connections_total", [by_revision] {
-    return by_revision(
-        [](const ProxyEndpointReport& e) { return static_cast<double>(e.total_connections); });
-  });
-  m.SetCollector("kiln_proxy_connect_failures_total", [by_revision] {
-    return by_revision(
-        [](const ProxyEndpointReport& e) { return static_cast<double>(e.connect_failures); });
-  });
-  m.SetCollector("kiln_proxy_rejected_connections_total", [&hub] {
-    std::map<std::string, double> sums;
-    for (const ProxyReportData& r : hub.LiveReports()) {
-      for (const ProxyRouteReport& route : r.routes) {
-        sums[route.service] += static_cast<double>(route.rejected_connections);
-      }
-    }
+  // Counters from the hub's totals, which only grow (a drained endpoint, a restarted or gone
+  // proxy keeps what it counted), never from the live reports' sums.
+  auto totals = [&hub](auto field) {
     Series out;
-    for (const auto& [service, v] : sums) out.push_back({{{"service", service}}, v});
+    for (const auto& [key, t] : hub.Totals().by_revision) {
+      out.push_back({{{"service", key.first}, {"revision", std::to_string(key.second)}},
+                     static_cast<double>(t.*field)});
+    }
+    return out;
+  };
+  m.SetCollector("kiln_proxy_connections_total",
+                 [totals] { return totals(&EndpointsHub::TrafficCounts::connections); });
+  m.SetCollector("kiln_proxy_connect_failures_total",
+                 [totals] { return totals(&EndpointsHub::TrafficCounts::connect_failures); });
+  m.SetCollector("kiln_proxy_rejected_connections_total", [&hub] {
+    Series out;
+    for (const auto& [service, v] : hub.Totals().rejected_by_service) {
+      out.push_back({{{"service", service}}, static_cast<double>(v)});
+    }
     return out;
   });
-  m.SetCollector("kiln_proxy_bytes_total", [by_revision] {
+  m.SetCollector("kiln_proxy_bytes_total", [totals] {
     Series out;
-    for (auto [direction, field] : {std::pair{"in", &ProxyEndpointReport::bytes_in},
-                                    {"out", &ProxyEndpointReport::bytes_out}}) {
-      for (auto& [labels, v] : by_revision([field = field](const ProxyEndpointReport& e) {
-             return static_cast<double>(e.*field);
-           })) {
+    for (auto [direction, field] : {std::pair{"in", &EndpointsHub::TrafficCounts::bytes_in},
+                                    {"out", &EndpointsHub::TrafficCounts::bytes_out}}) {
+      for (auto& [labels, v] : totals(field)) {
         labels.push_back({"direction", direction});
         out.push_back({labels, v});
       }

@@ -115,6 +115,42 @@ TEST_CASE("endpoints hub: nothing is served before the whole view is published",
   CHECK(hub.Current().services.empty());
 }
 
+TEST_CASE("endpoints hub: traffic totals only grow as proxies forget endpoints or restart",
+          "[pool]") {
+  FakeClock clock;
+  EndpointsHub hub(clock, "run-a", std::chrono::milliseconds(500));
+  auto connections = [&hub](int64_t revision) {
+    return hub.Totals().by_revision[{"web", revision}].connections;
+  };
+  ProxyReportData r =
+      ReportOf("run-a", 1,
+               {{.instance = "web-1", .revision = 1, .total_connections = 5, .bytes_in = 100},
+                {.instance = "web-2", .revision = 2, .total_connections = 3}});
+  r.started_ms = 1000;
+  r.routes[0].rejected_connections = 2;
+  hub.Report(r);
+  CHECK(connections(1) == 5);
+  CHECK(connections(2) == 3);
+  // web-1 drained and the proxy forgot it: its connections stay counted.
+  r.routes[0].endpoints.erase(r.routes[0].endpoints.begin());
+  r.routes[0].endpoints[0].total_connections = 4;
+  hub.Report(r);
+  CHECK(connections(1) == 5);
+  CHECK(hub.Totals().by_revision[{"web", 1}].bytes_in == 100);
+  CHECK(connections(2) == 4);
+  // The proxy restarted: it counts from zero, the totals go on from where they were.
+  r.started_ms = 2000;
+  r.routes[0].endpoints[0].total_connections = 1;
+  r.routes[0].rejected_connections = 0;
+  hub.Report(r);
+  CHECK(connections(2) == 5);
+  CHECK(hub.Totals().rejected_by_service["web"] == 2);
+  // A proxy that went silent is no longer live, but what it counted stays.
+  clock.Advance(std::chrono::seconds(10));
+  CHECK(hub.LiveReports().empty());
+  CHECK(connections(2) == 5);
+}
+
 TEST_CASE(
     "endpoints hub: drained once every live proxy applied the pool without it and closed "
     "its connections",
