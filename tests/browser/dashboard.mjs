@@ -1,15 +1,18 @@
 // Opens kilnd's dashboard once in headless Chromium and watches it update without reloading:
-//   node dashboard.mjs URL SCREENSHOT_DIR [ADDRESS [BUSY_SERVICE]]
+//   node dashboard.mjs URL SCREENSHOT_DIR [ADDRESS [BUSY_SERVICE [DRAIN]]]
 // Prints "READY <instance ids>" when the service and its healthy instances show, then waits
 // (the test changes the manifest meanwhile) until instances of revision 2 show healthy and the
 // old ones are gone, prints "UPDATED", saves screenshots and exits 0. Exits 1 on any failure.
 // With ADDRESS (the service's `expose:` HOST:PORT): before READY the service also shows that
 // address and a proxy listening on it with exactly its instances in the pool, and BUSY_SERVICE
 // (whose address is taken) shows its proxy's bind error; after the rollout the pool holds
-// exactly the instances of revision 2.
+// exactly the instances of revision 2. With DRAIN ("drain"; the test holds a connection through
+// the address open across the rollout): an instance row shows the drain line of the instance
+// that connection goes to, "draining: 1 open connection, 59s left"; prints "DRAINING <line>" and
+// goes on (the test then closes its connection).
 import { chromium } from "playwright-core";
 
-const [url, shots, address, busy] = process.argv.slice(2);
+const [url, shots, address, busy, drain] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -70,6 +73,16 @@ try {
   if (version !== "version 1.0") throw new Error(`version shows "${version}"`);
   await page.screenshot({ path: `${shots}/dashboard-before.png`, fullPage: true });
   console.log("READY " + first.map((x) => x.id).join(" "));
+  if (drain) {
+    const line = page.locator(`section[data-service="web"] tr[data-instance] .drain`).first();
+    await line.waitFor({ timeout: 60000 });
+    const text = await line.textContent();
+    if (!/^draining: 1 open connection, [0-9hms]+ left$/.test(text)) {
+      throw new Error(`drain line shows "${text}"`);
+    }
+    await page.screenshot({ path: `${shots}/dashboard-draining.png`, fullPage: true });
+    console.log("DRAINING " + text);
+  }
   // Same page, no reload: the rollout appears as it happens.
   const second = await waitFor("2 healthy instances of revision 2 and no old ones",
     (r) => r.length === 2 && r.every((x) => x.rev === "2" && x.state === "healthy"), 60000);

@@ -1,13 +1,16 @@
 // kilnd's HTTP server: metrics (checked by promtool), health, /api/v1, limits, and the dashboard
 // in a real browser.
 
+#include <array>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <string_view>
 
 #include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
@@ -218,7 +221,9 @@ TEST_CASE("the dashboard shows a stable address with its live pool and a proxy t
     tcp::acceptor probe(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
     web_port = probe.local_endpoint().port();
   }
-  const std::string web_expose = "expose: {port: " + std::to_string(web_port) + ", drain: 2s}\n";
+  // A long drain: the connection held across the rollout keeps its instance draining until the
+  // page has shown it.
+  const std::string web_expose = "expose: {port: " + std::to_string(web_port) + ", drain: 60s}\n";
   KilndHarness h;
   h.SetExtraYaml("expose: {listen: \"127.0.0.1:" + std::to_string(busy_port) + "\"}\n");
   h.Declare("busy", "1.0", 1, "{strategy: rolling}");
@@ -232,11 +237,22 @@ TEST_CASE("the dashboard shows a stable address with its live pool and a proxy t
   std::filesystem::create_directories(shots);
   Child browser({"/usr/bin/node", SourcePath("tests/browser/dashboard.mjs"),
                  "http://127.0.0.1:" + std::to_string(port) + "/", shots,
-                 "127.0.0.1:" + std::to_string(web_port), "busy"},
+                 "127.0.0.1:" + std::to_string(web_port), "busy", "drain"},
                 h.tmp().path());
   INFO(browser.Stdout() << browser.Stderr());
   REQUIRE(browser.WaitForStdout("READY", 90s));
+  // A connection through the address, open across the rollout: its instance drains with it.
+  tcp::socket held(io);
+  held.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(web_port)));
+  // A request and its reply prove it reaches an instance (keep-alive: it stays open).
+  const std::string request = "GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+  asio::write(held, asio::buffer(request));
+  std::array<char, 512> reply{};
+  const size_t got = held.read_some(asio::buffer(reply));
+  REQUIRE(std::string_view(reply.data(), got).starts_with("HTTP/1.1 200"));
   h.Declare("web", "2.0", 2, "{strategy: rolling, max_surge: 1, max_unavailable: 0}");
+  if (!browser.WaitForStdout("DRAINING", 60s)) FAIL(browser.Stdout() << browser.Stderr());
+  held.close();
   CHECK(browser.Wait(90s) == 0);
   CHECK(browser.Stdout().find("UPDATED") != std::string::npos);
   INFO(browser.Stdout() << browser.Stderr());
