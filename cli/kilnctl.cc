@@ -513,6 +513,14 @@ int Events(Client& c, int64_t since, const std::string& service, bool follow,
   return 0;
 }
 
+// HOST:PORT of a service's stable address ("[::1]:8080" for IPv6), or "" without `expose:`.
+std::string ExposeAddress(const std::optional<ExposeSpec>& expose) {
+  if (!expose) return "";
+  const std::string& host = expose->listen_host;
+  const bool v6 = host.find(':') != std::string::npos;
+  return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(expose->port);
+}
+
 int Validate(const std::string& dir, const std::string& output, std::ostream& out,
              std::ostream& err) {
   ManifestSet set = LoadManifestDir(dir);
@@ -526,6 +534,7 @@ int Validate(const std::string& dir, const std::string& output, std::ostream& ou
                                {"replicas", s->replicas},
                                {"strategy", StrategyName(s->update.strategy)},
                                {"template_hash", s->tmpl.Hash()},
+                               {"address", ExposeAddress(s->expose)},
                                {"file", s->file},
                                {"line", s->line}});
     }
@@ -544,11 +553,12 @@ int Validate(const std::string& dir, const std::string& output, std::ostream& ou
   }
 
   std::vector<std::vector<std::string>> rows = {
-      {"SERVICE", "VERSION", "REPLICAS", "STRATEGY", "TEMPLATE HASH", "FILE"}};
+      {"SERVICE", "VERSION", "REPLICAS", "STRATEGY", "ADDRESS", "TEMPLATE HASH", "FILE"}};
   for (const ServiceSpec* s : set.Services()) {
+    const std::string address = ExposeAddress(s->expose);
     rows.push_back({s->name, s->tmpl.version, std::to_string(s->replicas),
-                    std::string(StrategyName(s->update.strategy)), s->tmpl.Hash(),
-                    s->file + ":" + std::to_string(s->line)});
+                    std::string(StrategyName(s->update.strategy)), address.empty() ? "-" : address,
+                    s->tmpl.Hash(), s->file + ":" + std::to_string(s->line)});
   }
   if (rows.size() > 1) PrintTable(out, rows);
   for (const ManifestError& e : errors) err << e.ToString() << "\n";

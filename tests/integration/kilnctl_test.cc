@@ -17,6 +17,8 @@ TEST_CASE("kilnctl validate prints the example services with their template hash
   for (const char* name : {"web ", "api ", "worker "}) {
     CHECK(r.out.find(std::string("\n") + name) != std::string::npos);
   }
+  // The example web service has a stable address; the others show none.
+  CHECK(r.out.find("  rolling   127.0.0.1:8080  ") != std::string::npos);
   CHECK(r.err.empty());
 
   RunResult j =
@@ -24,7 +26,10 @@ TEST_CASE("kilnctl validate prints the example services with their template hash
   CHECK(j.exit_code == 0);
   auto doc = nlohmann::json::parse(j.out);
   REQUIRE(doc["services"].size() == 3);
-  for (const auto& s : doc["services"]) CHECK(s["template_hash"].get<std::string>().size() == 64);
+  for (const auto& s : doc["services"]) {
+    CHECK(s["template_hash"].get<std::string>().size() == 64);
+    CHECK(s["address"] == (s["name"] == "web" ? "127.0.0.1:8080" : ""));
+  }
   // Same artifact and command shape but different versions: different templates.
   CHECK(doc["services"][0]["template_hash"] != doc["services"][1]["template_hash"]);
 }
