@@ -1,10 +1,9 @@
 #include "proxy/poller.h"
 
+#include <boost/asio/post.hpp>
 #include <cerrno>
 #include <cstring>
 #include <system_error>
-
-#include <boost/asio/post.hpp>
 
 #include "common/logging.h"
 #include "common/unique_fd.h"
@@ -29,7 +28,8 @@ Poller::~Poller() {
 
 Status Poller::Add(int fd, Pollable* to, unsigned tag) {
   epoll_event ev{};
-  ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+  // EPOLLPRI: TCP urgent data, which makes a read stop short at its mark (see PumpSocket).
+  ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET;
   // Pollables are at least 8-aligned (a vtable pointer): the tag rides in the pointer's low
   // bits, as an offset into the object.
   ev.data.ptr = reinterpret_cast<char*>(to) + (tag & kMaxTag);
@@ -80,16 +80,16 @@ void Poller::FreeRetired() {
 
 void Poller::Wait() {
   waiting_ = true;
-  set_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
-                  [this, alive = std::weak_ptr<int>(alive_)](boost::system::error_code ec) {
-                    if (alive.expired() || ec == boost::asio::error::operation_aborted) return;
-                    waiting_ = false;
-                    if (ec) {
-                      LogError("the data plane's epoll set failed; waiting again",
-                               {{"error", ec.message()}});
-                    }
-                    RunBatch();
-                  });
+  set_.async_wait(
+      boost::asio::posix::stream_descriptor::wait_read,
+      [this, alive = std::weak_ptr<int>(alive_)](boost::system::error_code ec) {
+        if (alive.expired() || ec == boost::asio::error::operation_aborted) return;
+        waiting_ = false;
+        if (ec) {
+          LogError("the data plane's epoll set failed; waiting again", {{"error", ec.message()}});
+        }
+        RunBatch();
+      });
 }
 
 void Poller::RunBatch() {
@@ -115,13 +115,13 @@ void Poller::RunBatch() {
   }
   FreeRetired();
   in_batch_ = false;
-  if (!again_.empty()) {
+  // A full batch may have left events: take them next, without counting on the wait to
+  // report readiness that is already there.
+  if (!again_.empty() || n == static_cast<int>(events_.size())) {
     boost::asio::post(io_, [this, alive = std::weak_ptr<int>(alive_)] {
       if (!alive.expired()) RunBatch();
     });
   }
-  // A full batch may have left events: the wait re-arms the set (Asio 1.74 makes an
-  // EPOLL_CTL_MOD for each wait), which reports readiness already there.
   if (!waiting_) Wait();
 }
 

@@ -135,6 +135,7 @@ struct Proxy::Route : Pollable, std::enable_shared_from_this<Proxy::Route> {
   void Listen();
   void Unlisten() noexcept {
     CancelQuietly(timer, "listen retry timer");
+    accept_paused = false;
     shared->poller.Forget(this);
     listener.reset();
     bound_port = 0;
@@ -156,7 +157,8 @@ struct Proxy::Route : Pollable, std::enable_shared_from_this<Proxy::Route> {
   std::string bind_error;
   bool removed = false;  // not in the last Apply: no listener, kept while connections drain
   UniqueFd listener;
-  asio::steady_timer timer;  // bind retry, or a pause after a failed accept
+  bool accept_paused = false;  // after a failed accept (out of descriptors), until `timer`
+  asio::steady_timer timer;    // bind retry, or a pause after a failed accept
   std::vector<std::shared_ptr<Backend>> backends;
   size_t next = 0;  // round-robin cursor into `backends`
   uint64_t rejected = 0;
@@ -242,7 +244,7 @@ class Session final : public Pollable, public ConnectDeadline, public OpenConnec
     upstream_.fd.reset(
         ::socket(to.protocol().family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (!upstream_.fd) {
-      ConnectFailed(std::string("socket: ") + std::strerror(errno));
+      LocalFailure(std::string("socket: ") + std::strerror(errno));
       return;
     }
     const int one = 1;
@@ -252,13 +254,18 @@ class Session final : public Pollable, public ConnectDeadline, public OpenConnec
       rc = ::connect(upstream_.fd.get(), to.data(), static_cast<socklen_t>(to.size()));
     } while (rc != 0 && errno == EINTR);
     if (rc != 0 && errno != EINPROGRESS) {
-      ConnectFailed(std::strerror(errno));
+      const int err = errno;
+      if (IsLocalShortage(err)) {
+        LocalFailure(std::string("connect: ") + std::strerror(err));
+      } else {
+        ConnectFailed(std::strerror(err));
+      }
       return;
     }
     // Added after connect(2): a socket not yet connecting reports EPOLLHUP. What happened since
     // connect returned is reported by the add itself.
     if (Status s = shared_.poller.Add(upstream_.fd.get(), this, kUpstream); !s.ok()) {
-      ConnectFailed(s.message());
+      LocalFailure(s.message());
       return;
     }
     connecting_ = true;
@@ -287,6 +294,21 @@ class Session final : public Pollable, public ConnectDeadline, public OpenConnec
     up_.emplace(client_, upstream_, &b->bytes_in);
     down_.emplace(upstream_, client_, &b->bytes_out);
     Forward();
+  }
+
+  // The proxy itself is short of something (descriptors, local ports, memory): no endpoint is
+  // to blame, none is ejected, and another would fare no better. The client is closed.
+  static bool IsLocalShortage(int err) {
+    return err == EADDRNOTAVAIL || err == EAGAIN || err == ENOBUFS || err == ENOMEM ||
+           err == EMFILE || err == ENFILE;
+  }
+  void LocalFailure(const std::string& error) {
+    LogWarn("cannot connect to an endpoint for lack of resources here; closing the client",
+            {{"service", route_->service},
+             {"instance", backend_->endpoint.instance},
+             {"error", error}});
+    ++route_->rejected;
+    Close();
   }
 
   // Takes the endpoint out of rotation (unless a connection before this one already did) and
@@ -439,14 +461,20 @@ void Proxy::Route::Listen() {
 }
 
 void Proxy::Route::PauseAccepting(const std::string& error) {
-  LogWarn("accept failed", {{"service", service}, {"error", error}});
+  LogWarn("accept failed; pausing the listener", {{"service", service}, {"error", error}});
+  // Each new client raises another edge meanwhile: they wait in the backlog, not in a loop of
+  // failing accepts and warnings.
+  accept_paused = true;
   timer.expires_after(std::chrono::milliseconds(100));
   timer.async_wait([self = shared_from_this()](error_code ec) {
-    if (!ec && self->listener) self->OnReady(0, 0);
+    if (ec) return;
+    self->accept_paused = false;
+    if (self->listener) self->OnReady(0, 0);
   });
 }
 
 void Proxy::Route::OnReady(unsigned /*tag*/, uint32_t /*events*/) {
+  if (accept_paused) return;
   // Connections accepted before the others' events get a turn.
   constexpr int kAcceptBatch = 16;
   for (int i = 0; i < kAcceptBatch; ++i) {

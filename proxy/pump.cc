@@ -36,6 +36,7 @@ void PumpSocket::Note(uint32_t epoll_events) {
   if ((epoll_events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0) writable = true;
   // After an error the queue may not be all there was: only a clean shutdown counts.
   if ((epoll_events & EPOLLRDHUP) != 0 && (epoll_events & EPOLLERR) == 0) peer_closed = true;
+  if ((epoll_events & EPOLLPRI) != 0) urgent = readable = true;
 }
 
 Pump::Pump(PumpSocket& in, PumpSocket& out, uint64_t* counter, size_t splice_after)
@@ -103,7 +104,7 @@ Pump::Next Pump::CopyOnce() {
     return Fail(errno);
   }
   const auto got = static_cast<size_t>(n);
-  if (got < kPumpBufferBytes) {
+  if (got < kPumpBufferBytes && !in_.urgent) {
     // The socket is empty now: the next bytes raise a new edge. After the peer's shutdown
     // nothing more comes, so this was the end of stream too.
     in_.readable = false;

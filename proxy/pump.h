@@ -29,6 +29,10 @@ struct PumpSocket {
   bool readable = false;
   bool writable = false;
   bool peer_closed = false;  // the peer shut down its side: what is queued is all there is
+  // The peer sent TCP urgent data (EPOLLPRI). A read stops short at the urgent mark with bytes
+  // still queued behind it, so from then on only EAGAIN says the socket is empty and only a
+  // read of 0 says it ended. Sticky: such connections (telnet, FTP aborts) are rare.
+  bool urgent = false;
 
   // Takes in an epoll event mask. An error makes both ways "ready": the next call reports it.
   void Note(uint32_t epoll_events);

@@ -120,6 +120,59 @@ TEST_CASE("the proxy forwards both ways and keeps a half-closed connection", "[p
   }
 }
 
+TEST_CASE("urgent data does not cut the stream short", "[proxy]") {
+  // A read stops at TCP's urgent mark with bytes still queued behind it: a short read must not
+  // be taken for an empty socket (or, after the client's FIN, for the end of stream). The
+  // urgent byte itself is out of band and not forwarded (HAProxy does the same).
+  EchoBackend a("web-1");
+  ProxyUnderTest proxy;
+  proxy.Apply({Web({To(a)})});
+  const int port = proxy.Port("web");
+  const bool with_fin = GENERATE(true, false);
+  CAPTURE(with_fin);
+  UniqueFd fd = testing::Connect(port);
+  REQUIRE(fd);
+  REQUIRE(testing::SendAll(fd.get(), "aaaa"));
+  REQUIRE(::send(fd.get(), "b", 1, MSG_OOB | MSG_NOSIGNAL) == 1);
+  REQUIRE(testing::SendAll(fd.get(), "cccc"));
+  if (with_fin) {
+    REQUIRE(::shutdown(fd.get(), SHUT_WR) == 0);
+    CHECK(testing::ReadAll(fd.get()) == "aaaacccc|web-1");
+  } else {
+    CHECK(testing::ReadExactly(fd.get(), 8) == "aaaacccc");
+  }
+}
+
+TEST_CASE("more clients at once than one batch of events are all served", "[proxy]") {
+  EchoBackend a("web-1");
+  EchoBackend b("web-2");
+  ProxyUnderTest proxy;
+  proxy.Apply({Web({To(a), To(b)})});
+  const int port = proxy.Port("web");
+  // Connected first, then all sending at once: far more ready sockets than the 64 events one
+  // epoll_wait takes.
+  std::vector<UniqueFd> clients;
+  for (int i = 0; i < 300; ++i) {
+    clients.push_back(testing::Connect(port));
+    REQUIRE(clients.back());
+  }
+  for (UniqueFd& c : clients) {
+    REQUIRE(testing::SendAll(c.get(), "x"));
+    REQUIRE(::shutdown(c.get(), SHUT_WR) == 0);
+  }
+  int served = 0;
+  for (UniqueFd& c : clients) {
+    std::optional<std::string> reply = testing::ReadAll(c.get());
+    if (reply == "x|web-1" || reply == "x|web-2") ++served;
+  }
+  CHECK(served == 300);
+  clients.clear();
+  CHECK(Eventually([&] {
+    return proxy.EndpointOf("web", "web-1")->open_connections == 0 &&
+           proxy.EndpointOf("web", "web-2")->open_connections == 0;
+  }));
+}
+
 TEST_CASE("a conversation past the splice threshold keeps every byte in order", "[proxy]") {
   EchoBackend a("web-1");
   ProxyUnderTest proxy;
