@@ -104,8 +104,6 @@ struct Snapshot {
   int64_t last_event = 0;
   std::vector<std::string> artifacts;
   std::vector<std::string> manifests;
-
-  friend bool operator==(const Snapshot&, const Snapshot&) = default;
 };
 
 Snapshot Take(KilndHarness& h) {

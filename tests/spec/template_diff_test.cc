@@ -7,6 +7,7 @@ namespace {
 
 std::vector<std::string> Lines(const std::vector<FieldChange>& changes) {
   std::vector<std::string> out;
+  out.reserve(changes.size());
   for (const FieldChange& c : changes) out.push_back(c.ToString());
   return out;
 }
