@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "api/io_call.h"
+#include "api/plan_api.h"
 #include "api/tokens.h"
 #include "common/duration.h"
 #include "common/limits.h"
@@ -123,7 +124,9 @@ void FillTemplate(const Template& t, pb::Template* out) {
   h->set_failure_threshold(t.health.failure_threshold);
 }
 
-void FillRevision(const RevisionRecord& r, pb::Revision* out) {
+}  // namespace
+
+void api_internal::FillRevision(const RevisionRecord& r, pb::Revision* out) {
   out->set_service(r.service);
   out->set_number(r.number);
   out->set_template_hash(r.template_hash);
@@ -138,6 +141,10 @@ void FillRevision(const RevisionRecord& r, pb::Revision* out) {
   out->set_created_unix_ms(r.created_ms);
   out->set_available_unix_ms(r.available_ms);
 }
+
+namespace {
+
+using api_internal::FillRevision;
 
 void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_ms,
                   pb::Instance* out) {
@@ -839,36 +846,7 @@ class KilnApi final : public pb::Kiln::Service {
         step->set_reason(next.status().message());
         continue;
       }
-      if (next->new_revision > 0) {
-        pb::PlanStep* step = resp->add_steps();
-        step->set_service(name);
-        step->set_action("write_revision");
-        step->set_revision(next->new_revision);
-        step->set_reason("the manifest declares a new template");
-      }
-      if (next->create == 0 && next->destroy.empty()) {
-        pb::PlanStep* step = resp->add_steps();
-        step->set_service(name);
-        step->set_action("none");
-        step->set_revision(next->target_revision);
-        step->set_reason(next->summary);
-      }
-      if (next->create > 0) {
-        pb::PlanStep* step = resp->add_steps();
-        step->set_service(name);
-        step->set_action("create");
-        step->set_revision(next->target_revision);
-        step->set_count(next->create);
-        step->set_reason(next->summary);
-      }
-      if (!next->destroy.empty()) {
-        pb::PlanStep* step = resp->add_steps();
-        step->set_service(name);
-        step->set_action("destroy");
-        step->set_count(static_cast<int32_t>(next->destroy.size()));
-        for (const auto& i : next->destroy) step->add_instances(i);
-        step->set_reason(next->summary);
-      }
+      api_internal::AppendPlanSteps(name, *next, resp->mutable_steps());
     }
     return grpc::Status::OK;
   }
@@ -998,6 +976,33 @@ class KilnApi final : public pb::Kiln::Service {
     return grpc::Status::OK;
   }
 
+  grpc::Status DiffRevisions(ServerContext* ctx, const pb::DiffRevisionsRequest* req,
+                             pb::DiffRevisionsResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    return ToGrpc(WithReader(
+        [&](StateReader& r) { return api_internal::BuildDiffRevisions(r, *req, resp); }));
+  }
+
+  grpc::Status PlanManifests(ServerContext* ctx, const pb::PlanManifestsRequest* req,
+                             pb::PlanManifestsResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    StatusOr<ManifestSet> parsed = api_internal::ParsePlanRequest(*req, manifest_rules_);
+    if (!parsed.ok()) return ToGrpc(parsed.status());
+    auto set = std::make_shared<const ManifestSet>(*std::move(parsed));
+    auto verdicts =
+        OnIo([this, set, whole = req->whole_directory()]() -> StatusOr<api_internal::PlanVerdicts> {
+          return api_internal::PlanOnReconciler(reconciler_, *set, whole);
+        });
+    if (!verdicts.ok()) return ToGrpc(verdicts.status());
+    return ToGrpc(WithReader(
+        [&](StateReader& r) { return api_internal::BuildPlanResponse(r, *set, *verdicts, resp); }));
+  }
+
+  // kilnd's own manifest rules beyond the file format (the ports of --port-range).
+  void SetManifestRules(std::function<void(ManifestSet&)> rules) {
+    manifest_rules_ = std::move(rules);
+  }
+
  private:
   // Authorization for one call: UNAUTHENTICATED without a known token, PERMISSION_DENIED for a
   // viewer calling a mutating RPC.
@@ -1083,6 +1088,7 @@ class KilnApi final : public pb::Kiln::Service {
   const Duration command_timeout_;
   std::atomic<int> streams_{0};
   std::atomic<bool> stopping_{false};
+  std::function<void(ManifestSet&)> manifest_rules_;
 };
 
 // Counts every call by method and final status code.
@@ -1176,6 +1182,7 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
   impl->api = std::make_unique<KilnApi>(io, reconciler, std::move(readers), o.tokens, o.max_streams,
                                         o.command_timeout, o.clock ? *o.clock : RealClockInstance(),
                                         o.endpoints);
+  impl->api->SetManifestRules(o.manifest_rules);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -13,6 +13,7 @@
 #include "api/tokens.h"
 #include "common/clock.h"
 #include "common/status.h"
+#include "spec/manifest.h"
 #include "storage/state_store.h"
 
 namespace boost::asio {
@@ -64,6 +65,9 @@ class ApiServer {
     // Pools streamed by WatchEndpoints and proxies' reports (ReportProxy); null: both are
     // UNIMPLEMENTED.
     EndpointsHub* endpoints = nullptr;
+    // kilnd's manifest rules beyond the file format (RejectExposedPortsIn its --port-range),
+    // applied to the manifests PlanManifests is given; null: none.
+    std::function<void(ManifestSet&)> manifest_rules;
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 

@@ -8,14 +8,18 @@
 #include <chrono>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string_view>
 #include <thread>
 
 #include "common/duration.h"
+#include "common/limits.h"
+#include "common/regular_file.h"
 #include "common/status.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "kiln/version.h"
@@ -574,6 +578,168 @@ int Validate(const std::string& dir, const std::string& output, std::ostream& ou
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// diff and plan -f
+
+// A field's value as the table shows it: "(unset)" where the field is not there.
+std::string Side(const pb::FieldChange& c, bool old_side) {
+  if (old_side ? c.added() : c.removed()) return "(unset)";
+  return old_side ? c.old_value() : c.new_value();
+}
+
+std::string ChangeLine(const pb::FieldChange& c) {
+  return c.path() + ": " + Side(c, true) + " \u2192 " + Side(c, false);
+}
+
+std::string RevisionLabel(const pb::Revision& r) {
+  return "revision " + std::to_string(r.number()) + " (" + r.template_().version() + ")";
+}
+
+// `kilnctl diff SERVICE [FROM [TO]]`: the template fields that differ between two revisions.
+int Diff(Client& c, const std::string& service, int64_t from, int64_t to, const std::string& format,
+         std::ostream& out, std::ostream& err) {
+  pb::DiffRevisionsRequest req;
+  req.set_service(service);
+  req.set_from_revision(from);
+  req.set_to_revision(to);
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  pb::DiffRevisionsResponse resp;
+  grpc::Status s = c.stub().DiffRevisions(&ctx, req, &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  if (PrintStructured(resp, format, out)) return 0;
+  out << service << ": " << RevisionLabel(resp.from()) << " \u2192 " << RevisionLabel(resp.to())
+      << "\n";
+  if (resp.changes().empty()) {
+    out << "the templates are equal (" << resp.to().template_hash().substr(0, 12) << ")\n";
+    return 0;
+  }
+  Rows rows = {{"FIELD", "REVISION " + std::to_string(resp.from().number()),
+                "REVISION " + std::to_string(resp.to().number())}};
+  for (const auto& ch : resp.changes())
+    rows.push_back({ch.path(), Side(ch, true), Side(ch, false)});
+  PrintTable(out, rows);
+  return 0;
+}
+
+// The manifest files `plan -f` sends: one file, or every manifest file directly in a directory
+// (the names kilnd itself would read). Paths are absolute, so kilnd finds relative artifacts.
+Status ReadPlanFiles(const std::string& path, pb::PlanManifestsRequest* req) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path root = fs::absolute(path, ec).lexically_normal();
+  if (ec || !fs::exists(root, ec)) return NotFoundError(path + ": no such file or directory");
+  std::vector<fs::path> files;
+  if (fs::is_directory(root, ec)) {
+    req->set_whole_directory(true);
+    for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+      if (IsManifestFileName(it->path().filename().string())) files.push_back(it->path());
+    }
+    if (ec) return InvalidArgumentError("cannot read " + path + ": " + ec.message());
+    std::sort(files.begin(), files.end());
+  } else {
+    files.push_back(root);
+  }
+  for (const fs::path& f : files) {
+    // One byte over the limit, so kilnd reports the file as too large like any other error.
+    ASSIGN_OR_RETURN(std::string text,
+                     ReadRegularFile(f, kMaxManifestFileBytes + 1, "cannot read"));
+    pb::ManifestFileText* t = req->add_files();
+    t->set_path(f.string());
+    t->set_content(std::move(text));
+  }
+  return Status::Ok();
+}
+
+std::string ChangeLabel(pb::PlanChange c) { return Label(pb::PlanChange_Name(c), "PLAN_CHANGE_"); }
+
+std::string StepLine(const pb::PlanStep& st) {
+  std::string line = st.action();
+  if (st.action() == "write_revision") line = "write revision " + std::to_string(st.revision());
+  if (st.action() == "create") {
+    line = "create " + std::to_string(st.count()) + " of revision " + std::to_string(st.revision());
+  }
+  if (st.action() == "destroy") {
+    line = "destroy " + std::to_string(st.count()) + ":";
+    for (const auto& i : st.instances()) line += " " + i;
+  }
+  return st.reason().empty() ? line : line + " (" + st.reason() + ")";
+}
+
+void PrintServicePlan(const pb::ServicePlan& p, std::ostream& out) {
+  const std::string current =
+      "revision " + std::to_string(p.current_revision()) + " (" + p.current_version() + ")";
+  out << p.service() << ": ";
+  switch (p.change()) {
+    case pb::PLAN_CHANGE_NONE:
+      out << "no change, " << current;
+      break;
+    case pb::PLAN_CHANGE_CREATE:
+      out << "new service, revision " << p.new_revision() << " (" << p.new_version() << "), "
+          << p.new_replicas() << " replicas";
+      break;
+    case pb::PLAN_CHANGE_UPDATE:
+      out << "new template: " << current << " \u2192 revision " << p.new_revision() << " ("
+          << p.new_version() << ")";
+      break;
+    case pb::PLAN_CHANGE_CONFIG:
+      out << "settings change, " << current << " stays";
+      break;
+    case pb::PLAN_CHANGE_RETIRE:
+      out << "retire, " << current << ", " << p.current_replicas() << " replicas";
+      break;
+    default:
+      out << ChangeLabel(p.change());
+  }
+  if (p.current_replicas() != p.new_replicas() && p.change() != pb::PLAN_CHANGE_CREATE &&
+      p.change() != pb::PLAN_CHANGE_RETIRE) {
+    out << "; scale " << p.current_replicas() << " \u2192 " << p.new_replicas();
+  }
+  out << (p.file().empty() ? "" : " [" + p.file() + "]") << "\n";
+  if (!p.note().empty()) out << "  note: " << p.note() << "\n";
+  for (const auto& ch : p.changes()) out << "  " << ChangeLine(ch) << "\n";
+  if (p.change() != pb::PLAN_CHANGE_NONE) {
+    for (const auto& st : p.steps()) out << "  next step: " << StepLine(st) << "\n";
+  }
+}
+
+// `kilnctl plan -f FILE_OR_DIR`: what kilnd would do with these manifests, applying nothing.
+// Exit codes as `terraform plan -detailed-exitcode`: 0 no change, 1 error, 2 changes.
+int PlanFiles(Client& c, const std::string& path, const std::string& format, std::ostream& out,
+              std::ostream& err) {
+  pb::PlanManifestsRequest req;
+  if (Status read_files = ReadPlanFiles(path, &req); !read_files.ok()) {
+    err << "kilnctl: " << read_files.message() << "\n";
+    return 1;
+  }
+  if (req.files().empty()) {
+    err << "kilnctl: no manifest files (*.yaml, *.yml) in " << path << "\n";
+    return 1;
+  }
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  pb::PlanManifestsResponse resp;
+  grpc::Status s = c.stub().PlanManifests(&ctx, req, &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  const int rc = !resp.errors().empty() ? 1 : resp.changes() ? 2 : 0;
+  if (PrintStructured(resp, format, out)) return rc;
+  std::map<pb::PlanChange, int> counts;
+  for (const auto& p : resp.services()) {
+    PrintServicePlan(p, out);
+    ++counts[p.change()];
+  }
+  for (const auto& e : resp.errors()) err << e.error() << "\n";
+  out << "Plan: " << counts[pb::PLAN_CHANGE_CREATE] << " to create, "
+      << counts[pb::PLAN_CHANGE_UPDATE] << " to update, " << counts[pb::PLAN_CHANGE_CONFIG]
+      << " to reconfigure, " << counts[pb::PLAN_CHANGE_RETIRE] << " to retire, "
+      << counts[pb::PLAN_CHANGE_NONE] << " unchanged.\n";
+  if (!resp.errors().empty()) {
+    err << "kilnctl: " << resp.errors().size() << (resp.errors().size() == 1 ? " error" : " errors")
+        << "; kilnd would keep the last good state of the services those files declare\n";
+  }
+  return rc;
+}
+
 }  // namespace
 
 int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
@@ -610,8 +776,25 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   endpoints->add_option("SERVICE", service, "a service (default: every service)");
   auto* history = app.add_subcommand("history", "revisions of a service, newest first");
   history->add_option("SERVICE", service)->required();
-  auto* plan = app.add_subcommand("plan", "what the next passes would do");
+  auto* plan = app.add_subcommand(
+      "plan",
+      "what the next passes would do; with -f, what applying manifests would do (exit 0: no "
+      "change, 1: error, 2: changes)");
   plan->add_option("SERVICE", service);
+  std::string plan_files;
+  plan->add_option("-f,--filename", plan_files,
+                   "a manifest file, or a directory (then a service no file declares would be "
+                   "retired); nothing is applied");
+  auto* diff = app.add_subcommand(
+      "diff",
+      "template fields that differ between two revisions (default: the running one "
+      "and the one before it)");
+  int64_t diff_from = 0, diff_to = 0;
+  diff->add_option("SERVICE", service)->required();
+  diff->add_option("REV_A", diff_from, "the older revision (default: the one before REV_B)")
+      ->check(CLI::PositiveNumber);
+  diff->add_option("REV_B", diff_to, "the newer revision (default: the running one)")
+      ->check(CLI::PositiveNumber);
   auto* rollback =
       app.add_subcommand("rollback", "roll a service back to an earlier template and pin it");
   rollback->add_option("SERVICE", service)->required();
@@ -663,7 +846,15 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (instances->parsed()) return Instances(client, service, all, output, out, err);
   if (endpoints->parsed()) return Endpoints(client, service, output, out, err);
   if (history->parsed()) return History(client, service, output, out, err);
+  if (plan->parsed() && !plan_files.empty()) {
+    if (!service.empty()) {
+      err << "kilnctl: plan takes a SERVICE or -f FILE_OR_DIR, not both\n";
+      return 1;
+    }
+    return PlanFiles(client, plan_files, output, out, err);
+  }
   if (plan->parsed()) return Plan(client, service, output, out, err);
+  if (diff->parsed()) return Diff(client, service, diff_from, diff_to, output, out, err);
   if (events->parsed()) return Events(client, since, service, follow, output, out, err);
   int rc;
   if (rollback->parsed()) {

@@ -1217,7 +1217,11 @@ Status Reconciler::ReplaceInstance(const std::string& instance, const std::strin
 }
 
 StatusOr<Reconciler::NextStep> Reconciler::Plan(const std::string& service) {
-  const DesiredService* d = desired_.Find(service);
+  return PlanAs(service, desired_.Find(service));
+}
+
+StatusOr<Reconciler::NextStep> Reconciler::PlanAs(const std::string& service,
+                                                  const DesiredService* d) {
   // What the pass would find of a new template's artifact, without putting it into the store:
   // it is there already, or its source is (the pass copies it, checking the digest again).
   Status artifact;

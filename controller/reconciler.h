@@ -92,6 +92,9 @@ class Reconciler {
     std::vector<std::string> destroy;  // instances to stop
   };
   StatusOr<NextStep> Plan(const std::string& service);
+  // The same for a desired state the manifests do not declare (yet): what the next pass would do
+  // if `desired` (null: not declared) were the service's, with the same Decide. Changes nothing.
+  StatusOr<NextStep> PlanAs(const std::string& service, const DesiredService* desired);
 
   const DesiredSet& desired() const { return desired_; }
   bool manifests_loaded() const { return manifests_loaded_; }

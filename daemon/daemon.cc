@@ -306,6 +306,8 @@ Status Daemon::Impl::Init() {
   api_options.metrics = &metrics;
   api_options.clock = &clock;
   api_options.endpoints = endpoints.get();
+  api_options.manifest_rules = [first = config.port_first, last = config.port_last](
+                                   ManifestSet& set) { RejectExposedPortsIn(set, first, last); };
   auto api_started =
       ApiServer::Start(api_options, io, *reconciler, [this] { return store->OpenReader(); });
   if (!api_started.ok()) {

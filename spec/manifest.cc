@@ -975,6 +975,12 @@ void SortErrorsAndDropBroken(ManifestSet& set) {
 
 }  // namespace
 
+namespace {
+// Checks that span files (a name or an address declared twice), then drops the services of
+// every file with an error.
+void CheckAcrossFiles(ManifestSet& set);
+}  // namespace
+
 ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
   ManifestSet set;
   set.dir = dir.string();
@@ -1031,7 +1037,34 @@ ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
     }
     set.files.push_back(std::move(file));
   }
+  CheckAcrossFiles(set);
+  return set;
+}
 
+ManifestSet ParseManifestFiles(std::string dir, const std::vector<ManifestText>& files,
+                               const ArtifactHasher& hasher) {
+  ManifestSet set;
+  set.dir = std::move(dir);
+  for (const ManifestText& f : files) {
+    ManifestFile file;
+    file.path = f.path;
+    if (!IsValidUtf8(file.path)) {
+      file.path = SanitizeUtf8(file.path);
+      file.errors.push_back({file.path, 0, 0, "", "the file name is not valid UTF-8; rename it"});
+    } else {
+      ParseInto(file, f.text, hasher);
+    }
+    set.files.push_back(std::move(file));
+  }
+  std::sort(set.files.begin(), set.files.end(),
+            [](const ManifestFile& a, const ManifestFile& b) { return a.path < b.path; });
+  CheckAcrossFiles(set);
+  return set;
+}
+
+namespace {
+
+void CheckAcrossFiles(ManifestSet& set) {
   // A name declared twice is an error at every place it is declared.
   struct Place {
     size_t file;
@@ -1085,8 +1118,9 @@ ManifestSet LoadManifestDir(const fs::path& dir, const ArtifactHasher& hasher) {
     }
   }
   SortErrorsAndDropBroken(set);
-  return set;
 }
+
+}  // namespace
 
 void RejectExposedPortsIn(ManifestSet& set, int first, int last) {
   for (ManifestFile& f : set.files) {

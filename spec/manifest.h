@@ -130,6 +130,17 @@ ManifestFile ParseManifest(const std::string& path, const std::string& text,
 // temporaries are skipped), then reports duplicate service names at each place they occur.
 ManifestSet LoadManifestDir(const std::filesystem::path& dir, const ArtifactHasher& hasher = {});
 
+// One manifest file's name and bytes, as a client sends them (`kilnctl plan -f`).
+struct ManifestText {
+  std::string path;
+  std::string text;
+};
+
+// Parses files given with their contents by LoadManifestDir's rules (each file on its own, then a
+// name or an address declared twice); `dir` is only recorded. Files are sorted by path.
+ManifestSet ParseManifestFiles(std::string dir, const std::vector<ManifestText>& files,
+                               const ArtifactHasher& hasher = {});
+
 // An error at each `expose:` whose port is in [first, last] (kilnd's --port-range: an instance
 // may be given that port); the files with one apply none of their services, like any error.
 void RejectExposedPortsIn(ManifestSet& set, int first, int last);

@@ -668,5 +668,27 @@ expose: {listen: "127.0.0.2:8081"}
   CHECK(loaded[0]->name == "db");
 }
 
+TEST_CASE("ParseManifestFiles reads given contents by the directory's rules", "[manifest]") {
+  Fixture f;
+  const std::string dir = f.dir().string() + "/";
+  // Nothing on disk but the artifact: the texts are what a client sent.
+  const ManifestSet set = ParseManifestFiles(
+      "", {{dir + "web.yaml", kMinimal},
+           {dir + "again.yaml", std::string(kMinimal) + "replicas: 2\n"},
+           {dir + "api.yaml", "name: api\nversion: \"2\"\nartifact: {path: ../artifacts/app}\n"}});
+  REQUIRE(set.files.size() == 3);
+  CHECK(set.files[0].path == dir + "again.yaml");  // sorted by path
+  std::vector<std::string> errors;
+  for (const ManifestError& e : set.AllErrors()) errors.push_back(e.ToString());
+  CHECK(errors == std::vector<std::string>{
+                      dir + "again.yaml:1:7: name: service \"web\" is also declared at " + dir +
+                          "web.yaml:1:7",
+                      dir + "web.yaml:1:7: name: service \"web\" is also declared at " + dir +
+                          "again.yaml:1:7"});
+  REQUIRE(set.Services().size() == 1);
+  CHECK(set.Services()[0]->name == "api");
+  CHECK(set.Services()[0]->tmpl.artifact_sha256 == f.artifact_digest);
+}
+
 }  // namespace
 }  // namespace kiln
