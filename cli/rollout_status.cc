@@ -156,6 +156,13 @@ class RolloutWait {
         if (!declared_error_.empty()) return kRolloutCallFailed;
         return std::nullopt;
       }
+      if (sum.target_revision() == 0) {
+        Progress(o_.service + ": waiting for its first revision" +
+                 (sum.manifest_error().empty()
+                      ? ""
+                      : " (manifest error: " + sum.manifest_error() + ")"));
+        return std::nullopt;
+      }
       want_ = sum.target_revision();
     }
     const pb::Rollout& r = sv.rollout();
