@@ -5,6 +5,7 @@
 // unix socket and optionally TCP (TLS, mutual TLS), with bearer tokens. gRPC stays out of this
 // header.
 
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -64,6 +65,9 @@ class ApiServer {
     // Pools streamed by WatchEndpoints and proxies' reports (ReportProxy); null: both are
     // UNIMPLEMENTED.
     EndpointsHub* endpoints = nullptr;
+    // Where the process driver writes instances' logs (STATE/logs), served by StreamLogs;
+    // empty: StreamLogs is UNIMPLEMENTED.
+    std::filesystem::path log_dir;
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 

@@ -15,6 +15,7 @@
 #include <string_view>
 #include <thread>
 
+#include "cli/logs.h"
 #include "cli/rollout_status.h"
 #include "common/duration.h"
 #include "common/status.h"
@@ -606,6 +607,19 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
       "wait for the rollout to the current (or given) revision to finish; exit 0 when it "
       "completed, 3 when it failed, 4 when kilnd moved to another revision first, 5 on timeout");
   std::string rollout_timeout = "0s";
+  auto* logs = app.add_subcommand(
+      "logs", "an instance's output, or a service's instances' (prefixed by instance)");
+  LogsOptions logs_options;
+  std::string logs_since;
+  logs->add_option("NAME", logs_options.name, "an instance id (web-42) or a service")->required();
+  logs->add_flag("-f,--follow", logs_options.follow,
+                 "keep streaming new lines (and, for a service, new instances) until stopped");
+  logs->add_option("--tail", logs_options.tail, "only the last N lines of each instance")
+      ->check(CLI::NonNegativeNumber);
+  logs->add_option("--since", logs_since,
+                   "only instances running within this long (\"10m\"), and the log files "
+                   "written within it");
+  logs->add_option("--revision", logs_options.revision, "only instances of this revision");
   rollout_status->add_option("SERVICE", service)->required();
   rollout_status->add_option("--revision", to_revision,
                              "the revision whose rollout to follow (default: the service's "
@@ -634,6 +648,20 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (history->parsed()) return History(client, service, output, out, err);
   if (plan->parsed()) return Plan(client, service, output, out, err);
   if (events->parsed()) return Events(client, since, service, follow, output, out, err);
+  if (logs->parsed()) {
+    if (!logs_since.empty()) {
+      StatusOr<Duration> since = ParseDuration(logs_since);
+      if (!since.ok()) {
+        err << "kilnctl: --since " << logs_since << ": " << since.status().message() << "\n";
+        return 2;
+      }
+      logs_options.since = *since;
+    }
+    logs_options.addr = conn.addr;
+    return ShowLogs(
+        client.stub(), [&](grpc::ClientContext& ctx) { client.Prepare(ctx, /*stream=*/true); },
+        logs_options, out, err);
+  }
   if (rollout_status->parsed()) {
     StatusOr<Duration> limit = ParseDuration(rollout_timeout);
     if (!limit.ok()) {

@@ -306,6 +306,7 @@ Status Daemon::Impl::Init() {
   api_options.metrics = &metrics;
   api_options.clock = &clock;
   api_options.endpoints = endpoints.get();
+  api_options.log_dir = config.state / "logs";
   auto api_started =
       ApiServer::Start(api_options, io, *reconciler, [this] { return store->OpenReader(); });
   if (!api_started.ok()) {
