@@ -19,7 +19,7 @@ namespace kiln {
 class LogFanIn {
  public:
   // A message carries at most about this many bytes of lines.
-  static constexpr size_t kMaxBatchBytes = 256 * 1024;
+  static constexpr size_t kMaxBatchBytes = size_t{256} * 1024;
 
   LogFanIn(std::filesystem::path log_dir, const v1::StreamLogsRequest& request);
 

@@ -23,7 +23,7 @@ std::shared_mutex& RotationMutex() {
   return mu;
 }
 
-constexpr size_t kBlock = 64 * 1024;
+constexpr size_t kBlock = size_t{64} * 1024;
 
 UniqueFd OpenForRead(const fs::path& p) {
   return UniqueFd(::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));

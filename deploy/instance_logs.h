@@ -38,7 +38,7 @@ Status RemoveInstanceLogs(const std::filesystem::path& log_dir, std::string_view
 // Not thread-safe: one reader per stream.
 class LogReader {
  public:
-  static constexpr size_t kMaxLineBytes = 16 * 1024;
+  static constexpr size_t kMaxLineBytes = size_t{16} * 1024;
 
   LogReader(std::filesystem::path log_dir, std::string instance);
 

@@ -1,6 +1,6 @@
 // `kilnctl logs` against a real kilnd and real kiln-testsvc instances: an instance, a service's
 // instances prefixed, --tail, --revision, terminated instances, --follow picking up new
-// instances, tokens.
+// instances, tokens; and the log files capped and rotated while kilnd is down too.
 
 #include <catch2/catch.hpp>
 #include <sstream>
@@ -121,6 +121,107 @@ TEST_CASE("kilnctl logs --follow streams new lines and instances that start late
     last = n;
   }
   CHECK(in_order);
+}
+
+// The numbers of "kiln-testsvc 1.0 line N" lines, in order.
+std::vector<int> LineNumbers(const std::string& text) {
+  std::vector<int> out;
+  const std::string prefix = "kiln-testsvc 1.0 line ";
+  for (const auto& line : Lines(text)) {
+    if (line.rfind(prefix, 0) == 0) out.push_back(std::stoi(line.substr(prefix.size())));
+  }
+  return out;
+}
+
+int LastNumber(const std::string& text) {
+  std::vector<int> n = LineNumbers(text);
+  return n.empty() ? 0 : n.back();
+}
+
+uintmax_t SizeOf(const std::filesystem::path& p) {
+  std::error_code ec;
+  const uintmax_t n = std::filesystem::file_size(p, ec);
+  return ec ? 0 : n;
+}
+
+TEST_CASE("instance logs are capped and rotated and logs reads the rotated copies",
+          "[kilnctl][logs]") {
+  KilndHarness h;
+  // About 30 bytes every 5 ms: 4 KiB in well under a second.
+  h.Declare("web", "1.0", 1, kPolicy, ", \"--log-every\", \"5ms\"");
+  h.Start({"--log-max-size", "4KiB", "--log-max-files", "3"});
+  REQUIRE(h.WaitReady());
+  REQUIRE(WaitFor([&] { return h.Healthy("web") == 1; }));
+  const std::string name = h.Live("web")[0].name;
+  const auto log = h.state() / "logs" / (name + ".log");
+  const auto copy = [&](int n) { return log.string() + "." + std::to_string(n); };
+  REQUIRE(WaitFor([&] { return std::filesystem::exists(copy(2)); }, 30s));
+  std::this_thread::sleep_for(3s);  // a few more rotations
+  // At most 3 files: the live one and two copies, each about the cap (a copy is what the live
+  // file held when it was checked, at most one second of lines past the cap).
+  CHECK_FALSE(std::filesystem::exists(copy(3)));
+  CHECK(SizeOf(copy(1)) > 4096);
+  CHECK(SizeOf(copy(1)) < uintmax_t{32} * 1024);
+  CHECK(SizeOf(log) < uintmax_t{32} * 1024);
+
+  // logs reads the copies, oldest first, then the live file: the numbers only go up, and the
+  // first lines (rotated out of the last copy) are gone.
+  RunResult all = Logs(h, {name}, "");
+  REQUIRE(all.exit_code == 0);
+  std::vector<int> numbers = LineNumbers(all.out);
+  REQUIRE(numbers.size() > 200);
+  CHECK(numbers.front() > 1);
+  CHECK(all.out.find("listening on") == std::string::npos);
+  bool increasing = true;
+  for (size_t i = 1; i < numbers.size(); ++i) increasing &= numbers[i] > numbers[i - 1];
+  CHECK(increasing);
+  // --tail reaches back into the copies when the live file holds fewer lines.
+  RunResult tail = Logs(h, {name, "--tail", "250"}, "");
+  CHECK(LineNumbers(tail.out).size() == 250);
+
+  // kilnd down is not the instance down: it goes on writing, and its log grows past the cap
+  // until a kilnd checks it again.
+  h.Kill9();
+  const int before = std::max(LastNumber(ReadFile(log)), LastNumber(ReadFile(copy(1))));
+  std::this_thread::sleep_for(2500ms);
+  CHECK(SizeOf(log) > uintmax_t{8} * 1024);
+  CHECK(LastNumber(ReadFile(log)) > before + 100);
+  h.Start({"--log-max-size", "4KiB", "--log-max-files", "3"});
+  REQUIRE(h.WaitReady());
+  CHECK(WaitFor([&] { return SizeOf(log) < uintmax_t{8} * 1024; }, 10s));
+  CHECK(h.Healthy("web") == 1);
+  CHECK(h.Live("web")[0].name == name);  // the same instance all along
+}
+
+TEST_CASE("an instance's log files go with its row when history is pruned", "[kilnctl][logs]") {
+  KilndHarness h;
+  h.SetExtraYaml("history_limit: 1\n");
+  h.Declare("web", "1.0", 1, kPolicy);
+  h.Start();
+  REQUIRE(h.WaitReady());
+  REQUIRE(WaitFor([&] { return h.Healthy("web", 1) == 1; }));
+  const std::string old = h.Live("web")[0].name;
+  const auto log = h.state() / "logs" / (old + ".log");
+  REQUIRE(WaitFor([&] { return SizeOf(log) > 0; }));
+  REQUIRE(Logs(h, {old}, "").exit_code == 0);
+  // Revision 3 completes; revision 1 is beyond history_limit (revision 2 stays: what a rollback
+  // would go back to) and goes, with its instance's row.
+  h.Declare("web", "2.0", 1, kPolicy);
+  REQUIRE(WaitFor([&] { return h.Healthy("web", 2) == 1 && h.Live("web").size() == 1; }, 60s));
+  CHECK(std::filesystem::exists(log));
+  h.Declare("web", "3.0", 1, kPolicy);
+  REQUIRE(WaitFor(
+      [&] {
+        auto s = h.Store();
+        return s && !s->GetRevision("web", 1).ok() && !s->GetInstance(old).ok();
+      },
+      60s));
+  CHECK(WaitFor([&] { return !std::filesystem::exists(log); }, 10s));
+  RunResult gone = Logs(h, {old}, "");
+  CHECK(gone.exit_code == 1);
+  CHECK(gone.err.find("NOT_FOUND") != std::string::npos);
+  // The new instance's log is there.
+  CHECK(std::filesystem::exists(h.state() / "logs" / (h.Live("web")[0].name + ".log")));
 }
 
 }  // namespace
