@@ -21,6 +21,7 @@
 
 #include "api/io_call.h"
 #include "api/plan_api.h"
+#include "api/log_stream.h"
 #include "api/tokens.h"
 #include "common/duration.h"
 #include "common/limits.h"
@@ -1003,6 +1004,62 @@ class KilnApi final : public pb::Kiln::Service {
     manifest_rules_ = std::move(rules);
   }
 
+  void SetLogDir(std::filesystem::path dir) { log_dir_ = std::move(dir); }
+
+  grpc::Status StreamLogs(ServerContext* ctx, const pb::StreamLogsRequest* req,
+                          grpc::ServerWriter<pb::LogLines>* writer) override {
+    RETURN_GRPC_IF_DENIED(ctx, false);
+    if (req->name().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "name is required");
+    if (req->tail() < 0 || req->since_unix_ms() < 0 || req->revision() < 0)
+      return grpc::Status(grpc::INVALID_ARGUMENT,
+                          "tail, since_unix_ms and revision must be 0 or more");
+    if (log_dir_.empty())
+      return grpc::Status(grpc::UNIMPLEMENTED, "this kilnd keeps no instance logs");
+    if (++streams_ > max_streams_) {
+      --streams_;
+      return grpc::Status(grpc::RESOURCE_EXHAUSTED,
+                          "too many streams (" + std::to_string(max_streams_) + "); try later");
+    }
+    struct Release {
+      std::atomic<int>& n;
+      ~Release() { --n; }
+    } release{streams_};
+    LogFanIn logs(log_dir_, *req);
+    if (Status s = WithReader([&](StateReader& r) { return logs.Refresh(r); }); !s.ok())
+      return ToGrpc(s);
+    // What is kept: one instance after another. A batch is read only after the previous one was
+    // written, so a slow client holds the stream back (flow control), never our memory.
+    for (size_t i = 0; i < logs.size(); ++i) {
+      for (;;) {
+        if (ctx->IsCancelled() || stopping_) return grpc::Status::OK;
+        pb::LogLines out;
+        if (!logs.Read(i, /*to_end=*/!req->follow(), &out)) break;
+        if (!writer->Write(out)) return grpc::Status::OK;  // the client went away
+      }
+    }
+    if (!req->follow()) return grpc::Status::OK;
+    // Then whatever comes, from every instance in turn, and instances that start later.
+    auto refreshed = std::chrono::steady_clock::now();
+    while (!ctx->IsCancelled() && !stopping_) {
+      if (std::chrono::steady_clock::now() - refreshed >= std::chrono::seconds(1)) {
+        // A store error here is passing (busy): the instances known keep being followed.
+        (void)WithReader([&](StateReader& r) { return logs.Refresh(r); });
+        refreshed = std::chrono::steady_clock::now();
+      }
+      pb::LogLines out;
+      for (size_t i = 0; i < logs.size(); ++i) {
+        if (out.ByteSizeLong() >= LogFanIn::kMaxBatchBytes) break;
+        logs.Read(i, /*to_end=*/false, &out);
+      }
+      if (out.lines_size() > 0) {
+        if (!writer->Write(out)) return grpc::Status::OK;
+        continue;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return grpc::Status::OK;
+  }
+
  private:
   // Authorization for one call: UNAUTHENTICATED without a known token, PERMISSION_DENIED for a
   // viewer calling a mutating RPC.
@@ -1089,6 +1146,7 @@ class KilnApi final : public pb::Kiln::Service {
   std::atomic<int> streams_{0};
   std::atomic<bool> stopping_{false};
   std::function<void(ManifestSet&)> manifest_rules_;
+  std::filesystem::path log_dir_;  // STATE/logs; empty: StreamLogs is UNIMPLEMENTED
 };
 
 // Counts every call by method and final status code.
@@ -1183,6 +1241,7 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
                                         o.command_timeout, o.clock ? *o.clock : RealClockInstance(),
                                         o.endpoints);
   impl->api->SetManifestRules(o.manifest_rules);
+  impl->api->SetLogDir(o.log_dir);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -5,6 +5,7 @@
 // unix socket and optionally TCP (TLS, mutual TLS), with bearer tokens. gRPC stays out of this
 // header.
 
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -68,6 +69,9 @@ class ApiServer {
     // kilnd's manifest rules beyond the file format (RejectExposedPortsIn its --port-range),
     // applied to the manifests PlanManifests is given; null: none.
     std::function<void(ManifestSet&)> manifest_rules;
+    // Where the process driver writes instances' logs (STATE/logs), served by StreamLogs;
+    // empty: StreamLogs is UNIMPLEMENTED.
+    std::filesystem::path log_dir;
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 

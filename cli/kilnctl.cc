@@ -17,6 +17,8 @@
 #include <string_view>
 #include <thread>
 
+#include "cli/logs.h"
+#include "cli/rollout_status.h"
 #include "common/duration.h"
 #include "common/limits.h"
 #include "common/regular_file.h"
@@ -406,63 +408,28 @@ int Mutate(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, 
   Resp resp;
   grpc::Status s = (c.stub().*rpc)(&ctx, req, &resp);
   if (!s.ok()) return Fail(s, c.conn(), err);
-  if (!PrintStructured(resp, format, out)) out << done(resp) << "\n";
+  const std::string line = done(resp);  // also when not printed: it may note what it needs
+  if (!PrintStructured(resp, format, out)) out << line << "\n";
   return 0;
 }
 
-// Follows the rollout to the service's current target until it completes (0) or fails (1),
-// printing progress. The target moving on (an automatic rollback, another operator) ends the
-// wait too: what was waited for will not complete.
-int Wait(Client& c, const std::string& service, std::ostream& out, std::ostream& err) {
-  std::string last;
-  int64_t want = 0;  // the target when the wait began
-  for (;;) {
-    pb::GetServiceRequest req;
-    req.set_name(service);
-    pb::GetServiceResponse resp;
-    grpc::ClientContext ctx;
-    c.Prepare(ctx);
-    grpc::Status s = c.stub().GetService(&ctx, req, &resp);
-    if (!s.ok()) return Fail(s, c.conn(), err);
-    const pb::Service& sv = resp.service();
-    const pb::ServiceSummary& sum = sv.summary();
-    const pb::Rollout& r = sv.rollout();
-    if (want == 0) want = sum.target_revision();
-    int old_live = 0;
-    for (const auto& cnt : sv.revisions()) {
-      if (cnt.revision() != sum.target_revision()) old_live += cnt.total();
-    }
-    // Until a pass records the rollout to the target, the latest rollout is an earlier one
-    // (possibly failed): it says nothing about this one.
-    const bool current = r.to_revision() == want;
-    std::ostringstream progress;
-    if (current) {
-      progress << service << ": rollout to revision " << want << " (" << StrategyLabel(r.strategy())
-               << "): " << RolloutStateName(r.state());
-    } else {
-      progress << service << ": waiting for the rollout to revision " << want << " to start";
-    }
-    progress << ", " << sum.available() << "/" << sum.replicas() << " available, " << old_live
-             << " old instance(s) left";
-    const std::string line = progress.str();
-    if (!current && sum.target_revision() != want) {
-      err << "kilnctl: the rollout of " << service << " to revision " << want
-          << " will not complete: the target is now revision " << sum.target_revision()
-          << "; `kilnctl events --service " << service << "` says why\n";
-      return 1;
-    }
-    if (line != last) out << line << std::endl;
-    last = line;
-    if (current && r.state() == pb::ROLLOUT_STATE_COMPLETED) {
-      out << service << ": rollout complete" << std::endl;
-      return 0;
-    }
-    if (current && r.state() == pb::ROLLOUT_STATE_FAILED) {
-      err << "kilnctl: rollout of " << service << " failed: " << r.reason() << "\n";
-      return 1;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  }
+// Every `--wait`: the same wait as `kilnctl rollout status`, with its exit codes.
+int Wait(Client& c, const std::string& service, int64_t revision, Duration timeout,
+         std::ostream& out, std::ostream& err) {
+  RolloutWaitOptions o;
+  o.service = service;
+  o.revision = revision;
+  o.timeout = timeout;
+  o.addr = c.conn().addr;
+  o.call_timeout = std::chrono::seconds(c.conn().timeout_s);
+  const std::string token = c.conn().token;
+  return WaitForRollout(
+      c.stub(),
+      [&token](grpc::ClientContext& ctx, Duration deadline) {
+        ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+        if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+      },
+      o, out, err);
 }
 
 std::string EventLine(const std::string& seq, const std::string& time, const std::string& service,
@@ -826,6 +793,32 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
       "check a manifest directory without a daemon: every service with its template "
       "hash, or every error; exits 1 on any error");
   validate->add_option("DIR", validate_dir, "manifest directory")->required();
+  auto* rollout = app.add_subcommand("rollout", "follow rollouts");
+  rollout->require_subcommand(1);
+  auto* rollout_status = rollout->add_subcommand(
+      "status",
+      "wait for the rollout to the current (or given) revision to finish; exit 0 when it "
+      "completed, 3 when it failed, 4 when kilnd moved to another revision first, 5 on timeout");
+  std::string rollout_timeout = "0s";
+  auto* logs = app.add_subcommand(
+      "logs", "an instance's output, or a service's instances' (prefixed by instance)");
+  LogsOptions logs_options;
+  std::string logs_since;
+  logs->add_option("NAME", logs_options.name, "an instance id (web-42) or a service")->required();
+  logs->add_flag("-f,--follow", logs_options.follow,
+                 "keep streaming new lines (and, for a service, new instances) until stopped");
+  logs->add_option("--tail", logs_options.tail, "only the last N lines of each instance")
+      ->check(CLI::NonNegativeNumber);
+  logs->add_option("--since", logs_since,
+                   "only instances running within this long (\"10m\"), and the log files "
+                   "written within it");
+  logs->add_option("--revision", logs_options.revision, "only instances of this revision");
+  rollout_status->add_option("SERVICE", service)->required();
+  rollout_status->add_option("--revision", to_revision,
+                             "the revision whose rollout to follow (default: the service's "
+                             "target once kilnd has loaded its manifest file)");
+  rollout_status->add_option("--timeout", rollout_timeout,
+                             "give up after this long (\"2m\", \"90s\"; default: no limit)");
 
   try {
     app.parse(argc, argv);
@@ -856,7 +849,30 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (plan->parsed()) return Plan(client, service, output, out, err);
   if (diff->parsed()) return Diff(client, service, diff_from, diff_to, output, out, err);
   if (events->parsed()) return Events(client, since, service, follow, output, out, err);
+  if (logs->parsed()) {
+    if (!logs_since.empty()) {
+      StatusOr<Duration> since = ParseDuration(logs_since);
+      if (!since.ok()) {
+        err << "kilnctl: --since " << logs_since << ": " << since.status().message() << "\n";
+        return 2;
+      }
+      logs_options.since = *since;
+    }
+    logs_options.addr = conn.addr;
+    return ShowLogs(
+        client.stub(), [&](grpc::ClientContext& ctx) { client.Prepare(ctx, /*stream=*/true); },
+        logs_options, out, err);
+  }
+  if (rollout_status->parsed()) {
+    StatusOr<Duration> limit = ParseDuration(rollout_timeout);
+    if (!limit.ok()) {
+      err << "kilnctl: --timeout " << rollout_timeout << ": " << limit.status().message() << "\n";
+      return 2;
+    }
+    return Wait(client, service, to_revision, *limit, out, err);
+  }
   int rc;
+  int64_t wait_revision = 0;  // the revision a rollback wrote; 0: the service's target
   if (rollback->parsed()) {
     pb::RollbackRequest req;
     req.set_service(service);
@@ -864,6 +880,7 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     req.set_reason(reason);
     rc = Mutate(client, &pb::Kiln::Stub::Rollback, req, output, out, err,
                 [&](const pb::RollbackResponse& r) {
+                  wait_revision = r.revision().number();
                   return service + " rolled back: revision " +
                          std::to_string(r.revision().number()) + " runs the template of revision " +
                          std::to_string(r.revision().rolled_back_from()) + " (version " +
@@ -909,7 +926,7 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     err << app.help();
     return 2;
   }
-  if (rc == 0 && wait) return Wait(client, service, out, err);
+  if (rc == 0 && wait) return Wait(client, service, wait_revision, Duration(0), out, err);
   return rc;
 }
 

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <set>
 #include <utility>
 
 #include "common/duration.h"
@@ -659,6 +660,22 @@ void Reconciler::RetryUnrecordedStarts(const std::string& service) {
 // ---------------------------------------------------------------------------------------------
 // The pass
 
+namespace {
+
+// The instances in `before` that `after` no longer has.
+std::vector<std::string> PrunedNames(const std::vector<InstanceRecord>& before,
+                                     const std::vector<InstanceRecord>& after) {
+  std::set<std::string> kept;
+  for (const InstanceRecord& i : after) kept.insert(i.name);
+  std::vector<std::string> gone;
+  for (const InstanceRecord& i : before) {
+    if (kept.count(i.name) == 0) gone.push_back(i.name);
+  }
+  return gone;
+}
+
+}  // namespace
+
 StatusOr<int> Reconciler::PruneHistory(const ServiceRecord& svc, int64_t target_rev, int limit) {
   int deleted = 0;
   ASSIGN_OR_RETURN(auto revisions, store_.ListRevisions(svc.name));  // newest first
@@ -844,6 +861,7 @@ Status Reconciler::Reconcile(const std::string& name) {
   std::string desired_hash;  // of the desired revision, once committed
   std::string stored_spec;   // the service's spec as recorded, for one no longer declared
   bool retired = false;
+  std::vector<std::string> pruned_instances;  // final instance rows deleted by this pass
 
   Status committed = store_.Transaction([&]() -> Status {
     ASSIGN_OR_RETURN(PassInput in, LoadPassInput(name, desired, artifact, now));
@@ -930,8 +948,11 @@ Status Reconciler::Reconcile(const std::string& name) {
       RETURN_IF_ERROR(store_.PutService(svc));
     }
     if (in.declared && rollout.state == RolloutState::kCompleted && rollout.finished_ms == now) {
+      ASSIGN_OR_RETURN(const std::vector<InstanceRecord> before, store_.ListInstances(name, true));
       RETURN_IF_ERROR(store_.PruneFinalInstances(name, options_.final_instances_kept).status());
       ASSIGN_OR_RETURN(int pruned, PruneHistory(svc, target_rev, in.spec.history_limit));
+      ASSIGN_OR_RETURN(const std::vector<InstanceRecord> after, store_.ListInstances(name, true));
+      pruned_instances = PrunedNames(before, after);
       // Only a pruned revision can leave an artifact unreferenced.
       collect_artifacts = pruned > 0;
     }
@@ -939,6 +960,9 @@ Status Reconciler::Reconcile(const std::string& name) {
   });
   if (!committed.ok()) return committed;  // nothing was started or stopped
   if (!desired_hash.empty()) desired_hash_[name] = desired_hash;
+  // Their rows are gone for good: so go their logs. (A crash right here leaves the files behind;
+  // they are never read again, and nothing else depends on them.)
+  for (const std::string& gone : pruned_instances) driver_.Discard(gone);
 
   // Instances leave their service's pool before they are stopped: for a service with a stable
   // address, a draining instance is stopped only once no proxy routes to it.

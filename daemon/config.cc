@@ -1,6 +1,7 @@
 #include "daemon/config.h"
 
 #include <CLI/CLI.hpp>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -37,6 +38,28 @@ Status CheckReadable(const char* flag, const std::string& path) {
 
 }  // namespace
 
+StatusOr<uint64_t> ParseByteSize(std::string_view text) {
+  size_t digits = 0;
+  while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits]))) ++digits;
+  const std::string_view unit = text.substr(digits);
+  uint64_t scale = 0;
+  for (const auto& [name, factor] : {std::pair{"", uint64_t{1}},
+                                     {"B", uint64_t{1}},
+                                     {"K", uint64_t{1} << 10},
+                                     {"KiB", uint64_t{1} << 10},
+                                     {"M", uint64_t{1} << 20},
+                                     {"MiB", uint64_t{1} << 20},
+                                     {"G", uint64_t{1} << 30},
+                                     {"GiB", uint64_t{1} << 30}}) {
+    if (unit == name) scale = factor;
+  }
+  if (digits == 0 || digits > 12 || scale == 0) {
+    return InvalidArgumentError("expected a size such as 4096, 512KiB, 10MiB or 1GiB, got \"" +
+                                std::string(text) + "\"");
+  }
+  return std::stoull(std::string(text.substr(0, digits))) * scale;
+}
+
 Status CheckDaemonConfig(const DaemonConfig& c) {
   if (c.manifests.empty()) return InvalidArgumentError("--manifests is required");
   if (c.state.empty()) return InvalidArgumentError("--state is required");
@@ -61,6 +84,10 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
   }
   if (c.proxy != "managed" && c.proxy != "off") {
     return InvalidArgumentError("--proxy: expected managed or off, got \"" + c.proxy + "\"");
+  }
+  if (c.log_max_bytes < 1024) return InvalidArgumentError("--log-max-size: must be at least 1KiB");
+  if (c.log_max_files < 1 || c.log_max_files > 100) {
+    return InvalidArgumentError("--log-max-files: must be within 1-100");
   }
   if (c.event_retention < 1 || c.event_retention > 100'000'000) {
     return InvalidArgumentError("--event-retention: must be within 1-100000000");
@@ -160,6 +187,7 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
   std::string grpc_idle_timeout = "5m";
   std::string log_format = "text";
   std::string log_level = "info";
+  std::string log_max_size = "10MiB";
 
   CLI::App app("kilnd: converges services declared in manifests by replacing instances", "kilnd");
   app.set_version_flag("--version", std::string("kilnd ") + kVersion);
@@ -210,6 +238,12 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
                  "the kiln-proxy executable (default: beside kilnd's own)");
   app.add_option("--event-retention", config.event_retention, "events kept (older ones are pruned)")
       ->check(CLI::Range(int64_t{1}, int64_t{100'000'000}));
+  app.add_option("--log-max-size", log_max_size,
+                 "instance log files larger than this are rotated (copied to NAME.log.1, then "
+                 "truncated): 4096, 512KiB, 10MiB, 1GiB");
+  app.add_option("--log-max-files", config.log_max_files,
+                 "log files kept per instance, the live one included (1: truncate, keep no copy)")
+      ->check(CLI::Range(1, 100));
   app.add_option("--log-format", log_format, "text or json")
       ->check(CLI::IsMember({"text", "json"}));
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
@@ -249,6 +283,10 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
     if (!d.ok()) return InvalidArgumentError(std::string(flag) + ": " + d.status().message());
     *out = *d;
   }
+  StatusOr<uint64_t> log_bytes = ParseByteSize(log_max_size);
+  if (!log_bytes.ok())
+    return InvalidArgumentError("--log-max-size: " + log_bytes.status().message());
+  config.log_max_bytes = *log_bytes;
   config.http_listen = http_listen;
   config.log_format = *ParseLogFormat(log_format);  // CLI11 checked both
   config.log_level = *ParseLogLevel(log_level);

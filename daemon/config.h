@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "api/api_server.h"
 #include "api/tokens.h"
@@ -55,6 +56,12 @@ struct DaemonConfig {
   std::string proxy = "managed";
   std::filesystem::path proxy_binary;  // "": kiln-proxy beside kilnd's own executable
 
+  // Instances' log files (STATE/logs/<instance>.log): one larger than log_max_bytes is copied to
+  // <instance>.log.1 and truncated, keeping at most log_max_files files per instance (the live
+  // one included). See LogRotator for the scheme and what it can lose.
+  uint64_t log_max_bytes = 10 << 20;
+  int log_max_files = 3;
+
   LogFormat log_format = LogFormat::kText;
   LogLevel log_level = LogLevel::kInfo;
 
@@ -62,6 +69,9 @@ struct DaemonConfig {
   // started with, before it raised its own); 0: instances inherit kilnd's.
   uint64_t instance_nofile_soft = 0;
 };
+
+// Parses a size: "4096", "512KiB", "10MiB", "1GiB" (K, M, G mean the same; B is bytes).
+StatusOr<uint64_t> ParseByteSize(std::string_view text);
 
 // Parses and checks kilnd's command line, and reads the --tokens file (once). Nothing is
 // created, opened for writing or bound. Errors, and what RunDaemon does with them

@@ -35,6 +35,7 @@
 #include "daemon/proxy_supervisor.h"
 #include "daemon/readiness.h"
 #include "deploy/artifact_store.h"
+#include "deploy/instance_logs.h"
 #include "deploy/prober.h"
 #include "deploy/process_driver.h"
 #include "http/http_server.h"
@@ -118,6 +119,7 @@ struct Daemon::Impl {
   std::optional<ArtifactStore> artifacts;
   boost::asio::io_context io;
   std::unique_ptr<ProcessDriver> driver;
+  std::unique_ptr<LogRotator> log_rotator;  // caps STATE/logs/*.log
   std::unique_ptr<Prober> prober;
   // Start-up recovery could not be recorded yet (a full disk): no pass acts until it is.
   bool recovered = false;
@@ -200,6 +202,12 @@ Status Daemon::Impl::Init() {
   driver_options.controller_id = ControllerIdForStateDir(config.state);
   driver_options.instance_nofile_soft = config.instance_nofile_soft;
   driver = std::make_unique<ProcessDriver>(io, driver_options);
+  // After the driver, which makes the directory. kilnd is not in the instances' write path: a
+  // log keeps growing while kilnd is down and is capped at the first check after it starts.
+  log_rotator =
+      std::make_unique<LogRotator>(LogRotator::Options{.log_dir = driver_options.log_dir,
+                                                       .max_bytes = config.log_max_bytes,
+                                                       .max_files = config.log_max_files});
   prober = std::make_unique<Prober>(io);
 
   WorkQueue::Options queue_options;
@@ -308,6 +316,7 @@ Status Daemon::Impl::Init() {
   api_options.endpoints = endpoints.get();
   api_options.manifest_rules = [first = config.port_first, last = config.port_last](
                                    ManifestSet& set) { RejectExposedPortsIn(set, first, last); };
+  api_options.log_dir = config.state / "logs";
   auto api_started =
       ApiServer::Start(api_options, io, *reconciler, [this] { return store->OpenReader(); });
   if (!api_started.ok()) {

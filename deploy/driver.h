@@ -97,6 +97,10 @@ class Driver {
   // gone (or the handle's pid belongs to another process now); whatever that leader left
   // behind is then being killed, and no exit is reported for it.
   virtual Status Adopt(const InstanceHandle& handle) = 0;
+
+  // The instance is over and its row is gone (history pruned): drop what the driver still keeps
+  // of it (the process driver: its log files). Nothing by default.
+  virtual void Discard(const std::string& instance) { (void)instance; }
 };
 
 }  // namespace kiln

@@ -24,6 +24,7 @@
 #include "common/unique_fd.h"
 #include "deploy/artifact_store.h"
 #include "deploy/cgroup.h"
+#include "deploy/instance_logs.h"
 #include "deploy/port_allocator.h"
 #include "deploy/proc.h"
 #include "deploy/spawn.h"
@@ -726,5 +727,11 @@ void ProcessDriver::PidfdReadyForTest(const std::string& instance) {
 }
 
 size_t ProcessDriver::WatchedCountForTest() const { return impl_->watches.size(); }
+
+void ProcessDriver::Discard(const std::string& instance) {
+  if (Status s = RemoveInstanceLogs(impl_->options.log_dir, instance); !s.ok()) {
+    LogWarn("cannot remove an instance's logs", {{"instance", instance}, {"error", s.message()}});
+  }
+}
 
 }  // namespace kiln

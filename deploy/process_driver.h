@@ -67,6 +67,8 @@ class ProcessDriver final : public Driver {
   StatusOr<bool> IsRunning(const InstanceHandle& handle) override;
   StatusOr<std::vector<RunningInstance>> List() override;
   Status Adopt(const InstanceHandle& handle) override;
+  // Removes the instance's log files (STATE/logs/<instance>.log and its rotated copies).
+  void Discard(const std::string& instance) override;
 
   // kCgroup or kSession: what this driver does (decided at construction, logged once; a kernel
   // that refuses clone3 into a cgroup turns it to kSession at the first start).

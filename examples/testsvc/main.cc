@@ -5,7 +5,8 @@
 // Flags make it misbehave on purpose: become unhealthy, exit with a code, ignore SIGTERM, take a
 // while before it listens, or leave processes of its own behind (a child that ignores SIGTERM, a
 // child in a session of its own). --check-fds only reports whether it inherited any descriptor
-// beyond 0-2 (exit 0: none).
+// beyond 0-2 (exit 0: none). --log-every prints a numbered line ("kiln-testsvc 1.0 line 7") that
+// often, for tests of instance logs.
 
 #include <dirent.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <thread>
@@ -154,7 +156,7 @@ std::optional<kiln::Duration> ParseFlagDuration(const std::string& flag, const s
 
 int main(int argc, char** argv) {
   Config config;
-  std::string unhealthy_after, exit_after, start_delay;
+  std::string unhealthy_after, exit_after, start_delay, log_every;
   CLI::App app("kiln-testsvc: a small HTTP service for kiln's tests and examples", "kiln-testsvc");
   app.add_option("--version-string", config.version, "what GET / answers");
   app.add_option("--host", config.host, "address to listen on");
@@ -164,6 +166,7 @@ int main(int argc, char** argv) {
   app.add_option("--exit-code", config.exit_code, "exit code for --exit-after");
   app.add_flag("--ignore-sigterm", config.ignore_sigterm, "ignore SIGTERM (only SIGKILL stops it)");
   app.add_option("--start-delay", start_delay, "wait this long before listening");
+  app.add_option("--log-every", log_every, "print a numbered line to stdout this often");
   bool child_ignoring_sigterm = false, child_setsid = false, check_fds = false;
   app.add_flag("--child-ignoring-sigterm", child_ignoring_sigterm,
                "fork a child that ignores SIGTERM and sleeps");
@@ -204,6 +207,20 @@ int main(int argc, char** argv) {
       std::_Exit(config.exit_code);
     });
   }
+
+  asio::steady_timer log_timer(io);
+  const std::optional<kiln::Duration> log_interval = ParseFlagDuration("--log-every", log_every);
+  uint64_t log_line = 0;
+  std::function<void()> log_next = [&] {
+    log_timer.expires_after(*log_interval);
+    log_timer.async_wait([&](beast::error_code ec) {
+      if (ec) return;
+      // One write(2) per line (std::endl flushes): a line is never split across a rotation.
+      std::cout << "kiln-testsvc " << config.version << " line " << ++log_line << std::endl;
+      log_next();
+    });
+  };
+  if (log_interval) log_next();
 
   // The delay runs on the event loop so that --exit-after and signals still work meanwhile.
   tcp::acceptor acceptor(io);

@@ -182,6 +182,38 @@ TEST_CASE("ParseDaemonFlags reads every flag into typed values", "[daemon]") {
   CHECK(r.status().message() == "--port-range: expected FIRST-LAST within 1-65535, got \"9-3\"");
 }
 
+TEST_CASE("kilnd log-max-size and log-max-files flags size the instance logs", "[daemon]") {
+  CHECK(*ParseByteSize("4096") == 4096);
+  CHECK(*ParseByteSize("512KiB") == uint64_t{512} * 1024);
+  CHECK(*ParseByteSize("10MiB") == 10 << 20);
+  CHECK(*ParseByteSize("10M") == 10 << 20);
+  CHECK(*ParseByteSize("1GiB") == uint64_t{1} << 30);
+  for (const char* bad : {"", "MiB", "10 MiB", "10mb", "-1", "1.5MiB", "9999999999999KiB"}) {
+    INFO(bad);
+    CHECK(ParseByteSize(bad).status().code() == StatusCode::kInvalidArgument);
+  }
+  const char* ok[] = {"kilnd", "--manifests",     "/m", "--state", "/s", "--log-max-size",
+                      "64KiB", "--log-max-files", "5"};
+  auto c = ParseDaemonFlags(static_cast<int>(std::size(ok)), ok);
+  REQUIRE(c.ok());
+  CHECK(c->log_max_bytes == uint64_t{64} * 1024);
+  CHECK(c->log_max_files == 5);
+  const char* defaults[] = {"kilnd", "--manifests", "/m", "--state", "/s"};
+  auto d = ParseDaemonFlags(5, defaults);
+  REQUIRE(d.ok());
+  CHECK(d->log_max_bytes == 10 << 20);
+  CHECK(d->log_max_files == 3);
+  const char* small[] = {"kilnd", "--manifests", "/m", "--state", "/s", "--log-max-size", "100"};
+  auto e = ParseDaemonFlags(7, small);
+  REQUIRE_FALSE(e.ok());
+  CHECK(e.status().message() == "--log-max-size: must be at least 1KiB");
+  const char* word[] = {"kilnd", "--manifests", "/m", "--state", "/s", "--log-max-size", "big"};
+  auto w = ParseDaemonFlags(7, word);
+  REQUIRE_FALSE(w.ok());
+  CHECK(w.status().message() ==
+        "--log-max-size: expected a size such as 4096, 512KiB, 10MiB or 1GiB, got \"big\"");
+}
+
 TEST_CASE("CheckDaemonConfig alone refuses a listener off loopback without TLS and tokens",
           "[daemon]") {
   TempDir tmp;
