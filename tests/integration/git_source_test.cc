@@ -142,10 +142,8 @@ nlohmann::json ServiceJson(KilndHarness& h, const std::string& name) {
   return nlohmann::json::parse(r.body, nullptr, false);
 }
 
-TEST_CASE(
-    "pushes to the branch roll out and a broken one changes nothing; a rollback pins until a fix "
-    "is pushed",
-    "[git][integration]") {
+TEST_CASE("pushes to the branch roll out and a broken push changes nothing and a rollback pins",
+          "[git][integration]") {
   KilndHarness h;
   DeployRepo repo(h.tmp().path());
   REQUIRE(repo.ok());
@@ -241,7 +239,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "kilnctl sync and POST /api/v1/sync fetch at once; a fetch failure keeps the last good state",
+    "kilnctl sync and POST /api/v1/sync fetch at once and a failed fetch keeps the last good state",
     "[git][integration]") {
   KilndHarness h;
   DeployRepo repo(h.tmp().path());
