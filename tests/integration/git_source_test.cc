@@ -183,9 +183,12 @@ TEST_CASE("pushes to the branch roll out and a broken push changes nothing and a
     broken.replace(broken.find("replicas: 2"), 11, "replicas: lots");
     const std::string c3 = repo.Push("web.yaml", broken, "oops");
     REQUIRE(!c3.empty());
+    // Seen at once; the service's error once the pass that follows the load has recorded it.
     REQUIRE(WaitFor([&] {
       auto j = ServiceJson(h, "web");
-      return j.contains("git") && j["git"].contains("seen") && j["git"]["seen"]["id"] == c3;
+      return j.contains("git") && j["git"].contains("seen") && j["git"]["seen"]["id"] == c3 &&
+             j["service"]["summary"]["manifest_error"].get<std::string>().find(c3.substr(0, 12)) !=
+                 std::string::npos;
     }));
     auto j = ServiceJson(h, "web");
     const std::string error = j["git"]["manifest_error"];
