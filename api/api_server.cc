@@ -20,8 +20,8 @@
 #include <thread>
 
 #include "api/io_call.h"
-#include "api/plan_api.h"
 #include "api/log_stream.h"
+#include "api/plan_api.h"
 #include "api/tokens.h"
 #include "common/duration.h"
 #include "common/limits.h"
@@ -141,6 +141,14 @@ void api_internal::FillRevision(const RevisionRecord& r, pb::Revision* out) {
   out->set_rolled_back_from(r.rolled_back_from);
   out->set_created_unix_ms(r.created_ms);
   out->set_available_unix_ms(r.available_ms);
+  if (!r.commit.id.empty()) {
+    pb::Commit* c = out->mutable_commit();
+    c->set_id(r.commit.id);
+    c->set_author(r.commit.author);
+    c->set_time_unix_ms(r.commit.time_ms);
+    c->set_subject(r.commit.subject);
+  }
+  out->set_manifest_dirty(r.commit.dirty);
 }
 
 namespace {
@@ -455,6 +463,50 @@ void OverlayBindErrors(const std::string& service, const std::vector<ProxyReport
   }
 }
 
+void FillCommit(const SourceCommit& c, pb::Commit* out) {
+  out->set_id(c.id);
+  out->set_author(c.author);
+  out->set_time_unix_ms(c.time_ms);
+  out->set_subject(c.subject);
+}
+
+void FillGitStatus(const git::SourceStatus& in, pb::GitSourceStatus* out) {
+  out->set_url(in.url);
+  out->set_branch(in.branch);
+  if (in.seen) FillCommit(*in.seen, out->mutable_seen());
+  if (in.deployed) FillCommit(*in.deployed, out->mutable_deployed());
+  out->set_manifest_error(in.manifest_error);
+  out->set_fetch_error(in.fetch_error);
+  out->set_last_fetch_unix_ms(in.last_fetch_ms);
+  out->set_last_success_unix_ms(in.last_success_ms);
+  out->set_fetches_done(in.fetches_done);
+  out->set_poll_interval_ms(in.poll_interval_ms);
+}
+
+// One line on a pin: "pinned to revision 6 (revision 4's template) by alice: bad deploy; the
+// branch still declares revision 5's template (commit 1a2b3c4d5e6f)". A pin holds while the
+// manifest declares the template it rolled away from, so the desired revision is what the
+// manifest (the branch, when it came from a commit) still declares.
+std::string PinStatus(StateReader& r, const ServiceRecord& s) {
+  std::string line = "pinned to revision " + std::to_string(s.pinned_revision);
+  if (auto pinned = r.GetRevision(s.name, s.pinned_revision); pinned.ok()) {
+    if (pinned->rolled_back_from > 0)
+      line += " (revision " + std::to_string(pinned->rolled_back_from) + "'s template)";
+    if (!pinned->actor.empty())
+      line += pinned->actor == "auto" ? " by automatic rollback" : " by " + pinned->actor;
+    if (!pinned->reason.empty()) line += ": " + pinned->reason;
+  } else if (!s.pin_reason.empty()) {
+    line += " (" + s.pin_reason + ")";
+  }
+  if (s.desired_revision <= 0 || s.desired_revision == s.pinned_revision) return line;
+  auto desired = r.GetRevision(s.name, s.desired_revision);
+  const bool committed = desired.ok() && !desired->commit.id.empty() && !desired->commit.dirty;
+  line += std::string("; the ") + (committed ? "branch" : "manifest") +
+          " still declares revision " + std::to_string(s.desired_revision) + "'s template";
+  if (committed) line += " (commit " + desired->commit.id.substr(0, 12) + ")";
+  return line;
+}
+
 // Summary (and with `full`, everything of GetService) for one service.
 // `prefetched`: the service's live instances when the caller already has them.
 Status FillSummary(StateReader& r, const Clock& clock, const ServiceRecord& s,
@@ -533,6 +585,7 @@ Status FillSummary(StateReader& r, const Clock& clock, const ServiceRecord& s,
     }
   }
   full->set_pin_reason(s.pin_reason);
+  if (s.pinned_revision > 0) full->set_pin_status(PinStatus(r, s));
   for (auto& [rev, c] : counts) *full->add_revisions() = c;
   if (spec) {
     full->set_history_limit(spec->history_limit);
@@ -640,16 +693,19 @@ std::string MessageJson(const google::protobuf::Message& m) {
 
 }  // namespace
 
-StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock, const EndpointsHub* hub) {
+StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock, const EndpointsHub* hub,
+                                   const git::SourceStatus* git_status) {
   pb::ListServicesResponse resp;
   RETURN_IF_ERROR(BuildListServices(r, clock, &resp, hub));
+  if (git_status != nullptr) FillGitStatus(*git_status, resp.mutable_git());
   return MessageJson(resp);
 }
 
 StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name, const Clock& clock,
-                                  const EndpointsHub* hub) {
+                                  const EndpointsHub* hub, const git::SourceStatus* git_status) {
   pb::GetServiceResponse resp;
   RETURN_IF_ERROR(BuildGetService(r, clock, name, &resp, hub));
+  if (git_status != nullptr) FillGitStatus(*git_status, resp.mutable_git());
   return MessageJson(resp);
 }
 
@@ -675,6 +731,17 @@ StatusOr<std::string> PrometheusSdJson(StateReader& r) {
     }
   }
   return groups.dump(2) + "\n";
+}
+
+StatusOr<std::string> HistoryJson(StateReader& r, const std::string& service) {
+  pb::GetHistoryResponse resp;
+  RETURN_IF_ERROR(r.Snapshot([&]() -> Status {
+    RETURN_IF_ERROR(r.GetService(service).status());
+    ASSIGN_OR_RETURN(auto revisions, r.ListRevisions(service));
+    for (const auto& rev : revisions) FillRevision(rev, resp.add_revisions());
+    return Status::Ok();
+  }));
+  return MessageJson(resp);
 }
 
 StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service,
@@ -725,16 +792,20 @@ class KilnApi final : public pb::Kiln::Service {
   grpc::Status ListServices(ServerContext* ctx, const pb::ListServicesRequest*,
                             pb::ListServicesResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
-    return ToGrpc(
+    grpc::Status st = ToGrpc(
         WithReader([&](StateReader& r) { return BuildListServices(r, clock_, resp, hub_); }));
+    if (st.ok() && git_status_) FillGitStatus(git_status_(), resp->mutable_git());
+    return st;
   }
 
   grpc::Status GetService(ServerContext* ctx, const pb::GetServiceRequest* req,
                           pb::GetServiceResponse* resp) override {
     RETURN_GRPC_IF_DENIED(ctx, false);
     if (req->name().empty()) return grpc::Status(grpc::INVALID_ARGUMENT, "name is required");
-    return ToGrpc(WithReader(
+    grpc::Status st = ToGrpc(WithReader(
         [&](StateReader& r) { return BuildGetService(r, clock_, req->name(), resp, hub_); }));
+    if (st.ok() && git_status_) FillGitStatus(git_status_(), resp->mutable_git());
+    return st;
   }
 
   grpc::Status GetEndpoints(ServerContext* ctx, const pb::GetEndpointsRequest* req,
@@ -1060,6 +1131,24 @@ class KilnApi final : public pb::Kiln::Service {
     return grpc::Status::OK;
   }
 
+  grpc::Status Sync(ServerContext* ctx, const pb::SyncRequest*, pb::SyncResponse* resp) override {
+    RETURN_GRPC_IF_DENIED(ctx, true);
+    if (!sync_) {
+      return grpc::Status(grpc::FAILED_PRECONDITION,
+                          "the manifests are a directory, not a git source: nothing to sync");
+    }
+    resp->set_fetch(sync_());
+    LogInfo("fetch of the manifests' branch asked for",
+            {{"actor", Actor(ctx)}, {"fetch", resp->fetch()}});
+    return grpc::Status::OK;
+  }
+
+  // With --manifests git+...: status of the source and a fetch now (see ApiServer::Options).
+  void SetGitSource(std::function<git::SourceStatus()> status, std::function<int64_t()> sync) {
+    git_status_ = std::move(status);
+    sync_ = std::move(sync);
+  }
+
  private:
   // Authorization for one call: UNAUTHENTICATED without a known token, PERMISSION_DENIED for a
   // viewer calling a mutating RPC.
@@ -1146,7 +1235,9 @@ class KilnApi final : public pb::Kiln::Service {
   std::atomic<int> streams_{0};
   std::atomic<bool> stopping_{false};
   std::function<void(ManifestSet&)> manifest_rules_;
-  std::filesystem::path log_dir_;  // STATE/logs; empty: StreamLogs is UNIMPLEMENTED
+  std::filesystem::path log_dir_;                  // STATE/logs; empty: StreamLogs is UNIMPLEMENTED
+  std::function<git::SourceStatus()> git_status_;  // set before the server starts
+  std::function<int64_t()> sync_;
 };
 
 // Counts every call by method and final status code.
@@ -1242,6 +1333,7 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
                                         o.endpoints);
   impl->api->SetManifestRules(o.manifest_rules);
   impl->api->SetLogDir(o.log_dir);
+  if (o.git_status) impl->api->SetGitSource(o.git_status, o.sync);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -14,6 +14,7 @@
 #include "api/tokens.h"
 #include "common/clock.h"
 #include "common/status.h"
+#include "git/git_source.h"
 #include "spec/manifest.h"
 #include "storage/state_store.h"
 
@@ -30,17 +31,22 @@ class Reconciler;
 // The JSON that HTTP's /api/v1 serves: the same messages as the gRPC API (ListServices,
 // GetService, GetEndpoints, WatchEvents), with proto field names. `clock` says what is available
 // now; `hub` (when there is one) what proxies report: drains, listeners, connections.
+// `git`: with --manifests git+..., what the responses' `git` field shows.
 StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock = RealClockInstance(),
-                                   const EndpointsHub* hub = nullptr);
+                                   const EndpointsHub* hub = nullptr,
+                                   const git::SourceStatus* git_status = nullptr);
 StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name,
                                   const Clock& clock = RealClockInstance(),
-                                  const EndpointsHub* hub = nullptr);
+                                  const EndpointsHub* hub = nullptr,
+                                  const git::SourceStatus* git_status = nullptr);
 // GetEndpoints of one service (every service when `service` is empty).
 StatusOr<std::string> EndpointsJson(StateReader& r, const std::string& service,
                                     const Clock& clock = RealClockInstance());
 // Every running instance as Prometheus file_sd JSON: one target group per instance, with labels
 // service, revision, version and instance.
 StatusOr<std::string> PrometheusSdJson(StateReader& r);
+// GetHistory of one service: its revisions, newest first, with their source and commit.
+StatusOr<std::string> HistoryJson(StateReader& r, const std::string& service);
 // OUT_OF_RANGE when events after `after_seq` were already pruned.
 StatusOr<std::string> EventsJson(StateReader& r, int64_t after_seq, const std::string& service,
                                  int limit);
@@ -72,6 +78,11 @@ class ApiServer {
     // Where the process driver writes instances' logs (STATE/logs), served by StreamLogs;
     // empty: StreamLogs is UNIMPLEMENTED.
     std::filesystem::path log_dir;
+    // With --manifests git+...: what status shows of the source, and a fetch asked for now
+    // (returns its number, see Sync). Null: the manifests are a directory; Sync is then
+    // FAILED_PRECONDITION.
+    std::function<git::SourceStatus()> git_status;
+    std::function<int64_t()> sync;
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;
 

@@ -241,25 +241,50 @@ std::string ConditionsLine(const pb::ServiceSummary& s) {
   return out;
 }
 
+// `--manifests git+...`: what was fetched and what runs, one line each, aligned with status.
+void PrintGitSource(const pb::GitSourceStatus& g, std::ostream& out) {
+  auto commit = [](const pb::Commit& c) {
+    return c.id().substr(0, 12) + " \"" + c.subject() + "\" (" + c.author() + ", " +
+           Time(c.time_unix_ms()) + ")";
+  };
+  out << "Git:        " << g.url() << "#" << g.branch() << " (fetched every "
+      << FormatDuration(Duration(g.poll_interval_ms())) << ", last " << Age(g.last_fetch_unix_ms())
+      << " ago)\n";
+  out << "Deployed:   " << (g.has_deployed() ? commit(g.deployed()) : "-") << "\n";
+  out << "Seen:       " << (g.has_seen() ? commit(g.seen()) : "-") << "\n";
+  if (!g.manifest_error().empty()) out << "Git manifest error: " << g.manifest_error() << "\n";
+  if (!g.fetch_error().empty()) {
+    out << "Fetch error: " << g.fetch_error() << " (last good fetch "
+        << (g.last_success_unix_ms() > 0 ? Age(g.last_success_unix_ms()) + " ago" : "never")
+        << "; the last good state runs)\n";
+  }
+}
+
 int ShowStatus(Client& c, const std::string& service, const std::string& format, std::ostream& out,
                std::ostream& err) {
   if (service.empty()) {
-    return Query(
-        c, &pb::Kiln::Stub::ListServices, pb::ListServicesRequest(), format, out, err,
-        [](const pb::ListServicesResponse& resp) {
-          Rows rows = {
-              {"SERVICE", "VERSION", "REVISION", "AVAILABLE", "LIVE", "PINNED", "CONDITIONS"}};
-          for (const auto& sv : resp.services()) {
-            rows.push_back(
-                {sv.name(), sv.version(), std::to_string(sv.target_revision()),
-                 std::to_string(sv.available()) + "/" + std::to_string(sv.replicas()),
-                 std::to_string(sv.live()),
-                 sv.pinned_revision() ? "pinned to " + std::to_string(sv.pinned_revision()) : "-",
-                 ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error") +
-                     (sv.backoff().empty() ? "" : "; " + sv.backoff())});
-          }
-          return rows;
-        });
+    pb::ListServicesResponse resp;
+    grpc::ClientContext ctx;
+    c.Prepare(ctx);
+    grpc::Status s = c.stub().ListServices(&ctx, pb::ListServicesRequest(), &resp);
+    if (!s.ok()) return Fail(s, c.conn(), err);
+    if (PrintStructured(resp, format, out)) return 0;
+    Rows rows = {{"SERVICE", "VERSION", "REVISION", "AVAILABLE", "LIVE", "PINNED", "CONDITIONS"}};
+    for (const auto& sv : resp.services()) {
+      rows.push_back(
+          {sv.name(), sv.version(), std::to_string(sv.target_revision()),
+           std::to_string(sv.available()) + "/" + std::to_string(sv.replicas()),
+           std::to_string(sv.live()),
+           sv.pinned_revision() ? "pinned to " + std::to_string(sv.pinned_revision()) : "-",
+           ConditionsLine(sv) + (sv.manifest_error().empty() ? "" : "; manifest error") +
+               (sv.backoff().empty() ? "" : "; " + sv.backoff())});
+    }
+    PrintTable(out, rows);
+    if (resp.has_git()) {
+      out << "\n";
+      PrintGitSource(resp.git(), out);
+    }
+    return 0;
   }
   pb::GetServiceRequest req;
   req.set_name(service);
@@ -277,10 +302,12 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
   out << "Manifest:   revision " << sum.desired_revision() << " from " << sv.manifest_file()
       << "\n";
   out << "Pinned:     "
-      << (sum.pinned_revision()
+      << (!sv.pin_status().empty() ? sv.pin_status()
+          : sum.pinned_revision()
               ? "revision " + std::to_string(sum.pinned_revision()) + " — " + sv.pin_reason()
               : "no")
       << "\n";
+  if (resp.has_git()) PrintGitSource(resp.git(), out);
   out << "Instances:  " << sum.available() << " available of " << sum.replicas() << " wanted, "
       << sum.live() << " live\n";
   out << "Strategy:   " << StrategyLabel(sv.update().strategy()) << "\n";
@@ -359,22 +386,37 @@ int Endpoints(Client& c, const std::string& service, const std::string& format, 
                });
 }
 
+// The history's COMMIT cell: the commit that last changed the revision's manifest file (short
+// id), "+dirty" when the file had uncommitted changes, "-" outside git.
+std::string CommitCell(const pb::Revision& r) {
+  std::string cell = r.has_commit() ? r.commit().id().substr(0, 12) : "";
+  if (r.manifest_dirty()) cell += cell.empty() ? "dirty" : "+dirty";
+  return cell.empty() ? "-" : cell;
+}
+
+// What the history says of that commit after the file: ` "subject" (author, time)`.
+std::string CommitDetail(const pb::Revision& r) {
+  if (!r.has_commit()) return "";
+  return " \"" + r.commit().subject() + "\" (" + r.commit().author() + ", " +
+         Time(r.commit().time_unix_ms()) + ")";
+}
+
 int History(Client& c, const std::string& service, const std::string& format, std::ostream& out,
             std::ostream& err) {
   pb::GetHistoryRequest req;
   req.set_service(service);
   return Query(c, &pb::Kiln::Stub::GetHistory, req, format, out, err,
                [](const pb::GetHistoryResponse& resp) {
-                 Rows rows = {{"REVISION", "VERSION", "TEMPLATE", "SOURCE", "CREATED", "AVAILABLE",
-                               "DETAIL"}};
+                 Rows rows = {{"REVISION", "VERSION", "TEMPLATE", "SOURCE", "COMMIT", "CREATED",
+                               "AVAILABLE", "DETAIL"}};
                  for (const auto& r : resp.revisions()) {
                    std::string detail =
                        r.source() == "rollback"
                            ? "template of " + std::to_string(r.rolled_back_from()) + " by " +
                                  r.actor() + (r.reason().empty() ? "" : ": " + r.reason())
-                           : r.manifest_file();
+                           : r.manifest_file() + CommitDetail(r);
                    rows.push_back({std::to_string(r.number()), r.template_().version(),
-                                   r.template_hash().substr(0, 12), r.source(),
+                                   r.template_hash().substr(0, 12), r.source(), CommitCell(r),
                                    Time(r.created_unix_ms()), Time(r.available_unix_ms()), detail});
                  }
                  return rows;
@@ -707,6 +749,51 @@ int PlanFiles(Client& c, const std::string& path, const std::string& format, std
   return rc;
 }
 
+// kilnctl sync: the git source is fetched now. With `wait`, until that fetch (and the load of
+// what it checked out) is done: exit 0 when the branch's commit loaded, 1 when the fetch failed
+// or the commit has manifest errors (the last good state keeps running), with why on stderr.
+int SyncGit(Client& c, bool wait, Duration wait_timeout, const std::string& format,
+            std::ostream& out, std::ostream& err) {
+  pb::SyncResponse asked;
+  {
+    grpc::ClientContext ctx;
+    c.Prepare(ctx);
+    grpc::Status s = c.stub().Sync(&ctx, pb::SyncRequest(), &asked);
+    if (!s.ok()) return Fail(s, c.conn(), err);
+  }
+  if (!wait) {
+    if (!PrintStructured(asked, format, out)) out << "fetch " << asked.fetch() << " asked for\n";
+    return 0;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + wait_timeout;
+  for (;;) {
+    pb::ListServicesResponse resp;
+    grpc::ClientContext ctx;
+    c.Prepare(ctx);
+    grpc::Status s = c.stub().ListServices(&ctx, pb::ListServicesRequest(), &resp);
+    if (!s.ok()) return Fail(s, c.conn(), err);
+    const pb::GitSourceStatus& g = resp.git();
+    if (g.fetches_done() >= asked.fetch()) {
+      if (!PrintStructured(g, format, out)) PrintGitSource(g, out);
+      if (!g.fetch_error().empty()) {
+        err << "kilnctl: " << g.fetch_error() << "; the last good state runs\n";
+        return 1;
+      }
+      if (!g.manifest_error().empty()) {
+        err << "kilnctl: the branch's commit has manifest errors; the last good state runs: "
+            << g.manifest_error() << "\n";
+        return 1;
+      }
+      return 0;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      err << "kilnctl: the fetch did not finish within " << FormatDuration(wait_timeout) << "\n";
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
 }  // namespace
 
 int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
@@ -819,6 +906,14 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
                              "target once kilnd has loaded its manifest file)");
   rollout_status->add_option("--timeout", rollout_timeout,
                              "give up after this long (\"2m\", \"90s\"; default: no limit)");
+  auto* sync = app.add_subcommand(
+      "sync",
+      "with kilnd --manifests git+...: fetch the branch now and wait until its commit is loaded; "
+      "exits 1 when the fetch fails or the commit has manifest errors");
+  bool no_wait = false;
+  std::string sync_timeout = "60s";
+  sync->add_flag("--no-wait", no_wait, "return once the fetch is asked for");
+  sync->add_option("--wait-timeout", sync_timeout, "give up waiting after this long");
 
   try {
     app.parse(argc, argv);
@@ -870,6 +965,14 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
       return 2;
     }
     return Wait(client, service, to_revision, *limit, out, err);
+  }
+  if (sync->parsed()) {
+    StatusOr<Duration> d = ParseDuration(sync_timeout);
+    if (!d.ok()) {
+      err << "kilnctl: --wait-timeout: " << d.status().message() << "\n";
+      return 2;
+    }
+    return SyncGit(client, !no_wait, *d, output, out, err);
   }
   int rc;
   int64_t wait_revision = 0;  // the revision a rollback wrote; 0: the service's target

@@ -155,6 +155,7 @@ StatusOr<PassResult> Decide(const PassInput& in) {
       r.source = RevisionSource::kManifest;
       r.manifest_file = spec.file;
       r.manifest_sha256 = in.manifest_sha256;
+      r.commit = in.manifest_commit;
       event(EventKind::kRevisionCreated, r.number, "", "kilnd",
             "revision " + std::to_string(r.number) + " of " + name + " (version " +
                 spec.tmpl.version + ") from " + spec.file);

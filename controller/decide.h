@@ -43,10 +43,11 @@ struct PassInput {
 
   // What the manifest declares (the last good spec while its file has an error).
   ServiceSpec spec;
-  std::string template_hash;    // of spec.tmpl
-  std::string spec_json;        // the spec as recorded on the service
-  std::string manifest_sha256;  // of the file, recorded on a revision written from it
-  std::string manifest_error;   // the file's current error ("" when it loads)
+  std::string template_hash;     // of spec.tmpl
+  std::string spec_json;         // the spec as recorded on the service
+  std::string manifest_sha256;   // of the file, recorded on a revision written from it
+  SourceCommit manifest_commit;  // the git commit that last changed the file, recorded likewise
+  std::string manifest_error;    // the file's current error ("" when it loads)
   // A template no revision has yet had its artifact put into the store before the pass's
   // transaction; this is how that went (an error refuses the revision).
   Status artifact;

@@ -793,6 +793,7 @@ StatusOr<PassInput> Reconciler::LoadPassInput(const std::string& name,
   in.template_hash = desired->template_hash;
   in.spec_json = desired->spec_json;
   in.manifest_sha256 = desired->manifest_sha256;
+  in.manifest_commit = desired->commit.value_or(SourceCommit{});
   in.manifest_error = desired->error;
   in.artifact = std::move(artifact);
   const ServiceRecord& svc = in.service;

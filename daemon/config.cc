@@ -77,6 +77,7 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
                                 {"--verify-artifacts", c.verify_artifacts}}) {
     if (d < Duration(0)) return InvalidArgumentError(std::string(flag) + ": must not be negative");
   }
+  if (c.git_poll <= Duration(0)) return InvalidArgumentError("--git-poll: must be more than 0");
   for (const auto& [flag, d] : {std::pair{"--http-header-timeout", c.http_header_timeout},
                                 {"--http-read-timeout", c.http_read_timeout},
                                 {"--grpc-idle-timeout", c.grpc_idle_timeout}}) {
@@ -191,7 +192,13 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
 
   CLI::App app("kilnd: converges services declared in manifests by replacing instances", "kilnd");
   app.set_version_flag("--version", std::string("kilnd ") + kVersion);
-  app.add_option("--manifests", manifests, "directory of *.yaml service manifests")->required();
+  app.add_option("--manifests", manifests,
+                 "directory of *.yaml service manifests, or git+URL#BRANCH (file://, https://, "
+                 "ssh://; branch main by default) to deploy what that branch declares")
+      ->required();
+  std::string git_poll = "15s";
+  app.add_option("--git-poll", git_poll,
+                 "with --manifests git+...: fetch the branch this often (and on kilnctl sync)");
   app.add_option("--state", state, "state directory (kiln.db, artifacts, logs)")->required();
   app.add_option("--driver", config.driver, "instance driver")->check(CLI::IsMember({"process"}));
   app.add_option("--port-range", port_range, "ports for instances, FIRST-LAST");
@@ -263,6 +270,11 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
   }
 
   config.manifests = manifests;
+  if (git::IsGitSource(manifests)) {
+    StatusOr<git::SourceSpec> source = git::ParseSource(manifests);
+    if (!source.ok()) return source.status();
+    config.git_source = *std::move(source);
+  }
   config.state = state;
   config.proxy_binary = proxy_binary;
   if (std::sscanf(port_range.c_str(), "%d-%d", &config.port_first, &config.port_last) != 2 ||
@@ -278,7 +290,8 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
         std::tuple{"--verify-artifacts", &verify_artifacts, &config.verify_artifacts},
         std::tuple{"--http-header-timeout", &http_header_timeout, &config.http_header_timeout},
         std::tuple{"--http-read-timeout", &http_read_timeout, &config.http_read_timeout},
-        std::tuple{"--grpc-idle-timeout", &grpc_idle_timeout, &config.grpc_idle_timeout}}) {
+        std::tuple{"--grpc-idle-timeout", &grpc_idle_timeout, &config.grpc_idle_timeout},
+        std::tuple{"--git-poll", &git_poll, &config.git_poll}}) {
     StatusOr<Duration> d = ParseDuration(*text);
     if (!d.ok()) return InvalidArgumentError(std::string(flag) + ": " + d.status().message());
     *out = *d;

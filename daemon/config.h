@@ -15,13 +15,18 @@
 #include "common/clock.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "git/git_source.h"
 #include "http/http_server.h"
 
 namespace kiln {
 
 struct DaemonConfig {
-  std::filesystem::path manifests;  // directory of *.yaml service manifests
-  std::filesystem::path state;      // kiln.db, artifacts/, logs/, kiln.sock, kilnd.addr
+  std::filesystem::path manifests;  // directory of *.yaml service manifests (or the git+ URL)
+  // --manifests git+URL#BRANCH: the manifests are that branch, fetched every git_poll and
+  // checked out under STATE/git/.
+  std::optional<git::SourceSpec> git_source;
+  Duration git_poll{15'000};
+  std::filesystem::path state;  // kiln.db, artifacts/, logs/, kiln.sock, kilnd.addr
   std::string driver = "process";
   int port_first = 20000;  // instances' ports, [port_first, port_last]
   int port_last = 29999;

@@ -24,6 +24,7 @@
 #include "common/atomic_file.h"
 #include "common/clock.h"
 #include "common/descriptors.h"
+#include "common/duration.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/time_source.h"
@@ -38,6 +39,8 @@
 #include "deploy/instance_logs.h"
 #include "deploy/prober.h"
 #include "deploy/process_driver.h"
+#include "git/commit_finder.h"
+#include "git/git_source.h"
 #include "http/http_server.h"
 #include "kiln/version.h"
 #include "spec/manifest.h"
@@ -108,6 +111,11 @@ struct Daemon::Impl {
   void WriteSdFile();
   void Prune();
   void Verify();
+  // One manifest load (the loader's thread): with a git source, fetch and check out first.
+  ManifestSet LoadManifests();
+  void PollGit();
+  // Any thread (kilnctl sync, POST /api/v1/sync): a fetch now; returns its number.
+  int64_t RequestGitFetch();
   void ShutDown(const char* signal_name);
 
   const DaemonConfig config;
@@ -128,9 +136,15 @@ struct Daemon::Impl {
   std::unique_ptr<Reconciler> reconciler;
   boost::asio::steady_timer recover_timer{io};
   std::unique_ptr<CachingHasher> hasher;
+  // The commit that last changed each manifest file (a directory in a git work tree); used on
+  // the loader's thread only.
+  std::unique_ptr<git::CommitFinder> commits;
   std::string last_logged_set;
+  // --manifests git+URL#BRANCH: fetched and checked out on the loader's thread.
+  std::unique_ptr<git::Source> git_source;
   std::unique_ptr<BackgroundLoader> loader;
-  std::unique_ptr<ManifestWatcher> watcher;
+  std::unique_ptr<ManifestWatcher> watcher;  // a manifest directory (not git) only
+  boost::asio::steady_timer git_poll_timer{io};
   std::unique_ptr<ApiServer> api;
   // kiln-proxy (--proxy managed): wanted while a service has a stable address; left running
   // when kilnd stops.
@@ -277,24 +291,33 @@ Status Daemon::Impl::Init() {
   // on this (the event) thread. Until the first arrives, it works from the desired state the
   // store remembers, and /readyz says the manifests are not loaded yet.
   hasher = std::make_unique<CachingHasher>(*artifacts);
+  commits = std::make_unique<git::CommitFinder>();
+  if (config.git_source) {
+    git_source = std::make_unique<git::Source>(
+        *config.git_source, git::Source::DirFor(config.state, *config.git_source), config.git_poll,
+        clock);
+    LogInfo("manifests from git", {{"url", config.git_source->url},
+                                   {"branch", config.git_source->branch},
+                                   {"work_tree", git_source->work_dir().string()},
+                                   {"poll", FormatDuration(config.git_poll)}});
+  }
   loader = std::make_unique<BackgroundLoader>(
-      io,
-      [this] {
-        ArtifactHasher hash_fn = [this](const fs::path& p) { return (*hasher)(p); };
-        ManifestSet set = LoadManifestDir(config.manifests, hash_fn);
-        RejectExposedPortsIn(set, config.port_first, config.port_last);
-        return set;
-      },
+      io, [this] { return LoadManifests(); },
       [this](const ManifestSet& set) {
         LogManifestSet(set, last_logged_set);
         metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
         reconciler->ApplyManifests(set);
+        if (git_source) git_source->RecordApplied();
         Publish();  // readiness says so at once, not up to 200 ms later
       });
   loader->Request();
-  watcher = std::make_unique<ManifestWatcher>(io, clock, config.manifests, Duration(50),
-                                              [this] { loader->Request(); });
-  watcher->Start();
+  if (git_source) {
+    PollGit();
+  } else {
+    watcher = std::make_unique<ManifestWatcher>(io, clock, config.manifests, Duration(50),
+                                                [this] { loader->Request(); });
+    watcher->Start();
+  }
   queue->Start();
 
   ApiServer::Options api_options = ApiOptionsOf(config);
@@ -317,6 +340,10 @@ Status Daemon::Impl::Init() {
   api_options.manifest_rules = [first = config.port_first, last = config.port_last](
                                    ManifestSet& set) { RejectExposedPortsIn(set, first, last); };
   api_options.log_dir = config.state / "logs";
+  if (git_source) {
+    api_options.git_status = [this] { return git_source->Status(); };
+    api_options.sync = [this] { return RequestGitFetch(); };
+  }
   auto api_started =
       ApiServer::Start(api_options, io, *reconciler, [this] { return store->OpenReader(); });
   if (!api_started.ok()) {
@@ -395,6 +422,10 @@ Status Daemon::Impl::Init() {
     sources.metrics = [this] { return metrics.Render(); };
     sources.reader = http_reader.get();
     sources.endpoints = endpoints.get();
+    if (git_source) {
+      sources.git_status = [this] { return git_source->Status(); };
+      sources.sync = [this] { return RequestGitFetch(); };
+    }
     sources.readiness = [this] {
       return ReadinessOf(published.Get(), std::chrono::steady_clock::now(),
                          ToUnixMillis(clock.SystemNow()));
@@ -421,6 +452,52 @@ Status Daemon::Impl::Init() {
   // artifact takes a while); results come back here, where a mismatch is handled as drift.
   Verify();
   return Status::Ok();
+}
+
+ManifestSet Daemon::Impl::LoadManifests() {
+  ArtifactHasher hash_fn = [this](const fs::path& p) { return (*hasher)(p); };
+  if (!git_source) {
+    ManifestSet set = LoadManifestDir(config.manifests, hash_fn);
+    RejectExposedPortsIn(set, config.port_first, config.port_last);
+    commits->Annotate(set);  // never fails the load: a git error is logged
+    return set;
+  }
+  const std::optional<SourceCommit> commit = git_source->Update();
+  const std::string fetch_error = git_source->Status().fetch_error;
+  metrics.Add("kiln_git_fetches_total", {{"result", fetch_error.empty() ? "ok" : "error"}});
+  metrics.Set("kiln_git_fetch_failing", {}, fetch_error.empty() ? 0 : 1);
+  ManifestSet set;
+  if (!commit) {
+    // Nothing was ever checked out: like a missing directory, this keeps the desired state the
+    // store remembers rather than retiring every service.
+    set.dir = config.git_source->url;
+    set.dir_errors.push_back(ManifestError{.file = config.git_source->url, .message = fetch_error});
+    git_source->RecordLoad(std::nullopt, "");
+    return set;
+  }
+  set = LoadManifestDir(git_source->work_dir(), hash_fn);
+  set.source_commit = git::CommitLabel(*commit);
+  RejectExposedPortsIn(set, config.port_first, config.port_last);
+  commits->Annotate(set);
+  const std::vector<ManifestError> errors = set.AllErrors();
+  git_source->RecordLoad(
+      commit, errors.empty() ? "" : errors.front().ToString() + " at commit " + set.source_commit);
+  return set;
+}
+
+void Daemon::Impl::PollGit() {
+  git_poll_timer.expires_after(config.git_poll);
+  git_poll_timer.async_wait([this](const boost::system::error_code& err) {
+    if (err) return;
+    loader->Request();
+    PollGit();
+  });
+}
+
+int64_t Daemon::Impl::RequestGitFetch() {
+  const int64_t fetch = git_source->RequestFetch();  // before the request, so the load covers it
+  loader->Request();
+  return fetch;
 }
 
 void Daemon::Impl::TryRecover() {

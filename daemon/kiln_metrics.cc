@@ -28,6 +28,11 @@ void DeclareKilnMetrics(Metrics& m) {
             "Rollouts that ended, by result (completed, failed).");
   m.Declare("kiln_rollbacks_total", "counter", "Rollbacks by trigger (manual, automatic).");
   m.Declare("kiln_manifest_errors_total", "counter", "Manifest errors found by loads.");
+  m.Declare("kiln_git_fetches_total", "counter",
+            "Fetches of the --manifests git+ branch, by result (ok, error).");
+  m.Declare("kiln_git_fetch_failing", "gauge",
+            "1 while the last fetch of the --manifests git+ branch failed (the last good state "
+            "runs).");
   m.Declare("kiln_probe_failures_total", "counter",
             "Failed health probes, by service (each failing probe, also below the threshold).");
   m.Declare("kiln_probe_local_errors_total", "counter",

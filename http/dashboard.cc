@@ -38,6 +38,8 @@ const char* DashboardHtml() {
   .address { font-family:ui-monospace, monospace; color:var(--accent); }
   .pool { margin-top:.5rem; } .pool h3 { font-size:.95rem; margin:.3rem 0; font-weight:normal; }
   .ep-active { color:var(--ok); } .ep-draining, .drain { color:var(--warn); } .ep-ejected { color:var(--bad); }
+  .commit { font-family:ui-monospace, monospace; color:var(--accent); }
+  .history { margin-top:.5rem; }
   #events td { font-family:ui-monospace, monospace; font-size:12px; }
   #login { display:flex; gap:.5rem; align-items:baseline; }
   #login[hidden], #signout[hidden] { display:none; }
@@ -50,6 +52,7 @@ const char* DashboardHtml() {
   <form id="login" hidden><label for="token">kilnd needs a token</label><input id="token" type="password" autocomplete="off" size="28"><button type="submit">sign in</button></form>
   <button id="signout" type="button" hidden>sign out</button></header>
 <main>
+  <section id="git" hidden></section>
   <div id="services"></div>
   <section><h2>Recent events</h2><table id="events"><thead><tr><th>seq</th><th>time</th><th>service</th><th>kind</th><th>instance</th><th>actor</th><th>message</th></tr></thead><tbody></tbody></table></section>
 </main>
@@ -95,7 +98,31 @@ $("#signout").addEventListener("click", () => {
   location.reload();
 });
 
-function serviceHtml(s) {
+// The service's latest revisions: where each came from, with the git commit that last changed
+// its manifest file (and "dirty" when the file had uncommitted changes).
+function historyHtml(h) {
+  const rows = (h.revisions || []).slice(0, 5).map((r) => {
+    const c = r.commit;
+    const commit = (c ? `<span class="commit" title="${esc(c.id)}">${esc(c.id.slice(0, 12))}</span> ${esc(c.subject)} <span class="dim">(${esc(c.author)})</span>` : "")
+      + (r.manifest_dirty ? ` <span class="unhealthy dirty">dirty</span>` : "");
+    const source = r.source === "rollback" ? `rollback to ${esc(r.rolled_back_from)} by ${esc(r.actor)}` : esc(r.manifest_file);
+    return `<tr data-revision="${esc(r.number)}"><td>${esc(r.number)}</td><td>${esc(r.template ? r.template.version : "")}</td><td>${source}</td>
+      <td>${commit || "-"}</td><td>${age(r.created_unix_ms)}</td></tr>`; }).join("");
+  return `<table class="history"><thead><tr><th>revision</th><th>version</th><th>source</th><th>commit</th><th>created</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+// kilnd --manifests git+URL#BRANCH: the commit deployed, the commit seen at the last fetch, and
+// what keeps them apart (a manifest error in the seen commit, a failed fetch).
+function gitHtml(g) {
+  const commit = (c) => c ? `<span class="commit" title="${esc(c.id)}">${esc(c.id.slice(0, 12))}</span> ${esc(c.subject)} <span class="dim">(${esc(c.author)})</span>` : "-";
+  return `<h2>Git <span class="address">${esc(g.url)}#${esc(g.branch)}</span> <span class="dim">fetched ${age(g.last_fetch_unix_ms)} ago</span></h2>
+    <div class="git-deployed">deployed: ${commit(g.deployed)}</div>
+    <div class="git-seen">seen: ${commit(g.seen)}</div>
+    ${g.manifest_error ? `<div class="error git-manifest-error">manifest error: ${esc(g.manifest_error)}</div>` : ""}
+    ${g.fetch_error ? `<div class="error git-fetch-error">cannot fetch: ${esc(g.fetch_error)}; the last good state runs</div>` : ""}`;
+}
+
+function serviceHtml(s, h) {
   const sum = s.summary, r = s.rollout || {};
   const target = Number(sum.target_revision);
   let oldLive = 0, newLive = 0;
@@ -124,7 +151,7 @@ function serviceHtml(s) {
       <table class="endpoints"><thead><tr><th>instance</th><th>revision</th><th>state</th><th>open</th><th>total</th><th>connect failures</th><th>bytes in</th><th>bytes out</th></tr></thead><tbody>${eps}</tbody></table></div>`; }).join("");
   return `<section class="service" data-service="${esc(sum.name)}">
     <h2>${esc(sum.name)} <span class="pill">version ${esc(sum.version)}</span>${address ? ` <span class="address">${esc(address)}</span>` : ""}
-      <span class="dim">revision ${target} · manifest ${esc(sum.desired_revision)}${Number(sum.pinned_revision) ? ` · <span class="unhealthy">pinned to ${esc(sum.pinned_revision)}</span> (${esc(s.pin_reason)})` : ""}${sum.paused ? " · paused" : ""}</span></h2>
+      <span class="dim">revision ${target} · manifest ${esc(sum.desired_revision)}${Number(sum.pinned_revision) ? ` · <span class="unhealthy pin">${esc(s.pin_status || "pinned to " + sum.pinned_revision)}</span>` : ""}${sum.paused ? " · paused" : ""}</span></h2>
     <div>rollout ${esc(r.from_revision || 0)} → ${esc(r.to_revision || target)}: <span class="rollout ${lower(r.state, "ROLLOUT_STATE_")}">${lower(r.state, "ROLLOUT_STATE_")}</span>
       ${r.reason ? `<span class="error">${esc(r.reason)}</span>` : ""}
       · <span class="progress">${sum.available}/${sum.replicas} available · ${newLive} new · ${oldLive} old</span>
@@ -133,15 +160,20 @@ function serviceHtml(s) {
     <table class="conditions">${conds}</table>
     <table class="instances"><thead><tr><th>instance</th><th>revision</th><th>state</th><th>available</th><th>port</th><th>age</th><th>last probe</th></tr></thead><tbody>${inst}</tbody></table>
     ${address ? `<div class="pool">${routes || `<span class="dim no-proxy">Pool: no proxy has reported for ${esc(address)} yet</span>`}</div>` : ""}
+    ${h ? historyHtml(h) : ""}
   </section>`;
 }
 
 async function refresh() {
   try {
     const list = await api("/api/v1/services");
+    $("#git").hidden = !list.git;
+    if (list.git) $("#git").innerHTML = gitHtml(list.git);
     const details = await Promise.all((list.services || []).map((s) =>
       api("/api/v1/services/" + encodeURIComponent(s.name))));
-    $("#services").innerHTML = details.map((d) => serviceHtml(d.service)).join("") || "<section>no services</section>";
+    const histories = await Promise.all((list.services || []).map((s) =>
+      api("/api/v1/services/" + encodeURIComponent(s.name) + "/history")));
+    $("#services").innerHTML = details.map((d, i) => serviceHtml(d.service, histories[i])).join("") || "<section>no services</section>";
     const ev = await api("/api/v1/events?since=" + lastSeq);
     for (const e of ev.events || []) { events.unshift(e); lastSeq = Math.max(lastSeq, Number(e.seq)); }
     events.length = Math.min(events.length, 200);

@@ -94,9 +94,11 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
         target.find('?') == std::string_view::npos ? "" : target.substr(target.find('?') + 1);
     const bool known = path == "/" || path == "/metrics" || path == "/healthz" ||
                        path == "/readyz" || path == "/api/v1/services" ||
-                       path.rfind("/api/v1/services/", 0) == 0 || path == "/api/v1/events";
+                       path.rfind("/api/v1/services/", 0) == 0 || path == "/api/v1/events" ||
+                       path == "/api/v1/sync";
     if (!known)
       return {404, "application/json", JsonError("no such path: " + std::string(path)), "", false};
+    if (path == "/api/v1/sync") return Sync(method, authorization);
     if (method != http::verb::get && method != http::verb::head) {
       return {405, "application/json", JsonError("only GET and HEAD are allowed here"), "GET, HEAD",
               false};
@@ -118,8 +120,11 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
       return {r.ready ? 200u : 503u, "application/json", r.json, "", false};
     }
     StatusOr<std::string> body = InternalError("unrouted");
+    std::optional<git::SourceStatus> git_snapshot;
+    if (sources.git_status) git_snapshot = sources.git_status();
+    const git::SourceStatus* git_status = git_snapshot ? &*git_snapshot : nullptr;
     if (path == "/api/v1/services") {
-      body = ServicesJson(*sources.reader, RealClockInstance(), sources.endpoints);
+      body = ServicesJson(*sources.reader, RealClockInstance(), sources.endpoints, git_status);
     } else if (path == "/api/v1/events") {
       auto q = Query(query);
       char* end = nullptr;
@@ -133,12 +138,17 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
     } else {
       std::string name(path.substr(std::string_view("/api/v1/services/").size()));
       constexpr std::string_view kEndpoints = "/endpoints";
+      constexpr std::string_view kHistory = "/history";
       if (name.size() > kEndpoints.size() &&
           name.compare(name.size() - kEndpoints.size(), kEndpoints.size(), kEndpoints) == 0) {
         name.resize(name.size() - kEndpoints.size());
         body = EndpointsJson(*sources.reader, name);
+      } else if (name.size() > kHistory.size() && name.ends_with(kHistory)) {
+        name.resize(name.size() - kHistory.size());
+        body = HistoryJson(*sources.reader, name);
       } else {
-        body = ServiceJson(*sources.reader, name, RealClockInstance(), sources.endpoints);
+        body =
+            ServiceJson(*sources.reader, name, RealClockInstance(), sources.endpoints, git_status);
       }
     }
     if (!body.ok()) {
@@ -146,6 +156,33 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
               JsonError(body.status().message()), "", false};
     }
     return {200, "application/json", *body, "", false};
+  }
+
+  // POST /api/v1/sync: the git source is fetched now rather than at its next poll. The one write
+  // over HTTP; with tokens it needs the operator role, as the gRPC Sync does. 202 with
+  // {"fetch": N}: done once the source's fetches_done reaches N.
+  Response Sync(http::verb method, std::string_view authorization) {
+    if (method != http::verb::post) {
+      return {405, "application/json", JsonError("only POST is allowed here"), "POST", false};
+    }
+    if (options.tokens) {
+      StatusOr<Caller> caller = AuthenticateBearer(*options.tokens, authorization);
+      if (!caller.ok())
+        return {401, "application/json", JsonError(caller.status().message()), "", true};
+      if (caller->role != Role::kOperator) {
+        return {403, "application/json",
+                JsonError(caller->name +
+                          " is not an operator; POST /api/v1/sync needs the operator role"),
+                "", false};
+      }
+    }
+    if (!sources.sync) {
+      return {409, "application/json",
+              JsonError("the manifests are a directory, not a git source: nothing to sync"), "",
+              false};
+    }
+    const int64_t fetch = sources.sync();
+    return {202, "application/json", nlohmann::json{{"fetch", fetch}}.dump(), "", false};
   }
 
   // What the server knows of each connection, to evict an idle one when the cap is reached.

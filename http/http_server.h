@@ -1,11 +1,11 @@
 #pragma once
 
 // kilnd's HTTP server (Boost.Beast on the daemon's io_context): /metrics, /healthz, /readyz,
-// the read-only JSON of /api/v1, and the dashboard at /. Optionally HTTPS, and with tokens:
-// /api/v1 and the dashboard then need "Authorization: Bearer <token>" (any role reads).
-// Bounded: header and body limits, a deadline for a request's headers, a cap on connections
-// where a new connection evicts the one that has waited longest without sending a request, so
-// idle connections cannot lock health checks out. Beast stays out of this header.
+// the JSON of /api/v1 (read-only but for POST /api/v1/sync), and the dashboard at /. Optionally
+// HTTPS, and with tokens: /api/v1 and the dashboard then need "Authorization: Bearer <token>" (any
+// role reads). Bounded: header and body limits, a deadline for a request's headers, a cap on
+// connections where a new connection evicts the one that has waited longest without sending a
+// request, so idle connections cannot lock health checks out. Beast stays out of this header.
 
 #include <functional>
 #include <map>
@@ -16,6 +16,7 @@
 #include "api/tokens.h"
 #include "common/clock.h"
 #include "common/status.h"
+#include "git/git_source.h"
 
 namespace boost::asio {
 class io_context;
@@ -57,6 +58,10 @@ class HttpServer {
     std::function<Readiness()> readiness;     // /readyz
     StateReader* reader = nullptr;            // /api/v1; used on the io_context's thread only
     const EndpointsHub* endpoints = nullptr;  // proxies' reports in /api/v1/services; optional
+    // With --manifests git+...: the source's status in /api/v1/services[/NAME], and POST
+    // /api/v1/sync (a fetch now; returns its number). Null: the manifests are a directory.
+    std::function<git::SourceStatus()> git_status;
+    std::function<int64_t()> sync;
   };
 
   // Refuses (FAILED_PRECONDITION, with the reason) to listen off loopback without both TLS and

@@ -28,7 +28,7 @@ DesiredSet::Update DesiredSet::Apply(const ManifestSet& set) {
   } else {
     for (const ManifestFile& f : set.files) {
       if (f.ok()) {
-        for (const ServiceSpec& s : f.services) next[s.name] = {s, f.sha256, ""};
+        for (const ServiceSpec& s : f.services) next[s.name] = {s, f.sha256, "", f.commit};
         continue;
       }
       // A broken file keeps what it declared before, and what it still declares, as it was.
@@ -39,7 +39,8 @@ DesiredSet::Update DesiredSet::Apply(const ManifestSet& set) {
       }
       const std::string why =
           f.errors.front().ToString() +
-          (f.errors.size() > 1 ? " (and " + std::to_string(f.errors.size() - 1) + " more)" : "");
+          (f.errors.size() > 1 ? " (and " + std::to_string(f.errors.size() - 1) + " more)" : "") +
+          (set.source_commit.empty() ? "" : " at commit " + set.source_commit);
       for (const std::string& name : names) {
         auto it = services_.find(name);
         if (it == services_.end() || next.count(name)) continue;
@@ -62,7 +63,7 @@ DesiredSet::Update DesiredSet::Apply(const ManifestSet& set) {
     auto b = next.find(name);
     bool same = a != services_.end() && b != next.end() && a->second.error == b->second.error &&
                 a->second.manifest_sha256 == b->second.manifest_sha256 &&
-                a->second.spec_json == b->second.spec_json;
+                a->second.commit == b->second.commit && a->second.spec_json == b->second.spec_json;
     if (!same) update.changed.push_back(name);
   }
   services_ = std::move(next);

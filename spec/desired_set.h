@@ -5,6 +5,7 @@
 // retires every service; a service whose document is removed from a readable directory goes.
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,16 +15,21 @@ namespace kiln {
 
 struct DesiredService {
   DesiredService() = default;
-  DesiredService(ServiceSpec s, std::string sha256, std::string err)
+  DesiredService(ServiceSpec s, std::string sha256, std::string err,
+                 std::optional<SourceCommit> c = std::nullopt)
       : spec(std::move(s)),
         manifest_sha256(std::move(sha256)),
+        commit(std::move(c)),
         error(std::move(err)),
         template_hash(spec.tmpl.Hash()),
         spec_json(ServiceSpecToJson(spec)) {}
 
   ServiceSpec spec;             // the last good spec
   std::string manifest_sha256;  // of its file when that spec was read
-  std::string error;            // the current error that keeps it at its last good spec, or ""
+  // The commit that last changed that file, when it is in a git work tree (recorded on the
+  // revisions written from the spec).
+  std::optional<SourceCommit> commit;
+  std::string error;  // the current error that keeps it at its last good spec, or ""
   // Derived once from `spec`, not on every pass.
   std::string template_hash;
   std::string spec_json;

@@ -4,6 +4,7 @@
 // or more service documents, loaded into validated ServiceSpecs with defaults applied. Every
 // error names file, line, column and key path; all errors of a directory are reported.
 
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -89,6 +90,17 @@ struct ManifestError {
   std::string ToString() const;
 };
 
+// The git commit that last changed a manifest file, when its directory is in a git work tree
+// (or checked out from `--manifests git+...`).
+struct SourceCommit {
+  std::string id;       // full hex object id; "" when no commit has the file (new, untracked)
+  std::string author;   // "Name <email>"
+  int64_t time_ms = 0;  // author time, Unix milliseconds
+  std::string subject;  // the message's first line
+  bool dirty = false;   // the file had uncommitted changes (or is not committed at all)
+  friend bool operator==(const SourceCommit&, const SourceCommit&) = default;
+};
+
 struct ManifestFile {
   std::string path;
   std::string sha256;                 // of the file's bytes, "" when unreadable
@@ -102,6 +114,8 @@ struct ManifestFile {
     int column = 0;
   };
   std::vector<Declared> declared;
+  // Filled in after loading when the directory is in a git work tree and the commit was found.
+  std::optional<SourceCommit> commit;
   bool ok() const { return errors.empty(); }
 };
 
@@ -111,6 +125,9 @@ struct ManifestSet {
   // mean "no services".
   std::vector<ManifestError> dir_errors;
   std::vector<ManifestFile> files;  // sorted by path
+  // With `--manifests git+...`: the commit checked out ("1a2b3c4d5e6f \"subject\""), named in the
+  // errors that keep services at their last good state. "" for a plain directory.
+  std::string source_commit;
 
   bool ok() const;
   std::vector<ManifestError> AllErrors() const;

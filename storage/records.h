@@ -194,6 +194,9 @@ struct RevisionRecord {
   RevisionSource source = RevisionSource::kManifest;
   std::string manifest_file;
   std::string manifest_sha256;
+  // Source manifest in a git work tree: the commit that last changed it ("" id: none found) and
+  // whether the file had uncommitted changes.
+  SourceCommit commit;
   std::string actor;
   std::string reason;
   int64_t rolled_back_from = 0;

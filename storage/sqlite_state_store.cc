@@ -11,7 +11,7 @@ namespace kiln {
 namespace {
 
 // Each entry moves the schema from version i to i+1; never edit one that has shipped, add one.
-constexpr std::array<const char*, 6> kMigrations = {
+constexpr std::array<const char*, 7> kMigrations = {
     // 1: services, immutable revisions, instances, events.
     R"sql(
 CREATE TABLE services (
@@ -148,6 +148,22 @@ WHERE handle LIKE 'pid:%:%';
 ALTER TABLE rollouts ADD COLUMN seen_new_available INTEGER NOT NULL DEFAULT -1;
 ALTER TABLE rollouts ADD COLUMN seen_old_total INTEGER NOT NULL DEFAULT -1;
 )sql",
+    // 7: the git commit that last changed a revision's manifest file, and whether the file had
+    // uncommitted changes; immutable like the rest of the revision.
+    R"sql(
+ALTER TABLE revisions ADD COLUMN commit_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE revisions ADD COLUMN commit_author TEXT NOT NULL DEFAULT '';
+ALTER TABLE revisions ADD COLUMN commit_time_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE revisions ADD COLUMN commit_subject TEXT NOT NULL DEFAULT '';
+ALTER TABLE revisions ADD COLUMN manifest_dirty INTEGER NOT NULL DEFAULT 0;
+DROP TRIGGER revisions_immutable;
+CREATE TRIGGER revisions_immutable BEFORE UPDATE OF service, number, template_hash, template,
+    source, manifest_file, manifest_sha256, actor, reason, rolled_back_from, created_ms, commit_id,
+    commit_author, commit_time_ms, commit_subject, manifest_dirty ON revisions
+BEGIN
+  SELECT RAISE(ABORT, 'revisions are immutable');
+END;
+)sql",
 };
 
 // A name read from the database that this build does not know: the row cannot be trusted.
@@ -280,7 +296,8 @@ StatusOr<ServiceRecord> ReadService(const sqlite::Statement& s) {
 
 constexpr const char* kRevisionColumns =
     "service, number, template_hash, template, source, manifest_file, manifest_sha256, actor, "
-    "reason, rolled_back_from, created_ms, available_ms";
+    "reason, rolled_back_from, created_ms, available_ms, commit_id, commit_author, commit_time_ms, "
+    "commit_subject, manifest_dirty";
 
 StatusOr<RevisionRecord> ReadRevision(const sqlite::Statement& s) {
   RevisionRecord r;
@@ -297,6 +314,11 @@ StatusOr<RevisionRecord> ReadRevision(const sqlite::Statement& s) {
   r.rolled_back_from = s.Int(9);
   r.created_ms = s.Int(10);
   r.available_ms = s.Int(11);
+  r.commit.id = s.Text(12);
+  r.commit.author = s.Text(13);
+  r.commit.time_ms = s.Int(14);
+  r.commit.subject = s.Text(15);
+  r.commit.dirty = s.Int(16) != 0;
   return r;
 }
 
@@ -743,11 +765,12 @@ Status SqliteStateStore::WriteRevision(const RevisionRecord& r) {
   RETURN_IF_ERROR(CheckNewRevision(r, existing.has_value()));
   return db_.Run("write " + label,
                  std::string("INSERT INTO revisions (") + kRevisionColumns +
-                     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  r.service, r.number, r.template_hash, r.template_json,
                  RevisionSourceName(r.source), r.manifest_file, r.manifest_sha256, r.actor,
                  r.reason, r.rolled_back_from, r.created_ms ? r.created_ms : NowMs(),
-                 r.available_ms);
+                 r.available_ms, r.commit.id, r.commit.author, r.commit.time_ms, r.commit.subject,
+                 int64_t{r.commit.dirty ? 1 : 0});
 }
 
 StatusOr<int64_t> SqliteStateStore::NextRevisionNumber(std::string_view service) {

@@ -2,7 +2,8 @@
 //   node dashboard.mjs URL SCREENSHOT_DIR [ADDRESS [BUSY_SERVICE [DRAIN]]]
 // Prints "READY <instance ids>" when the service and its healthy instances show, then waits
 // (the test changes the manifest meanwhile) until instances of revision 2 show healthy and the
-// old ones are gone, prints "UPDATED", saves screenshots and exits 0. Exits 1 on any failure.
+// old ones are gone and the history view lists revisions 2 and 1, prints "UPDATED", saves
+// screenshots and exits 0. Exits 1 on any failure.
 // With ADDRESS (the service's `expose:` HOST:PORT): before READY the service also shows that
 // address and a proxy listening on it with exactly its instances in the pool, and BUSY_SERVICE
 // (whose address is taken) shows its proxy's bind error; after the rollout the pool holds
@@ -89,6 +90,10 @@ try {
   if (address) {
     await poolHolds("the instances of revision 2 in the pool", second.map((x) => x.id), "2", 30000);
   }
+  // The history view lists both revisions, newest first.
+  const history = await page.locator(`section[data-service="web"] .history tr[data-revision]`)
+    .evaluateAll((trs) => trs.map((tr) => tr.dataset.revision));
+  if (history.join(",") !== "2,1") throw new Error(`history shows revisions ${JSON.stringify(history)}`);
   const events = await page.locator("#events tbody").textContent();
   if (!events.includes("rollout_completed")) throw new Error("events do not show the rollout");
   await page.screenshot({ path: `${shots}/dashboard-after.png`, fullPage: true });

@@ -58,12 +58,20 @@ class KilndHarness {
       const std::string& flags = "",
       const std::string& health =
           "{http: {path: /healthz}, interval: 100ms, timeout: 500ms, failure_threshold: 2}") {
+    WriteFile(manifests() / (name + ".yaml"),
+              Manifest(name, version, replicas, update, flags, health));
+  }
+  // The text Declare writes (for a test that puts it somewhere else: a git repository).
+  std::string Manifest(
+      const std::string& name, const std::string& version, int replicas, const std::string& update,
+      const std::string& flags = "",
+      const std::string& health =
+          "{http: {path: /healthz}, interval: 100ms, timeout: 500ms, failure_threshold: 2}") const {
     std::string cmd = "[\"{artifact}\", \"--version-string\", \"" + version + "\"" + flags + "]";
-    WriteFile(manifests() / (name + ".yaml"), "name: " + name + "\nversion: \"" + version +
-                                                  "\"\nreplicas: " + std::to_string(replicas) +
-                                                  "\nartifact: {path: " + BinPath("kiln-testsvc") +
-                                                  "}\ncommand: " + cmd + "\nhealth: " + health +
-                                                  "\nupdate: " + update + "\n" + extra_yaml_);
+    return "name: " + name + "\nversion: \"" + version +
+           "\"\nreplicas: " + std::to_string(replicas) +
+           "\nartifact: {path: " + BinPath("kiln-testsvc") + "}\ncommand: " + cmd +
+           "\nhealth: " + health + "\nupdate: " + update + "\n" + extra_yaml_;
   }
 
   // `http_listen` is kilnd's --http-listen (port 0: kilnd picks one; HttpPort() reads it back).
@@ -72,7 +80,7 @@ class KilndHarness {
     std::vector<std::string> argv = {
         BinPath("kilnd"),
         "--manifests",
-        manifests().string(),
+        manifests_arg_.empty() ? manifests().string() : manifests_arg_,
         "--state",
         state().string(),
         "--port-range",
@@ -86,6 +94,8 @@ class KilndHarness {
     argv.insert(argv.end(), extra.begin(), extra.end());
     kilnd_ = std::make_unique<Child>(argv, tmp_.path());
   }
+  // kilnd's --manifests for the next Start() (a git+ URL); default: manifests().
+  void SetManifestsArg(const std::string& arg) { manifests_arg_ = arg; }
   // YAML lines every later Declare appends ("expose: {port: 18080}\n").
   void SetExtraYaml(const std::string& yaml) { extra_yaml_ = yaml; }
   // kilnd's --stop-grace for the next Start() (default 2s).
@@ -316,6 +326,7 @@ class KilndHarness {
 
  private:
   TempDir tmp_;
+  std::string manifests_arg_;
   FakeClock clock_;  // only for the read-only store's timestamps, which it never writes
   std::unique_ptr<Child> kilnd_;
   std::string stop_grace_ = "2s";

@@ -809,3 +809,38 @@ TEST_CASE("readers see consistent snapshots while the writer commits", "[store]"
 
 }  // namespace
 }  // namespace kiln
+
+namespace kiln {
+namespace {
+
+TEST_CASE("a revision keeps the git commit of its manifest and it cannot be edited", "[store]") {
+  StoreFixture f;
+  ServiceRecord s;
+  s.name = "web";
+  REQUIRE(f.store->PutService(s).ok());
+  RevisionRecord r = StoreFixture::Revision("web", 1, "hash-1");
+  r.commit = {.id = std::string(40, 'c'),
+              .author = "Alice Example <alice@example.com>",
+              .time_ms = 1'700'000'000'000,
+              .subject = "web 1.0",
+              .dirty = true};
+  REQUIRE(f.store->WriteRevision(r).ok());
+  REQUIRE(f.store->WriteRevision(StoreFixture::Revision("web", 2, "hash-2")).ok());
+
+  auto got = f.store->GetRevision("web", 1);
+  REQUIRE(got.ok());
+  CHECK(got->commit == r.commit);
+  CHECK(f.store->GetRevision("web", 2)->commit == SourceCommit{});
+  CHECK((*f.store->ListRevisions("web"))[1].commit.subject == "web 1.0");
+
+  for (const char* column : {"commit_id = 'x'", "commit_author = 'x'", "commit_time_ms = 1",
+                             "commit_subject = 'x'", "manifest_dirty = 0"}) {
+    Status raw = f.store->ExecForTest(std::string("UPDATE revisions SET ") + column);
+    INFO(column);
+    CHECK(raw.message().find("revisions are immutable") != std::string::npos);
+  }
+  CHECK(f.store->GetRevision("web", 1)->commit == r.commit);
+}
+
+}  // namespace
+}  // namespace kiln
