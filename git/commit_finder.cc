@@ -20,17 +20,6 @@ bool BlobAt(git_tree* tree, const std::string& path, git_oid* out) {
   return true;
 }
 
-SourceCommit Describe(git_commit* c) {
-  SourceCommit out;
-  out.id = Hex(*git_commit_id(c));
-  const git_signature* a = git_commit_author(c);
-  out.author = std::string(a->name) + " <" + a->email + ">";
-  out.time_ms = static_cast<int64_t>(a->when.time) * 1000;
-  const char* summary = git_commit_summary(c);
-  out.subject = summary != nullptr ? summary : "";
-  return out;
-}
-
 // Walks history from `head` (newest first) until each of `paths` has the commit that changed it
 // last: one whose blob for the path differs from every parent's (a merge that took one side's
 // file unchanged is not it). At most kMaxCommitsWalked commits.

@@ -14,17 +14,6 @@ namespace {
 
 constexpr std::string_view kPrefix = "git+";
 
-SourceCommit Describe(git_commit* c) {
-  SourceCommit out;
-  out.id = Hex(*git_commit_id(c));
-  const git_signature* a = git_commit_author(c);
-  out.author = std::string(a->name) + " <" + a->email + ">";
-  out.time_ms = static_cast<int64_t>(a->when.time) * 1000;
-  const char* summary = git_commit_summary(c);
-  out.subject = summary != nullptr ? summary : "";
-  return out;
-}
-
 // The credentials libgit2 itself can find, tried once each: the ssh-agent at $SSH_AUTH_SOCK for
 // ssh, the system's default (Negotiate/NTLM) for http(s). A URL's own user:password is used by
 // libgit2's http transport before it asks. No key files or passwords are read by kilnd.

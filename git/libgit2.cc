@@ -25,4 +25,15 @@ std::string Hex(const git_oid& id) {
   return buf;
 }
 
+SourceCommit Describe(git_commit* c) {
+  SourceCommit out;
+  out.id = Hex(*git_commit_id(c));
+  const git_signature* a = git_commit_author(c);
+  out.author = std::string(a->name) + " <" + a->email + ">";
+  out.time_ms = static_cast<int64_t>(a->when.time) * 1000;
+  const char* summary = git_commit_summary(c);
+  out.subject = summary != nullptr ? summary : "";
+  return out;
+}
+
 }  // namespace kiln::git

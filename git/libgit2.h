@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "common/status.h"
+#include "spec/manifest.h"
 
 namespace kiln::git {
 
@@ -39,5 +40,8 @@ Status Error(std::string_view what, int code);
 
 // The hex form of an object id.
 std::string Hex(const git_oid& id);
+
+// A commit as revisions record it: id, author "Name <email>", time, subject.
+SourceCommit Describe(git_commit* c);
 
 }  // namespace kiln::git
