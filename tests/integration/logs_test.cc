@@ -176,8 +176,11 @@ TEST_CASE("instance logs are capped and rotated and logs reads the rotated copie
   for (size_t i = 1; i < numbers.size(); ++i) increasing &= numbers[i] > numbers[i - 1];
   CHECK(increasing);
   // --tail reaches back into the copies when the live file holds fewer lines.
+  // Like tail(1), the last 250 lines when it looked, then on to the end: the instance writes
+  // every 5 ms, so a slow run (ASan) also gets the few lines written meanwhile.
   RunResult tail = Logs(h, {name, "--tail", "250"}, "");
-  CHECK(LineNumbers(tail.out).size() == 250);
+  CHECK(LineNumbers(tail.out).size() >= 250);
+  CHECK(LineNumbers(tail.out).size() < 300);
 
   // kilnd down is not the instance down: it goes on writing, and its log grows past the cap
   // until a kilnd checks it again.
