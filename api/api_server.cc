@@ -820,15 +820,8 @@ class KilnApi final : public pb::Kiln::Service {
     RETURN_GRPC_IF_DENIED(ctx, false);
     if (hub_ == nullptr)
       return grpc::Status(grpc::UNIMPLEMENTED, "this kilnd has no endpoints hub");
-    if (++streams_ > max_streams_) {
-      --streams_;
-      return grpc::Status(grpc::RESOURCE_EXHAUSTED,
-                          "too many streams (" + std::to_string(max_streams_) + "); try later");
-    }
-    struct Release {
-      std::atomic<int>& n;
-      ~Release() { --n; }
-    } release{streams_};
+    StreamSlot slot(streams_, max_streams_);
+    if (!slot) return TooManyStreams("streams");
     std::string kilnd_id = req->kilnd_id();
     uint64_t version = req->after_version();
     // Whole snapshots, each only after the previous one was written: a slow proxy skips
@@ -998,16 +991,8 @@ class KilnApi final : public pb::Kiln::Service {
     RETURN_GRPC_IF_DENIED(ctx, false);
     if (req->after_seq() < 0)
       return grpc::Status(grpc::INVALID_ARGUMENT, "after_seq must be 0 or more");
-    if (++streams_ > max_streams_) {
-      --streams_;
-      return grpc::Status(
-          grpc::RESOURCE_EXHAUSTED,
-          "too many event streams (" + std::to_string(max_streams_) + "); try later");
-    }
-    struct Release {
-      std::atomic<int>& n;
-      ~Release() { --n; }
-    } release{streams_};
+    StreamSlot slot(streams_, max_streams_);
+    if (!slot) return TooManyStreams("event streams");
 
     int64_t cursor = req->after_seq();
     Status first = WithReader([&](StateReader& r) -> Status {
@@ -1086,15 +1071,8 @@ class KilnApi final : public pb::Kiln::Service {
                           "tail, since_unix_ms and revision must be 0 or more");
     if (log_dir_.empty())
       return grpc::Status(grpc::UNIMPLEMENTED, "this kilnd keeps no instance logs");
-    if (++streams_ > max_streams_) {
-      --streams_;
-      return grpc::Status(grpc::RESOURCE_EXHAUSTED,
-                          "too many streams (" + std::to_string(max_streams_) + "); try later");
-    }
-    struct Release {
-      std::atomic<int>& n;
-      ~Release() { --n; }
-    } release{streams_};
+    StreamSlot slot(streams_, max_streams_);
+    if (!slot) return TooManyStreams("streams");
     LogFanIn logs(log_dir_, *req);
     if (Status s = WithReader([&](StateReader& r) { return logs.Refresh(r); }); !s.ok())
       return ToGrpc(s);
@@ -1150,6 +1128,29 @@ class KilnApi final : public pb::Kiln::Service {
   }
 
  private:
+  // One of the max_streams_ slots the streaming calls share, held for the call's life; empty
+  // (false) when they are all taken.
+  class StreamSlot {
+   public:
+    StreamSlot(std::atomic<int>& open, int max) : open_(open), held_(++open <= max) {
+      if (!held_) --open_;
+    }
+    ~StreamSlot() {
+      if (held_) --open_;
+    }
+    StreamSlot(const StreamSlot&) = delete;
+    StreamSlot& operator=(const StreamSlot&) = delete;
+    explicit operator bool() const { return held_; }
+
+   private:
+    std::atomic<int>& open_;
+    const bool held_;
+  };
+  grpc::Status TooManyStreams(const std::string& what) const {
+    return grpc::Status(grpc::RESOURCE_EXHAUSTED,
+                        "too many " + what + " (" + std::to_string(max_streams_) + "); try later");
+  }
+
   // Authorization for one call: UNAUTHENTICATED without a known token, PERMISSION_DENIED for a
   // viewer calling a mutating RPC.
   StatusOr<Caller> CallerOf(ServerContext* ctx) {
