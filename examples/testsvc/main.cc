@@ -152,9 +152,7 @@ std::optional<kiln::Duration> ParseFlagDuration(const std::string& flag, const s
   return *d;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int Run(int argc, char** argv) {
   Config config;
   std::string unhealthy_after, exit_after, start_delay, log_every;
   CLI::App app("kiln-testsvc: a small HTTP service for kiln's tests and examples", "kiln-testsvc");
@@ -246,4 +244,15 @@ int main(int argc, char** argv) {
   io.run();
   std::cout << "kiln-testsvc: stopped" << std::endl;
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "kiln-testsvc: " << e.what() << std::endl;
+    return 1;
+  }
 }

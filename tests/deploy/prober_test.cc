@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <boost/asio/ip/tcp.hpp>
 #include <catch2/catch.hpp>
+#include <cstdio>
 
 #include "deploy/process_driver.h"
 #include "tests/deploy/deploy_test_util.h"
@@ -45,9 +46,13 @@ struct ProbeFixture {
     handle = **r;
   }
   ~ProbeFixture() {
-    bool done = false;
-    driver->Stop(handle, 1s, [&](StatusOr<ExitInfo>) { done = true; });
-    RunUntil(io, [&] { return done; });
+    try {
+      bool done = false;
+      driver->Stop(handle, 1s, [&](const StatusOr<ExitInfo>&) { done = true; });
+      RunUntil(io, [&] { return done; });
+    } catch (...) {
+      std::fputs("ProbeFixture: stopping the test's instance failed\n", stderr);
+    }
   }
 
   ProbeTarget Target(ProbeKind kind) const {

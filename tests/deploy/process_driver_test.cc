@@ -10,6 +10,7 @@
 
 #include <boost/asio/ip/tcp.hpp>
 #include <catch2/catch.hpp>
+#include <cstdio>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -40,13 +41,21 @@ struct DriverFixture {
     driver->SetExitCallback([this](const ExitInfo& e) { exits.push_back(e); });
   }
   ~DriverFixture() {
-    // Leave nothing running, whatever the test did: every process of every instance.
+    try {
+      StopEverything();
+    } catch (...) {
+      std::fputs("DriverFixture: stopping the test's instances failed\n", stderr);
+    }
+  }
+
+  // Leave nothing running, whatever the test did: every process of every instance.
+  void StopEverything() {
     if (!driver) driver = MakeDriver();
     auto running = driver->List();
     if (!running.ok()) return;
     size_t stopped = 0;
     for (const auto& r : *running) {
-      driver->Stop(r.handle, 0ms, [&](StatusOr<ExitInfo>) { ++stopped; });
+      driver->Stop(r.handle, 0ms, [&](const StatusOr<ExitInfo>&) { ++stopped; });
     }
     RunUntil(io, [&] { return stopped == running->size(); });
   }
@@ -402,7 +411,7 @@ TEST_CASE("200 concurrent starts never share a port", "[driver]") {
       f.io, [&] { return healthy.size() == kCount; }, 60s));
   CHECK(f.exits.empty());
   int stopped = 0;
-  for (auto& r : results) f.driver->Stop(**r, 5s, [&](StatusOr<ExitInfo>) { ++stopped; });
+  for (auto& r : results) f.driver->Stop(**r, 5s, [&](const StatusOr<ExitInfo>&) { ++stopped; });
   CHECK(RunUntil(
       f.io, [&] { return stopped == kCount; }, 60s));
   CHECK(f.driver->List()->empty());
