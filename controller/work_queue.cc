@@ -12,7 +12,7 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
   Impl(asio::io_context& io_in, TimeSource& t, Options o, ProcessFn p, NamesFn n)
       : io(io_in),
         time(t),
-        options(o),
+        options(std::move(o)),
         process(std::move(p)),
         all_names(std::move(n)),
         resync_timer(t.MakeTimer(io_in)) {}
@@ -96,7 +96,7 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
   ProcessFn process;
   NamesFn all_names;
   std::deque<std::string> order;
-  std::map<std::string, SteadyTime> queued;  // waiting names and when each was queued
+  std::map<std::string, SteadyTime> queued;              // waiting names and when each was queued
   std::map<std::string, std::unique_ptr<Timer>> timers;  // AddAfter's, one per name
   std::map<std::string, int> failures;
   std::unique_ptr<Timer> resync_timer;
@@ -106,7 +106,8 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
 
 WorkQueue::WorkQueue(asio::io_context& io, TimeSource& time, Options options, ProcessFn process,
                      NamesFn all_names)
-    : impl_(std::make_shared<Impl>(io, time, options, std::move(process), std::move(all_names))) {}
+    : impl_(std::make_shared<Impl>(io, time, std::move(options), std::move(process),
+                                   std::move(all_names))) {}
 
 WorkQueue::~WorkQueue() {
   impl_->resync_timer->Cancel();

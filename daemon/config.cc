@@ -126,7 +126,8 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
   if (!c.notify_on.empty()) RETURN_IF_ERROR(ParseNotifyKinds(c.notify_on).status());
   if (c.notify_urls.empty() &&
       (!c.notify_on.empty() || !c.notify_services.empty() || !c.notify_secret_file.empty())) {
-    return InvalidArgumentError("--notify-on, --notify-service and --notify-secret-file need --notify");
+    return InvalidArgumentError(
+        "--notify-on, --notify-service and --notify-secret-file need --notify");
   }
   RETURN_IF_ERROR(CheckReadable("--notify-secret-file", c.notify_secret_file));
 

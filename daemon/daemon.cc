@@ -45,8 +45,8 @@
 #include "http/http_server.h"
 #include "kiln/version.h"
 #include "spec/manifest.h"
-#include "spec/template.h"
 #include "spec/manifest_watcher.h"
+#include "spec/template.h"
 #include "storage/sqlite_state_store.h"
 
 namespace kiln {
@@ -290,7 +290,8 @@ Status Daemon::Impl::Init() {
       metrics.Add("kiln_probe_local_errors_total");
       return;
     }
-    metrics.Add("kiln_probes_total", {{"service", service}, {"result", r.healthy ? "ok" : "failed"}});
+    metrics.Add("kiln_probes_total",
+                {{"service", service}, {"result", r.healthy ? "ok" : "failed"}});
     if (!r.healthy) metrics.Add("kiln_probe_failures_total", {{"service", service}});
   };
   rec_options.on_event = [this](const EventRecord& e) {

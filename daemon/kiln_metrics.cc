@@ -63,8 +63,9 @@ void DeclareKilnMetrics(Metrics& m) {
   m.Declare("kiln_service_info", "gauge",
             "The service's revisions (always 1): desired (what the manifest declares), pinned "
             "(0 = none), target (what runs), version, pinned_by (manual, automatic or empty).");
-  m.Declare("kiln_service_rollout_state", "gauge",
-            "The state of the service's latest rollout: 1 for the current state, 0 for the others.");
+  m.Declare(
+      "kiln_service_rollout_state", "gauge",
+      "The state of the service's latest rollout: 1 for the current state, 0 for the others.");
   m.Declare("kiln_service_rollout_seconds_since_progress", "gauge",
             "Seconds since the service's active rollout last made progress (paused time "
             "excluded); 0 when no rollout is active.");
@@ -124,6 +125,14 @@ void CountEvent(Metrics& m, const EventRecord& e) {
   switch (e.kind) {
     case EventKind::kRolloutStarted:
       m.Add("kiln_rollouts_started_total", {{"service", svc}});
+      // The service's outcome counters exist from 0 before the first outcome, so that
+      // increase() and rate() see that first one.
+      for (const char* result : {"completed", "failed"}) {
+        m.Add("kiln_rollouts_total", {{"service", svc}, {"result", result}}, 0);
+      }
+      for (const char* trigger : {"manual", "automatic"}) {
+        m.Add("kiln_rollbacks_total", {{"service", svc}, {"trigger", trigger}}, 0);
+      }
       break;
     case EventKind::kRolloutCompleted:
       m.Add("kiln_rollouts_total", {{"service", svc}, {"result", "completed"}});
@@ -152,7 +161,8 @@ void CountEvent(Metrics& m, const EventRecord& e) {
     case EventKind::kInstanceFailed: {
       const bool deadline =
           e.message.find("not healthy within healthy_deadline") != std::string::npos;
-      m.Add("kiln_instance_failures_total", {{"service", svc}, {"how", deadline ? "deadline" : "failed"}});
+      m.Add("kiln_instance_failures_total",
+            {{"service", svc}, {"how", deadline ? "deadline" : "failed"}});
       if (deadline) m.Add("kiln_probes_total", {{"service", svc}, {"result", "deadline"}});
       break;
     }

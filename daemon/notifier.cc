@@ -30,7 +30,7 @@ std::string Rfc3339(int64_t unix_ms) {
   const std::time_t secs = static_cast<std::time_t>(unix_ms / 1000);
   std::tm tm{};
   gmtime_r(&secs, &tm);
-  char buf[40];
+  char buf[64];
   std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
                 static_cast<int>(unix_ms % 1000));
@@ -59,8 +59,8 @@ StatusOr<WebhookUrl> ParseWebhookUrl(const std::string& url) {
   if (colon != std::string::npos && rest.find(']') == std::string::npos) {
     out.port = rest.substr(colon + 1);
     rest = rest.substr(0, colon);
-    if (out.port.empty() ||
-        !std::all_of(out.port.begin(), out.port.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    if (out.port.empty() || !std::all_of(out.port.begin(), out.port.end(),
+                                         [](char c) { return c >= '0' && c <= '9'; })) {
       return InvalidArgumentError("--notify " + url + ": bad port");
     }
   }
@@ -93,14 +93,10 @@ StatusOr<std::set<EventKind>> ParseNotifyKinds(const std::string& list) {
 
 std::string NotificationBody(const EventRecord& e, const std::string& version,
                              const std::string& dashboard_url) {
-  nlohmann::json j = {{"service", e.service},
-                      {"revision", e.revision},
-                      {"version", version},
-                      {"kind", std::string(EventKindName(e.kind))},
-                      {"message", e.message},
-                      {"actor", e.actor},
-                      {"instance", e.instance},
-                      {"time", Rfc3339(e.time_ms)},
+  nlohmann::json j = {{"service", e.service},      {"revision", e.revision},
+                      {"version", version},        {"kind", std::string(EventKindName(e.kind))},
+                      {"message", e.message},      {"actor", e.actor},
+                      {"instance", e.instance},    {"time", Rfc3339(e.time_ms)},
                       {"dashboard", dashboard_url}};
   return j.dump();
 }
@@ -125,7 +121,8 @@ Notifier::Notifier(Options options) : options_(std::move(options)) {
                               "Webhook notification attempts by result (delivered; retried: an "
                               "attempt failed and another follows; failed: every attempt failed; "
                               "dropped: the queue was full).");
-    for (const char* r : kResults) options_.metrics->Add("kiln_notifications_total", {{"result", r}}, 0);
+    for (const char* r : kResults)
+      options_.metrics->Add("kiln_notifications_total", {{"result", r}}, 0);
   }
   thread_ = std::thread([this] { Run(); });
 }
@@ -150,7 +147,8 @@ bool Notifier::Wants(const EventRecord& e) const {
 }
 
 void Notifier::Count(const char* result) const {
-  if (options_.metrics != nullptr) options_.metrics->Add("kiln_notifications_total", {{"result", result}});
+  if (options_.metrics != nullptr)
+    options_.metrics->Add("kiln_notifications_total", {{"result", result}});
 }
 
 void Notifier::Notify(const EventRecord& e, const std::string& version) {
@@ -184,8 +182,9 @@ void Notifier::Run() {
       wake_.wait(lock);
       continue;
     }
-    auto next = std::min_element(queue_.begin(), queue_.end(),
-                                 [](const Delivery& a, const Delivery& b) { return a.due < b.due; });
+    auto next =
+        std::min_element(queue_.begin(), queue_.end(),
+                         [](const Delivery& a, const Delivery& b) { return a.due < b.due; });
     if (next->due > std::chrono::steady_clock::now()) {
       wake_.wait_until(lock, next->due);
       continue;
@@ -199,10 +198,9 @@ void Notifier::Run() {
     lock.lock();
     if (s.ok()) {
       Count("delivered");
-      LogInfo("notification delivered", {{"service", d.service},
-                                         {"event", d.kind},
-                                         {"url", url.text},
-                                         {"attempt", d.attempt}});
+      LogInfo(
+          "notification delivered",
+          {{"service", d.service}, {"event", d.kind}, {"url", url.text}, {"attempt", d.attempt}});
       continue;
     }
     if (d.attempt >= options_.attempts) {
@@ -216,17 +214,19 @@ void Notifier::Run() {
     }
     const auto backoff = options_.first_backoff * (int64_t{1} << std::min(d.attempt - 1, 16));
     Count("retried");
-    LogWarn("notification failed; retrying", {{"service", d.service},
-                                              {"event", d.kind},
-                                              {"url", url.text},
-                                              {"attempt", d.attempt},
-                                              {"retry_in_ms", static_cast<int64_t>(backoff.count())},
-                                              {"error", s.message()}});
+    LogWarn("notification failed; retrying",
+            {{"service", d.service},
+             {"event", d.kind},
+             {"url", url.text},
+             {"attempt", d.attempt},
+             {"retry_in_ms", static_cast<int64_t>(backoff.count())},
+             {"error", s.message()}});
     d.due = std::chrono::steady_clock::now() + backoff;
     queue_.push_back(std::move(d));
   }
   if (!queue_.empty()) {
-    LogWarn("notifications abandoned at shutdown", {{"count", static_cast<int64_t>(queue_.size())}});
+    LogWarn("notifications abandoned at shutdown",
+            {{"count", static_cast<int64_t>(queue_.size())}});
   }
 }
 
@@ -271,7 +271,8 @@ Status Notifier::Post(const WebhookUrl& url, const std::string& body) const {
         });
       });
   io.run_for(options_.timeout);
-  if (!result) return UnavailableError("no answer within " + std::to_string(options_.timeout.count()) + " ms");
+  if (!result)
+    return UnavailableError("no answer within " + std::to_string(options_.timeout.count()) + " ms");
   if (*result) return UnavailableError(result->message());
   const unsigned code = parser.get().result_int();
   if (code < 200 || code > 299) return UnavailableError("answered HTTP " + std::to_string(code));

@@ -49,9 +49,9 @@ class Notifier {
   struct Options {
     std::vector<WebhookUrl> urls;
     std::set<EventKind> kinds;
-    std::set<std::string> services;  // empty: every service
-    std::string secret;              // empty: no signature header
-    int attempts = 5;                // per URL and notification
+    std::set<std::string> services;                // empty: every service
+    std::string secret;                            // empty: no signature header
+    int attempts = 5;                              // per URL and notification
     std::chrono::milliseconds first_backoff{500};  // doubles after each failed attempt
     std::chrono::milliseconds timeout{5000};       // per attempt (connect, send, answer)
     size_t max_queued = 256;

@@ -84,19 +84,25 @@ TEST_CASE("metrics pass promtool and count what happened", "[http]") {
         "kiln_service_available_replicas{service=\"web\"} 2",
         "kiln_service_live_instances{service=\"web\",state=\"healthy\"} 2",
         "kiln_service_live_instances{service=\"web\",state=\"starting\"} 0",
-        "kiln_service_paused{service=\"web\"} 0", "kiln_service_pinned{service=\"web\"} 0",
+        "kiln_service_paused{service=\"web\"} 0",
+        "kiln_service_pinned{service=\"web\"} 0",
         "kiln_service_info{service=\"web\",desired_revision=\"1\",pinned_revision=\"0\","
         "target_revision=\"1\",version=\"1.0\",pinned_by=\"\"} 1",
         "kiln_service_rollout_state{service=\"web\",state=\"completed\"} 1",
         "kiln_service_rollout_state{service=\"web\",state=\"failed\"} 0",
         "kiln_service_rollout_seconds_since_progress{service=\"web\"} 0",
         "kiln_service_condition{service=\"web\",condition=\"Available\"} 1",
-        "kiln_store_writable 1", "kiln_manifest_errors 0",
-        "kiln_workqueue_wait_seconds_count ", "kiln_workqueue_depth ",
-        "kiln_workqueue_retries_total ", "kiln_store_commit_duration_seconds_count ",
+        "kiln_store_writable 1",
+        "kiln_manifest_errors 0",
+        "kiln_workqueue_wait_seconds_count ",
+        "kiln_workqueue_depth ",
+        "kiln_workqueue_retries_total ",
+        "kiln_store_commit_duration_seconds_count ",
         "kiln_grpc_requests_total{method=\"/kiln.v1.Kiln/ListServices\",code=\"OK\"} 1",
-        "# TYPE kiln_manifest_errors_total counter", "# TYPE kiln_probe_failures_total counter",
-        "# TYPE kiln_driver_errors_total counter", "# TYPE kiln_rollbacks_total counter"}) {
+        "# TYPE kiln_manifest_errors_total counter",
+        "# TYPE kiln_probe_failures_total counter",
+        "# TYPE kiln_driver_errors_total counter",
+        "# TYPE kiln_rollbacks_total counter"}) {
     INFO(needle);
     CHECK(m.body.find(needle) != std::string::npos);
   }
