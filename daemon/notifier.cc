@@ -245,7 +245,7 @@ Status Notifier::Post(const WebhookUrl& url, const std::string& body) const {
   req.prepare_payload();
   beast::flat_buffer buffer;
   http::response_parser<http::string_body> parser;
-  parser.body_limit(64 * 1024);
+  parser.body_limit(std::uint64_t{64} * 1024);
   std::optional<beast::error_code> result;
   // Every step in the one io_context below, which runs at most `timeout`; handlers that did not
   // run by then are destroyed with it, never called.
