@@ -74,6 +74,11 @@ void Metrics::SetCollector(const std::string& name,
   families_[name].collector = std::move(fn);
 }
 
+void Metrics::AddGroupCollector(std::function<std::map<std::string, Series>()> fn) {
+  std::lock_guard lock(mu_);
+  groups_.push_back(std::move(fn));
+}
+
 double Metrics::ValueForTest(const std::string& name, const Labels& labels) const {
   std::lock_guard lock(mu_);
   auto it = families_.find(name);
@@ -84,15 +89,20 @@ double Metrics::ValueForTest(const std::string& name, const Labels& labels) cons
 
 std::string Metrics::Render() const {
   // Collectors run outside the lock: they may read the store.
-  std::map<std::string, std::function<std::vector<std::pair<Labels, double>>()>> collectors;
+  std::map<std::string, std::function<Series()>> collectors;
+  std::vector<std::function<std::map<std::string, Series>()>> groups;
   {
     std::lock_guard lock(mu_);
     for (const auto& [name, f] : families_) {
       if (f.collector) collectors[name] = f.collector;
     }
+    groups = groups_;
   }
-  std::map<std::string, std::vector<std::pair<Labels, double>>> collected;
+  std::map<std::string, Series> collected;
   for (auto& [name, fn] : collectors) collected[name] = fn();
+  for (auto& group : groups) {
+    for (auto& [name, series] : group()) collected[name] = std::move(series);
+  }
 
   std::lock_guard lock(mu_);
   std::string out;

@@ -13,6 +13,7 @@
 namespace kiln {
 
 using Labels = std::vector<std::pair<std::string, std::string>>;
+using Series = std::vector<std::pair<Labels, double>>;
 
 class Metrics {
  public:
@@ -26,6 +27,10 @@ class Metrics {
   // Gauges computed when scraped (they replace every series of the metric).
   void SetCollector(const std::string& name,
                     std::function<std::vector<std::pair<Labels, double>>()> fn);
+
+  // Several metrics computed together when scraped (one read of the store for all of them): each
+  // metric named in the result replaces every series it had. The metrics must be declared.
+  void AddGroupCollector(std::function<std::map<std::string, Series>()> fn);
 
   std::string Render() const;
   double ValueForTest(const std::string& name, const Labels& labels) const;
@@ -43,8 +48,9 @@ class Metrics {
     std::map<Labels, Histogram> histograms;
     std::function<std::vector<std::pair<Labels, double>>()> collector;
   };
-  mutable std::mutex mu_;  // guards families_
+  mutable std::mutex mu_;  // guards families_ and groups_
   std::map<std::string, Family> families_;
+  std::vector<std::function<std::map<std::string, Series>()>> groups_;
 };
 
 }  // namespace kiln

@@ -12,13 +12,13 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
   Impl(asio::io_context& io_in, TimeSource& t, Options o, ProcessFn p, NamesFn n)
       : io(io_in),
         time(t),
-        options(o),
+        options(std::move(o)),
         process(std::move(p)),
         all_names(std::move(n)),
         resync_timer(t.MakeTimer(io_in)) {}
 
   void Add(const std::string& name) {
-    if (!queued.insert(name).second) return;  // already waiting: runs once
+    if (!queued.emplace(name, time.SteadyNow()).second) return;  // already waiting: runs once
     order.push_back(name);
     if (!drain_posted) {
       drain_posted = true;
@@ -50,7 +50,12 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
     std::deque<std::string> batch;
     batch.swap(order);
     for (const std::string& name : batch) {
-      queued.erase(name);
+      if (auto it = queued.find(name); it != queued.end()) {
+        if (options.on_wait) {
+          options.on_wait(std::chrono::duration<double>(time.SteadyNow() - it->second).count());
+        }
+        queued.erase(it);
+      }
       Status s = process(name);
       if (s.ok()) {
         failures.erase(name);
@@ -91,7 +96,7 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
   ProcessFn process;
   NamesFn all_names;
   std::deque<std::string> order;
-  std::set<std::string> queued;
+  std::map<std::string, SteadyTime> queued;              // waiting names and when each was queued
   std::map<std::string, std::unique_ptr<Timer>> timers;  // AddAfter's, one per name
   std::map<std::string, int> failures;
   std::unique_ptr<Timer> resync_timer;
@@ -101,7 +106,8 @@ struct WorkQueue::Impl : std::enable_shared_from_this<Impl> {
 
 WorkQueue::WorkQueue(asio::io_context& io, TimeSource& time, Options options, ProcessFn process,
                      NamesFn all_names)
-    : impl_(std::make_shared<Impl>(io, time, options, std::move(process), std::move(all_names))) {}
+    : impl_(std::make_shared<Impl>(io, time, std::move(options), std::move(process),
+                                   std::move(all_names))) {}
 
 WorkQueue::~WorkQueue() {
   impl_->resync_timer->Cancel();

@@ -41,6 +41,8 @@ class WorkQueue final : public PassScheduler {
     Duration backoff_base{5};
     Duration backoff_cap{30'000};
     Duration resync{30'000};  // 0 = none
+    // Called before each pass with how long its name waited since it was queued (seconds).
+    std::function<void(double)> on_wait;
   };
 
   // `process` runs one pass; an error requeues the name with backoff. `all_names` lists what a

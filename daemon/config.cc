@@ -12,6 +12,7 @@
 #include "api/api_server.h"
 #include "api/tokens.h"
 #include "common/duration.h"
+#include "daemon/notifier.h"
 #include "http/http_server.h"
 #include "kiln/version.h"
 
@@ -120,6 +121,15 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
                                   " does not exist");
     }
   }
+
+  for (const std::string& url : c.notify_urls) RETURN_IF_ERROR(ParseWebhookUrl(url).status());
+  if (!c.notify_on.empty()) RETURN_IF_ERROR(ParseNotifyKinds(c.notify_on).status());
+  if (c.notify_urls.empty() &&
+      (!c.notify_on.empty() || !c.notify_services.empty() || !c.notify_secret_file.empty())) {
+    return InvalidArgumentError(
+        "--notify-on, --notify-service and --notify-secret-file need --notify");
+  }
+  RETURN_IF_ERROR(CheckReadable("--notify-secret-file", c.notify_secret_file));
 
   // The servers' own checks of their options. Anything invalid is reported first; the refusal
   // to listen off loopback without TLS and tokens (FAILED_PRECONDITION) only once nothing is,
@@ -236,6 +246,16 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
   app.add_option("--prometheus-sd-file", config.prometheus_sd_file,
                  "write every running instance as Prometheus file_sd JSON to this file (labels "
                  "service, revision, version, instance), rewritten when one changes");
+  app.add_option("--notify", config.notify_urls,
+                 "POST a JSON notification of chosen events to this http:// URL (repeatable)");
+  app.add_option("--notify-on", config.notify_on,
+                 "event kinds to notify, comma-separated (default: "
+                 "rollout_failed,rolled_back,manifest_error)");
+  app.add_option("--notify-service", config.notify_services,
+                 "notify only about this service (repeatable; default: every service)");
+  app.add_option("--notify-secret-file", config.notify_secret_file,
+                 "sign each notification with HMAC-SHA256 of the body keyed by this file's first "
+                 "line (header X-Kiln-Signature: sha256=HEX)");
   app.add_option("--proxy", config.proxy,
                  "managed: kilnd runs kiln-proxy for services with expose: (it outlives kilnd); "
                  "off: run kiln-proxy yourself")

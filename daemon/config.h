@@ -55,6 +55,12 @@ struct DaemonConfig {
   // Prometheus file_sd JSON of every running instance, rewritten (atomically) when one changes;
   // "" for none. Its directory must exist.
   std::string prometheus_sd_file;
+  // Webhooks: --notify URLs, --notify-on kinds ("" = the failure kinds), --notify-service
+  // names (empty = every service), --notify-secret-file (its first line signs each body).
+  std::vector<std::string> notify_urls;
+  std::string notify_on;
+  std::vector<std::string> notify_services;
+  std::string notify_secret_file;
 
   // The data plane for services with `expose:`: "managed" (kilnd starts kiln-proxy, adopts it
   // after a restart, and leaves it running when it stops) or "off" (someone else runs one).

@@ -33,6 +33,7 @@
 #include "controller/work_queue.h"
 #include "daemon/kiln_metrics.h"
 #include "daemon/manifest_loader.h"
+#include "daemon/notifier.h"
 #include "daemon/proxy_supervisor.h"
 #include "daemon/readiness.h"
 #include "deploy/artifact_store.h"
@@ -45,6 +46,7 @@
 #include "kiln/version.h"
 #include "spec/manifest.h"
 #include "spec/manifest_watcher.h"
+#include "spec/template.h"
 #include "storage/sqlite_state_store.h"
 
 namespace kiln {
@@ -129,6 +131,8 @@ struct Daemon::Impl {
   std::unique_ptr<ProcessDriver> driver;
   std::unique_ptr<LogRotator> log_rotator;  // caps STATE/logs/*.log
   std::unique_ptr<Prober> prober;
+  // --notify: webhooks, on a thread of their own; made before the reconciler that feeds it.
+  std::unique_ptr<Notifier> notifier;
   // Start-up recovery could not be recorded yet (a full disk): no pass acts until it is.
   bool recovered = false;
   std::string recovery_error;
@@ -226,6 +230,9 @@ Status Daemon::Impl::Init() {
 
   WorkQueue::Options queue_options;
   queue_options.resync = config.resync;
+  queue_options.on_wait = [this](double seconds) {
+    metrics.Observe("kiln_workqueue_wait_seconds", {}, seconds);
+  };
   queue = std::make_unique<WorkQueue>(
       io, clock, queue_options,
       [this](const std::string& name) {
@@ -245,6 +252,35 @@ Status Daemon::Impl::Init() {
       if (reconciler && recovered) reconciler->OnProxyReport();
     });
   });
+  if (!config.notify_urls.empty()) {
+    Notifier::Options no;
+    for (const std::string& url : config.notify_urls) {
+      StatusOr<WebhookUrl> parsed = ParseWebhookUrl(url);
+      if (!parsed.ok()) return parsed.status();
+      no.urls.push_back(*parsed);
+    }
+    if (config.notify_on.empty()) {
+      no.kinds = DefaultNotifyKinds();
+    } else {
+      StatusOr<std::set<EventKind>> kinds = ParseNotifyKinds(config.notify_on);
+      if (!kinds.ok()) return kinds.status();
+      no.kinds = *kinds;
+    }
+    no.services.insert(config.notify_services.begin(), config.notify_services.end());
+    if (!config.notify_secret_file.empty()) {
+      std::ifstream in(config.notify_secret_file);
+      std::getline(in, no.secret);
+      while (!no.secret.empty() && std::isspace(static_cast<unsigned char>(no.secret.back()))) {
+        no.secret.pop_back();
+      }
+      if (no.secret.empty()) {
+        return InvalidArgumentError("--notify-secret-file: " + config.notify_secret_file +
+                                    " has no secret on its first line");
+      }
+    }
+    no.metrics = &metrics;
+    notifier = std::make_unique<Notifier>(std::move(no));
+  }
   Reconciler::Options rec_options;
   rec_options.endpoints = endpoints.get();
   rec_options.stop_grace = config.stop_grace;
@@ -252,32 +288,23 @@ Status Daemon::Impl::Init() {
   rec_options.on_probe = [this](const std::string& service, const ProbeResult& r) {
     if (r.local_error) {
       metrics.Add("kiln_probe_local_errors_total");
-    } else if (!r.healthy) {
-      metrics.Add("kiln_probe_failures_total", {{"service", service}});
+      return;
     }
+    metrics.Add("kiln_probes_total",
+                {{"service", service}, {"result", r.healthy ? "ok" : "failed"}});
+    if (!r.healthy) metrics.Add("kiln_probe_failures_total", {{"service", service}});
   };
   rec_options.on_event = [this](const EventRecord& e) {
     if (!e.instance.empty()) ScheduleSdFile();
-    if (e.kind == EventKind::kRolloutCompleted)
-      metrics.Add("kiln_rollouts_total", {{"result", "completed"}});
-    if (e.kind == EventKind::kRolloutFailed)
-      metrics.Add("kiln_rollouts_total", {{"result", "failed"}});
-    if (e.kind == EventKind::kRolledBack) {
-      metrics.Add("kiln_rollbacks_total",
-                  {{"trigger", e.actor == "auto" ? "automatic" : "manual"}});
+    CountEvent(metrics, e);
+    if (notifier && notifier->Wants(e)) {
+      // The writer's own connection sees the revision even when this pass just wrote it.
+      std::string version;
+      if (auto rev = store->GetRevision(e.service, e.revision); rev.ok()) {
+        if (auto t = Template::FromCanonical(rev->template_json); t.ok()) version = t->version;
+      }
+      notifier->Notify(e, version);
     }
-    if (e.kind == EventKind::kInstanceStartFailed)
-      metrics.Add("kiln_driver_errors_total", {{"service", e.service}});
-    if (e.kind == EventKind::kInstanceExited)
-      metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "exited"}});
-    if (e.kind == EventKind::kInstanceStartFailed)
-      metrics.Add("kiln_instance_failures_total",
-                  {{"service", e.service}, {"how", "start_failed"}});
-    if (e.kind == EventKind::kInstanceFailed)
-      metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "failed"}});
-    if (e.kind == EventKind::kInstanceUnhealthy)
-      metrics.Add("kiln_instance_failures_total", {{"service", e.service}, {"how", "unhealthy"}});
-    if (e.kind == EventKind::kArtifactDrift) metrics.Add("kiln_artifact_drift_total");
   };
   reconciler = std::make_unique<Reconciler>(*store, *driver, *prober, *artifacts, clock, *queue,
                                             rec_options);
@@ -306,6 +333,7 @@ Status Daemon::Impl::Init() {
       [this](const ManifestSet& set) {
         LogManifestSet(set, last_logged_set);
         metrics.Add("kiln_manifest_errors_total", {}, static_cast<double>(set.AllErrors().size()));
+        metrics.Set("kiln_manifest_errors", {}, static_cast<double>(set.AllErrors().size()));
         reconciler->ApplyManifests(set);
         if (git_source) git_source->RecordApplied();
         Publish();  // readiness says so at once, not up to 200 ms later
@@ -415,6 +443,13 @@ Status Daemon::Impl::Init() {
     }
     return out;
   });
+  metrics.SetCollector("kiln_store_writable", [this] {
+    const ReconcilerSnapshot snap = published.Get();
+    const bool writable = snap.store_error.empty() && snap.recovery_error.empty();
+    return Series{{{}, writable ? 1.0 : 0.0}};
+  });
+  metrics.AddGroupCollector(
+      [this] { return ServiceMetrics(*http_reader, ToUnixMillis(clock.SystemNow())); });
   CollectProxyMetrics(metrics, *endpoints);
   if (!config.http_listen.empty()) {
     HttpServer::Options http_options = HttpOptionsOf(config);
@@ -696,6 +731,9 @@ void Daemon::Run() {
   if (!d.config.grpc_listen.empty())
     addr["grpc_tcp"] = BoundAddress(d.config.grpc_listen, grpc_tcp_port());
   if (d.http) addr["http"] = BoundAddress(d.config.http_listen, http_port());
+  if (d.http && d.notifier) {
+    d.notifier->SetDashboardUrl("http://" + BoundAddress(d.config.http_listen, http_port()) + "/");
+  }
   if (Status s = WriteFileAtomically(addr_file(), addr.dump() + "\n", Durability::kVisible);
       s.ok()) {
     d.addr_written = true;

@@ -70,23 +70,88 @@ TEST_CASE("metrics pass promtool and count what happened", "[http]") {
   REQUIRE(st.exit_code == 0);
   Reply m = Request(f.port, "/metrics");
   REQUIRE(m.status == 200);
+  const std::string info_line =
+      "kiln_service_info{service=\"web\",desired_revision=\"1\",pinned_revision=\"0\","
+      "target_revision=\"1\",version=\"1.0\",pinned_by=\"\"} 1";
   CHECK(m.content_type.rfind("text/plain; version=0.0.4", 0) == 0);
   for (const char* needle :
        {"kiln_build_info{version=\"",
         "kiln_instances{service=\"web\",revision=\"1\",state=\"healthy\"} 2",
         "kiln_reconcile_passes_total{result=\"ok\"}",
         "kiln_reconcile_duration_seconds_bucket{le=\"+Inf\"}",
-        "kiln_rollouts_total{result=\"completed\"} 1", "kiln_workqueue_depth ",
-        "kiln_workqueue_retries_total ", "kiln_store_commit_duration_seconds_count ",
+        "kiln_rollouts_total{service=\"web\",result=\"completed\"} 1",
+        "kiln_rollouts_started_total{service=\"web\"} 1",
+        "kiln_instance_starts_total{service=\"web\"} 2",
+        "kiln_probes_total{service=\"web\",result=\"ok\"}",
+        "kiln_service_desired_replicas{service=\"web\"} 2",
+        "kiln_service_available_replicas{service=\"web\"} 2",
+        "kiln_service_live_instances{service=\"web\",state=\"healthy\"} 2",
+        "kiln_service_live_instances{service=\"web\",state=\"starting\"} 0",
+        "kiln_service_paused{service=\"web\"} 0",
+        "kiln_service_pinned{service=\"web\"} 0",
+        info_line.c_str(),
+        "kiln_service_rollout_state{service=\"web\",state=\"completed\"} 1",
+        "kiln_service_rollout_state{service=\"web\",state=\"failed\"} 0",
+        "kiln_service_rollout_seconds_since_progress{service=\"web\"} 0",
+        "kiln_service_condition{service=\"web\",condition=\"Available\"} 1",
+        "kiln_store_writable 1",
+        "kiln_manifest_errors 0",
+        "kiln_workqueue_wait_seconds_count ",
+        "kiln_workqueue_depth ",
+        "kiln_workqueue_retries_total ",
+        "kiln_store_commit_duration_seconds_count ",
         "kiln_grpc_requests_total{method=\"/kiln.v1.Kiln/ListServices\",code=\"OK\"} 1",
-        "# TYPE kiln_manifest_errors_total counter", "# TYPE kiln_probe_failures_total counter",
-        "# TYPE kiln_driver_errors_total counter", "# TYPE kiln_rollbacks_total counter"}) {
+        "# TYPE kiln_manifest_errors_total counter",
+        "# TYPE kiln_probe_failures_total counter",
+        "# TYPE kiln_driver_errors_total counter",
+        "# TYPE kiln_rollbacks_total counter"}) {
     INFO(needle);
     CHECK(m.body.find(needle) != std::string::npos);
   }
   WriteFile(f.h.tmp() / "metrics.txt", m.body);
   RunResult promtool =
       Run({"/bin/sh", "-c", "promtool check metrics < " + (f.h.tmp() / "metrics.txt").string()});
+  INFO(promtool.out << promtool.err);
+  CHECK(promtool.exit_code == 0);
+}
+
+TEST_CASE("metrics show a failed rollout and the automatic rollback that pinned it", "[http]") {
+  KilndHarness h;
+  const char* policy =
+      "{strategy: rolling, max_surge: 1, max_unavailable: 0, healthy_deadline: 1s, "
+      "progress_deadline: 3s}";
+  h.Declare("web", "1.0", 1, policy);
+  h.Start();
+  REQUIRE(h.WaitReady());
+  REQUIRE(WaitFor([&] { return h.Healthy("web") == 1; }));
+  h.Declare("web", "2.0", 1, policy, ", \"--unhealthy-after\", \"0s\"");
+  REQUIRE(WaitFor(
+      [&] {
+        auto s = h.Service("web");
+        return s.ok() && s->pinned_revision > 0;
+      },
+      60s));
+  Reply m;
+  // The pass that pinned it has committed; what /metrics reads follows.
+  REQUIRE(WaitFor([&] {
+    m = Request(h.HttpPort(), "/metrics");
+    return m.body.find("pinned_by=\"automatic\"") != std::string::npos;
+  }));
+  const std::string pinned_line =
+      "kiln_service_info{service=\"web\",desired_revision=\"2\",pinned_revision=\"3\","
+      "target_revision=\"3\",version=\"1.0\",pinned_by=\"automatic\"} 1";
+  for (const char* needle : {"kiln_rollouts_total{service=\"web\",result=\"failed\"} 1",
+                             "kiln_rollbacks_total{service=\"web\",trigger=\"automatic\"} 1",
+                             "kiln_probes_total{service=\"web\",result=\"deadline\"}",
+                             "kiln_probes_total{service=\"web\",result=\"failed\"}",
+                             "kiln_instance_failures_total{service=\"web\",how=\"deadline\"}",
+                             "kiln_service_pinned{service=\"web\"} 1", pinned_line.c_str()}) {
+    INFO(needle);
+    CHECK(m.body.find(needle) != std::string::npos);
+  }
+  WriteFile(h.tmp() / "metrics.txt", m.body);
+  RunResult promtool =
+      Run({"/bin/sh", "-c", "promtool check metrics < " + (h.tmp() / "metrics.txt").string()});
   INFO(promtool.out << promtool.err);
   CHECK(promtool.exit_code == 0);
 }
