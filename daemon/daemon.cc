@@ -36,9 +36,9 @@
 #include "daemon/proxy_supervisor.h"
 #include "daemon/readiness.h"
 #include "deploy/artifact_store.h"
+#include "deploy/docker_driver.h"
 #include "deploy/instance_logs.h"
 #include "deploy/prober.h"
-#include "deploy/docker_driver.h"
 #include "deploy/process_driver.h"
 #include "deploy/routing_driver.h"
 #include "git/commit_finder.h"
@@ -128,7 +128,7 @@ struct Daemon::Impl {
   std::unique_ptr<SqliteStateStore> store;
   std::optional<ArtifactStore> artifacts;
   boost::asio::io_context io;
-  std::unique_ptr<RoutingDriver> driver;  // processes, and containers with --docker-host
+  std::unique_ptr<RoutingDriver> driver;    // processes, and containers with --docker-host
   std::unique_ptr<LogRotator> log_rotator;  // caps STATE/logs/*.log
   std::unique_ptr<Prober> prober;
   // Start-up recovery could not be recorded yet (a full disk): no pass acts until it is.
@@ -227,8 +227,8 @@ Status Daemon::Impl::Init() {
     containers = std::move(made).value();
     LogInfo("image services run on a Docker engine", {{"engine", docker_options.endpoint}});
   }
-  driver = std::make_unique<RoutingDriver>(
-      io, std::make_unique<ProcessDriver>(io, driver_options), std::move(containers));
+  driver = std::make_unique<RoutingDriver>(io, std::make_unique<ProcessDriver>(io, driver_options),
+                                           std::move(containers));
   // After the driver, which makes the directory. kilnd is not in the instances' write path: a
   // log keeps growing while kilnd is down and is capped at the first check after it starts.
   log_rotator =

@@ -143,18 +143,17 @@ void StreamControl::Cancel() {
 
 Client::Client(Options options) : options_(std::move(options)) {}
 
-asio::awaitable<StatusOr<Response>> Client::Raw(Method method, std::string target,
-                                                std::string body, std::string content_type,
-                                                Duration timeout) {
+asio::awaitable<StatusOr<Response>> Client::Raw(Method method, std::string target, std::string body,
+                                                std::string content_type, Duration timeout) {
   if (timeout.count() <= 0) timeout = options_.timeout;
   auto c = std::make_shared<Connection>(co_await asio::this_coro::executor);
   ArmTimeout(c, timeout);
   const std::string what = std::string(NameOf(method)) + " " + target;
   auto fail = [&](std::string_view step, const error_code& ec) -> Status {
     if (c->timed_out) {
-      return Status(StatusCode::kDeadlineExceeded,
-                    "Docker engine " + options_.endpoint.text + ": no answer to " + what +
-                        " within " + std::to_string(timeout.count()) + "ms");
+      return Status(StatusCode::kDeadlineExceeded, "Docker engine " + options_.endpoint.text +
+                                                       ": no answer to " + what + " within " +
+                                                       std::to_string(timeout.count()) + "ms");
     }
     return UnavailableError("Docker engine " + options_.endpoint.text + " unreachable (" +
                             std::string(step) + " " + what + "): " + ec.message());
@@ -217,8 +216,7 @@ asio::awaitable<StatusOr<Response>> Client::Call(Method method, std::string targ
 }
 
 asio::awaitable<StatusOr<Response>> Client::CallWithBody(Method method, std::string target,
-                                                         std::string body,
-                                                         std::string content_type,
+                                                         std::string body, std::string content_type,
                                                          Duration timeout) {
   Status negotiated = co_await Negotiate({});
   if (!negotiated.ok()) co_return negotiated;
@@ -246,8 +244,8 @@ asio::awaitable<Status> Client::Stream(std::string target,
   auto fail = [&](std::string_view step, const error_code& ec) -> Status {
     if (control->cancelled()) return Status(StatusCode::kCancelled, "cancelled");
     if (c->timed_out) {
-      return Status(StatusCode::kDeadlineExceeded, "Docker engine " + options_.endpoint.text +
-                                                       ": no answer to GET " + target);
+      return Status(StatusCode::kDeadlineExceeded,
+                    "Docker engine " + options_.endpoint.text + ": no answer to GET " + target);
     }
     return UnavailableError("Docker engine " + options_.endpoint.text + " unreachable (" +
                             std::string(step) + " GET " + target + "): " + ec.message());
@@ -278,7 +276,8 @@ asio::awaitable<Status> Client::Stream(std::string target,
   co_await http::async_read_header(c->socket, buffer, parser,
                                    asio::redirect_error(asio::use_awaitable, ec));
   if (ec) co_return fail("reading the answer to", ec);
-  CancelQuietly(c->timer, "Docker call timer");  // the body streams for as long as the engine keeps it open
+  CancelQuietly(c->timer,
+                "Docker call timer");  // the body streams for as long as the engine keeps it open
   if (parser.get().result_int() != 200) {
     // An error answer is short and carries the engine's message.
     co_await http::async_read(c->socket, buffer, parser,

@@ -8,7 +8,9 @@
 // /version's ApiVersion), capped at the newest version this client was written against, and every
 // later request is prefixed with it ("/v1.41/containers/json").
 
-#include <utility>  // before Asio's awaitable.hpp, which uses std::exchange without it (1.74)
+// clang-format off
+#include <utility>  // first: Asio 1.74's awaitable.hpp uses std::exchange without including it
+// clang-format on
 
 #include <boost/asio/awaitable.hpp>
 #include <functional>
@@ -101,8 +103,7 @@ class Client {
   // Call, run to its end on a private io_context of the calling thread (for the synchronous parts
   // of the Driver interface). Blocks for at most about `timeout`.
   StatusOr<Response> CallSync(Method method, std::string target, std::string body = {},
-                              Duration timeout = {},
-                              std::string content_type = "application/json");
+                              Duration timeout = {}, std::string content_type = "application/json");
 
  private:
   boost::asio::awaitable<Status> Negotiate(Duration timeout);

@@ -3,10 +3,10 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <boost/asio/redirect_error.hpp>
 #include <cctype>
 #include <chrono>
 #include <cstdio>
@@ -167,7 +167,8 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
   std::string Engine() const { return client.endpoint().text; }
 
   Status EngineError(const Response& r, const std::string& what) const {
-    return UnavailableError("Docker engine " + Engine() + ": " + what + ": " + docker::ErrorMessage(r));
+    return UnavailableError("Docker engine " + Engine() + ": " + what + ": " +
+                            docker::ErrorMessage(r));
   }
 
   // ---- start ------------------------------------------------------------------------------
@@ -193,9 +194,9 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
 
     LogInfo("pulling image", {{"image", image}, {"engine", Engine()}});
     StatusOr<Response> pull = co_await client.Call(
-        Method::kPost, "/images/create?fromImage=" + UrlEncode(ref->name) + "&tag=" +
-                           UrlEncode(ref->digest),
-        {}, options.pull_timeout);
+        Method::kPost,
+        "/images/create?fromImage=" + UrlEncode(ref->name) + "&tag=" + UrlEncode(ref->digest), {},
+        options.pull_timeout);
     if (!pull.ok()) co_return pull.status();
     // The engine answers 200 and reports progress, and a failure, as JSON lines.
     std::string pull_error;
@@ -242,7 +243,12 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
     vars["KILN_REVISION"] = std::to_string(spec.revision);
     vars["KILN_INSTANCE"] = spec.instance;
     if (spec.container_port > 0) vars["PORT"] = std::to_string(spec.container_port);
-    for (const auto& [k, v] : vars) env.push_back(k + "=" + v);
+    for (const auto& [k, v] : vars) {
+      std::string entry = k;
+      entry += '=';
+      entry += v;
+      env.push_back(std::move(entry));
+    }
     json body = {
         {"Image", image_id},
         {"Env", env},
@@ -327,7 +333,8 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
       co_await Remove(id, spec.instance);
       co_return s;
     };
-    StatusOr<Response> started = co_await client.Call(Method::kPost, "/containers/" + id + "/start");
+    StatusOr<Response> started =
+        co_await client.Call(Method::kPost, "/containers/" + id + "/start");
     if (!started.ok()) co_return co_await fail(started.status());
     if (started->status != 204 && started->status != 304) {
       const std::string msg = docker::ErrorMessage(*started);
@@ -338,12 +345,13 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
       }
       if (msg.find("executable file not found") != std::string::npos ||
           msg.find("no such file or directory") != std::string::npos) {
-        co_return co_await fail(InvalidArgumentError("image " + spec.image +
-                                                     " cannot run the command: " + msg));
+        co_return co_await fail(
+            InvalidArgumentError("image " + spec.image + " cannot run the command: " + msg));
       }
       co_return co_await fail(EngineError(*started, "starting container " + name));
     }
-    StatusOr<Response> inspected = co_await client.Call(Method::kGet, "/containers/" + id + "/json");
+    StatusOr<Response> inspected =
+        co_await client.Call(Method::kGet, "/containers/" + id + "/json");
     if (!inspected.ok()) co_return co_await fail(inspected.status());
     if (inspected->status != 200) {
       co_return co_await fail(EngineError(*inspected, "inspecting container " + name));
@@ -366,7 +374,7 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
 
   // How a container ended, from inspect (nullopt when it is gone or the engine cannot say).
   asio::awaitable<std::optional<ExitInfo>> ExitOf(const std::string& id,
-                                                   const std::string& instance) {
+                                                  const std::string& instance) {
     StatusOr<Response> r = co_await client.Call(Method::kGet, "/containers/" + id + "/json");
     if (!r.ok() || r->status != 200) co_return std::nullopt;
     json info = ParseJson(r->body);
@@ -467,8 +475,8 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
     Duration backoff{100};
     bool dropped = false;
     while (!shutting_down) {
-      const std::string target = "/events?since=" + SinceOf(events_since) +
-                                 "&filters=" + UrlEncode(filters.dump());
+      const std::string target =
+          "/events?since=" + SinceOf(events_since) + "&filters=" + UrlEncode(filters.dump());
       if (dropped) co_await CheckWatched();
       auto self = shared_from_this();
       Status s = co_await client.Stream(
@@ -502,9 +510,9 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
       if (auto it = watches.find(*id); it != watches.end() && it->second == w) watches.erase(it);
     };
     const auto seconds = std::chrono::ceil<std::chrono::seconds>(grace).count();
-    StatusOr<Response> stopped =
-        co_await client.Call(Method::kPost, "/containers/" + *id + "/stop?t=" + std::to_string(seconds),
-                             {}, grace + options.request_timeout);
+    StatusOr<Response> stopped = co_await client.Call(
+        Method::kPost, "/containers/" + *id + "/stop?t=" + std::to_string(seconds), {},
+        grace + options.request_timeout);
     if (!stopped.ok()) {
       if (w) w->stopping = false;  // still ours to watch
       co_return stopped.status().WithContext("stop " + handle.instance);
@@ -547,8 +555,7 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
   docker::Client client;
   std::map<std::string, std::shared_ptr<Watch>> watches;  // by container id
   ExitFn exit_fn;
-  std::shared_ptr<docker::StreamControl> events_control =
-      std::make_shared<docker::StreamControl>();
+  std::shared_ptr<docker::StreamControl> events_control = std::make_shared<docker::StreamControl>();
   asio::steady_timer reconnect_timer;
   int64_t events_since;  // unix ns of the newest event seen (or of the driver's start)
   bool shutting_down = false;
@@ -653,7 +660,8 @@ Status DockerDriver::Adopt(const InstanceHandle& handle) {
   if (impl_->watches.count(id)) return Status::Ok();
   ASSIGN_OR_RETURN(json info, impl_->InspectSync(id));
   if (info.is_null()) {
-    return NotFoundError("instance " + handle.instance + " is gone: its container no longer exists");
+    return NotFoundError("instance " + handle.instance +
+                         " is gone: its container no longer exists");
   }
   const json& state = Member(info, "State");
   const json& labels = Member(Member(info, "Config"), "Labels");
@@ -664,8 +672,9 @@ Status DockerDriver::Adopt(const InstanceHandle& handle) {
   if (!BoolAt(state, "Running")) {
     const int64_t code = IntAt(state, "ExitCode").value_or(0);
     impl_->Spawn([impl = impl_, id, name = handle.instance]() { return impl->Remove(id, name); });
-    return NotFoundError("instance " + handle.instance + " is gone: its container exited with code " +
-                         std::to_string(code) + "; removing it");
+    return NotFoundError("instance " + handle.instance +
+                         " is gone: its container exited with code " + std::to_string(code) +
+                         "; removing it");
   }
   auto w = std::make_shared<Impl::Watch>();
   w->handle = handle;

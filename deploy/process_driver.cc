@@ -115,8 +115,8 @@ std::string ExitInfo::Describe() const {
     how = "exited with code " + std::to_string(*exit_code);
   } else if (signal) {
     const char* abbrev = sigabbrev_np(*signal);
-    how = "killed by " +
-          (abbrev ? "SIG" + std::string(abbrev) : "signal " + std::to_string(*signal));
+    how =
+        "killed by " + (abbrev ? "SIG" + std::string(abbrev) : "signal " + std::to_string(*signal));
   } else {
     how = status_known ? "exited" : "exited (status unknown: not started by this kilnd)";
   }

@@ -184,8 +184,8 @@ TEST_CASE("ParseDaemonFlags reads every flag into typed values", "[daemon]") {
 
 TEST_CASE("ParseDaemonFlags takes a Docker engine address and refuses what it cannot use",
           "[daemon]") {
-  const char* one[] = {"kilnd", "--manifests", "/m", "--state", "/s",
-                       "--docker-host", "unix:///run/docker.sock"};
+  const char* one[] = {
+      "kilnd", "--manifests", "/m", "--state", "/s", "--docker-host", "unix:///run/docker.sock"};
   auto c = ParseDaemonFlags(static_cast<int>(std::size(one)), one);
   REQUIRE(c.ok());
   CHECK(c->docker_hosts == std::vector<std::string>{"unix:///run/docker.sock"});
@@ -195,15 +195,16 @@ TEST_CASE("ParseDaemonFlags takes a Docker engine address and refuses what it ca
   REQUIRE(c.ok());
   CHECK(c->docker_hosts.empty());
 
-  const char* tcp[] = {"kilnd", "--manifests", "/m", "--state", "/s",
+  const char* tcp[] = {"kilnd",         "--manifests",        "/m", "--state", "/s",
                        "--docker-host", "tcp://10.0.0.1:2376"};
   c = ParseDaemonFlags(static_cast<int>(std::size(tcp)), tcp);
   REQUIRE_FALSE(c.ok());
   CHECK(c.status().code() == StatusCode::kInvalidArgument);
   CHECK_THAT(c.status().message(), Catch::StartsWith("--docker-host: \"tcp://10.0.0.1:2376\""));
 
-  const char* two[] = {"kilnd", "--manifests", "/m", "--state", "/s",
-                       "--docker-host", "unix:///a.sock", "--docker-host", "unix:///b.sock"};
+  const char* two[] = {
+      "kilnd",         "--manifests",   "/m", "--state", "/s", "--docker-host", "unix:///a.sock",
+      "--docker-host", "unix:///b.sock"};
   c = ParseDaemonFlags(static_cast<int>(std::size(two)), two);
   REQUIRE_FALSE(c.ok());
   CHECK(c.status().message() == "--docker-host: one Docker engine is supported for now, got 2");

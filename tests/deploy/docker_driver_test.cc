@@ -1,5 +1,7 @@
 // The Docker driver against a real dockerd started by the test (tests/deploy/docker_engine.h).
 
+#include "deploy/docker_driver.h"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -10,7 +12,6 @@
 #include <optional>
 
 #include "deploy/docker_client.h"
-#include "deploy/docker_driver.h"
 #include "tests/deploy/deploy_test_util.h"
 #include "tests/deploy/docker_engine.h"
 
@@ -89,7 +90,8 @@ struct Fixture {
   StatusOr<InstanceHandle> StartAndWait(Driver& d, const InstanceSpec& spec) {
     std::optional<StatusOr<InstanceHandle>> result;
     d.Start(spec, [&](StatusOr<InstanceHandle> r) { result.emplace(std::move(r)); });
-    RunUntil(io, [&] { return result.has_value(); }, std::chrono::seconds(60));
+    RunUntil(
+        io, [&] { return result.has_value(); }, std::chrono::seconds(60));
     if (!result) return DeadlineExceededError();
     return std::move(*result);
   }
@@ -97,7 +99,8 @@ struct Fixture {
   StatusOr<ExitInfo> StopAndWait(Driver& d, const InstanceHandle& h) {
     std::optional<StatusOr<ExitInfo>> result;
     d.Stop(h, std::chrono::seconds(5), [&](StatusOr<ExitInfo> r) { result.emplace(std::move(r)); });
-    RunUntil(io, [&] { return result.has_value(); }, std::chrono::seconds(60));
+    RunUntil(
+        io, [&] { return result.has_value(); }, std::chrono::seconds(60));
     if (!result) return DeadlineExceededError();
     return std::move(*result);
   }
@@ -113,13 +116,13 @@ struct Fixture {
   boost::asio::io_context io;
 };
 
-#define SKIP_WITHOUT_ENGINE(f)                                            \
-  do {                                                                    \
-    if (!(f).why_not.empty()) {                                           \
+#define SKIP_WITHOUT_ENGINE(f)                                             \
+  do {                                                                     \
+    if (!(f).why_not.empty()) {                                            \
       std::printf("SKIPPED: no Docker engine: %s\n", (f).why_not.c_str()); \
-      return;                                                             \
-    }                                                                     \
-    REQUIRE((f).image_id.rfind("sha256:", 0) == 0);                       \
+      return;                                                              \
+    }                                                                      \
+    REQUIRE((f).image_id.rfind("sha256:", 0) == 0);                        \
   } while (0)
 
 TEST_CASE("docker driver runs an image on a published port and stops it with its exit code",
@@ -176,7 +179,8 @@ TEST_CASE("docker driver reports a container killed by someone else once and rem
   REQUIRE(!WaitForAnswer(f.io, h->port).empty());
 
   REQUIRE(f.engine.Kill(h->id.substr(7)));
-  REQUIRE(RunUntil(f.io, [&] { return !exits.empty(); }, std::chrono::seconds(30)));
+  REQUIRE(RunUntil(
+      f.io, [&] { return !exits.empty(); }, std::chrono::seconds(30)));
   CHECK(exits[0].instance == "web-2");
   CHECK(exits[0].Describe() == "exited with code 137");
   // Removed once its end was reported.
@@ -218,13 +222,13 @@ TEST_CASE("docker driver adopts a running container after a restart and reports 
   CHECK(driver->Adopt(bogus).code() == StatusCode::kNotFound);
 
   REQUIRE(f.engine.Kill(h.id.substr(7)));
-  REQUIRE(RunUntil(f.io, [&] { return !exits.empty(); }, std::chrono::seconds(30)));
+  REQUIRE(RunUntil(
+      f.io, [&] { return !exits.empty(); }, std::chrono::seconds(30)));
   CHECK(exits[0].instance == "web-3");
   CHECK(exits[0].exit_code == 137);
 }
 
-TEST_CASE("docker driver does not adopt a container that exited while nobody watched",
-          "[docker]") {
+TEST_CASE("docker driver does not adopt a container that exited while nobody watched", "[docker]") {
   Fixture f;
   SKIP_WITHOUT_ENGINE(f);
   InstanceHandle h;

@@ -44,6 +44,7 @@ inline int RunCommand(const std::vector<std::string>& argv, const std::string& o
   posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   posix_spawn_file_actions_addopen(&fa, 2, out.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   std::vector<char*> args;
+  args.reserve(argv.size() + 1);
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   pid_t pid = -1;
@@ -85,9 +86,9 @@ class DockerEngine {
     RunCommand({"ip", "link", "del", bridge_});  // left behind by a killed test run
     const std::string log = (dir_ / "setup.log").string();
     if (RunCommand({"ip", "link", "add", bridge_, "type", "bridge"}, log) != 0 ||
-        RunCommand({"ip", "addr", "add", "10.211." + std::to_string(slot_) + ".1/24", "dev",
-                    bridge_},
-                   log) != 0 ||
+        RunCommand(
+            {"ip", "addr", "add", "10.211." + std::to_string(slot_) + ".1/24", "dev", bridge_},
+            log) != 0 ||
         RunCommand({"ip", "link", "set", bridge_, "up"}, log) != 0) {
       return "cannot make bridge " + bridge_ + ": " + ReadFile(log);
     }
@@ -109,6 +110,7 @@ class DockerEngine {
     posix_spawn_file_actions_addopen(&fa, 1, dlog.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     posix_spawn_file_actions_addopen(&fa, 2, dlog.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     std::vector<char*> args;
+    args.reserve(argv.size() + 1);
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
     int rc = posix_spawnp(&pid_, args[0], &fa, nullptr, args.data(), environ);

@@ -90,14 +90,12 @@ TEST_CASE("an image service converges rolls to a new image and replaces a killed
 
   // A new image: a rolling update to revision 2.
   WriteFile(h.manifests() / "web.yaml", ImageManifest("web", "2.0", 2, "kiln-test/web@" + v2));
-  REQUIRE(WaitFor(
-      [&] { return h.Healthy("web", 2) == 2 && h.Live("web").size() == 2; }, 90s));
+  REQUIRE(WaitFor([&] { return h.Healthy("web", 2) == 2 && h.Live("web").size() == 2; }, 90s));
   for (const auto& i : h.Live("web")) CHECK(HttpRequest(i.port, "/").body == "2.0\n");
   CHECK(WaitFor([&] { return Containers(engine, h) == 2; }));
 }
 
-TEST_CASE("kilnd SIGKILLed adopts its containers after a restart without duplicates",
-          "[docker]") {
+TEST_CASE("kilnd SIGKILLed adopts its containers after a restart without duplicates", "[docker]") {
   DockerEngine engine;
   if (!SkipReason(engine).empty()) return;
   KilndHarness h;
