@@ -79,6 +79,13 @@ struct Connection {
   bool timed_out = false;
 };
 
+// Cancels a connection's timer when the call ends, however it ends: an armed timer would keep
+// the io_context busy (CallSync's private one runs until it fires) and the connection alive.
+struct DisarmOnExit {
+  Connection& c;
+  ~DisarmOnExit() { CancelQuietly(c.timer, "Docker call timer"); }
+};
+
 void ArmTimeout(const std::shared_ptr<Connection>& c, Duration timeout) {
   c->timer.expires_after(timeout);
   c->timer.async_wait([c](const error_code& ec) {
@@ -148,6 +155,7 @@ asio::awaitable<StatusOr<Response>> Client::Raw(Method method, std::string targe
   if (timeout.count() <= 0) timeout = options_.timeout;
   auto c = std::make_shared<Connection>(co_await asio::this_coro::executor);
   ArmTimeout(c, timeout);
+  DisarmOnExit disarm{*c};
   const std::string what = std::string(NameOf(method)) + " " + target;
   auto fail = [&](std::string_view step, const error_code& ec) -> Status {
     if (c->timed_out) {
@@ -241,6 +249,7 @@ asio::awaitable<Status> Client::Stream(std::string target,
     ~Detach() { control.close_ = nullptr; }
   } detach{*control};
   ArmTimeout(c, options_.timeout);
+  DisarmOnExit disarm{*c};
   auto fail = [&](std::string_view step, const error_code& ec) -> Status {
     if (control->cancelled()) return Status(StatusCode::kCancelled, "cancelled");
     if (c->timed_out) {
