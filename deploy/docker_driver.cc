@@ -460,7 +460,8 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
         Report(w, e);
         continue;
       }
-      const json& st = Member(ParseJson(r->body), "State");
+      const json info = ParseJson(r->body);
+      const json& st = Member(info, "State");
       if (st.is_object() && !BoolAt(st, "Running")) {
         co_await OnEnded(id, std::nullopt);
       }

@@ -228,6 +228,29 @@ TEST_CASE("docker driver adopts a running container after a restart and reports 
   CHECK(exits[0].exit_code == 137);
 }
 
+TEST_CASE("docker driver reports an exit the engine's restart took away from its event stream",
+          "[docker]") {
+  Fixture f;
+  SKIP_WITHOUT_ENGINE(f);
+  auto driver = f.NewDriver();
+  std::vector<ExitInfo> exits;
+  driver->SetExitCallback([&](const ExitInfo& e) { exits.push_back(e); });
+  StatusOr<InstanceHandle> h = f.StartAndWait(*driver, f.Spec("web-7"));
+  REQUIRE(h.ok());
+  REQUIRE(!WaitForAnswer(f.io, h->port).empty());
+  // The engine stops its containers as it goes down and forgets its events: the driver hears
+  // the die before its stream drops, or finds the container ended after reconnecting.
+  REQUIRE(f.engine.Restart().empty());
+  REQUIRE(RunUntil(
+      f.io, [&] { return !exits.empty(); }, std::chrono::seconds(60)));
+  CHECK(exits[0].instance == "web-7");
+  CHECK(exits[0].exit_code.has_value());
+  REQUIRE(RunUntil(
+      f.io, [&] { return f.engine.Containers("kiln.controller=" + f.controller).empty(); },
+      std::chrono::seconds(30)));
+  CHECK(exits.size() == 1);
+}
+
 TEST_CASE("docker driver does not adopt a container that exited while nobody watched", "[docker]") {
   Fixture f;
   SKIP_WITHOUT_ENGINE(f);

@@ -94,6 +94,18 @@ class DockerEngine {
     }
     bridge_made_ = true;
     socket_ = (dir_ / "d.sock").string();
+    return Launch();
+  }
+
+  // Stops dockerd (SIGTERM: its containers stop with it) and starts it again on the same
+  // directories, as after a crash or an upgrade of the engine. "" when it answers again.
+  std::string Restart() {
+    StopDaemon();
+    return Launch();
+  }
+
+ private:
+  std::string Launch() {
     std::vector<std::string> argv = {"dockerd",
                                      "--data-root=" + (dir_ / "data").string(),
                                      "--exec-root=" + (dir_ / "exec").string(),
@@ -137,8 +149,7 @@ class DockerEngine {
     return "dockerd did not answer within 60s: " + Tail(ReadFile(dlog));
   }
 
-  // Stops dockerd (its containers with it) and removes everything it made. Idempotent.
-  void Stop() {
+  void StopDaemon() {
     if (pid_ > 0) {
       ::kill(pid_, SIGTERM);
       int status = 0;
@@ -153,6 +164,12 @@ class DockerEngine {
       }
       pid_ = -1;
     }
+  }
+
+ public:
+  // Stops dockerd (its containers with it) and removes everything it made. Idempotent.
+  void Stop() {
+    StopDaemon();
     if (bridge_made_) RunCommand({"ip", "link", "del", bridge_});
     bridge_made_ = false;
     if (lock_fd_ >= 0) ::close(lock_fd_);
