@@ -479,9 +479,9 @@ struct DockerDriver::Impl : std::enable_shared_from_this<Impl> {
       const std::string target =
           "/events?since=" + SinceOf(events_since) + "&filters=" + UrlEncode(filters.dump());
       if (dropped) co_await CheckWatched();
-      auto self = shared_from_this();
+      // `this` lives as long as this coroutine: the co_spawn that runs it holds a reference.
       Status s = co_await client.Stream(
-          target, [self](std::string_view line) { self->OnEventLine(line); }, events_control);
+          target, [this](std::string_view line) { OnEventLine(line); }, events_control);
       if (shutting_down) break;
       if (s.ok() || s.code() == StatusCode::kCancelled) backoff = Duration{100};
       if (!dropped || backoff >= Duration{2000}) {
