@@ -13,6 +13,7 @@
 #include "api/tokens.h"
 #include "common/duration.h"
 #include "daemon/notifier.h"
+#include "deploy/docker_driver.h"
 #include "http/http_server.h"
 #include "kiln/version.h"
 
@@ -66,6 +67,15 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
   if (c.state.empty()) return InvalidArgumentError("--state is required");
   if (c.driver != "process") {
     return InvalidArgumentError("--driver: unknown driver \"" + c.driver + "\"");
+  }
+  if (c.docker_hosts.size() > 1) {
+    return InvalidArgumentError("--docker-host: one Docker engine is supported for now, got " +
+                                std::to_string(c.docker_hosts.size()));
+  }
+  for (const std::string& host : c.docker_hosts) {
+    if (Status s = CheckDockerEndpoint(host); !s.ok()) {
+      return InvalidArgumentError("--docker-host: " + s.message());
+    }
   }
   if (!(c.port_first > 0 && c.port_first <= c.port_last && c.port_last <= 65535)) {
     return InvalidArgumentError("--port-range: expected FIRST-LAST within 1-65535, got \"" +
@@ -210,7 +220,14 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
   app.add_option("--git-poll", git_poll,
                  "with --manifests git+...: fetch the branch this often (and on kilnctl sync)");
   app.add_option("--state", state, "state directory (kiln.db, artifacts, logs)")->required();
-  app.add_option("--driver", config.driver, "instance driver")->check(CLI::IsMember({"process"}));
+  app.add_option("--driver", config.driver,
+                 "instance driver for services with an artifact (services with an image run on "
+                 "--docker-host)")
+      ->check(CLI::IsMember({"process"}));
+  app.add_option("--docker-host", config.docker_hosts,
+                 "Docker engine for services with an image, unix:///PATH (e.g. "
+                 "unix:///run/docker.sock)")
+      ->allow_extra_args(false);
   app.add_option("--port-range", port_range, "ports for instances, FIRST-LAST");
   app.add_option("--resync", resync, "period of the full resync, e.g. 30s");
   app.add_option("--stop-grace", stop_grace, "SIGTERM to SIGKILL when stopping an instance");

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "api/api_server.h"
 #include "api/tokens.h"
@@ -28,6 +29,10 @@ struct DaemonConfig {
   Duration git_poll{15'000};
   std::filesystem::path state;  // kiln.db, artifacts/, logs/, kiln.sock, kilnd.addr
   std::string driver = "process";
+  // --docker-host: the Docker engines image services run on (unix:///PATH). Empty: none, and an
+  // image service's instances fail to start. One engine for now; the flag is repeatable so that
+  // several engines (hosts) can follow without a new flag.
+  std::vector<std::string> docker_hosts;
   int port_first = 20000;  // instances' ports, [port_first, port_last]
   int port_last = 29999;
   Duration resync{30'000};  // 0: no periodic resync (events are still pruned every 30s)

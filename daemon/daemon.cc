@@ -37,9 +37,11 @@
 #include "daemon/proxy_supervisor.h"
 #include "daemon/readiness.h"
 #include "deploy/artifact_store.h"
+#include "deploy/docker_driver.h"
 #include "deploy/instance_logs.h"
 #include "deploy/prober.h"
 #include "deploy/process_driver.h"
+#include "deploy/routing_driver.h"
 #include "git/commit_finder.h"
 #include "git/git_source.h"
 #include "http/http_server.h"
@@ -128,7 +130,7 @@ struct Daemon::Impl {
   std::unique_ptr<SqliteStateStore> store;
   std::optional<ArtifactStore> artifacts;
   boost::asio::io_context io;
-  std::unique_ptr<ProcessDriver> driver;
+  std::unique_ptr<RoutingDriver> driver;    // processes, and containers with --docker-host
   std::unique_ptr<LogRotator> log_rotator;  // caps STATE/logs/*.log
   std::unique_ptr<Prober> prober;
   // --notify: webhooks, on a thread of their own; made before the reconciler that feeds it.
@@ -219,7 +221,18 @@ Status Daemon::Impl::Init() {
   driver_options.port_last = config.port_last;
   driver_options.controller_id = ControllerIdForStateDir(config.state);
   driver_options.instance_nofile_soft = config.instance_nofile_soft;
-  driver = std::make_unique<ProcessDriver>(io, driver_options);
+  std::unique_ptr<DockerDriver> containers;
+  if (!config.docker_hosts.empty()) {
+    DockerDriver::Options docker_options;
+    docker_options.endpoint = config.docker_hosts.front();
+    docker_options.controller_id = driver_options.controller_id;
+    StatusOr<std::unique_ptr<DockerDriver>> made = DockerDriver::Create(io, docker_options);
+    if (!made.ok()) return made.status().WithContext("--docker-host");
+    containers = std::move(made).value();
+    LogInfo("image services run on a Docker engine", {{"engine", docker_options.endpoint}});
+  }
+  driver = std::make_unique<RoutingDriver>(io, std::make_unique<ProcessDriver>(io, driver_options),
+                                           std::move(containers));
   // After the driver, which makes the directory. kilnd is not in the instances' write path: a
   // log keeps growing while kilnd is down and is capped at the first check after it starts.
   log_rotator =

@@ -49,8 +49,12 @@ struct ExitInfo {
   std::optional<int> exit_code;  // exited by itself with this code
   std::optional<int> signal;     // killed by this signal
   bool status_known = true;      // false for adopted processes: they were not our children
+  // What else the driver knows of the end, named in Describe: "OOMKilled" (the Docker driver:
+  // the engine says the kernel killed it for memory).
+  std::string detail;
 
-  // "exited with code 3", "killed by SIGKILL", "exited (status unknown: adopted)".
+  // "exited with code 3", "killed by SIGKILL", "exited (status unknown: adopted)",
+  // "exited with code 137 (OOMKilled)".
   std::string Describe() const;
 };
 

@@ -110,13 +110,18 @@ std::optional<pid_t> PickLeader(const std::map<pid_t, proc::Stat>& members) {
 }  // namespace
 
 std::string ExitInfo::Describe() const {
-  if (exit_code) return "exited with code " + std::to_string(*exit_code);
-  if (signal) {
+  std::string how;
+  if (exit_code) {
+    how = "exited with code " + std::to_string(*exit_code);
+  } else if (signal) {
     const char* abbrev = sigabbrev_np(*signal);
-    return "killed by " +
-           (abbrev ? "SIG" + std::string(abbrev) : "signal " + std::to_string(*signal));
+    how =
+        "killed by " + (abbrev ? "SIG" + std::string(abbrev) : "signal " + std::to_string(*signal));
+  } else {
+    how = status_known ? "exited" : "exited (status unknown: not started by this kilnd)";
   }
-  return status_known ? "exited" : "exited (status unknown: not started by this kilnd)";
+  if (!detail.empty()) how += " (" + detail + ")";
+  return how;
 }
 
 std::string ControllerIdForStateDir(const fs::path& state_dir) {

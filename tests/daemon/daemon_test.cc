@@ -182,6 +182,34 @@ TEST_CASE("ParseDaemonFlags reads every flag into typed values", "[daemon]") {
   CHECK(r.status().message() == "--port-range: expected FIRST-LAST within 1-65535, got \"9-3\"");
 }
 
+TEST_CASE("ParseDaemonFlags takes a Docker engine address and refuses what it cannot use",
+          "[daemon]") {
+  const char* one[] = {
+      "kilnd", "--manifests", "/m", "--state", "/s", "--docker-host", "unix:///run/docker.sock"};
+  auto c = ParseDaemonFlags(static_cast<int>(std::size(one)), one);
+  REQUIRE(c.ok());
+  CHECK(c->docker_hosts == std::vector<std::string>{"unix:///run/docker.sock"});
+
+  const char* none[] = {"kilnd", "--manifests", "/m", "--state", "/s"};
+  c = ParseDaemonFlags(static_cast<int>(std::size(none)), none);
+  REQUIRE(c.ok());
+  CHECK(c->docker_hosts.empty());
+
+  const char* tcp[] = {"kilnd",         "--manifests",        "/m", "--state", "/s",
+                       "--docker-host", "tcp://10.0.0.1:2376"};
+  c = ParseDaemonFlags(static_cast<int>(std::size(tcp)), tcp);
+  REQUIRE_FALSE(c.ok());
+  CHECK(c.status().code() == StatusCode::kInvalidArgument);
+  CHECK_THAT(c.status().message(), Catch::StartsWith("--docker-host: \"tcp://10.0.0.1:2376\""));
+
+  const char* two[] = {
+      "kilnd",         "--manifests",   "/m", "--state", "/s", "--docker-host", "unix:///a.sock",
+      "--docker-host", "unix:///b.sock"};
+  c = ParseDaemonFlags(static_cast<int>(std::size(two)), two);
+  REQUIRE_FALSE(c.ok());
+  CHECK(c.status().message() == "--docker-host: one Docker engine is supported for now, got 2");
+}
+
 TEST_CASE("kilnd log-max-size and log-max-files flags size the instance logs", "[daemon]") {
   CHECK(*ParseByteSize("4096") == 4096);
   CHECK(*ParseByteSize("512KiB") == uint64_t{512} * 1024);
