@@ -340,6 +340,9 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
     req.env.push_back(mark_prefix + mark_value);
     req.log = options.log_path;
     ASSIGN_OR_RETURN(Spawned spawned, SpawnProcess(req));
+    // Its run counts from here, not from after the synced pidfile write below, which can take
+    // long on a busy disk (the back-off starts over by how long it ran).
+    const SteadyTime spawned_at = time->SteadyNow();
     // Our unreaped child: its /proc entry stays, as a zombie at worst, until we wait for it.
     StatusOr<proc::Stat> st = proc::ReadStat(spawned.pid);
     kiln::Status recorded =
@@ -356,6 +359,7 @@ struct ProxySupervisor::Impl : std::enable_shared_from_this<Impl> {
       return recorded;
     }
     Watch(std::move(spawned.pidfd), spawned.pid, st->start_time, /*was_adopted=*/false);
+    started_steady = spawned_at;
     started_unix_ms = ToUnixMillis(time->SystemNow());
     LogInfo("started a supervised process", {{"program", options.name},
                                              {"pid", static_cast<int64_t>(pid)},
