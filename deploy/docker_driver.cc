@@ -7,7 +7,6 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <exception>
@@ -16,6 +15,7 @@
 
 #include "common/cancel_quietly.h"
 #include "common/logging.h"
+#include "common/url.h"
 #include "deploy/docker_client.h"
 
 namespace kiln {
@@ -27,21 +27,6 @@ using nlohmann::json;
 namespace {
 
 constexpr std::string_view kHandlePrefix = "docker:";
-
-std::string UrlEncode(std::string_view s) {
-  static const char* kHex = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    }
-  }
-  return out;
-}
 
 void ReplaceAll(std::string& s, std::string_view from, const std::string& to) {
   for (size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size())) {

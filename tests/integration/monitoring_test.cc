@@ -17,6 +17,7 @@
 #include <set>
 #include <thread>
 
+#include "common/url.h"
 #include "daemon/notifier.h"
 #include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
@@ -42,21 +43,6 @@ int FreePort() {
   (void)::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
   ::close(fd);
   return ntohs(a.sin_port);
-}
-
-std::string UrlEncode(const std::string& s) {
-  static constexpr char kHex[] = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += kHex[c >> 4];
-      out += kHex[c & 0xf];
-    }
-  }
-  return out;
 }
 
 // The prometheus executable's path, "" when it (or promtool) is not installed.
