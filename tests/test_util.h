@@ -2,9 +2,12 @@
 
 // Small helpers shared by tests: temporary directories and files.
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <stdlib.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -62,6 +65,22 @@ inline int PortWindow() {
     std::abort();  // fifty test processes at once: something is wrong
   }();
   return first;
+}
+
+// A loopback port nothing listens on now, outside every PortWindow: the kernel picks it from its
+// ephemeral range. For addresses a test gives kilnd or a server it starts (expose.port, a
+// scrape target).
+inline int FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof a;
+  (void)::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  (void)::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
 }
 
 }  // namespace kiln::testing
