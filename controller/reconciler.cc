@@ -113,7 +113,11 @@ Status Reconciler::Event(EventKind kind, const std::string& service, int64_t rev
                     {"instance", instance},
                     {"actor", actor}});
   RETURN_IF_ERROR(store_.AppendEvent(e).status());
-  if (options_.on_event) options_.on_event(e);
+  // Metrics and webhooks see an event only once it is durable: a pass whose commit fails (a full
+  // disk) leaves no trace there either.
+  if (options_.on_event) {
+    store_.AfterCommit([this, e = std::move(e)] { options_.on_event(e); });
+  }
   return Status::Ok();
 }
 

@@ -44,7 +44,8 @@ class Reconciler {
     Duration crash_backoff_initial{10'000};
     Duration crash_backoff_max{300'000};
     Duration crash_backoff_reset_after{60'000};
-    std::function<void(const EventRecord&)> on_event;  // every event recorded (metrics)
+    // Every event recorded, once its transaction committed (metrics, webhooks).
+    std::function<void(const EventRecord&)> on_event;
     // Every probe result (metrics): `service` is the instance's.
     std::function<void(const std::string& service, const ProbeResult&)> on_probe;
     // Where the pools of services with `expose:` are published and proxies report; null: no

@@ -532,7 +532,7 @@ Status SqliteStateStore::Snapshot(const std::function<Status()>& fn) {
 }
 
 Status SqliteStateStore::Transaction(const std::function<Status()>& fn) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   if (tx_depth_ > 0) return fn();
   const auto begin = std::chrono::steady_clock::now();
   const uint64_t failures_before = db_.failures();
@@ -557,7 +557,24 @@ Status SqliteStateStore::Transaction(const std::function<Status()>& fn) {
   } else if (db_.failures() > failures_before) {
     write_failure_ = s;
   }
+  std::vector<std::function<void()>> committed;
+  committed.swap(after_commit_);
+  lock.unlock();
+  if (s.ok()) {
+    for (const auto& fn_after : committed) fn_after();
+  }
   return s;
+}
+
+void SqliteStateStore::AfterCommit(std::function<void()> fn) {
+  {
+    std::lock_guard lock(mu_);
+    if (tx_depth_ > 0) {
+      after_commit_.push_back(std::move(fn));
+      return;
+    }
+  }
+  fn();
 }
 
 // ---------------------------------------------------------------------------------------------

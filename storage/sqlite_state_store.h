@@ -4,6 +4,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "common/clock.h"
 #include "storage/sqlite.h"
@@ -75,6 +76,7 @@ class SqliteStateStore final : public StateStore {
 
   // StateStore
   Status Transaction(const std::function<Status()>& fn) override;
+  void AfterCommit(std::function<void()> fn) override;
   Status PutService(const ServiceRecord& s) override;
   Status WriteRevision(const RevisionRecord& r) override;
   StatusOr<int64_t> NextRevisionNumber(std::string_view service) override;
@@ -112,6 +114,7 @@ class SqliteStateStore final : public StateStore {
   sqlite::Database db_;
   Options options_;
   int tx_depth_ = 0;
+  std::vector<std::function<void()>> after_commit_;  // guarded by mu_
 };
 
 // Creates a database at `path` with the schema as migrations 1..version made it (no later

@@ -60,6 +60,10 @@ class StateStore : public StateReader {
   // Runs `fn` in one write transaction: commits when it returns OK, rolls back otherwise (also
   // when the commit itself fails, e.g. on a full disk). Nested calls join the outer transaction.
   virtual Status Transaction(const std::function<Status()>& fn) = 0;
+  // Runs `fn` once what was written so far is durable: inside a transaction, after its outermost
+  // commit succeeds (never, when it rolls back); outside any transaction, at once. For what must
+  // not be seen before the write it reports is (metrics, webhooks): the writer's thread runs it.
+  virtual void AfterCommit(std::function<void()> fn) = 0;
 
   // Inserts or replaces the mutable fields of a service row.
   virtual Status PutService(const ServiceRecord& s) = 0;

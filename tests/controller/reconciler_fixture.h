@@ -3,8 +3,10 @@
 // A reconciler on a real SQLite file with a fake driver, fake health and a FakeClock: every
 // scenario runs without sleeping, pass by pass.
 
+#include <algorithm>
 #include <deque>
 #include <map>
+#include <vector>
 
 #include "common/clock.h"
 #include "controller/reconciler.h"
@@ -51,8 +53,16 @@ struct ReconcilerFixture {
   }
 
   void MakeReconciler() {
+    Reconciler::Options options;
+    options.on_event = [this](const EventRecord& e) { delivered.push_back(e); };
     reconciler = std::make_unique<Reconciler>(*faults, driver, health, *artifacts, clock, scheduler,
-                                              Reconciler::Options{});
+                                              std::move(options));
+  }
+  // The events the reconciler handed to on_event (metrics, webhooks), in order.
+  bool Delivered(EventKind kind, const std::string& instance) const {
+    return std::any_of(delivered.begin(), delivered.end(), [&](const EventRecord& e) {
+      return e.kind == kind && e.instance == instance;
+    });
   }
 
   // Writes web.yaml with this version (artifact app-<version>) and extra YAML lines, and loads.
@@ -131,6 +141,7 @@ struct ReconcilerFixture {
   FakeDriver driver;
   FakeHealth health;
   std::unique_ptr<Reconciler> reconciler;
+  std::vector<EventRecord> delivered;
 };
 
 }  // namespace kiln::testing

@@ -469,11 +469,14 @@ TEST_CASE("an exit the store could not take is recorded on the next pass", "[rec
   f.driver.Exit(victim, 9);
   CHECK(f.store->GetInstance(victim)->state == InstanceState::kHealthy);  // not recorded yet
   CHECK(f.faults->failed_commits() > 0);
+  // Metrics and webhooks saw nothing of the pass that was rolled back.
+  CHECK_FALSE(f.Delivered(EventKind::kInstanceExited, victim));
   f.faults->Clear();
   Status first = f.Converge();  // may still report the earlier failure; the retry succeeds
   f.scheduler.queue.emplace_back("web");
   REQUIRE(f.Converge().ok());
   CHECK(f.store->GetInstance(victim)->state == InstanceState::kFailed);
+  CHECK(f.Delivered(EventKind::kInstanceExited, victim));
   CHECK(f.Live().size() == 1);
   CHECK(f.Live()[0].name != victim);
 }

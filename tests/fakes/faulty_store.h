@@ -105,6 +105,7 @@ class FaultyStore final : public StateStore {
     if (s.ok()) write_failure_ = Status::Ok();
     return s;
   }
+  void AfterCommit(std::function<void()> fn) override { inner_.AfterCommit(std::move(fn)); }
   Status PutService(const ServiceRecord& s) override {
     return Write([&] { return inner_.PutService(s); });
   }

@@ -319,6 +319,39 @@ TEST_CASE("rollouts are recorded and updated", "[store]") {
   CHECK(f.store->GetLatestRollout("api").status().code() == StatusCode::kNotFound);
 }
 
+TEST_CASE("after-commit work runs once the outermost transaction commits and never on rollback",
+          "[store]") {
+  StoreFixture f;
+  f.AddWebRevision1();
+  std::vector<std::string> ran;
+  REQUIRE(f.store
+              ->Transaction([&]() -> Status {
+                f.store->AfterCommit([&] { ran.push_back("outer"); });
+                RETURN_IF_ERROR(f.store->Transaction([&]() -> Status {
+                  f.store->AfterCommit([&] { ran.push_back("nested"); });
+                  return Status::Ok();
+                }));
+                CHECK(ran.empty());  // the nested transaction's end is not a commit
+                return f.store->CreateInstance("web", 1).status();
+              })
+              .ok());
+  CHECK(ran == std::vector<std::string>{"outer", "nested"});
+
+  ran.clear();
+  Status s = f.store->Transaction([&]() -> Status {
+    f.store->AfterCommit([&] { ran.push_back("rolled back"); });
+    return FailedPreconditionError("a rule said no");
+  });
+  CHECK(s.code() == StatusCode::kFailedPrecondition);
+  CHECK(ran.empty());
+  // The next transaction does not run what the rolled-back one queued.
+  REQUIRE(f.store->Transaction([] { return Status::Ok(); }).ok());
+  CHECK(ran.empty());
+
+  f.store->AfterCommit([&] { ran.push_back("outside"); });  // no transaction: at once
+  CHECK(ran == std::vector<std::string>{"outside"});
+}
+
 TEST_CASE("a transaction commits all or nothing", "[store]") {
   StoreFixture f;
   f.AddWebRevision1();
