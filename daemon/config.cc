@@ -264,7 +264,7 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
                  "write every running instance as Prometheus file_sd JSON to this file (labels "
                  "service, revision, version, instance), rewritten when one changes");
   app.add_option("--notify", config.notify_urls,
-                 "POST a JSON notification of chosen events to this http:// URL (repeatable)");
+                 "POST a JSON notification of chosen events to this http(s):// URL (repeatable)");
   app.add_option("--notify-on", config.notify_on,
                  "event kinds to notify, comma-separated (default: "
                  "rollout_failed,rolled_back,manifest_error)");

@@ -7,8 +7,10 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <ctime>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -40,16 +42,18 @@ std::string Rfc3339(int64_t unix_ms) {
 }  // namespace
 
 StatusOr<WebhookUrl> ParseWebhookUrl(const std::string& url) {
-  constexpr std::string_view kScheme = "http://";
-  if (url.rfind("https://", 0) == 0) {
-    return InvalidArgumentError("--notify " + url + ": https is not supported; use http://");
-  }
-  if (url.rfind(kScheme, 0) != 0) {
-    return InvalidArgumentError("--notify " + url + ": expected http://HOST[:PORT][/PATH]");
-  }
   WebhookUrl out;
   out.text = url;
-  std::string rest = url.substr(kScheme.size());
+  std::string rest;
+  if (url.rfind("https://", 0) == 0) {
+    out.tls = true;
+    out.port = "443";
+    rest = url.substr(std::string_view("https://").size());
+  } else if (url.rfind("http://", 0) == 0) {
+    rest = url.substr(std::string_view("http://").size());
+  } else {
+    return InvalidArgumentError("--notify " + url + ": expected http(s)://HOST[:PORT][/PATH]");
+  }
   const size_t slash = rest.find('/');
   if (slash != std::string::npos) {
     out.target = rest.substr(slash);
@@ -230,10 +234,49 @@ void Notifier::Run() {
   }
 }
 
+namespace {
+
+// Sends `req` on a connected (and for TLS, handshaken) stream and reads the answer into `parser`;
+// `result` is set by the last step that ran.
+template <typename Stream>
+void Exchange(Stream& stream, const http::request<http::string_body>& req,
+              beast::flat_buffer& buffer, http::response_parser<http::string_body>& parser,
+              std::optional<beast::error_code>& result) {
+  http::async_write(stream, req, [&](beast::error_code ec, size_t) {
+    if (ec) {
+      result = ec;
+      return;
+    }
+    http::async_read(stream, buffer, parser, [&](beast::error_code ec2, size_t) { result = ec2; });
+  });
+}
+
+}  // namespace
+
 Status Notifier::Post(const WebhookUrl& url, const std::string& body) const {
   asio::io_context io;
   tcp::resolver resolver(io);
-  beast::tcp_stream stream(io);
+  // https: the machine's trust store (OpenSSL's default paths; SSL_CERT_FILE or SSL_CERT_DIR
+  // replace it), the peer's certificate checked against the URL's host, SNI for a name.
+  asio::ssl::context tls(asio::ssl::context::tls_client);
+  std::optional<beast::ssl_stream<beast::tcp_stream>> tls_stream;
+  std::optional<beast::tcp_stream> plain_stream;
+  if (url.tls) {
+    beast::error_code ec;
+    tls.set_default_verify_paths(ec);
+    if (ec) return UnavailableError("cannot load the trust store: " + ec.message());
+    tls.set_verify_mode(asio::ssl::verify_peer);
+    tls_stream.emplace(io, tls);
+    tls_stream->set_verify_callback(asio::ssl::host_name_verification(url.host));
+    beast::error_code ip_ec;
+    (void)asio::ip::make_address(url.host, ip_ec);
+    if (ip_ec && !SSL_set_tlsext_host_name(tls_stream->native_handle(), url.host.c_str())) {
+      return UnavailableError("cannot set the TLS server name " + url.host);
+    }
+  } else {
+    plain_stream.emplace(io);
+  }
+  beast::tcp_stream& stream = url.tls ? tls_stream->next_layer() : *plain_stream;
   http::request<http::string_body> req{http::verb::post, url.target, 11};
   req.set(http::field::host, url.host + ":" + url.port);
   req.set(http::field::user_agent, std::string("kilnd/") + kVersion);
@@ -260,20 +303,31 @@ Status Notifier::Post(const WebhookUrl& url, const std::string& body) const {
             result = ec2;
             return;
           }
-          http::async_write(stream, req, [&](beast::error_code ec3, size_t) {
+          if (!url.tls) {
+            Exchange(*plain_stream, req, buffer, parser, result);
+            return;
+          }
+          tls_stream->async_handshake(asio::ssl::stream_base::client, [&](beast::error_code ec3) {
             if (ec3) {
               result = ec3;
               return;
             }
-            http::async_read(stream, buffer, parser,
-                             [&](beast::error_code ec4, size_t) { result = ec4; });
+            Exchange(*tls_stream, req, buffer, parser, result);
           });
         });
       });
   io.run_for(options_.timeout);
   if (!result)
     return UnavailableError("no answer within " + std::to_string(options_.timeout.count()) + " ms");
-  if (*result) return UnavailableError(result->message());
+  if (*result) {
+    std::string why = result->message();
+    // OpenSSL's reason ("certificate verify failed") says little without the verify result.
+    if (url.tls) {
+      const long verify = SSL_get_verify_result(tls_stream->native_handle());
+      if (verify != X509_V_OK) why += ": " + std::string(X509_verify_cert_error_string(verify));
+    }
+    return UnavailableError(why);
+  }
   const unsigned code = parser.get().result_int();
   if (code < 200 || code > 299) return UnavailableError("answered HTTP " + std::to_string(code));
   return Status::Ok();

@@ -24,11 +24,13 @@
 
 namespace kiln {
 
-// http://HOST[:PORT][/PATH]; https is not supported (yet).
+// http(s)://HOST[:PORT][/PATH]. https verifies the receiver's certificate against the
+// machine's trust store (SSL_CERT_FILE / SSL_CERT_DIR replace it, as for OpenSSL's tools).
 struct WebhookUrl {
   std::string text;  // as given
+  bool tls = false;  // https
   std::string host;
-  std::string port = "80";
+  std::string port = "80";  // 443 for https
   std::string target = "/";
 };
 StatusOr<WebhookUrl> ParseWebhookUrl(const std::string& url);

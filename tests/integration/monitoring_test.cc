@@ -3,17 +3,20 @@
 // receiver on loopback gets a real rollout failure's notification, signed, after a retry.
 
 #include <netinet/in.h>
+#include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <catch2/catch.hpp>
 #include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -183,13 +186,19 @@ TEST_CASE("a real Prometheus answers every dashboard and alert expression", "[mo
 }
 
 // A webhook receiver on loopback: answers 500 to the first request, 200 to the rest, and keeps
-// what it got.
+// what it got. Given a certificate and key (PEM files), it speaks HTTPS.
 class Receiver {
  public:
   struct Request {
     std::string target, body, signature, content_type;
   };
-  Receiver() : acceptor_(io_, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)) {
+  explicit Receiver(const std::string& cert = "", const std::string& key = "")
+      : acceptor_(io_, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)) {
+    if (!cert.empty()) {
+      tls_.emplace(asio::ssl::context::tls_server);
+      tls_->use_certificate_chain_file(cert);
+      tls_->use_private_key_file(key, asio::ssl::context::pem);
+    }
     acceptor_.non_blocking(true);
     thread_ = std::thread([this] { Serve(); });
   }
@@ -214,25 +223,37 @@ class Receiver {
         continue;
       }
       socket.non_blocking(false);
-      beast::flat_buffer buffer;
-      http::request<http::string_body> req;
-      http::read(socket, buffer, req, ec);
-      if (ec) continue;
-      bool first = false;
-      {
-        std::lock_guard lock(mu_);
-        got_.push_back({std::string(req.target()), req.body(), std::string(req["X-Kiln-Signature"]),
-                        std::string(req[http::field::content_type])});
-        first = got_.size() == 1;
+      if (!tls_) {
+        Answer(socket);
+        continue;
       }
-      http::response<http::string_body> res{
-          first ? http::status::internal_server_error : http::status::ok, 11};
-      res.body() = first ? "not now" : "ok";
-      res.prepare_payload();
-      http::write(socket, res, ec);
+      asio::ssl::stream<tcp::socket&> stream(socket, *tls_);
+      stream.handshake(asio::ssl::stream_base::server, ec);
+      if (!ec) Answer(stream);  // a client that refused the certificate ends the handshake
     }
   }
+  template <typename Stream>
+  void Answer(Stream& stream) {
+    beast::error_code ec;
+    beast::flat_buffer buffer;
+    http::request<http::string_body> req;
+    http::read(stream, buffer, req, ec);
+    if (ec) return;
+    bool first = false;
+    {
+      std::lock_guard lock(mu_);
+      got_.push_back({std::string(req.target()), req.body(), std::string(req["X-Kiln-Signature"]),
+                      std::string(req[http::field::content_type])});
+      first = got_.size() == 1;
+    }
+    http::response<http::string_body> res{
+        first ? http::status::internal_server_error : http::status::ok, 11};
+    res.body() = first ? "not now" : "ok";
+    res.prepare_payload();
+    http::write(stream, res, ec);
+  }
   asio::io_context io_;
+  std::optional<asio::ssl::context> tls_;
   tcp::acceptor acceptor_;
   std::atomic<bool> stop_{false};
   mutable std::mutex mu_;  // guards got_
@@ -287,6 +308,72 @@ TEST_CASE("a failed rollout is notified to a webhook signed and after a retry", 
   CHECK(m.body.find("kiln_notifications_total{result=\"dropped\"} 0") != std::string::npos);
 }
 
+// SSL_CERT_FILE for the scope: the trust store OpenSSL's default paths load.
+class TrustOnly {
+ public:
+  explicit TrustOnly(const std::string& pem) { ::setenv("SSL_CERT_FILE", pem.c_str(), 1); }
+  ~TrustOnly() { ::unsetenv("SSL_CERT_FILE"); }
+  TrustOnly(const TrustOnly&) = delete;
+  TrustOnly& operator=(const TrustOnly&) = delete;
+};
+
+TEST_CASE("https webhooks verify the receiver's certificate against the trust store", "[notify]") {
+  TempDir tmp;
+  // The receiver's certificate names 127.0.0.1; `other` is a certificate nobody signed it with.
+  for (const std::string name : {"receiver", "other"}) {
+    RunResult made = Run(
+        {"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+         "/CN=kiln test " + name, "-addext", "subjectAltName=IP:127.0.0.1", "-keyout",
+         (tmp.path() / (name + ".key")).string(), "-out", (tmp.path() / (name + ".pem")).string()});
+    INFO(made.err);
+    REQUIRE(made.exit_code == 0);
+  }
+  Receiver receiver((tmp.path() / "receiver.pem").string(), (tmp.path() / "receiver.key").string());
+  const std::string url = "https://127.0.0.1:" + std::to_string(receiver.port()) + "/hook";
+  EventRecord e{.time_ms = 1'700'000'000'000,
+                .kind = EventKind::kRolloutFailed,
+                .service = "web",
+                .revision = 2,
+                .actor = "kilnd",
+                .message = "rollout to revision 2 failed"};
+  auto options = [&](Metrics& metrics) {
+    Notifier::Options o;
+    o.urls = {*ParseWebhookUrl(url)};
+    o.kinds = {EventKind::kRolloutFailed};
+    o.secret = "s";
+    o.attempts = 2;
+    o.first_backoff = 50ms;
+    o.metrics = &metrics;
+    return o;
+  };
+  {
+    // Trusting another certificate only: every attempt fails at the handshake, nothing arrives.
+    TrustOnly trust((tmp.path() / "other.pem").string());
+    Metrics metrics;
+    Notifier notifier(options(metrics));
+    notifier.Notify(e, "2.0");
+    REQUIRE(WaitFor([&] {
+      return metrics.ValueForTest("kiln_notifications_total", {{"result", "failed"}}) == 1;
+    }));
+    CHECK(receiver.Got().empty());
+  }
+  {
+    TrustOnly trust((tmp.path() / "receiver.pem").string());
+    Metrics metrics;
+    Notifier notifier(options(metrics));
+    notifier.Notify(e, "2.0");
+    // The receiver answers 500 first: the retry is delivered.
+    REQUIRE(WaitFor([&] {
+      return metrics.ValueForTest("kiln_notifications_total", {{"result", "delivered"}}) == 1;
+    }));
+    const std::vector<Receiver::Request> got = receiver.Got();
+    REQUIRE(got.size() == 2);
+    CHECK(got[1].target == "/hook");
+    CHECK(got[1].signature == NotificationSignature("s", got[1].body));
+    CHECK(nlohmann::json::parse(got[1].body)["version"] == "2.0");
+  }
+}
+
 TEST_CASE("notification signatures are HMAC-SHA256 and flags parse strictly", "[notify]") {
   // RFC 4231, test case 2.
   CHECK(NotificationSignature("Jefe", "what do ya want for nothing?") ==
@@ -300,7 +387,11 @@ TEST_CASE("notification signatures are HMAC-SHA256 and flags parse strictly", "[
   REQUIRE(url.ok());
   CHECK(url->port == "80");
   CHECK(url->target == "/");
-  CHECK(!ParseWebhookUrl("https://hooks.internal/x").ok());
+  url = ParseWebhookUrl("https://hooks.internal/x");
+  REQUIRE(url.ok());
+  CHECK(url->tls);
+  CHECK(url->port == "443");
+  CHECK(!ParseWebhookUrl("ftp://hooks.internal/x").ok());
   CHECK(!ParseWebhookUrl("hooks.internal/x").ok());
   CHECK(!ParseWebhookUrl("http://:80/x").ok());
   CHECK(!ParseWebhookUrl("http://h:8x/").ok());
