@@ -223,11 +223,51 @@ asio::awaitable<StatusOr<Response>> Client::Call(Method method, std::string targ
                                   timeout);
 }
 
+// Holds a turn for the scope of a call, however the call ends.
+class Client::Turn {
+ public:
+  explicit Turn(Client& client) : client_(client) {}
+  ~Turn() { client_.Release(); }
+  Turn(const Turn&) = delete;
+  Turn& operator=(const Turn&) = delete;
+
+ private:
+  Client& client_;
+};
+
+asio::awaitable<void> Client::Acquire() {
+  if (options_.max_in_flight <= 0 || in_flight_ < options_.max_in_flight) {
+    ++in_flight_;
+    co_return;
+  }
+  auto timer = std::make_shared<asio::steady_timer>(co_await asio::this_coro::executor,
+                                                    asio::steady_timer::time_point::max());
+  waiting_.push_back(timer);
+  error_code ec;
+  co_await timer->async_wait(asio::redirect_error(asio::use_awaitable, ec));
+  // Cancelled by Release, which passed its turn on: in_flight_ already counts this call.
+}
+
+void Client::Release() {
+  while (!waiting_.empty()) {
+    std::shared_ptr<asio::steady_timer> next = waiting_.front().lock();
+    waiting_.pop_front();
+    // A waiter whose coroutine is gone (its io_context stopped) takes no turn.
+    if (next) {
+      CancelQuietly(*next, "Docker call turn");
+      return;
+    }
+  }
+  --in_flight_;
+}
+
 asio::awaitable<StatusOr<Response>> Client::CallWithBody(Method method, std::string target,
                                                          std::string body, std::string content_type,
                                                          Duration timeout) {
   Status negotiated = co_await Negotiate({});
   if (!negotiated.ok()) co_return negotiated;
+  co_await Acquire();
+  Turn turn(*this);
   co_return co_await Raw(method, "/v" + api_version_ + target, std::move(body),
                          std::move(content_type), timeout);
 }
@@ -310,8 +350,14 @@ StatusOr<Response> Client::CallSync(Method method, std::string target, std::stri
   asio::co_spawn(
       io,
       [&]() -> asio::awaitable<void> {
-        out.emplace(co_await CallWithBody(method, std::move(target), std::move(body),
-                                          std::move(content_type), timeout));
+        // No turn: the calls holding them run on the io_context this thread is blocking.
+        Status negotiated = co_await Negotiate({});
+        if (!negotiated.ok()) {
+          out.emplace(negotiated);
+          co_return;
+        }
+        out.emplace(co_await Raw(method, "/v" + api_version_ + target, std::move(body),
+                                 std::move(content_type), timeout));
       },
       [&](const std::exception_ptr& e) {
         if (!e) return;

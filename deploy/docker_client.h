@@ -13,6 +13,8 @@
 // clang-format on
 
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -71,6 +73,11 @@ class Client {
   struct Options {
     Endpoint endpoint;
     Duration timeout{30'000};  // default for a call: connect, send, and the whole response
+    // Calls (Call, CallWithBody) in flight on this engine at once; the rest wait their turn, and
+    // the wait does not count against their timeout. An engine asked to create and start a
+    // hundred containers at once answers none of them in time on a small machine. CallSync,
+    // Stream and Ping do not wait for a turn.
+    int max_in_flight = 8;
   };
 
   explicit Client(Options options);
@@ -111,8 +118,16 @@ class Client {
                                                  std::string body, std::string content_type,
                                                  Duration timeout);
 
+  // A turn among max_in_flight: Acquire waits for one, Release hands it to the next waiter.
+  class Turn;
+  boost::asio::awaitable<void> Acquire();
+  void Release();
+
   Options options_;
   std::string api_version_;
+  int in_flight_ = 0;
+  // Waiters park on a timer that never expires; Release cancels the first one still waited on.
+  std::deque<std::weak_ptr<boost::asio::steady_timer>> waiting_;
 };
 
 }  // namespace kiln::docker
