@@ -5,10 +5,8 @@
 // (32768+), where a connect to a port nobody listens on yet can connect to itself.
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 
@@ -58,52 +56,14 @@ bool WaitAllUp(int first_port, int count, std::chrono::seconds limit) {
   return waiting.empty();
 }
 
-pid_t Spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env,
-            const std::string& out = "/dev/null") {
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
-  std::vector<char*> a, e;
-  for (auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
-  a.push_back(nullptr);
-  for (auto& s : env) e.push_back(const_cast<char*>(s.c_str()));
-  e.push_back(nullptr);
-  pid_t pid = -1;
-  posix_spawn(&pid, a[0], &actions, &attr, a.data(), e.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  return pid;
-}
-
-double CpuSeconds(pid_t pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  size_t close = s.rfind(')');
-  if (close == std::string::npos) return 0;
-  std::vector<std::string> fields;
-  size_t pos = close + 2;
-  while (pos < s.size()) {
-    size_t sp = s.find(' ', pos);
-    fields.push_back(s.substr(pos, sp - pos));
-    if (sp == std::string::npos) break;
-    pos = sp + 1;
-  }
-  return (std::stod(fields[11]) + std::stod(fields[12])) /
-         static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
 double PlainLoop(const fs::path& dir, double* spawn_seconds) {
   const int first = 21000;
   std::vector<pid_t> pids;
   pids.reserve(kInstances);
   auto begin = Clock::now();
   for (int i = 0; i < kInstances; ++i) {
-    pids.push_back(Spawn({kBin + "/kiln-testsvc"}, {"PORT=" + std::to_string(first + i)},
-                         (dir / ("plain-" + std::to_string(i) + ".log")).string()));
+    pids.push_back(bench::Spawn({kBin + "/kiln-testsvc"}, {"PORT=" + std::to_string(first + i)},
+                                (dir / ("plain-" + std::to_string(i) + ".log")).string()));
   }
   *spawn_seconds = bench::Seconds(Clock::now() - begin);
   bool up = WaitAllUp(first, kInstances, std::chrono::seconds(120));
@@ -127,8 +87,9 @@ double Supervisord(const fs::path& dir) {
   }
   conf.close();
   auto begin = Clock::now();
-  pid_t sup = Spawn({"/usr/bin/supervisord", "-n", "-c", (dir / "supervisord.conf").string()},
-                    {"PATH=/usr/bin:/bin"}, (dir / "supervisord.out").string());
+  pid_t sup =
+      bench::Spawn({"/usr/bin/supervisord", "-n", "-c", (dir / "supervisord.conf").string()},
+                   {"PATH=/usr/bin:/bin"}, (dir / "supervisord.out").string());
   bool up = WaitAllUp(first, kInstances, std::chrono::seconds(300));
   double took = bench::Seconds(Clock::now() - begin);
   ::kill(sup, SIGTERM);  // supervisord stops its programs
@@ -176,18 +137,18 @@ KilndRun Kilnd(const fs::path& dir) {
   fs::create_directories(dir / "m");
   WriteManifest(dir / "m", "1");
   auto begin = Clock::now();
-  pid_t kilnd = Spawn(
+  pid_t kilnd = bench::Spawn(
       {kBin + "/kilnd", "--manifests", (dir / "m").string(), "--state", (dir / "state").string(),
        "--port-range", "25000-26999", "--log-level", "warn", "--http-listen", ""},
       {"PATH=/usr/bin:/bin"}, (dir / "kilnd.log").string());
   if (WaitConverged(dir / "state/kiln.db", 1, std::chrono::seconds(300))) {
     r.cold = bench::Seconds(Clock::now() - begin);
-    r.cold_cpu = CpuSeconds(kilnd);
+    r.cold_cpu = bench::CpuSeconds(kilnd);
     begin = Clock::now();
     WriteManifest(dir / "m", "2");
     if (WaitConverged(dir / "state/kiln.db", 2, std::chrono::seconds(600))) {
       r.rolling = bench::Seconds(Clock::now() - begin);
-      r.rolling_cpu = CpuSeconds(kilnd) - r.cold_cpu;
+      r.rolling_cpu = bench::CpuSeconds(kilnd) - r.cold_cpu;
     }
   }
   ::kill(kilnd, SIGKILL);

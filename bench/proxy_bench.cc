@@ -95,21 +95,6 @@ class Child {
   pid_t pid_ = -1;
 };
 
-// utime + stime of a process, in seconds.
-double CpuSeconds(pid_t pid) {
-  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  auto close = stat.rfind(')');
-  if (close == std::string::npos) return 0;
-  std::istringstream rest(stat.substr(close + 2));
-  std::string field;
-  // After "pid (comm) ": state is field 3; utime and stime are fields 14 and 15.
-  for (int i = 3; i < 14; ++i) rest >> field;
-  unsigned long long utime = 0, stime = 0;
-  rest >> utime >> stime;
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
 long RssKiB(pid_t pid) {
   std::ifstream f("/proc/" + std::to_string(pid) + "/status");
   std::string line;
@@ -443,9 +428,9 @@ void RunShortSlice(const std::vector<int>& ports, pid_t proxy, Clock::duration m
   threads.reserve(ios.size());
   for (auto& io : ios) threads.emplace_back([&io] { io->run(); });
   std::this_thread::sleep_until(window.begin);
-  double cpu0 = proxy ? CpuSeconds(proxy) : 0;
+  double cpu0 = proxy ? bench::CpuSeconds(proxy) : 0;
   std::this_thread::sleep_until(window.end);
-  double cpu1 = proxy ? CpuSeconds(proxy) : 0;
+  double cpu1 = proxy ? bench::CpuSeconds(proxy) : 0;
   for (auto& th : threads) th.join();
   std::vector<double> slice;
   for (auto& f : figures) {
@@ -526,11 +511,11 @@ void RunBulkSlice(const std::vector<int>& ports, int connections, pid_t proxy,
   for (auto& io : ios) threads.emplace_back([&io] { io->run(); });
   std::this_thread::sleep_for(kBulkWarmup);
   uint64_t b0 = bytes.load();
-  double cpu0 = proxy ? CpuSeconds(proxy) : 0;
+  double cpu0 = proxy ? bench::CpuSeconds(proxy) : 0;
   auto t0 = Clock::now();
   std::this_thread::sleep_for(measure);
   uint64_t b1 = bytes.load();
-  double cpu1 = proxy ? CpuSeconds(proxy) : 0;
+  double cpu1 = proxy ? bench::CpuSeconds(proxy) : 0;
   auto t1 = Clock::now();
   stop = true;
   for (auto& th : threads) th.join();
