@@ -326,9 +326,9 @@ TEST_CASE("after-commit work runs once the outermost transaction commits and nev
   std::vector<std::string> ran;
   REQUIRE(f.store
               ->Transaction([&]() -> Status {
-                f.store->AfterCommit([&] { ran.push_back("outer"); });
+                f.store->AfterCommit([&] { ran.emplace_back("outer"); });
                 RETURN_IF_ERROR(f.store->Transaction([&]() -> Status {
-                  f.store->AfterCommit([&] { ran.push_back("nested"); });
+                  f.store->AfterCommit([&] { ran.emplace_back("nested"); });
                   return Status::Ok();
                 }));
                 CHECK(ran.empty());  // the nested transaction's end is not a commit
@@ -339,7 +339,7 @@ TEST_CASE("after-commit work runs once the outermost transaction commits and nev
 
   ran.clear();
   Status s = f.store->Transaction([&]() -> Status {
-    f.store->AfterCommit([&] { ran.push_back("rolled back"); });
+    f.store->AfterCommit([&] { ran.emplace_back("rolled back"); });
     return FailedPreconditionError("a rule said no");
   });
   CHECK(s.code() == StatusCode::kFailedPrecondition);
@@ -348,7 +348,7 @@ TEST_CASE("after-commit work runs once the outermost transaction commits and nev
   REQUIRE(f.store->Transaction([] { return Status::Ok(); }).ok());
   CHECK(ran.empty());
 
-  f.store->AfterCommit([&] { ran.push_back("outside"); });  // no transaction: at once
+  f.store->AfterCommit([&] { ran.emplace_back("outside"); });  // no transaction: at once
   CHECK(ran == std::vector<std::string>{"outside"});
 }
 
