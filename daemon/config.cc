@@ -110,6 +110,74 @@ std::string NearestKey(const std::string& key, const std::vector<std::string>& k
   return best;
 }
 
+// One `key: value` entry of the config file's mapping `root`: checked, then given to the option
+// of that name unless the command line gave it.
+Status ApplySetting(CLI::App& app, const std::string& file, const YamlNode* root, const YamlNode* k,
+                    const YamlNode* value, const std::vector<std::string>& keys,
+                    std::set<std::string>& seen, SettingPlaces& places) {
+  if (k->kind != YamlNode::Kind::kScalar) {
+    return InvalidArgumentError(Place(file, k, root) + ": keys must be plain names, got " +
+                                DescribeNode(k));
+  }
+  const std::string& key = k->text;
+  const std::string at = Place(file, k, root);
+  if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
+    std::string msg = at + ": " + key + ": unknown key";
+    if (key == "config") {
+      msg += " (a config file cannot name another)";
+    } else if (std::string near = NearestKey(key, keys); !near.empty()) {
+      msg += " (did you mean \"" + near + "\"?)";
+    }
+    return InvalidArgumentError(msg);
+  }
+  if (!seen.insert(key).second) return InvalidArgumentError(at + ": " + key + ": duplicate key");
+  CLI::Option* opt = app.get_option_no_throw("--" + key);
+  const std::string value_at = Place(file, value, k);
+  const auto wrong = [&file, k, &key](const std::string& expected, const YamlNode* got) {
+    return InvalidArgumentError(Place(file, got, k) + ": " + key + ": expected " + expected +
+                                ", got " + DescribeNode(got));
+  };
+  std::vector<std::string> results;
+  if (opt->get_expected_max() == 0) {  // a flag
+    if (value->kind != YamlNode::Kind::kScalar || !value->plain ||
+        (value->text != "true" && value->text != "false")) {
+      return wrong("true or false", value);
+    }
+    results.push_back(value->text);
+  } else if (opt->get_expected_max() > 1) {  // repeatable: a list, or one value
+    if (value->kind == YamlNode::Kind::kSequence) {
+      for (const YamlNode* item : value->items) {
+        if (item->kind != YamlNode::Kind::kScalar) return wrong("a string", item);
+        results.push_back(item->text);
+      }
+    } else if (value->kind == YamlNode::Kind::kScalar) {
+      results.push_back(value->text);
+    } else {
+      return wrong("a string or a list of strings", value);
+    }
+  } else if (IsIntegerSetting(key)) {
+    if (value->kind != YamlNode::Kind::kScalar || !value->plain) return wrong("an integer", value);
+    results.push_back(value->text);
+  } else {
+    if (value->kind != YamlNode::Kind::kScalar) return wrong("a string", value);
+    results.push_back(value->text);
+  }
+  if (opt->count() > 0) return Status::Ok();  // given on the command line, which wins
+  places[key] = value_at;
+  if (results.empty()) return Status::Ok();  // an empty list: nothing
+  try {
+    opt->add_result(results);
+    opt->run_callback();
+  } catch (const CLI::Error& e) {
+    std::string why = e.what();
+    if (const std::string flag = "--" + key + ": "; why.starts_with(flag)) {
+      why.erase(0, flag.size());
+    }
+    return InvalidArgumentError(value_at + ": " + key + ": " + why);
+  }
+  return Status::Ok();
+}
+
 // Reads --config FILE into the options the command line did not give (the command line wins),
 // through the same CLI11 conversions and checks as a flag. Every error names FILE:LINE:COLUMN
 // and the key. `places` gets where each setting taken from the file was.
@@ -135,13 +203,18 @@ Status ApplyConfigFile(CLI::App& app, const std::string& file, SettingPlaces& pl
                                 ": invalid YAML: " + SanitizeUtf8(stream.error->message));
   }
   const YamlNode* root = nullptr;
+  const YamlNode* another = nullptr;
   for (const YamlNode* doc : stream.documents) {
     if (doc->kind == YamlNode::Kind::kNull) continue;  // an empty file or document
-    if (root != nullptr) {
-      return InvalidArgumentError(Place(file, doc, doc) +
-                                  ": one document of settings expected, got another");
+    if (root == nullptr) {
+      root = doc;
+    } else if (another == nullptr) {
+      another = doc;
     }
-    root = doc;
+  }
+  if (another != nullptr) {
+    return InvalidArgumentError(Place(file, another, another) +
+                                ": one document of settings expected, got another");
   }
   if (root == nullptr) return Status::Ok();
   if (root->kind != YamlNode::Kind::kMapping) {
@@ -151,67 +224,7 @@ Status ApplyConfigFile(CLI::App& app, const std::string& file, SettingPlaces& pl
   const std::vector<std::string> keys = SettingKeys(app);
   std::set<std::string> seen;
   for (const auto& [k, value] : root->entries) {
-    if (k->kind != YamlNode::Kind::kScalar) {
-      return InvalidArgumentError(Place(file, k, root) + ": keys must be plain names, got " +
-                                  DescribeNode(k));
-    }
-    const std::string& key = k->text;
-    const std::string at = Place(file, k, root);
-    if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
-      std::string msg = at + ": " + key + ": unknown key";
-      if (key == "config") {
-        msg += " (a config file cannot name another)";
-      } else if (std::string near = NearestKey(key, keys); !near.empty()) {
-        msg += " (did you mean \"" + near + "\"?)";
-      }
-      return InvalidArgumentError(msg);
-    }
-    if (!seen.insert(key).second) return InvalidArgumentError(at + ": " + key + ": duplicate key");
-    CLI::Option* opt = app.get_option_no_throw("--" + key);
-    const std::string value_at = Place(file, value, k);
-    const auto wrong = [&](const std::string& expected, const YamlNode* got) {
-      return InvalidArgumentError(Place(file, got, k) + ": " + key + ": expected " + expected +
-                                  ", got " + DescribeNode(got));
-    };
-    std::vector<std::string> results;
-    if (opt->get_expected_max() == 0) {  // a flag
-      if (value->kind != YamlNode::Kind::kScalar || !value->plain ||
-          (value->text != "true" && value->text != "false")) {
-        return wrong("true or false", value);
-      }
-      results.push_back(value->text);
-    } else if (opt->get_expected_max() > 1) {  // repeatable: a list, or one value
-      if (value->kind == YamlNode::Kind::kSequence) {
-        for (const YamlNode* item : value->items) {
-          if (item->kind != YamlNode::Kind::kScalar) return wrong("a string", item);
-          results.push_back(item->text);
-        }
-      } else if (value->kind == YamlNode::Kind::kScalar) {
-        results.push_back(value->text);
-      } else {
-        return wrong("a string or a list of strings", value);
-      }
-    } else if (IsIntegerSetting(key)) {
-      if (value->kind != YamlNode::Kind::kScalar || !value->plain)
-        return wrong("an integer", value);
-      results.push_back(value->text);
-    } else {
-      if (value->kind != YamlNode::Kind::kScalar) return wrong("a string", value);
-      results.push_back(value->text);
-    }
-    if (opt->count() > 0) continue;  // given on the command line, which wins
-    places[key] = value_at;
-    if (results.empty()) continue;  // an empty list: nothing
-    try {
-      opt->add_result(results);
-      opt->run_callback();
-    } catch (const CLI::Error& e) {
-      std::string why = e.what();
-      if (const std::string flag = "--" + key + ": "; why.starts_with(flag)) {
-        why.erase(0, flag.size());
-      }
-      return InvalidArgumentError(value_at + ": " + key + ": " + why);
-    }
+    RETURN_IF_ERROR(ApplySetting(app, file, root, k, value, keys, seen, places));
   }
   return Status::Ok();
 }
