@@ -44,9 +44,9 @@ install: build
 package: build
 	@cd build && rm -f kiln_*.deb && cpack -G DEB >/dev/null && ls -1 "$$PWD"/kiln_*.deb
 
-# Installs that .deb on this machine, runs the installed kilnd on a temporary directory, removes
+# Builds the binaries and that .deb, installs it on this machine, runs the installed kilnd on a temporary directory, removes
 # it again (root; CI runs it; refuses when a kiln package is installed already).
-package-test: package
+package-test: configure
 	@scripts/package-test
 
 bench: build

@@ -14,6 +14,9 @@
 # (systemd also reads /usr/local/lib/systemd/system). They are worked out when installing, not
 # when configuring, because `cmake --install --prefix` and CPack choose the prefix then.
 
+# Installing (and CPack's install) needs the three binaries, not every test and benchmark:
+# `make install` and `make package` build everything first anyway, scripts/package-test only them.
+set(CMAKE_SKIP_INSTALL_ALL_DEPENDENCY ON)
 install(TARGETS kilnd kilnctl kiln-proxy RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/monitoring/
         DESTINATION ${CMAKE_INSTALL_DATADIR}/kiln/monitoring)
@@ -39,12 +42,14 @@ install(CODE [[
   set(KILN_BINDIR "${CMAKE_INSTALL_PREFIX}/${bindir_rel}")
   configure_file("${packaging_dir}/kiln.service.in" "${packaging_out}/kiln.service" @ONLY)
   configure_file("${packaging_dir}/kilnd.yaml.in" "${packaging_out}/kilnd.yaml" @ONLY)
-  file(INSTALL "${packaging_out}/kiln.service" DESTINATION "$ENV{DESTDIR}${unitdir}"
+  # file(INSTALL) puts DESTDIR before an absolute DESTINATION itself; EXISTS and MAKE_DIRECTORY
+  # do not.
+  file(INSTALL "${packaging_out}/kiln.service" DESTINATION "${unitdir}"
        PERMISSIONS OWNER_READ OWNER_WRITE GROUP_READ WORLD_READ)
   if(EXISTS "$ENV{DESTDIR}${KILN_SYSCONFDIR}/kiln/kilnd.yaml")
     message(STATUS "Keeping: $ENV{DESTDIR}${KILN_SYSCONFDIR}/kiln/kilnd.yaml (the new one is ${packaging_out}/kilnd.yaml)")
   else()
-    file(INSTALL "${packaging_out}/kilnd.yaml" DESTINATION "$ENV{DESTDIR}${KILN_SYSCONFDIR}/kiln"
+    file(INSTALL "${packaging_out}/kilnd.yaml" DESTINATION "${KILN_SYSCONFDIR}/kiln"
          PERMISSIONS OWNER_READ OWNER_WRITE GROUP_READ WORLD_READ)
   endif()
   file(MAKE_DIRECTORY "$ENV{DESTDIR}${KILN_SYSCONFDIR}/kiln/manifests")
