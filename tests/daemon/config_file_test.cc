@@ -58,7 +58,7 @@ TEST_CASE("kilnd --config reads every kind of setting and the command line overr
   CHECK(c->http_listen.empty());
   CHECK(c->grpc_listen == "localhost:0");
   CHECK(c->event_retention == 7);
-  CHECK(c->log_max_bytes == 512 * 1024);
+  CHECK(c->log_max_bytes == uint64_t{512} * 1024);
   CHECK(c->log_format == LogFormat::kJson);
   CHECK(c->log_level == LogLevel::kWarn);
   CHECK(c->stop_instances_on_exit);
