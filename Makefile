@@ -2,7 +2,7 @@
 STATE ?= .kiln-state
 MANIFESTS ?= examples/manifests
 
-.PHONY: deps configure build test dev chaos run bench asan fuzz format format-check tidy clean
+.PHONY: deps configure build test dev chaos run install package package-test bench asan fuzz format format-check tidy clean
 
 deps:
 	@scripts/install-deps
@@ -28,9 +28,26 @@ CHAOS_ITERATIONS ?= 200
 chaos: build
 	@KILN_CHAOS_ITERATIONS=$(CHAOS_ITERATIONS) build/bin/kiln_chaos_tests --durations yes "[chaos]"
 
+# The demo. Ctrl-C stops the instances and kiln-proxy it started, then kilnd (a kilnd run by
+# systemd leaves them running across its restarts instead); a second Ctrl-C exits at once.
 run: build
 	@mkdir -p $(STATE)
-	build/bin/kilnd --manifests $(MANIFESTS) --state $(STATE)
+	build/bin/kilnd --manifests $(MANIFESTS) --state $(STATE) --stop-instances-on-exit
+
+# kilnd, kilnctl and kiln-proxy into PREFIX/bin, the systemd unit, the example config, the
+# monitoring files and the docs (packaging/install.cmake lists where). DESTDIR stages it.
+PREFIX ?= /usr/local
+install: build
+	@DESTDIR=$(DESTDIR) cmake --install build --prefix $(PREFIX)
+
+# build/kiln_VERSION_ARCH.deb (CPack; Depends from dpkg-shlibdeps).
+package: build
+	@cd build && rm -f kiln_*.deb && cpack -G DEB >/dev/null && ls -1 "$$PWD"/kiln_*.deb
+
+# Builds the binaries and that .deb, installs it on this machine, runs the installed kilnd on a temporary directory, removes
+# it again (root; CI runs it; refuses when a kiln package is installed already).
+package-test: configure
+	@scripts/package-test
 
 bench: build
 	@scripts/install-deps --bench

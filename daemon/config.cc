@@ -1,21 +1,27 @@
 #include "daemon/config.h"
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <set>
 #include <sstream>
 
 #include "api/api_server.h"
 #include "api/tokens.h"
 #include "common/duration.h"
+#include "common/regular_file.h"
+#include "common/utf8.h"
 #include "daemon/notifier.h"
 #include "deploy/docker_driver.h"
 #include "http/http_server.h"
 #include "kiln/version.h"
+#include "spec/yaml_reader.h"
 
 namespace kiln {
 
@@ -36,6 +42,207 @@ Status CheckReadable(const char* flag, const std::string& path) {
   std::ifstream in(path);
   if (!in) return InvalidArgumentError(std::string(flag) + ": cannot read \"" + path + "\"");
   return Status::Ok();
+}
+
+// --config FILE: where each setting the file gave came from ("FILE:LINE:COLUMN"), by its key.
+using SettingPlaces = std::map<std::string, std::string>;
+
+constexpr size_t kMaxConfigBytes = 1 << 20;
+
+bool IsIntegerSetting(const std::string& key) {
+  return key == "http-max-connections" || key == "event-retention" || key == "log-max-files";
+}
+
+std::string DescribeNode(const YamlNode* n) {
+  switch (n->kind) {
+    case YamlNode::Kind::kMapping:
+      return "a mapping";
+    case YamlNode::Kind::kSequence:
+      return "a list";
+    case YamlNode::Kind::kNull:
+      return "nothing";
+    case YamlNode::Kind::kScalar:
+      return "\"" + n->text + "\"";
+  }
+  return "nothing";
+}
+
+std::string Place(const std::string& file, const YamlNode* at, const YamlNode* fallback) {
+  const YamlNode* where = at->line > 0 ? at : fallback;
+  return file + ":" + std::to_string(where->line) + ":" + std::to_string(where->column);
+}
+
+// The settings kilnd --config FILE may hold: every option but --help, --version and --config.
+std::vector<std::string> SettingKeys(const CLI::App& app) {
+  std::vector<std::string> keys;
+  for (const CLI::Option* opt : app.get_options()) {
+    const std::string name = opt->get_single_name();
+    if (name == "help" || name == "version" || name == "config") continue;
+    keys.push_back(name);
+  }
+  return keys;
+}
+
+// A known key a misspelt one is closest to (at most two edits, or '_' for '-'), or "".
+std::string NearestKey(const std::string& key, const std::vector<std::string>& keys) {
+  std::string dashed = key;
+  std::replace(dashed.begin(), dashed.end(), '_', '-');
+  std::string best;
+  size_t best_d = 3;
+  for (const std::string& k : keys) {
+    if (k == dashed) return k;
+    // Levenshtein distance, two rows.
+    std::vector<size_t> prev(k.size() + 1), cur(k.size() + 1);
+    for (size_t j = 0; j <= k.size(); ++j) prev[j] = j;
+    for (size_t i = 1; i <= key.size(); ++i) {
+      cur[0] = i;
+      for (size_t j = 1; j <= k.size(); ++j) {
+        cur[j] =
+            std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (key[i - 1] == k[j - 1] ? 0 : 1)});
+      }
+      std::swap(prev, cur);
+    }
+    if (prev[k.size()] < best_d) {
+      best_d = prev[k.size()];
+      best = k;
+    }
+  }
+  return best;
+}
+
+// One `key: value` entry of the config file's mapping `root`: checked, then given to the option
+// of that name unless the command line gave it.
+Status ApplySetting(CLI::App& app, const std::string& file, const YamlNode* root, const YamlNode* k,
+                    const YamlNode* value, const std::vector<std::string>& keys,
+                    std::set<std::string>& seen, SettingPlaces& places) {
+  if (k->kind != YamlNode::Kind::kScalar) {
+    return InvalidArgumentError(Place(file, k, root) + ": keys must be plain names, got " +
+                                DescribeNode(k));
+  }
+  const std::string& key = k->text;
+  const std::string at = Place(file, k, root);
+  if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
+    std::string msg = at + ": " + key + ": unknown key";
+    if (key == "config") {
+      msg += " (a config file cannot name another)";
+    } else if (std::string near = NearestKey(key, keys); !near.empty()) {
+      msg += " (did you mean \"" + near + "\"?)";
+    }
+    return InvalidArgumentError(msg);
+  }
+  if (!seen.insert(key).second) return InvalidArgumentError(at + ": " + key + ": duplicate key");
+  CLI::Option* opt = app.get_option_no_throw("--" + key);
+  const std::string value_at = Place(file, value, k);
+  const auto wrong = [&file, k, &key](const std::string& expected, const YamlNode* got) {
+    return InvalidArgumentError(Place(file, got, k) + ": " + key + ": expected " + expected +
+                                ", got " + DescribeNode(got));
+  };
+  std::vector<std::string> results;
+  if (opt->get_expected_max() == 0) {  // a flag
+    if (value->kind != YamlNode::Kind::kScalar || !value->plain ||
+        (value->text != "true" && value->text != "false")) {
+      return wrong("true or false", value);
+    }
+    results.push_back(value->text);
+  } else if (opt->get_expected_max() > 1) {  // repeatable: a list, or one value
+    if (value->kind == YamlNode::Kind::kSequence) {
+      for (const YamlNode* item : value->items) {
+        if (item->kind != YamlNode::Kind::kScalar) return wrong("a string", item);
+        results.push_back(item->text);
+      }
+    } else if (value->kind == YamlNode::Kind::kScalar) {
+      results.push_back(value->text);
+    } else {
+      return wrong("a string or a list of strings", value);
+    }
+  } else if (IsIntegerSetting(key)) {
+    if (value->kind != YamlNode::Kind::kScalar || !value->plain) return wrong("an integer", value);
+    results.push_back(value->text);
+  } else {
+    if (value->kind != YamlNode::Kind::kScalar) return wrong("a string", value);
+    results.push_back(value->text);
+  }
+  if (opt->count() > 0) return Status::Ok();  // given on the command line, which wins
+  places[key] = value_at;
+  if (results.empty()) return Status::Ok();  // an empty list: nothing
+  try {
+    opt->add_result(results);
+    opt->run_callback();
+  } catch (const CLI::Error& e) {
+    std::string why = e.what();
+    if (const std::string flag = "--" + key + ": "; why.starts_with(flag)) {
+      why.erase(0, flag.size());
+    }
+    return InvalidArgumentError(value_at + ": " + key + ": " + why);
+  }
+  return Status::Ok();
+}
+
+// Reads --config FILE into the options the command line did not give (the command line wins),
+// through the same CLI11 conversions and checks as a flag. Every error names FILE:LINE:COLUMN
+// and the key. `places` gets where each setting taken from the file was.
+Status ApplyConfigFile(CLI::App& app, const std::string& file, SettingPlaces& places) {
+  StatusOr<std::string> text =
+      ReadRegularFile(file, kMaxConfigBytes, "--config: cannot read " + file);
+  if (!text.ok()) return InvalidArgumentError(text.status().message());
+  if (std::optional<size_t> bad = FindInvalidUtf8(*text)) {
+    const std::string_view before = std::string_view(*text).substr(0, *bad);
+    const size_t line = 1 + static_cast<size_t>(std::count(before.begin(), before.end(), '\n'));
+    const size_t newline = before.rfind('\n');
+    const size_t column = newline == std::string_view::npos ? *bad + 1 : *bad - newline;
+    return InvalidArgumentError(file + ":" + std::to_string(line) + ":" + std::to_string(column) +
+                                ": not valid UTF-8");
+  }
+  YamlLimits limits;
+  limits.max_depth = 8;
+  limits.max_nodes = 10'000;
+  YamlStream stream = ParseYaml(*text, limits);
+  if (stream.error) {
+    return InvalidArgumentError(file + ":" + std::to_string(stream.error->line) + ":" +
+                                std::to_string(stream.error->column) +
+                                ": invalid YAML: " + SanitizeUtf8(stream.error->message));
+  }
+  const YamlNode* root = nullptr;
+  const YamlNode* another = nullptr;
+  for (const YamlNode* doc : stream.documents) {
+    if (doc->kind == YamlNode::Kind::kNull) continue;  // an empty file or document
+    if (root == nullptr) {
+      root = doc;
+    } else if (another == nullptr) {
+      another = doc;
+    }
+  }
+  if (another != nullptr) {
+    return InvalidArgumentError(Place(file, another, another) +
+                                ": one document of settings expected, got another");
+  }
+  if (root == nullptr) return Status::Ok();
+  if (root->kind != YamlNode::Kind::kMapping) {
+    return InvalidArgumentError(Place(file, root, root) + ": expected a mapping of settings, got " +
+                                DescribeNode(root));
+  }
+  const std::vector<std::string> keys = SettingKeys(app);
+  std::set<std::string> seen;
+  for (const auto& [k, value] : root->entries) {
+    RETURN_IF_ERROR(ApplySetting(app, file, root, k, value, keys, seen, places));
+  }
+  return Status::Ok();
+}
+
+// An error about "--FLAG..." whose value came from the config file, located there:
+// "FILE:LINE:COLUMN: FLAG: why" (a message that names no flag of the file is kept as it is).
+Status Located(const Status& s, const SettingPlaces& places) {
+  if (s.ok() || !s.message().starts_with("--")) return s;
+  const std::string& m = s.message();
+  size_t end = 2;
+  while (end < m.size() && (std::isalnum(static_cast<unsigned char>(m[end])) || m[end] == '-')) {
+    ++end;
+  }
+  const std::string key = m.substr(2, end - 2);
+  auto it = places.find(key);
+  if (it == places.end()) return s;
+  if (m.compare(end, 2, ": ") != 0) return Status(s.code(), it->second + ": " + m);
+  return Status(s.code(), it->second + ": " + key + ": " + m.substr(end + 2));
 }
 
 }  // namespace
@@ -212,14 +419,18 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
 
   CLI::App app("kilnd: converges services declared in manifests by replacing instances", "kilnd");
   app.set_version_flag("--version", std::string("kilnd ") + kVersion);
+  std::string config_file;
+  app.add_option("--config", config_file,
+                 "YAML file of settings, each key a flag's name without \"--\" (manifests: DIR); "
+                 "flags given on the command line override it");
+  // Required, but possibly by --config: CheckDaemonConfig says when neither gives it.
   app.add_option("--manifests", manifests,
                  "directory of *.yaml service manifests, or git+URL#BRANCH (file://, https://, "
-                 "ssh://; branch main by default) to deploy what that branch declares")
-      ->required();
+                 "ssh://; branch main by default) to deploy what that branch declares");
   std::string git_poll = "15s";
   app.add_option("--git-poll", git_poll,
                  "with --manifests git+...: fetch the branch this often (and on kilnctl sync)");
-  app.add_option("--state", state, "state directory (kiln.db, artifacts, logs)")->required();
+  app.add_option("--state", state, "state directory (kiln.db, artifacts, logs)");
   app.add_option("--driver", config.driver,
                  "instance driver for services with an artifact (services with an image run on "
                  "--docker-host)")
@@ -277,6 +488,9 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
                  "managed: kilnd runs kiln-proxy for services with expose: (it outlives kilnd); "
                  "off: run kiln-proxy yourself")
       ->check(CLI::IsMember({"managed", "off"}));
+  app.add_flag("--stop-instances-on-exit", config.stop_instances_on_exit,
+               "on SIGINT or SIGTERM, stop every instance and kiln-proxy before exiting (for a "
+               "demo or a test; a service manager's daemon keeps them running)");
   std::string proxy_binary;
   app.add_option("--proxy-binary", proxy_binary,
                  "the kiln-proxy executable (default: beside kilnd's own)");
@@ -306,50 +520,58 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
     return InvalidArgumentError(e.what() + std::string("\n\n") + app.help());
   }
 
-  config.manifests = manifests;
-  if (git::IsGitSource(manifests)) {
-    StatusOr<git::SourceSpec> source = git::ParseSource(manifests);
-    if (!source.ok()) return source.status();
-    config.git_source = *std::move(source);
-  }
-  config.state = state;
-  config.proxy_binary = proxy_binary;
-  if (std::sscanf(port_range.c_str(), "%d-%d", &config.port_first, &config.port_last) != 2 ||
-      !(config.port_first > 0 && config.port_first <= config.port_last &&
-        config.port_last <= 65535)) {
-    return InvalidArgumentError("--port-range: expected FIRST-LAST within 1-65535, got \"" +
-                                port_range + "\"");
-  }
-  for (const auto& [flag, text, out] :
-       {std::tuple{"--resync", &resync, &config.resync},
-        std::tuple{"--stop-grace", &stop_grace, &config.stop_grace},
-        std::tuple{"--retire-after", &retire_after, &config.retire_after},
-        std::tuple{"--verify-artifacts", &verify_artifacts, &config.verify_artifacts},
-        std::tuple{"--http-header-timeout", &http_header_timeout, &config.http_header_timeout},
-        std::tuple{"--http-read-timeout", &http_read_timeout, &config.http_read_timeout},
-        std::tuple{"--grpc-idle-timeout", &grpc_idle_timeout, &config.grpc_idle_timeout},
-        std::tuple{"--git-poll", &git_poll, &config.git_poll}}) {
-    StatusOr<Duration> d = ParseDuration(*text);
-    if (!d.ok()) return InvalidArgumentError(std::string(flag) + ": " + d.status().message());
-    *out = *d;
-  }
-  StatusOr<uint64_t> log_bytes = ParseByteSize(log_max_size);
-  if (!log_bytes.ok())
-    return InvalidArgumentError("--log-max-size: " + log_bytes.status().message());
-  config.log_max_bytes = *log_bytes;
-  config.http_listen = http_listen;
-  config.log_format = *ParseLogFormat(log_format);  // CLI11 checked both
-  config.log_level = *ParseLogLevel(log_level);
-  if (!tokens_file.empty()) {
-    auto tokens = LoadTokens(tokens_file);  // the only read: both listeners get what it held
-    if (!tokens.ok()) return InvalidArgumentError("--tokens: " + tokens.status().message());
-    config.tokens = std::move(tokens).value();
-  }
-  // A refusal to serve (FAILED_PRECONDITION) is not bad usage: Daemon::Start logs it, exit 1.
-  if (Status s = CheckDaemonConfig(config);
-      !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
-    return s;
-  }
+  SettingPlaces places;
+  if (!config_file.empty()) RETURN_IF_ERROR(ApplyConfigFile(app, config_file, places));
+
+  // The values' own checks; an error about a setting the file gave is located there.
+  const auto convert = [&]() -> Status {
+    config.manifests = manifests;
+    if (git::IsGitSource(manifests)) {
+      StatusOr<git::SourceSpec> source = git::ParseSource(manifests);
+      if (!source.ok()) return source.status();  // "--manifests: ..."
+      config.git_source = *std::move(source);
+    }
+    config.state = state;
+    config.proxy_binary = proxy_binary;
+    if (std::sscanf(port_range.c_str(), "%d-%d", &config.port_first, &config.port_last) != 2 ||
+        !(config.port_first > 0 && config.port_first <= config.port_last &&
+          config.port_last <= 65535)) {
+      return InvalidArgumentError("--port-range: expected FIRST-LAST within 1-65535, got \"" +
+                                  port_range + "\"");
+    }
+    for (const auto& [flag, text, out] :
+         {std::tuple{"--resync", &resync, &config.resync},
+          std::tuple{"--stop-grace", &stop_grace, &config.stop_grace},
+          std::tuple{"--retire-after", &retire_after, &config.retire_after},
+          std::tuple{"--verify-artifacts", &verify_artifacts, &config.verify_artifacts},
+          std::tuple{"--http-header-timeout", &http_header_timeout, &config.http_header_timeout},
+          std::tuple{"--http-read-timeout", &http_read_timeout, &config.http_read_timeout},
+          std::tuple{"--grpc-idle-timeout", &grpc_idle_timeout, &config.grpc_idle_timeout},
+          std::tuple{"--git-poll", &git_poll, &config.git_poll}}) {
+      StatusOr<Duration> d = ParseDuration(*text);
+      if (!d.ok()) return InvalidArgumentError(std::string(flag) + ": " + d.status().message());
+      *out = *d;
+    }
+    StatusOr<uint64_t> log_bytes = ParseByteSize(log_max_size);
+    if (!log_bytes.ok())
+      return InvalidArgumentError("--log-max-size: " + log_bytes.status().message());
+    config.log_max_bytes = *log_bytes;
+    config.http_listen = http_listen;
+    config.log_format = *ParseLogFormat(log_format);  // CLI11 checked both
+    config.log_level = *ParseLogLevel(log_level);
+    if (!tokens_file.empty()) {
+      auto tokens = LoadTokens(tokens_file);  // the only read: both listeners get what it held
+      if (!tokens.ok()) return InvalidArgumentError("--tokens: " + tokens.status().message());
+      config.tokens = std::move(tokens).value();
+    }
+    // A refusal to serve (FAILED_PRECONDITION) is not bad usage: Daemon::Start logs it, exit 1.
+    if (Status s = CheckDaemonConfig(config);
+        !s.ok() && s.code() != StatusCode::kFailedPrecondition) {
+      return s;
+    }
+    return Status::Ok();
+  };
+  RETURN_IF_ERROR(Located(convert(), places));
   return config;
 }
 

@@ -78,6 +78,10 @@ struct DaemonConfig {
   uint64_t log_max_bytes = 10 << 20;
   int log_max_files = 3;
 
+  // --stop-instances-on-exit: on SIGINT or SIGTERM, stop every instance (and a managed
+  // kiln-proxy) before exiting, as `make run` wants; by default they outlive kilnd.
+  bool stop_instances_on_exit = false;
+
   LogFormat log_format = LogFormat::kText;
   LogLevel log_level = LogLevel::kInfo;
 
@@ -90,8 +94,11 @@ struct DaemonConfig {
 StatusOr<uint64_t> ParseByteSize(std::string_view text);
 
 // Parses and checks kilnd's command line, and reads the --tokens file (once). Nothing is
-// created, opened for writing or bound. Errors, and what RunDaemon does with them
-// (ReportFlagError):
+// created, opened for writing or bound. With --config FILE, FILE (YAML, one mapping) gives every
+// setting the command line does not: each key is a flag's name without "--" (a repeatable flag
+// takes a list, a flag without a value true or false); an error about a value from the file
+// reads "FILE:LINE:COLUMN: KEY: why", and so do unknown and duplicate keys and wrong types. Errors,
+// and what RunDaemon does with them (ReportFlagError):
 //   CANCELLED         --help or --version: the message is the text for stdout; exit 0.
 //   INVALID_ARGUMENT  bad usage: the message is what to tell the user; exit 2.
 // CheckDaemonConfig's FAILED_PRECONDITION (a listener off loopback without TLS and tokens) is

@@ -120,7 +120,14 @@ struct Daemon::Impl {
   void PollGit();
   // Any thread (kilnctl sync, POST /api/v1/sync): a fetch now; returns its number.
   int64_t RequestGitFetch();
-  void ShutDown(const char* signal_name);
+  // `how` says what happens to the instances ("instances keep running").
+  void ShutDown(const char* signal_name, const char* how = "instances keep running");
+  // --stop-instances-on-exit: no pass runs any more (shutting_down), every instance the driver
+  // lists is stopped, again until none is left (a start under way when the signal came), then
+  // kiln-proxy; then ShutDown.
+  void StopEverythingThenShutDown(const char* signal_name);
+  void StopInstancesRound(const char* signal_name, int round, int64_t stopped);
+  void StopProxyThenShutDown(const char* signal_name, int64_t stopped, int waited_ms);
 
   const DaemonConfig config;
   RealTimeSource clock;  // time and timers for the store, queue, watcher, reconciler and API
@@ -174,6 +181,7 @@ struct Daemon::Impl {
   boost::asio::thread_pool verifier{1};
   boost::asio::steady_timer verify_timer{io};
   std::optional<boost::asio::signal_set> signals;
+  boost::asio::steady_timer stop_timer{io};  // --stop-instances-on-exit: waits for kiln-proxy
   bool addr_written = false;
   std::unique_ptr<StateReader> sd_reader;
   boost::asio::steady_timer sd_timer{io};
@@ -249,7 +257,8 @@ Status Daemon::Impl::Init() {
   queue = std::make_unique<WorkQueue>(
       io, clock, queue_options,
       [this](const std::string& name) {
-        if (!recovered) return Status::Ok();  // recovery enqueues every service when it is done
+        if (!recovered) return Status::Ok();     // recovery enqueues every service when it is done
+        if (shutting_down) return Status::Ok();  // stopping every instance: start none
         const auto begin = std::chrono::steady_clock::now();
         Status s = reconciler->Reconcile(name);
         metrics.Observe(
@@ -678,17 +687,87 @@ void Daemon::Impl::Verify() {
 }
 
 // On the event thread. Finishes nothing new: the current step has already run (one thread);
-// instances keep running.
-void Daemon::Impl::ShutDown(const char* signal_name) {
+// instances keep running unless StopEverythingThenShutDown stopped them first.
+void Daemon::Impl::ShutDown(const char* signal_name, const char* how) {
+  const std::string message = std::string("shutting down; ") + how;
   if (signal_name) {
-    LogInfo("shutting down; instances keep running", {{"signal", signal_name}});
+    LogInfo(message, {{"signal", signal_name}});
   } else {
-    LogInfo("shutting down; instances keep running");
+    LogInfo(message);
   }
   shutting_down = true;
   Publish();
   endpoints->Stop();  // proxies keep serving what they have; they reconnect to the next kilnd
   io.stop();
+}
+
+void Daemon::Impl::StopEverythingThenShutDown(const char* signal_name) {
+  LogInfo("stopping every instance and kiln-proxy before exiting (--stop-instances-on-exit)",
+          {{"signal", signal_name}});
+  shutting_down = true;  // no pass runs from here on, so nothing replaces what is stopped
+  Publish();
+  StopInstancesRound(signal_name, 1, 0);
+}
+
+void Daemon::Impl::StopInstancesRound(const char* signal_name, int round, int64_t stopped) {
+  StatusOr<std::vector<RunningInstance>> listed = driver->List();
+  if (!listed.ok()) {
+    LogError("cannot list the instances to stop; they keep running",
+             {{"error", listed.status().message()}});
+    StopProxyThenShutDown(signal_name, stopped, 0);
+    return;
+  }
+  if (listed->empty() || round > 5) {
+    if (!listed->empty()) {
+      LogWarn("instances still running after 5 rounds of stopping; they keep running",
+              {{"instances", static_cast<int64_t>(listed->size())}});
+    }
+    StopProxyThenShutDown(signal_name, stopped, 0);
+    return;
+  }
+  auto left = std::make_shared<size_t>(listed->size());
+  auto count = std::make_shared<int64_t>(stopped);
+  for (const RunningInstance& r : *listed) {
+    driver->Stop(r.handle, config.stop_grace,
+                 [this, r, left, count, signal_name, round](const StatusOr<ExitInfo>& exit) {
+                   if (exit.ok()) {
+                     ++*count;
+                     LogInfo("instance stopped", {{"service", r.service},
+                                                  {"revision", r.revision},
+                                                  {"instance", r.handle.instance},
+                                                  {"exit", exit->Describe()}});
+                   } else {
+                     LogWarn("cannot stop instance", {{"service", r.service},
+                                                      {"revision", r.revision},
+                                                      {"instance", r.handle.instance},
+                                                      {"error", exit.status().message()}});
+                   }
+                   if (--*left == 0) StopInstancesRound(signal_name, round + 1, *count);
+                 });
+  }
+}
+
+void Daemon::Impl::StopProxyThenShutDown(const char* signal_name, int64_t stopped, int waited_ms) {
+  constexpr int kPollMs = 50;
+  constexpr int kMaxWaitMs = 30'000;                     // its supervisor sends SIGKILL after 5 s
+  if (proxy && waited_ms == 0) proxy->SetWanted(false);  // also one an earlier kilnd started
+  if (proxy && proxy->Status().running && waited_ms < kMaxWaitMs) {
+    stop_timer.expires_after(std::chrono::milliseconds(kPollMs));
+    stop_timer.async_wait(
+        [this, signal_name, stopped, waited_ms](const boost::system::error_code& err) {
+          if (!err) StopProxyThenShutDown(signal_name, stopped, waited_ms + kPollMs);
+        });
+    return;
+  }
+  if (proxy) {
+    if (proxy->Status().running) {
+      LogWarn("kiln-proxy did not stop; it keeps running");
+    } else if (waited_ms > 0) {
+      LogInfo("kiln-proxy stopped");
+    }
+  }
+  LogInfo("every instance stopped", {{"stopped", stopped}});
+  ShutDown(signal_name, "instances stopped");
 }
 
 Daemon::Daemon(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -725,7 +804,18 @@ void Daemon::StopOnSignals() {
   d.signals.emplace(d.io, SIGTERM, SIGINT);
   d.signals->async_wait([&d](const boost::system::error_code& err, int signo) {
     if (err) return;
-    d.ShutDown(signo == SIGTERM ? "SIGTERM" : "SIGINT");
+    const char* name = signo == SIGTERM ? "SIGTERM" : "SIGINT";
+    if (!d.config.stop_instances_on_exit) {
+      d.ShutDown(name);
+      return;
+    }
+    // A second signal while stopping (an impatient Ctrl-C): exit now.
+    d.signals->async_wait([&d](const boost::system::error_code& again, int second) {
+      if (again) return;
+      d.ShutDown(second == SIGTERM ? "SIGTERM" : "SIGINT",
+                 "not waiting for the instances still stopping");
+    });
+    d.StopEverythingThenShutDown(name);
   });
 }
 
