@@ -162,7 +162,12 @@ void FillInstance(const InstanceRecord& i, int64_t now_ms, int64_t min_healthy_m
   out->set_revision(i.revision);
   out->set_state(ToProto(i.state));
   out->set_reason(i.replace_reason.empty() ? i.reason : i.reason + " (" + i.replace_reason + ")");
-  out->set_host(i.host.empty() ? "" : "local");
+  if (auto docker = ParseDockerHandle(i.handle)) {
+    out->set_host(docker->first);  // the Docker host (--docker-host name)
+    out->set_container_id(docker->second);
+  } else {
+    out->set_host(i.host.empty() ? "" : "local");
+  }
   out->set_port(i.port);
   out->set_pid(i.pid);
   out->set_available(IsAvailable(i, now_ms, min_healthy_ms));
@@ -470,6 +475,22 @@ void FillCommit(const SourceCommit& c, pb::Commit* out) {
   out->set_subject(c.subject);
 }
 
+void FillDockerHosts(const std::vector<DockerHostStatus>& hosts, pb::ListServicesResponse* out) {
+  for (const DockerHostStatus& h : hosts) {
+    pb::DockerHost* d = out->add_docker_hosts();
+    d->set_name(h.name);
+    d->set_endpoint(h.endpoint);
+    d->set_configured(h.configured);
+    d->set_up(h.up);
+    d->set_last_error(h.last_error);
+    d->set_since_unix_ms(h.since_ms);
+    d->set_instances(h.instances);
+    d->set_left_running(h.left_running);
+    for (const auto& [service, n] : h.per_service)
+      (*d->mutable_instances_by_service())[service] = n;
+  }
+}
+
 void FillGitStatus(const git::SourceStatus& in, pb::GitSourceStatus* out) {
   out->set_url(in.url);
   out->set_branch(in.branch);
@@ -694,10 +715,12 @@ std::string MessageJson(const google::protobuf::Message& m) {
 }  // namespace
 
 StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock, const EndpointsHub* hub,
-                                   const git::SourceStatus* git_status) {
+                                   const git::SourceStatus* git_status,
+                                   const std::vector<DockerHostStatus>* docker_hosts) {
   pb::ListServicesResponse resp;
   RETURN_IF_ERROR(BuildListServices(r, clock, &resp, hub));
   if (git_status != nullptr) FillGitStatus(*git_status, resp.mutable_git());
+  if (docker_hosts != nullptr) FillDockerHosts(*docker_hosts, &resp);
   return MessageJson(resp);
 }
 
@@ -795,6 +818,7 @@ class KilnApi final : public pb::Kiln::Service {
     grpc::Status st = ToGrpc(
         WithReader([&](StateReader& r) { return BuildListServices(r, clock_, resp, hub_); }));
     if (st.ok() && git_status_) FillGitStatus(git_status_(), resp->mutable_git());
+    if (st.ok() && docker_hosts_) FillDockerHosts(docker_hosts_(), resp);
     return st;
   }
 
@@ -1121,6 +1145,10 @@ class KilnApi final : public pb::Kiln::Service {
     return grpc::Status::OK;
   }
 
+  void SetDockerHosts(std::function<std::vector<DockerHostStatus>()> hosts) {
+    docker_hosts_ = std::move(hosts);
+  }
+
   // With --manifests git+...: status of the source and a fetch now (see ApiServer::Options).
   void SetGitSource(std::function<git::SourceStatus()> status, std::function<int64_t()> sync) {
     git_status_ = std::move(status);
@@ -1238,6 +1266,7 @@ class KilnApi final : public pb::Kiln::Service {
   std::function<void(ManifestSet&)> manifest_rules_;
   std::filesystem::path log_dir_;                  // STATE/logs; empty: StreamLogs is UNIMPLEMENTED
   std::function<git::SourceStatus()> git_status_;  // set before the server starts
+  std::function<std::vector<DockerHostStatus>()> docker_hosts_;  // set before the server starts
   std::function<int64_t()> sync_;
 };
 
@@ -1335,6 +1364,7 @@ StatusOr<std::unique_ptr<ApiServer>> ApiServer::Start(const Options& o, boost::a
   impl->api->SetManifestRules(o.manifest_rules);
   impl->api->SetLogDir(o.log_dir);
   if (o.git_status) impl->api->SetGitSource(o.git_status, o.sync);
+  if (o.docker_hosts) impl->api->SetDockerHosts(o.docker_hosts);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -14,6 +14,7 @@
 #include "api/tokens.h"
 #include "common/clock.h"
 #include "common/status.h"
+#include "deploy/docker_hosts.h"
 #include "git/git_source.h"
 #include "spec/manifest.h"
 #include "storage/state_store.h"
@@ -32,9 +33,11 @@ class Reconciler;
 // GetService, GetEndpoints, WatchEvents), with proto field names. `clock` says what is available
 // now; `hub` (when there is one) what proxies report: drains, listeners, connections.
 // `git`: with --manifests git+..., what the responses' `git` field shows.
+// `docker_hosts`: with --docker-host, the hosts ListServices shows.
 StatusOr<std::string> ServicesJson(StateReader& r, const Clock& clock = RealClockInstance(),
                                    const EndpointsHub* hub = nullptr,
-                                   const git::SourceStatus* git_status = nullptr);
+                                   const git::SourceStatus* git_status = nullptr,
+                                   const std::vector<DockerHostStatus>* docker_hosts = nullptr);
 StatusOr<std::string> ServiceJson(StateReader& r, const std::string& name,
                                   const Clock& clock = RealClockInstance(),
                                   const EndpointsHub* hub = nullptr,
@@ -82,6 +85,8 @@ class ApiServer {
     // (returns its number, see Sync). Null: the manifests are a directory; Sync is then
     // FAILED_PRECONDITION.
     std::function<git::SourceStatus()> git_status;
+    // The Docker hosts and their health, for ListServices. Null: no --docker-host. Any thread.
+    std::function<std::vector<DockerHostStatus>()> docker_hosts;
     std::function<int64_t()> sync;
   };
   using ReaderFactory = std::function<StatusOr<std::unique_ptr<StateReader>>()>;

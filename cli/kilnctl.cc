@@ -213,9 +213,10 @@ int Query(Client& c, grpc::Status (pb::Kiln::Stub::*rpc)(grpc::ClientContext*, c
 std::vector<std::string> InstanceRow(const pb::Instance& i, const std::string& indent = "") {
   // A draining instance of an exposed service says how its drain goes.
   std::string reason = i.drain().empty() ? i.reason() : i.drain() + "; " + i.reason();
-  return {indent + i.id(),          std::to_string(i.revision()),
-          StateName(i.state()),     i.available() ? "yes" : "no",
-          std::to_string(i.port()), std::to_string(i.pid()),
+  return {indent + i.id(), std::to_string(i.revision()), StateName(i.state()),
+          i.available() ? "yes" : "no", std::to_string(i.port()),
+          // A container's: its pid on its Docker host, and which host.
+          std::to_string(i.pid()) + (i.container_id().empty() ? "" : " on " + i.host()),
           Age(i.created_unix_ms()), reason};
 }
 
@@ -260,6 +261,50 @@ void PrintGitSource(const pb::GitSourceStatus& g, std::ostream& out) {
   }
 }
 
+// The Docker hosts: HOST, ENGINE, HEALTH (up, down for how long and why, or not configured
+// with the containers left there), INSTANCES (by service).
+void PrintDockerHosts(const pb::ListServicesResponse& resp, std::ostream& out) {
+  Rows rows = {{"HOST", "ENGINE", "HEALTH", "INSTANCES"}};
+  for (const pb::DockerHost& h : resp.docker_hosts()) {
+    std::string health;
+    if (!h.configured()) {
+      health = "not configured: " + std::to_string(h.left_running()) +
+               " container(s) of stored instances left running there";
+    } else if (h.up()) {
+      health = "up";
+    } else {
+      health = "down for " + Age(h.since_unix_ms()) +
+               (h.last_error().empty() ? "" : " (" + h.last_error() + ")");
+    }
+    std::string count = std::to_string(h.instances());
+    std::map<std::string, int32_t> by(h.instances_by_service().begin(),
+                                      h.instances_by_service().end());
+    std::string each;
+    for (const auto& [svc, n] : by)
+      each += (each.empty() ? "" : ", ") + svc + " " + std::to_string(n);
+    if (!each.empty()) count += " (" + each + ")";
+    rows.push_back({h.name(), h.endpoint().empty() ? "-" : h.endpoint(), health, count});
+  }
+  PrintTable(out, rows);
+}
+
+int ShowHosts(Client& c, const std::string& format, std::ostream& out, std::ostream& err) {
+  pb::ListServicesResponse resp;
+  grpc::ClientContext ctx;
+  c.Prepare(ctx);
+  grpc::Status s = c.stub().ListServices(&ctx, pb::ListServicesRequest(), &resp);
+  if (!s.ok()) return Fail(s, c.conn(), err);
+  pb::ListServicesResponse only;
+  *only.mutable_docker_hosts() = resp.docker_hosts();
+  if (PrintStructured(only, format, out)) return 0;
+  if (resp.docker_hosts().empty()) {
+    out << "no Docker hosts: kilnd runs without --docker-host\n";
+    return 0;
+  }
+  PrintDockerHosts(resp, out);
+  return 0;
+}
+
 int ShowStatus(Client& c, const std::string& service, const std::string& format, std::ostream& out,
                std::ostream& err) {
   if (service.empty()) {
@@ -283,6 +328,10 @@ int ShowStatus(Client& c, const std::string& service, const std::string& format,
     if (resp.has_git()) {
       out << "\n";
       PrintGitSource(resp.git(), out);
+    }
+    if (!resp.docker_hosts().empty()) {
+      out << "\n";
+      PrintDockerHosts(resp, out);
     }
     return 0;
   }
@@ -822,6 +871,8 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   bool wait = false, follow = false, all = false;
   auto* status = app.add_subcommand("status", "services, or one service in detail");
   status->add_option("SERVICE", service, "a service");
+  auto* hosts = app.add_subcommand(
+      "hosts", "the Docker hosts (--docker-host), their health and the instances on each");
   auto* instances = app.add_subcommand("instances", "instances of a service");
   instances->add_option("SERVICE", service)->required();
   instances->add_flag("-a,--all", all, "also terminated, failed and lost ones");
@@ -931,6 +982,7 @@ int RunKilnctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
 
   Client client(conn);
   if (status->parsed()) return ShowStatus(client, service, output, out, err);
+  if (hosts->parsed()) return ShowHosts(client, output, out, err);
   if (instances->parsed()) return Instances(client, service, all, output, out, err);
   if (endpoints->parsed()) return Endpoints(client, service, output, out, err);
   if (history->parsed()) return History(client, service, output, out, err);

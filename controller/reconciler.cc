@@ -24,6 +24,7 @@ InstanceSpec SpecFor(const InstanceRecord& inst, const Template& t) {
   s.command = t.command;
   s.env = t.env;
   s.container_port = t.port;
+  s.hosts = t.hosts;
   return s;
 }
 
@@ -174,7 +175,20 @@ Status Reconciler::Recover() {
     // recording it). A leader that is gone is gone even if processes it left behind run; the
     // driver kills those when asked to adopt it.
     if (found != by_name.end() && inst.handle.empty()) handle = found->second.handle;
-    const bool adopted = !handle.id.empty() && driver_.Adopt(handle).ok();
+    const Status adopt = handle.id.empty() ? NotFoundError("no handle") : driver_.Adopt(handle);
+    const bool adopted = adopt.ok();
+    // FAILED_PRECONDITION: the driver cannot reach where it runs (a Docker host this kilnd is
+    // not configured with); it is left running there, and that is said loudly.
+    const bool unreachable = adopt.code() == StatusCode::kFailedPrecondition;
+    // UNAVAILABLE: where it runs is down (a Docker host marked down).
+    const bool reached_no_driver = unreachable || adopt.code() == StatusCode::kUnavailable;
+    if (unreachable) {
+      LogError("instance left running where this kilnd cannot reach it",
+               {{"service", inst.service},
+                {"revision", inst.revision},
+                {"instance", inst.name},
+                {"error", adopt.message()}});
+    }
     adopted_count += adopted;
     lost_count +=
         !adopted && inst.state != InstanceState::kPending && inst.state != InstanceState::kDraining;
@@ -223,12 +237,16 @@ Status Reconciler::Recover() {
       }
     } else if (!adopted) {
       s = store_.Transaction([&]() -> Status {
-        RETURN_IF_ERROR(store_
-                            .TransitionInstance(inst.name, InstanceState::kLost,
-                                                {.reason = "gone while kilnd was down"})
-                            .status());
+        RETURN_IF_ERROR(
+            store_
+                .TransitionInstance(
+                    inst.name, InstanceState::kLost,
+                    {.reason = reached_no_driver ? adopt.message() : "gone while kilnd was down"})
+                .status());
         return Event(EventKind::kInstanceLost, inst.service, inst.revision, inst.name, "kilnd",
-                     "instance " + inst.name + " was gone after kilnd restarted");
+                     reached_no_driver
+                         ? "instance " + inst.name + " lost: " + adopt.message()
+                         : "instance " + inst.name + " was gone after kilnd restarted");
       });
     }
     RETURN_IF_ERROR(s);
@@ -297,6 +315,20 @@ void Reconciler::ApplyManifests(const ManifestSet& set) {
 // ---------------------------------------------------------------------------------------------
 // Driver and prober callbacks: record, then enqueue.
 
+Status Reconciler::RecordHostEvent(const std::string& host, bool up, const std::string& message) {
+  Status s = store_.Transaction([&]() -> Status {
+    return Event(up ? EventKind::kHostUp : EventKind::kHostDown, "", 0, "", "kilnd", message);
+  });
+  if (!s.ok()) {
+    LogError("cannot record a host event", {{"docker_host", host}, {"error", s.ToString()}});
+  }
+  // A host that comes back can take instances again: every service looks.
+  if (up) {
+    for (const auto& name : ServiceNames()) scheduler_.Add(name);
+  }
+  return s;
+}
+
 void Reconciler::OnExit(const ExitInfo& info) {
   prober_.Unwatch(info.instance);
   probe_written_.erase(info.instance);
@@ -315,6 +347,13 @@ bool Reconciler::RecordExit(const ExitInfo& info) {
     if (info.signal) u.exit_signal = "signal " + std::to_string(*info.signal);
     InstanceState to = inst.state == InstanceState::kDraining ? InstanceState::kTerminated
                                                               : InstanceState::kFailed;
+    if (info.lost && to == InstanceState::kFailed) {
+      // Unreachable, not failed: replaced like one, but no crash of the service.
+      to = InstanceState::kLost;
+      RETURN_IF_ERROR(store_.TransitionInstance(inst.name, to, u).status());
+      return Event(EventKind::kInstanceLost, service, inst.revision, inst.name, "kilnd",
+                   "instance " + inst.name + " " + u.reason);
+    }
     RETURN_IF_ERROR(store_.TransitionInstance(inst.name, to, u).status());
     if (to == InstanceState::kFailed) {
       RETURN_IF_ERROR(RecordFailure(service, inst.name + " " + u.reason));

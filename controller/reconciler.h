@@ -61,6 +61,10 @@ class Reconciler {
   // lost what does not, stops what runs with kiln's identity but is unknown to the store.
   Status Recover();
 
+  // A Docker host went down or answered again (DockerHostsDriver's host callback): an event
+  // with no service. Its instances' ends arrive through the driver's exit callback.
+  Status RecordHostEvent(const std::string& host, bool up, const std::string& message);
+
   // A new load of the manifest directory; enqueues the services it changes.
   void ApplyManifests(const ManifestSet& set);
 

@@ -19,6 +19,7 @@
 #include "common/utf8.h"
 #include "daemon/notifier.h"
 #include "deploy/docker_driver.h"
+#include "deploy/docker_hosts.h"
 #include "http/http_server.h"
 #include "kiln/version.h"
 #include "spec/yaml_reader.h"
@@ -275,14 +276,12 @@ Status CheckDaemonConfig(const DaemonConfig& c) {
   if (c.driver != "process") {
     return InvalidArgumentError("--driver: unknown driver \"" + c.driver + "\"");
   }
-  if (c.docker_hosts.size() > 1) {
-    return InvalidArgumentError("--docker-host: one Docker engine is supported for now, got " +
-                                std::to_string(c.docker_hosts.size()));
+  if (StatusOr<std::vector<DockerHostConfig>> hosts = ParseDockerHostFlags(c.docker_hosts);
+      !hosts.ok()) {
+    return InvalidArgumentError("--docker-host: " + hosts.status().message());
   }
-  for (const std::string& host : c.docker_hosts) {
-    if (Status s = CheckDockerEndpoint(host); !s.ok()) {
-      return InvalidArgumentError("--docker-host: " + s.message());
-    }
+  if (c.docker_host_timeout <= Duration(0)) {
+    return InvalidArgumentError("--docker-host-timeout: must be more than 0");
   }
   if (!(c.port_first > 0 && c.port_first <= c.port_last && c.port_last <= 65535)) {
     return InvalidArgumentError("--port-range: expected FIRST-LAST within 1-65535, got \"" +
@@ -436,9 +435,14 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
                  "--docker-host)")
       ->check(CLI::IsMember({"process"}));
   app.add_option("--docker-host", config.docker_hosts,
-                 "Docker engine for services with an image, unix:///PATH (e.g. "
-                 "unix:///run/docker.sock)")
+                 "Docker engine for services with an image, a host named NAME: "
+                 "name=NAME,unix:///PATH (repeatable, one per host); a bare unix:///PATH is the "
+                 "host named \"default\"")
       ->allow_extra_args(false);
+  std::string docker_host_timeout = "10s";
+  app.add_option("--docker-host-timeout", docker_host_timeout,
+                 "a Docker host whose engine does not answer for this long is down: its "
+                 "instances are lost and replaced on other hosts");
   app.add_option("--port-range", port_range, "ports for instances, FIRST-LAST");
   app.add_option("--resync", resync, "period of the full resync, e.g. 30s");
   app.add_option("--stop-grace", stop_grace, "SIGTERM to SIGKILL when stopping an instance");
@@ -547,7 +551,9 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
           std::tuple{"--http-header-timeout", &http_header_timeout, &config.http_header_timeout},
           std::tuple{"--http-read-timeout", &http_read_timeout, &config.http_read_timeout},
           std::tuple{"--grpc-idle-timeout", &grpc_idle_timeout, &config.grpc_idle_timeout},
-          std::tuple{"--git-poll", &git_poll, &config.git_poll}}) {
+          std::tuple{"--git-poll", &git_poll, &config.git_poll},
+          std::tuple{"--docker-host-timeout", &docker_host_timeout,
+                     &config.docker_host_timeout}}) {
       StatusOr<Duration> d = ParseDuration(*text);
       if (!d.ok()) return InvalidArgumentError(std::string(flag) + ": " + d.status().message());
       *out = *d;

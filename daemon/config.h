@@ -29,10 +29,12 @@ struct DaemonConfig {
   Duration git_poll{15'000};
   std::filesystem::path state;  // kiln.db, artifacts/, logs/, kiln.sock, kilnd.addr
   std::string driver = "process";
-  // --docker-host: the Docker engines image services run on (unix:///PATH). Empty: none, and an
-  // image service's instances fail to start. One engine for now; the flag is repeatable so that
-  // several engines (hosts) can follow without a new flag.
+  // --docker-host (repeatable): the Docker engines image services run on, each a host with a
+  // name ("name=a,unix:///PATH"; a bare "unix:///PATH" is named "default"). Empty: none, and an
+  // image service's instances fail to start.
   std::vector<std::string> docker_hosts;
+  // --docker-host-timeout: a host whose engine has not answered /_ping for this long is down.
+  Duration docker_host_timeout{10'000};
   int port_first = 20000;  // instances' ports, [port_first, port_last]
   int port_last = 29999;
   Duration resync{30'000};  // 0: no periodic resync (events are still pruned every 30s)

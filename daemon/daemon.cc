@@ -38,6 +38,7 @@
 #include "daemon/readiness.h"
 #include "deploy/artifact_store.h"
 #include "deploy/docker_driver.h"
+#include "deploy/docker_hosts.h"
 #include "deploy/instance_logs.h"
 #include "deploy/prober.h"
 #include "deploy/process_driver.h"
@@ -137,8 +138,9 @@ struct Daemon::Impl {
   std::unique_ptr<SqliteStateStore> store;
   std::optional<ArtifactStore> artifacts;
   boost::asio::io_context io;
-  std::unique_ptr<RoutingDriver> driver;    // processes, and containers with --docker-host
-  std::unique_ptr<LogRotator> log_rotator;  // caps STATE/logs/*.log
+  std::unique_ptr<RoutingDriver> driver;      // processes, and containers with --docker-host
+  DockerHostsDriver* docker_hosts = nullptr;  // the driver's container part; null: none
+  std::unique_ptr<LogRotator> log_rotator;    // caps STATE/logs/*.log
   std::unique_ptr<Prober> prober;
   // --notify: webhooks, on a thread of their own; made before the reconciler that feeds it.
   std::unique_ptr<Notifier> notifier;
@@ -229,15 +231,25 @@ Status Daemon::Impl::Init() {
   driver_options.port_last = config.port_last;
   driver_options.controller_id = ControllerIdForStateDir(config.state);
   driver_options.instance_nofile_soft = config.instance_nofile_soft;
-  std::unique_ptr<DockerDriver> containers;
+  std::unique_ptr<DockerHostsDriver> containers;
   if (!config.docker_hosts.empty()) {
-    DockerDriver::Options docker_options;
-    docker_options.endpoint = config.docker_hosts.front();
+    DockerHostsDriver::Options docker_options;
+    StatusOr<std::vector<DockerHostConfig>> hosts = ParseDockerHostFlags(config.docker_hosts);
+    if (!hosts.ok()) return hosts.status().WithContext("--docker-host");
+    docker_options.hosts = std::move(hosts).value();
     docker_options.controller_id = driver_options.controller_id;
-    StatusOr<std::unique_ptr<DockerDriver>> made = DockerDriver::Create(io, docker_options);
+    docker_options.down_after = config.docker_host_timeout;
+    docker_options.ping_timeout = std::min(config.docker_host_timeout, Duration{2000});
+    docker_options.ping_interval = std::min(config.docker_host_timeout / 4, Duration{1000});
+    StatusOr<std::unique_ptr<DockerHostsDriver>> made =
+        DockerHostsDriver::Create(io, docker_options);
     if (!made.ok()) return made.status().WithContext("--docker-host");
     containers = std::move(made).value();
-    LogInfo("image services run on a Docker engine", {{"engine", docker_options.endpoint}});
+    docker_hosts = containers.get();
+    for (const DockerHostConfig& h : docker_options.hosts) {
+      LogInfo("image services run on a Docker host",
+              {{"docker_host", h.name}, {"engine", h.endpoint}});
+    }
   }
   driver = std::make_unique<RoutingDriver>(io, std::make_unique<ProcessDriver>(io, driver_options),
                                            std::move(containers));
@@ -330,6 +342,12 @@ Status Daemon::Impl::Init() {
   };
   reconciler = std::make_unique<Reconciler>(*store, *driver, *prober, *artifacts, clock, *queue,
                                             rec_options);
+  if (docker_hosts != nullptr) {
+    docker_hosts->SetHostCallback(
+        [this](const std::string& host, bool up, const std::string& message) {
+          (void)reconciler->RecordHostEvent(host, up, message);
+        });
+  }
 
   // Recovery records what it finds (adoptions, lost instances). When the store cannot take
   // writes (a full disk), kilnd starts all the same and serves status, takes no action it could
@@ -390,6 +408,9 @@ Status Daemon::Impl::Init() {
   api_options.manifest_rules = [first = config.port_first, last = config.port_last](
                                    ManifestSet& set) { RejectExposedPortsIn(set, first, last); };
   api_options.log_dir = config.state / "logs";
+  if (docker_hosts != nullptr) {
+    api_options.docker_hosts = [this] { return docker_hosts->Hosts(); };
+  }
   if (git_source) {
     api_options.git_status = [this] { return git_source->Status(); };
     api_options.sync = [this] { return RequestGitFetch(); };
@@ -465,6 +486,24 @@ Status Daemon::Impl::Init() {
     }
     return out;
   });
+  if (docker_hosts != nullptr) {
+    metrics.SetCollector("kiln_docker_host_up", [this] {
+      std::vector<std::pair<Labels, double>> out;
+      for (const DockerHostStatus& h : docker_hosts->Hosts()) {
+        out.push_back({{{"host", h.name}}, h.up ? 1.0 : 0.0});
+      }
+      return out;
+    });
+    metrics.SetCollector("kiln_docker_host_instances", [this] {
+      std::vector<std::pair<Labels, double>> out;
+      for (const DockerHostStatus& h : docker_hosts->Hosts()) {
+        for (const auto& [service, n] : h.per_service) {
+          out.push_back({{{"host", h.name}, {"service", service}}, static_cast<double>(n)});
+        }
+      }
+      return out;
+    });
+  }
   metrics.SetCollector("kiln_store_writable", [this] {
     const ReconcilerSnapshot snap = published.Get();
     const bool writable = snap.store_error.empty() && snap.recovery_error.empty();
@@ -479,6 +518,7 @@ Status Daemon::Impl::Init() {
     sources.metrics = [this] { return metrics.Render(); };
     sources.reader = http_reader.get();
     sources.endpoints = endpoints.get();
+    if (docker_hosts != nullptr) sources.docker_hosts = [this] { return docker_hosts->Hosts(); };
     if (git_source) {
       sources.git_status = [this] { return git_source->Status(); };
       sources.sync = [this] { return RequestGitFetch(); };

@@ -29,6 +29,10 @@ void DeclareKilnMetrics(Metrics& m) {
             "Passes requeued with backoff after an error.");
   m.Declare("kiln_instances", "gauge",
             "Instances by service, revision and state (final ones still retained included).");
+  m.Declare("kiln_docker_host_up", "gauge",
+            "1 while a Docker host's engine answers, 0 while it is down or not configured.");
+  m.Declare("kiln_docker_host_instances", "gauge",
+            "Containers kiln tracks on a Docker host, by host and service.");
   m.Declare("kiln_workqueue_wait_seconds", "histogram",
             "How long a service waited in the work queue before its pass.", seconds);
   m.Declare("kiln_rollouts_started_total", "counter", "Rollouts started, by service.");

@@ -217,6 +217,16 @@ asio::awaitable<Status> Client::Negotiate(Duration timeout) {
   co_return Status::Ok();
 }
 
+asio::awaitable<Status> Client::Ping(Duration timeout) {
+  StatusOr<Response> r = co_await Raw(Method::kGet, "/_ping", {}, {}, timeout);
+  if (!r.ok()) co_return r.status();
+  if (r->status != 200) {
+    co_return UnavailableError("Docker engine " + options_.endpoint.text + ": /_ping answered " +
+                               ErrorMessage(*r));
+  }
+  co_return Status::Ok();
+}
+
 asio::awaitable<StatusOr<Response>> Client::Call(Method method, std::string target,
                                                  std::string body, Duration timeout) {
   co_return co_await CallWithBody(method, std::move(target), std::move(body), "application/json",

@@ -107,6 +107,10 @@ class Client {
                                         std::function<void(std::string_view)> on_line,
                                         std::shared_ptr<StreamControl> control);
 
+  // GET /_ping without the version prefix (and without negotiating): OK when the engine answers
+  // 200 within `timeout`. Host health checks use it, so a hung engine costs one timeout.
+  boost::asio::awaitable<Status> Ping(Duration timeout);
+
   // Call, run to its end on a private io_context of the calling thread (for the synchronous parts
   // of the Driver interface). Blocks for at most about `timeout`.
   StatusOr<Response> CallSync(Method method, std::string target, std::string body = {},

@@ -606,6 +606,47 @@ void DockerDriver::Stop(const InstanceHandle& handle, Duration grace, StopFn don
   });
 }
 
+void DockerDriver::Ping(Duration timeout, std::function<void(Status)> done) {
+  impl_->Spawn([impl = impl_, timeout, done = std::move(done)]() -> asio::awaitable<void> {
+    co_await asio::post(impl->io, asio::use_awaitable);
+    Status s = co_await impl->client.Ping(timeout);
+    done(std::move(s));
+  });
+}
+
+void DockerDriver::ForgetAll() { impl_->watches.clear(); }
+
+void DockerDriver::RemoveUnwatched(std::function<void(StatusOr<int>)> done) {
+  impl_->Spawn([impl = impl_, done = std::move(done)]() -> asio::awaitable<void> {
+    co_await asio::post(impl->io, asio::use_awaitable);
+    json filters = json::object();
+    filters["label"] = json::array({"kiln.controller=" + impl->options.controller_id});
+    StatusOr<Response> r = co_await impl->client.Call(
+        Method::kGet, "/containers/json?all=1&filters=" + UrlEncode(filters.dump()));
+    if (!r.ok()) {
+      done(r.status());
+      co_return;
+    }
+    if (r->status != 200) {
+      done(impl->EngineError(*r, "listing containers"));
+      co_return;
+    }
+    const json list = ParseJson(r->body);
+    int removed = 0;
+    for (size_t i = 0; list.is_array() && i < list.size(); ++i) {
+      const std::string id = StringAt(list[i], "Id");
+      if (id.empty() || impl->watches.count(id)) continue;
+      const std::string instance = StringAt(Member(list[i], "Labels"), "kiln.instance");
+      co_await impl->Remove(id, instance);
+      LogInfo(
+          "container removed: its instance was given up while its engine was away",
+          {{"instance", instance}, {"container", id.substr(0, 12)}, {"engine", impl->Engine()}});
+      ++removed;
+    }
+    done(removed);
+  });
+}
+
 StatusOr<bool> DockerDriver::IsRunning(const InstanceHandle& handle) {
   ASSIGN_OR_RETURN(std::string id, ContainerIdOf(handle));
   ASSIGN_OR_RETURN(json info, impl_->InspectSync(id));

@@ -67,6 +67,17 @@ class DockerDriver final : public Driver {
 
   const std::string& endpoint() const;
 
+  // For host health (DockerHostsDriver): OK when the engine answers /_ping within `timeout`.
+  // `done` runs on the io_context, never inline.
+  void Ping(Duration timeout, std::function<void(Status)> done);
+  // The engine is taken for gone: stops watching every container and reports no exit for any
+  // (the caller reports them lost). A Start or Stop under way still reports to its callback.
+  void ForgetAll();
+  // Removes every container of this controller that the driver does not watch (those it forgot
+  // and any others nobody tracks); `done` gets how many it removed. For an engine that answers
+  // again after its instances were given up.
+  void RemoveUnwatched(std::function<void(StatusOr<int>)> done);
+
  private:
   struct Impl;
   explicit DockerDriver(std::shared_ptr<Impl> impl);

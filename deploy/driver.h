@@ -24,6 +24,8 @@ struct InstanceSpec {
   std::vector<std::string> command;  // {artifact}, {port}, {instance}, {service}, {revision} expand
   std::map<std::string, std::string> env;
   int container_port = 0;
+  // Container driver: the hosts (--docker-host names) it may be placed on; empty: any.
+  std::vector<std::string> hosts;
 };
 
 // How the driver finds a running instance again, also after kilnd restarts.
@@ -52,7 +54,11 @@ struct ExitInfo {
   // What else the driver knows of the end, named in Describe: "OOMKilled" (the Docker driver:
   // the engine says the kernel killed it for memory).
   std::string detail;
+  // Not an end the driver saw: the instance can no longer be reached (its Docker host is down)
+  // and is given up. `detail` says why. Recorded as lost, not as a failure of the service.
+  bool lost = false;
 
+  // "lost: <detail>",
   // "exited with code 3", "killed by SIGKILL", "exited (status unknown: adopted)",
   // "exited with code 137 (OOMKilled)".
   std::string Describe() const;

@@ -110,6 +110,7 @@ std::optional<pid_t> PickLeader(const std::map<pid_t, proc::Stat>& members) {
 }  // namespace
 
 std::string ExitInfo::Describe() const {
+  if (lost) return "lost: " + detail;
   std::string how;
   if (exit_code) {
     how = "exited with code " + std::to_string(*exit_code);

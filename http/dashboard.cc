@@ -53,6 +53,7 @@ const char* DashboardHtml() {
   <button id="signout" type="button" hidden>sign out</button></header>
 <main>
   <section id="git" hidden></section>
+  <section id="hosts" hidden></section>
   <div id="services"></div>
   <section><h2>Recent events</h2><table id="events"><thead><tr><th>seq</th><th>time</th><th>service</th><th>kind</th><th>instance</th><th>actor</th><th>message</th></tr></thead><tbody></tbody></table></section>
 </main>
@@ -122,6 +123,18 @@ function gitHtml(g) {
     ${g.fetch_error ? `<div class="error git-fetch-error">cannot fetch: ${esc(g.fetch_error)}; the last good state runs</div>` : ""}`;
 }
 
+// kilnd --docker-host: each Docker host, its health and the instances on it.
+function hostsHtml(hosts) {
+  const rows = hosts.map((h) => {
+    const health = h.configured === false
+      ? `<span class="error">not configured: ${esc(h.left_running || 0)} container(s) left running there</span>`
+      : h.up ? `<span class="healthy">up</span>`
+      : `<span class="error">down for ${age(h.since_unix_ms)}${h.last_error ? ": " + esc(h.last_error) : ""}</span>`;
+    const by = Object.entries(h.instances_by_service || {}).sort().map(([s, n]) => `${esc(s)} ${esc(n)}`).join(", ");
+    return `<tr data-host="${esc(h.name)}"><td>${esc(h.name)}</td><td>${esc(h.endpoint || "-")}</td><td class="host-health">${health}</td><td>${esc(h.instances || 0)}${by ? ` (${by})` : ""}</td></tr>`; }).join("");
+  return `<h2>Docker hosts</h2><table class="hosts"><thead><tr><th>host</th><th>engine</th><th>health</th><th>instances</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
 function serviceHtml(s, h) {
   const sum = s.summary, r = s.rollout || {};
   const target = Number(sum.target_revision);
@@ -169,6 +182,8 @@ async function refresh() {
     const list = await api("/api/v1/services");
     $("#git").hidden = !list.git;
     if (list.git) $("#git").innerHTML = gitHtml(list.git);
+    $("#hosts").hidden = !(list.docker_hosts || []).length;
+    if ((list.docker_hosts || []).length) $("#hosts").innerHTML = hostsHtml(list.docker_hosts);
     const details = await Promise.all((list.services || []).map((s) =>
       api("/api/v1/services/" + encodeURIComponent(s.name))));
     const histories = await Promise.all((list.services || []).map((s) =>

@@ -124,7 +124,10 @@ struct HttpServer::Impl : std::enable_shared_from_this<Impl> {
     if (sources.git_status) git_snapshot = sources.git_status();
     const git::SourceStatus* git_status = git_snapshot ? &*git_snapshot : nullptr;
     if (path == "/api/v1/services") {
-      body = ServicesJson(*sources.reader, RealClockInstance(), sources.endpoints, git_status);
+      std::optional<std::vector<DockerHostStatus>> hosts;
+      if (sources.docker_hosts) hosts = sources.docker_hosts();
+      body = ServicesJson(*sources.reader, RealClockInstance(), sources.endpoints, git_status,
+                          hosts ? &*hosts : nullptr);
     } else if (path == "/api/v1/events") {
       auto q = Query(query);
       char* end = nullptr;

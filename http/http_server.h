@@ -12,10 +12,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "api/tokens.h"
 #include "common/clock.h"
 #include "common/status.h"
+#include "deploy/docker_hosts.h"
 #include "git/git_source.h"
 
 namespace boost::asio {
@@ -62,6 +64,8 @@ class HttpServer {
     // /api/v1/sync (a fetch now; returns its number). Null: the manifests are a directory.
     std::function<git::SourceStatus()> git_status;
     std::function<int64_t()> sync;
+    // With --docker-host: the hosts in /api/v1/services. Null: none.
+    std::function<std::vector<DockerHostStatus>()> docker_hosts;
   };
 
   // Refuses (FAILED_PRECONDITION, with the reason) to listen off loopback without both TLS and

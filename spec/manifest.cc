@@ -24,9 +24,9 @@ namespace fs = std::filesystem;
 namespace {
 
 // Keys each block accepts, for unknown-key errors and suggestions.
-const std::vector<std::string> kServiceKeys = {"name",   "version", "replicas",      "artifact",
-                                               "image",  "command", "env",           "port",
-                                               "health", "update",  "history_limit", "expose"};
+const std::vector<std::string> kServiceKeys = {
+    "name", "version", "replicas", "artifact",      "image",  "command", "env",
+    "port", "health",  "update",   "history_limit", "expose", "hosts"};
 const std::vector<std::string> kArtifactKeys = {"path", "sha256"};
 const std::vector<std::string> kHealthKeys = {"http",     "tcp",     "exec",
                                               "interval", "timeout", "failure_threshold"};
@@ -392,6 +392,29 @@ class FileParser {
     return ok;
   }
 
+  // `hosts: [a, b]`: names of Docker hosts (--docker-host name=...), each once. Whether kilnd
+  // has them is known only to kilnd: a name it lacks is reported on the service, not here.
+  void ParseHosts(const Entry& e, std::vector<std::string>* out) {
+    std::vector<std::string> v;
+    if (!GetStringList(e, "hosts", /*allow_empty=*/false, &v)) return;
+    std::set<std::string> seen;
+    for (size_t i = 0; i < v.size(); ++i) {
+      const std::string path = "hosts[" + std::to_string(i) + "]";
+      if (!IsValidServiceName(v[i])) {
+        Add(e.value->items[i], e.value, path,
+            "a host name is 1 to 63 characters of a-z, 0-9 and '-', not starting or ending "
+            "with '-', got " +
+                Quote(v[i]));
+        return;
+      }
+      if (!seen.insert(v[i]).second) {
+        Add(e.value->items[i], e.value, path, "host " + Quote(v[i]) + " is named twice");
+        return;
+      }
+    }
+    *out = std::move(v);
+  }
+
   void ParseEnv(const Entry& e, std::map<std::string, std::string>* out) {
     if (!ExpectMap(e, "env")) return;
     if (!WithinCount(e.value, e.key_node, "env", e.value->entries.size(), kMaxEnvVars,
@@ -598,7 +621,7 @@ class FileParser {
     const size_t errors_before = file_.errors.size();
     ServiceSpec s;
     s.file = file_.path;
-    std::optional<Entry> artifact, image, port, command;
+    std::optional<Entry> artifact, image, port, command, hosts;
     bool has_name = false, name_given = false, version_given = false;
     for (const Entry& e : Entries(doc, "", kServiceKeys)) {
       if (e.key == "name") {
@@ -646,6 +669,9 @@ class FileParser {
         GetInt(e, "history_limit", 1, 1000, &s.history_limit);
       } else if (e.key == "expose") {
         ParseExpose(e, &s);
+      } else if (e.key == "hosts") {
+        hosts = e;
+        ParseHosts(e, &s.tmpl.hosts);
       }
     }
     if (has_name) file_.declared.push_back({s.name, s.line, s.column});
@@ -671,6 +697,11 @@ class FileParser {
       if (port) {
         Add(port->key_node, doc, "port",
             "only applies to image services; process instances get {port} from kiln's port range");
+      }
+      if (hosts) {
+        Add(hosts->key_node, doc, "hosts",
+            "only applies to image services (Docker hosts); process instances run where kilnd "
+            "runs");
       }
       if (!command) s.tmpl.command = {"{artifact}"};
       ParseArtifact(*artifact, &s);

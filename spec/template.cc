@@ -46,6 +46,7 @@ std::string Template::Canonical() const {
       {"port", port},
       {"health", std::move(h)},
   };
+  if (!hosts.empty()) t["hosts"] = hosts;
   // nlohmann::json orders object keys; dump(-1) adds no whitespace. The loader admits only
   // UTF-8, so `replace` changes nothing here; it keeps a stray byte from throwing.
   return t.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -64,6 +65,7 @@ StatusOr<Template> Template::FromCanonical(std::string_view text) {
     t.command = j.at("command").get<std::vector<std::string>>();
     t.env = j.at("env").get<std::map<std::string, std::string>>();
     t.port = j.at("port").get<int>();
+    if (j.contains("hosts")) t.hosts = j.at("hosts").get<std::vector<std::string>>();
     const json& h = j.at("health");
     std::string kind = h.at("kind").get<std::string>();
     if (kind == "http")

@@ -21,6 +21,10 @@ struct Template {
   std::vector<std::string> command;
   std::map<std::string, std::string> env;
   int port = 0;  // container port (image services); 0 = none
+  // Image services: the Docker hosts (--docker-host names) instances may run on; empty = any.
+  // Part of the template: a change replaces instances under the update policy, which is how they
+  // move. Serialised only when set, so templates without it keep their hash.
+  std::vector<std::string> hosts;
   HealthCheck health;
 
   // Compact JSON, keys sorted; equal templates give equal strings.

@@ -50,6 +50,7 @@ void AddTemplate(const Template& t, Fields& out) {
   if (!t.image.empty()) out.push_back({kImage, 0, "image", DiffValue(t.image)});
   out.push_back({kCommand, 0, "command", ListValue(t.command)});
   if (t.port != 0) out.push_back({kPort, 0, "port", std::to_string(t.port)});
+  if (!t.hosts.empty()) out.push_back({kPort, 1, "hosts", ListValue(t.hosts)});
   for (const auto& [key, value] : t.env) out.push_back({kEnv, 0, "env." + key, DiffValue(value)});
   const HealthCheck& h = t.health;
   switch (h.kind) {

@@ -20,7 +20,7 @@ static_assert(kInstanceStateNames.back().value == InstanceState::kLost);
 static_assert(kConditionTypeNames.back().value == ConditionType::kDegraded);
 static_assert(kRevisionSourceNames.back().value == RevisionSource::kRollback);
 static_assert(kRolloutStateNames.back().value == RolloutState::kSuperseded);
-static_assert(kEventKindNames.back().value == EventKind::kRetirementCancelled);
+static_assert(kEventKindNames.back().value == EventKind::kHostUp);
 
 template <typename E, size_t N>
 std::string_view NameIn(const std::array<NamedValue<E>, N>& table, E value) {

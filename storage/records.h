@@ -301,9 +301,12 @@ enum class EventKind {
   kServiceMissing,
   kServiceRetired,
   kRetirementCancelled,
+  // Docker hosts (service "")
+  kHostDown,
+  kHostUp,
 };
 
-inline constexpr std::array<NamedValue<EventKind>, 30> kEventKindNames = {{
+inline constexpr std::array<NamedValue<EventKind>, 32> kEventKindNames = {{
     {EventKind::kInstanceCreated, "instance_created"},
     {EventKind::kInstanceStarted, "instance_started"},
     {EventKind::kInstanceStartFailed, "instance_start_failed"},
@@ -334,6 +337,8 @@ inline constexpr std::array<NamedValue<EventKind>, 30> kEventKindNames = {{
     {EventKind::kServiceMissing, "service_missing"},
     {EventKind::kServiceRetired, "service_retired"},
     {EventKind::kRetirementCancelled, "retirement_cancelled"},
+    {EventKind::kHostDown, "host_down"},
+    {EventKind::kHostUp, "host_up"},
 }};
 
 std::string_view EventKindName(EventKind k);

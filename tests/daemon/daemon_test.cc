@@ -182,7 +182,7 @@ TEST_CASE("ParseDaemonFlags reads every flag into typed values", "[daemon]") {
   CHECK(r.status().message() == "--port-range: expected FIRST-LAST within 1-65535, got \"9-3\"");
 }
 
-TEST_CASE("ParseDaemonFlags takes a Docker engine address and refuses what it cannot use",
+TEST_CASE("ParseDaemonFlags takes Docker engine addresses and refuses what it cannot use",
           "[daemon]") {
   const char* one[] = {
       "kilnd", "--manifests", "/m", "--state", "/s", "--docker-host", "unix:///run/docker.sock"};
@@ -207,7 +207,38 @@ TEST_CASE("ParseDaemonFlags takes a Docker engine address and refuses what it ca
       "--docker-host", "unix:///b.sock"};
   c = ParseDaemonFlags(static_cast<int>(std::size(two)), two);
   REQUIRE_FALSE(c.ok());
-  CHECK(c.status().message() == "--docker-host: one Docker engine is supported for now, got 2");
+  CHECK(c.status().message() ==
+        "--docker-host: host name \"default\" is given twice (a bare address is named "
+        "\"default\"; name each engine: name=NAME,ADDRESS)");
+
+  // Several engines: one named host each, and how long one may not answer.
+  const char* named[] = {"kilnd",
+                         "--manifests",
+                         "/m",
+                         "--state",
+                         "/s",
+                         "--docker-host",
+                         "name=a,unix:///a.sock",
+                         "--docker-host",
+                         "name=b,unix:///b.sock",
+                         "--docker-host-timeout",
+                         "3s"};
+  c = ParseDaemonFlags(static_cast<int>(std::size(named)), named);
+  REQUIRE(c.ok());
+  CHECK(c->docker_hosts.size() == 2);
+  CHECK(c->docker_host_timeout == Duration(3000));
+
+  const char* bad_name[] = {
+      "kilnd", "--manifests", "/m", "--state", "/s", "--docker-host", "name=A b,unix:///a.sock"};
+  c = ParseDaemonFlags(static_cast<int>(std::size(bad_name)), bad_name);
+  REQUIRE_FALSE(c.ok());
+  CHECK_THAT(c.status().message(), Catch::Contains("host name \"A b\" must be 1 to 63"));
+
+  const char* zero[] = {"kilnd", "--manifests",           "/m", "--state",
+                        "/s",    "--docker-host-timeout", "0s"};
+  c = ParseDaemonFlags(static_cast<int>(std::size(zero)), zero);
+  REQUIRE_FALSE(c.ok());
+  CHECK(c.status().message() == "--docker-host-timeout: must be more than 0");
 }
 
 TEST_CASE("kilnd log-max-size and log-max-files flags size the instance logs", "[daemon]") {

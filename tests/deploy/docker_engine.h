@@ -3,9 +3,9 @@
 // A real Docker engine for tests tagged [docker]: dockerd started by the test with its own
 // data root, exec root, socket, pidfile and bridge (kilnbrN, 10.211.N.0/24, N held by a lock
 // file so parallel tests never share one), stopped and removed at the end even when the test
-// fails. Images are made offline: a tar of kiln-testsvc and the shared libraries it needs,
-// imported through the API (POST /images/create?fromSrc=-), so they have an image ID and no
-// repository digest.
+// fails. Several can run at once (a test of several hosts starts two): nothing is shared. Images
+// are made offline: a tar of kiln-testsvc and the shared libraries it needs, imported through the
+// API (POST /images/create?fromSrc=-), so they have an image ID and no repository digest.
 //
 // When dockerd cannot start at all (not installed, no permission for bridges), Start() says why
 // and the test SKIPs with that message printed.
@@ -102,6 +102,34 @@ class DockerEngine {
   std::string Restart() {
     StopDaemon();
     return Launch();
+  }
+
+  // SIGKILL to dockerd: the engine stops answering at once, as when its machine is lost. What
+  // its containers do meanwhile is up to containerd; Relaunch() brings the engine back.
+  void KillDaemon() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+  // dockerd again on the same directories after KillDaemon(). "" when it answers.
+  std::string Relaunch() { return Launch(); }
+
+  // The image `id` ("sha256:<hex>") saved from this engine and loaded into `other`, so both hold
+  // it under the same ID (an import on each would make two IDs: the import time is part of the
+  // image's configuration). False when either call fails.
+  bool CopyImageTo(DockerEngine& other, const std::string& id) {
+    StatusOr<docker::Response> saved = client_->CallSync(
+        docker::Method::kGet, "/images/" + id + "/get", {}, std::chrono::seconds(60));
+    if (!saved.ok() || saved->status != 200) return false;
+    StatusOr<docker::Response> loaded =
+        other.client().CallSync(docker::Method::kPost, "/images/load?quiet=1", saved->body,
+                                std::chrono::seconds(60), "application/x-tar");
+    if (!loaded.ok() || loaded->status != 200) return false;
+    StatusOr<docker::Response> there =
+        other.client().CallSync(docker::Method::kGet, "/images/" + id + "/json");
+    return there.ok() && there->status == 200;
   }
 
  private:

@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "deploy/docker_hosts.h"
 #include "tests/deploy/docker_engine.h"
 #include "tests/integration/http_client.h"
 #include "tests/integration/kilnd_harness.h"
@@ -61,14 +62,14 @@ TEST_CASE("an image service converges rolls to a new image and replaces a killed
   REQUIRE(WaitFor([&] { return h.Healthy("web") == 2; }, 60s));
   CHECK(Containers(engine, h) == 2);
   for (const auto& i : h.Live("web")) {
-    CHECK(i.handle.rfind("docker:", 0) == 0);
-    CHECK(HttpRequest(i.port, "/").body == "1.0\n");  // through the published port
+    CHECK(i.handle.rfind("docker:default/", 0) == 0);  // a bare --docker-host is "default"
+    CHECK(HttpRequest(i.port, "/").body == "1.0\n");   // through the published port
   }
 
   // docker kill of one container: replaced by a new instance.
   const auto before = h.Live("web");
   REQUIRE(before.size() == 2);
-  REQUIRE(engine.Kill(before[0].handle.substr(7)));
+  REQUIRE(engine.Kill(ParseDockerHandle(before[0].handle)->second));
   REQUIRE(WaitFor(
       [&] {
         auto live = h.Live("web");
@@ -122,7 +123,7 @@ TEST_CASE("kilnd SIGKILLed adopts its containers after a restart without duplica
 
   // The exit stream of the new kilnd sees a container killed now.
   const auto live = h.Live("web");
-  REQUIRE(engine.Kill(live[0].handle.substr(7)));
+  REQUIRE(engine.Kill(ParseDockerHandle(live[0].handle)->second));
   REQUIRE(WaitFor(
       [&] {
         auto now = h.Live("web");

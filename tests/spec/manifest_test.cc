@@ -138,6 +138,46 @@ update: {strategy: canary, canary: 1, auto_promote: true}
   CHECK(services[1]->name == "web");
 }
 
+TEST_CASE("hosts limits an image service to named Docker hosts and is checked", "[manifest]") {
+  const std::string image =
+      "name: api\nversion: v2\nimage: registry.local/api@sha256:" + std::string(64, 'a') + "\n";
+  {
+    Fixture f;
+    f.Write("a.yaml", image + "hosts: [b, a]\n");
+    ManifestSet set = f.Load();
+    REQUIRE(set.ok());
+    const ServiceSpec& s = *set.Services().at(0);
+    CHECK(s.tmpl.hosts == std::vector<std::string>{"b", "a"});
+    // Part of the template, so a change moves instances; absent, the hash is as before.
+    Template without = s.tmpl;
+    without.hosts.clear();
+    CHECK(s.tmpl.Hash() != without.Hash());
+    CHECK(without.Canonical().find("hosts") == std::string::npos);
+    StatusOr<Template> back = Template::FromCanonical(s.tmpl.Canonical());
+    REQUIRE(back.ok());
+    CHECK(back->hosts == s.tmpl.hosts);
+  }
+  struct Case {
+    std::string line, error;
+  };
+  const std::vector<Case> cases = {
+      {"hosts: [a, Bad_1]\n",
+       "w.yaml:4:12: hosts[1]: a host name is 1 to 63 characters of a-z, 0-9 and '-', not "
+       "starting or ending with '-', got \"Bad_1\""},
+      {"hosts: [a, b, a]\n", "w.yaml:4:15: hosts[2]: host \"a\" is named twice"},
+      {"hosts: []\n", "w.yaml:4:8: hosts: must not be empty"},
+      {"hosts: a\n", "w.yaml:4:8: hosts: expected a list of strings, got \"a\""},
+  };
+  for (const Case& c : cases) {
+    Fixture f;
+    f.Write("w.yaml", image + c.line);
+    INFO(c.line);
+    auto errors = f.Errors();
+    REQUIRE(errors.size() == 1);
+    CHECK(errors[0] == c.error);
+  }
+}
+
 TEST_CASE("percentages resolve like Kubernetes", "[manifest]") {
   CHECK(CountOrPercent{25, true}.Resolve(10, /*round_up=*/true) == 3);
   CHECK(CountOrPercent{25, true}.Resolve(10, /*round_up=*/false) == 2);
@@ -211,6 +251,9 @@ TEST_CASE("every error names file, line, column and key", "[manifest]") {
        "w.yaml:4:1: port: only applies to image services; process instances get {port} from "
        "kiln's port range"},
       {false, "history_limit: 0\n", "w.yaml:4:16: history_limit: must be from 1 to 1000, got 0"},
+      {false, "hosts: [a]\n",
+       "w.yaml:4:1: hosts: only applies to image services (Docker hosts); process instances run "
+       "where kilnd runs"},
       {false, "image: nginx:latest\n",
        "w.yaml:4:1: image: a service runs an artifact (process driver) or an image (container "
        "driver), not both"},

@@ -66,6 +66,8 @@ TEST_CASE("event kinds: every name round-trips, an unknown one is rejected", "[r
   CheckTable(kEventKindNames, EventKindName, ParseEventKind);
   // Every kind kiln has ever written, as the database, WatchEvents and metrics know them.
   const std::set<std::string_view> expected = {"artifact_drift",
+                                               "host_down",
+                                               "host_up",
                                                "instance_adopted",
                                                "instance_created",
                                                "instance_draining",
