@@ -2,10 +2,13 @@
 
 // What every benchmark prints about where it ran, and small measuring helpers.
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "deploy/proc.h"
 #include "deploy/process_driver.h"
 
@@ -51,6 +55,16 @@ inline double Seconds(std::chrono::steady_clock::duration d) {
 inline double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+// Whether something accepts TCP connections on 127.0.0.1:`port`.
+inline bool Accepts(int port) {
+  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
 }
 
 // utime + stime of a process, in seconds (0 when it is gone).

@@ -34,15 +34,6 @@ constexpr int kInstances = 1000;
 
 const std::string kBin = KILN_BIN_DIR;
 
-bool Accepts(int port) {
-  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
-}
-
 // Waits until every port accepts; returns false after `limit`.
 bool WaitAllUp(int first_port, int count, std::chrono::seconds limit) {
   std::set<int> waiting;
@@ -50,7 +41,7 @@ bool WaitAllUp(int first_port, int count, std::chrono::seconds limit) {
   auto deadline = Clock::now() + limit;
   while (!waiting.empty() && Clock::now() < deadline) {
     for (auto it = waiting.begin(); it != waiting.end();)
-      it = Accepts(*it) ? waiting.erase(it) : std::next(it);
+      it = bench::Accepts(*it) ? waiting.erase(it) : std::next(it);
     if (!waiting.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return waiting.empty();

@@ -42,20 +42,11 @@ constexpr int kKills = 7;
 
 const std::string kBin = KILN_BIN_DIR;
 
-bool Accepts(int port) {
-  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
-}
-
 bool WaitAllAccept(std::set<int> waiting, std::chrono::seconds limit) {
   const auto deadline = Clock::now() + limit;
   while (!waiting.empty() && Clock::now() < deadline) {
     for (auto it = waiting.begin(); it != waiting.end();)
-      it = Accepts(*it) ? waiting.erase(it) : std::next(it);
+      it = bench::Accepts(*it) ? waiting.erase(it) : std::next(it);
     if (!waiting.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return waiting.empty();
@@ -173,7 +164,8 @@ KilndRun Kilnd(testing::DockerEngine& engine, const std::string& image, const fs
     while (!replaced && Clock::now() < killed + std::chrono::seconds(60)) {
       auto now = (*store)->ListInstances(service, false);
       for (const InstanceRecord& i : now.ok() ? *now : std::vector<InstanceRecord>{}) {
-        if (i.name != old && i.port > 0 && Accepts(static_cast<int>(i.port))) replaced = true;
+        if (i.name != old && i.port > 0 && bench::Accepts(static_cast<int>(i.port)))
+          replaced = true;
       }
       if (!replaced) std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }

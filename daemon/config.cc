@@ -54,20 +54,6 @@ bool IsIntegerSetting(const std::string& key) {
   return key == "http-max-connections" || key == "event-retention" || key == "log-max-files";
 }
 
-std::string DescribeNode(const YamlNode* n) {
-  switch (n->kind) {
-    case YamlNode::Kind::kMapping:
-      return "a mapping";
-    case YamlNode::Kind::kSequence:
-      return "a list";
-    case YamlNode::Kind::kNull:
-      return "nothing";
-    case YamlNode::Kind::kScalar:
-      return "\"" + n->text + "\"";
-  }
-  return "nothing";
-}
-
 std::string Place(const std::string& file, const YamlNode* at, const YamlNode* fallback) {
   const YamlNode* where = at->line > 0 ? at : fallback;
   return file + ":" + std::to_string(where->line) + ":" + std::to_string(where->column);
@@ -118,7 +104,7 @@ Status ApplySetting(CLI::App& app, const std::string& file, const YamlNode* root
                     std::set<std::string>& seen, SettingPlaces& places) {
   if (k->kind != YamlNode::Kind::kScalar) {
     return InvalidArgumentError(Place(file, k, root) + ": keys must be plain names, got " +
-                                DescribeNode(k));
+                                DescribeYamlNode(k));
   }
   const std::string& key = k->text;
   const std::string at = Place(file, k, root);
@@ -136,7 +122,7 @@ Status ApplySetting(CLI::App& app, const std::string& file, const YamlNode* root
   const std::string value_at = Place(file, value, k);
   const auto wrong = [&file, k, &key](const std::string& expected, const YamlNode* got) {
     return InvalidArgumentError(Place(file, got, k) + ": " + key + ": expected " + expected +
-                                ", got " + DescribeNode(got));
+                                ", got " + DescribeYamlNode(got));
   };
   std::vector<std::string> results;
   if (opt->get_expected_max() == 0) {  // a flag
@@ -220,7 +206,7 @@ Status ApplyConfigFile(CLI::App& app, const std::string& file, SettingPlaces& pl
   if (root == nullptr) return Status::Ok();
   if (root->kind != YamlNode::Kind::kMapping) {
     return InvalidArgumentError(Place(file, root, root) + ": expected a mapping of settings, got " +
-                                DescribeNode(root));
+                                DescribeYamlNode(root));
   }
   const std::vector<std::string> keys = SettingKeys(app);
   std::set<std::string> seen;
@@ -552,8 +538,7 @@ StatusOr<DaemonConfig> ParseDaemonFlags(int argc, const char* const* argv) {
           std::tuple{"--http-read-timeout", &http_read_timeout, &config.http_read_timeout},
           std::tuple{"--grpc-idle-timeout", &grpc_idle_timeout, &config.grpc_idle_timeout},
           std::tuple{"--git-poll", &git_poll, &config.git_poll},
-          std::tuple{"--docker-host-timeout", &docker_host_timeout,
-                     &config.docker_host_timeout}}) {
+          std::tuple{"--docker-host-timeout", &docker_host_timeout, &config.docker_host_timeout}}) {
       StatusOr<Duration> d = ParseDuration(*text);
       if (!d.ok()) return InvalidArgumentError(std::string(flag) + ": " + d.status().message());
       *out = *d;

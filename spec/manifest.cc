@@ -50,51 +50,6 @@ size_t EditDistance(std::string_view a, std::string_view b) {
   return prev[b.size()];
 }
 
-// Quotes a value for an error message: control characters escaped (messages reach terminals),
-// and long values cut, so an error never carries a megabyte of someone's file.
-std::string Quote(std::string_view s) {
-  constexpr size_t kMaxShown = 80;
-  static constexpr char kHex[] = "0123456789abcdef";
-  const std::string safe = SanitizeUtf8(s);
-  const std::string_view shown = TruncateUtf8(safe, kMaxShown);
-  std::string out = "\"";
-  for (char ch : shown) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c == '"' || c == '\\') {
-      out.push_back('\\');
-      out.push_back(ch);
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (c < 0x20 || c == 0x7f) {
-      out += "\\x";
-      out.push_back(kHex[c >> 4]);
-      out.push_back(kHex[c & 0xf]);
-    } else {
-      out.push_back(ch);
-    }
-  }
-  out += "\"";
-  if (shown.size() < safe.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
-  return out;
-}
-
-// How a node reads in an error: "a mapping", "a list", "nothing", or its quoted text.
-std::string Describe(const YamlNode* n) {
-  switch (n->kind) {
-    case YamlNode::Kind::kMapping:
-      return "a mapping";
-    case YamlNode::Kind::kSequence:
-      return "a list";
-    case YamlNode::Kind::kNull:
-      return "nothing";
-    case YamlNode::Kind::kScalar:
-      return Quote(n->text);
-  }
-  return "nothing";
-}
-
 bool IsMap(const YamlNode* n) { return n->kind == YamlNode::Kind::kMapping; }
 bool IsSequence(const YamlNode* n) { return n->kind == YamlNode::Kind::kSequence; }
 bool IsScalar(const YamlNode* n) { return n->kind == YamlNode::Kind::kScalar; }
@@ -213,7 +168,7 @@ class FileParser {
     std::set<std::string> seen;
     for (const auto& [k, value] : map->entries) {
       if (!IsScalar(k)) {
-        Add(k, map, path, "keys must be plain names, got " + Describe(k));
+        Add(k, map, path, "keys must be plain names, got " + DescribeYamlNode(k));
         continue;
       }
       std::string key = k->text;
@@ -271,13 +226,13 @@ class FileParser {
 
   bool ExpectMap(const Entry& e, const std::string& path) {
     if (IsMap(e.value)) return true;
-    Add(e.value, e.key_node, path, "expected a mapping, got " + Describe(e.value));
+    Add(e.value, e.key_node, path, "expected a mapping, got " + DescribeYamlNode(e.value));
     return false;
   }
 
   bool GetString(const Entry& e, const std::string& path, std::string* out) {
     if (!IsScalar(e.value)) {
-      Add(e.value, e.key_node, path, "expected a string, got " + Describe(e.value));
+      Add(e.value, e.key_node, path, "expected a string, got " + DescribeYamlNode(e.value));
       return false;
     }
     *out = e.value->text;
@@ -288,7 +243,7 @@ class FileParser {
     std::optional<int64_t> v;
     if (IsPlainScalar(e.value)) v = ParseInteger(e.value->text);
     if (!v) {
-      Add(e.value, e.key_node, path, "expected an integer, got " + Describe(e.value));
+      Add(e.value, e.key_node, path, "expected an integer, got " + DescribeYamlNode(e.value));
       return false;
     }
     if (*v < min || *v > max) {
@@ -314,14 +269,14 @@ class FileParser {
         return true;
       }
     }
-    Add(e.value, e.key_node, path, "expected true or false, got " + Describe(e.value));
+    Add(e.value, e.key_node, path, "expected true or false, got " + DescribeYamlNode(e.value));
     return false;
   }
 
   bool GetDuration(const Entry& e, const std::string& path, bool allow_zero, Duration* out) {
     if (!IsScalar(e.value)) {
       Add(e.value, e.key_node, path,
-          "expected a duration like 500ms, 2s or 10m, got " + Describe(e.value));
+          "expected a duration like 500ms, 2s or 10m, got " + DescribeYamlNode(e.value));
       return false;
     }
     StatusOr<Duration> d = ParseDuration(e.value->text);
@@ -343,14 +298,15 @@ class FileParser {
     if (percent) s.pop_back();
     std::optional<int64_t> v = IsScalar(e.value) ? ParseInteger(s) : std::nullopt;
     if (!v) {
-      Add(e.value, e.key_node, path, "expected a count or a percentage, got " + Describe(e.value));
+      Add(e.value, e.key_node, path,
+          "expected a count or a percentage, got " + DescribeYamlNode(e.value));
       return false;
     }
     if (*v < 0 || (percent && *v > 100) || *v > 1'000'000) {
       Add(e.value, e.key_node, path,
           std::string(percent ? "a percentage must be from 0% to 100%"
                               : "a count must be 0 or more") +
-              ", got " + Describe(e.value));
+              ", got " + DescribeYamlNode(e.value));
       return false;
     }
     *out = {static_cast<int>(*v), percent};
@@ -360,7 +316,8 @@ class FileParser {
   bool GetStringList(const Entry& e, const std::string& path, bool allow_empty,
                      std::vector<std::string>* out) {
     if (!IsSequence(e.value)) {
-      Add(e.value, e.key_node, path, "expected a list of strings, got " + Describe(e.value));
+      Add(e.value, e.key_node, path,
+          "expected a list of strings, got " + DescribeYamlNode(e.value));
       return false;
     }
     if (!WithinCount(e.value, e.key_node, path, e.value->items.size(), kMaxCommandArgs,
@@ -373,7 +330,7 @@ class FileParser {
       const YamlNode* item = e.value->items[i];
       if (!IsScalar(item)) {
         Add(item, e.value, path + "[" + std::to_string(i) + "]",
-            "expected a string, got " + Describe(item));
+            "expected a string, got " + DescribeYamlNode(item));
         ok = false;
         continue;
       }
@@ -404,11 +361,11 @@ class FileParser {
         Add(e.value->items[i], e.value, path,
             "a host name is 1 to 63 characters of a-z, 0-9 and '-', not starting or ending "
             "with '-', got " +
-                Quote(v[i]));
+                QuoteForError(v[i]));
         return;
       }
       if (!seen.insert(v[i]).second) {
-        Add(e.value->items[i], e.value, path, "host " + Quote(v[i]) + " is named twice");
+        Add(e.value->items[i], e.value, path, "host " + QuoteForError(v[i]) + " is named twice");
         return;
       }
     }
@@ -433,7 +390,7 @@ class FileParser {
       std::string path = "env." + name;
       if (!IsValidEnvName(name)) {
         Add(k, e.value, path,
-            "environment variable names are letters, digits and '_', got " + Describe(k));
+            "environment variable names are letters, digits and '_', got " + DescribeYamlNode(k));
         continue;
       }
       if (name == "PORT" || name.rfind("KILN_", 0) == 0) {
@@ -445,7 +402,7 @@ class FileParser {
         continue;
       }
       if (!IsScalar(v)) {
-        Add(v, k, path, "expected a string, got " + Describe(v));
+        Add(v, k, path, "expected a string, got " + DescribeYamlNode(v));
         continue;
       }
       if (!WithinBytes(v, k, path, v->text, kMaxEnvValueBytes)) continue;
@@ -477,7 +434,8 @@ class FileParser {
               continue;
             }
             if (h->http_path.rfind('/', 0) != 0) {
-              Add(pe.value, pe.key_node, p2, "must start with '/', got " + Quote(h->http_path));
+              Add(pe.value, pe.key_node, p2,
+                  "must start with '/', got " + QuoteForError(h->http_path));
             }
           } else {
             GetInt(pe, p2, 1, 65535, &h->port);
@@ -536,7 +494,7 @@ class FileParser {
           Add(xe.value, xe.key_node, path,
               "expected IP:PORT with a port in 1-65535 (127.0.0.1:8080, 0.0.0.0:8080, "
               "[::1]:8080), got " +
-                  Quote(text));
+                  QuoteForError(text));
           continue;
         }
         x.listen_host = host;
@@ -574,7 +532,7 @@ class FileParser {
           u->strategy = *st;
         else
           Add(ue.value, ue.key_node, path,
-              "expected rolling, recreate, blue-green or canary, got " + Quote(s));
+              "expected rolling, recreate, blue-green or canary, got " + QuoteForError(s));
       } else if (ue.key == "max_surge") {
         GetCountOrPercent(ue, path, &u->max_surge);
       } else if (ue.key == "max_unavailable") {
@@ -615,7 +573,7 @@ class FileParser {
 
   void ParseService(const YamlNode* doc) {
     if (!IsMap(doc)) {
-      Add(doc, doc, "", "expected a service document (a mapping), got " + Describe(doc));
+      Add(doc, doc, "", "expected a service document (a mapping), got " + DescribeYamlNode(doc));
       return;
     }
     const size_t errors_before = file_.errors.size();
@@ -631,7 +589,7 @@ class FileParser {
           Add(e.value, e.key_node, "name",
               "must be 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-', "
               "got " +
-                  Quote(s.name));
+                  QuoteForError(s.name));
           continue;
         }
         has_name = true;
@@ -645,7 +603,7 @@ class FileParser {
         } else if (WithinBytes(e.value, e.key_node, "version", s.tmpl.version, kMaxVersionBytes) &&
                    HasControlCharacter(s.tmpl.version)) {
           Add(e.value, e.key_node, "version",
-              "must not contain control characters, got " + Quote(s.tmpl.version));
+              "must not contain control characters, got " + QuoteForError(s.tmpl.version));
         }
       } else if (e.key == "replicas") {
         GetInt(e, "replicas", 0, 100'000, &s.replicas);
@@ -690,7 +648,8 @@ class FileParser {
         size_t at = s.tmpl.image.find("@sha256:");
         if (at == std::string::npos || at == 0 || !IsSha256Hex(s.tmpl.image.substr(at + 8))) {
           Add(image->value, image->key_node, "image",
-              "must be pinned by digest, name@sha256:<64 hex digits>, got " + Quote(s.tmpl.image));
+              "must be pinned by digest, name@sha256:<64 hex digits>, got " +
+                  QuoteForError(s.tmpl.image));
         }
       }
     } else {
@@ -729,7 +688,7 @@ class FileParser {
     if (pin_entry && GetString(*pin_entry, "artifact.sha256", &s->artifact_pin)) {
       if (!IsSha256Hex(s->artifact_pin)) {
         Add(pin_entry->value, pin_entry->key_node, "artifact.sha256",
-            "expected 64 hex digits, got " + Quote(s->artifact_pin));
+            "expected 64 hex digits, got " + QuoteForError(s->artifact_pin));
         return;
       }
       std::transform(s->artifact_pin.begin(), s->artifact_pin.end(), s->artifact_pin.begin(),
@@ -1117,7 +1076,7 @@ void CheckAcrossFiles(ManifestSet& set) {
       }
       set.files[here.file].errors.push_back(
           {set.files[here.file].path, here.decl.line, here.decl.column, "name",
-           "service " + Quote(name) + " is also declared at " + others});
+           "service " + QuoteForError(name) + " is also declared at " + others});
     }
   }
   // One address, one service: two services exposed on the same port (on the same address, or
@@ -1144,7 +1103,7 @@ void CheckAcrossFiles(ManifestSet& set) {
       set.files[here.file].errors.push_back(
           {set.files[here.file].path, a.line, a.column, "expose",
            "port " + std::to_string(a.port) + " is also exposed by service " +
-               Quote(other.spec->name) + " at " + set.files[other.file].path + ":" +
+               QuoteForError(other.spec->name) + " at " + set.files[other.file].path + ":" +
                std::to_string(b.line) + ":" + std::to_string(b.column)});
     }
   }

@@ -234,4 +234,46 @@ YamlStream ParseYaml(std::string_view text, const YamlLimits& limits) {
   return out;
 }
 
+std::string QuoteForError(std::string_view s) {
+  constexpr size_t kMaxShown = 80;
+  static constexpr char kHex[] = "0123456789abcdef";
+  const std::string safe = SanitizeUtf8(s);
+  const std::string_view shown = TruncateUtf8(safe, kMaxShown);
+  std::string out = "\"";
+  for (char ch : shown) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(ch);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c < 0x20 || c == 0x7f) {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 0xf]);
+    } else {
+      out.push_back(ch);
+    }
+  }
+  out += "\"";
+  if (shown.size() < safe.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
+  return out;
+}
+
+std::string DescribeYamlNode(const YamlNode* n) {
+  switch (n->kind) {
+    case YamlNode::Kind::kMapping:
+      return "a mapping";
+    case YamlNode::Kind::kSequence:
+      return "a list";
+    case YamlNode::Kind::kNull:
+      return "nothing";
+    case YamlNode::Kind::kScalar:
+      return QuoteForError(n->text);
+  }
+  return "nothing";
+}
+
 }  // namespace kiln

@@ -52,4 +52,10 @@ struct YamlStream {
 // bytes with their position first).
 YamlStream ParseYaml(std::string_view text, const YamlLimits& limits);
 
+// A value quoted for an error message: control characters escaped (messages reach terminals) and
+// long values cut, so an error never carries a megabyte of someone's file.
+std::string QuoteForError(std::string_view s);
+// How a node reads in an error: "a mapping", "a list", "nothing", or its quoted text.
+std::string DescribeYamlNode(const YamlNode* n);
+
 }  // namespace kiln
