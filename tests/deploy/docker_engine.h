@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/url.h"
 #include "deploy/docker_client.h"
 #include "tests/test_util.h"
 
@@ -257,14 +258,8 @@ class DockerEngine {
   nlohmann::json Containers(const std::string& label) {
     nlohmann::json filters = nlohmann::json::object();
     filters["label"] = nlohmann::json::array({label});
-    std::string enc;
-    for (unsigned char c : filters.dump()) {
-      char buf[4];
-      std::snprintf(buf, sizeof buf, "%%%02X", c);
-      enc += std::isalnum(c) ? std::string(1, static_cast<char>(c)) : std::string(buf);
-    }
-    StatusOr<docker::Response> r =
-        client_->CallSync(docker::Method::kGet, "/containers/json?all=1&filters=" + enc);
+    StatusOr<docker::Response> r = client_->CallSync(
+        docker::Method::kGet, "/containers/json?all=1&filters=" + UrlEncode(filters.dump()));
     if (!r.ok() || r->status != 200) return nlohmann::json::array();
     return nlohmann::json::parse(r->body, nullptr, false);
   }

@@ -206,12 +206,8 @@ TEST_CASE("a manifest naming a Docker host kilnd does not have is reported on th
             Manifest("web", 2, "kiln-test/web@sha256:" + std::string(64, '1'), "[c]"));
   h.Start({"--docker-host", "name=a," + engine.endpoint()});
   REQUIRE(h.WaitReady());
-  std::string error;
-  REQUIRE(WaitFor([&] {
-    auto s = h.Service("web");
-    error = s.ok() ? s->start_error : "";
-    return !error.empty();
-  }));
+  const std::string error = h.WaitStartError("web");
+  REQUIRE(!error.empty());
   CHECK_THAT(error, Catch::Contains("hosts: [c]") && Catch::Contains("no such Docker host") &&
                         Catch::Contains("it has a"));
   std::this_thread::sleep_for(2s);

@@ -164,12 +164,8 @@ TEST_CASE("an image service without --docker-host fails its starts with a clear 
             ImageManifest("web", "1.0", 2, "kiln-test/web@sha256:" + std::string(64, '1')));
   h.Start();
   REQUIRE(h.WaitReady());
-  std::string error;
-  REQUIRE(WaitFor([&] {
-    auto s = h.Service("web");
-    error = s.ok() ? s->start_error : "";
-    return !error.empty();
-  }));
+  const std::string error = h.WaitStartError("web");
+  REQUIRE(!error.empty());
   CHECK_THAT(error, Catch::Contains("no Docker engine configured: start kilnd with --docker-host"));
   // Retrying cannot help: the crash-loop back-off holds the starts back (not thousands).
   std::this_thread::sleep_for(2s);

@@ -181,6 +181,16 @@ class KilndHarness {
     }
     return n;
   }
+  // The service's start error once it has one (a start that cannot succeed); "" on timeout.
+  std::string WaitStartError(const std::string& name) {
+    std::string error;
+    WaitFor([&] {
+      auto s = Service(name);
+      error = s.ok() ? s->start_error : "";
+      return !error.empty();
+    });
+    return error;
+  }
   StatusOr<ServiceRecord> Service(const std::string& name) {
     auto s = Store();
     if (!s) return UnavailableError("no store yet");
